@@ -1,0 +1,118 @@
+//! The broker's model: cost, policies and solvers as pure functions over plain types.
+//!
+//! No I/O lives here (no tonic, no sqlx): the gRPC layer and the `solve` CLI translate their
+//! inputs into a [`Problem`] and call [`solve`] / [`explain`].
+//!
+//! Shapes (the contract the server and the CLI rely on):
+//! - cluster ids are strings (`"c1"`);
+//! - a weight / flow / cost matrix is `source -> destination -> value`;
+//! - every source's weights sum to 1.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `source cluster -> destination cluster -> value`.
+pub type Matrix = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// Where a cluster runs; the egress price tier between two clusters is derived from these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub id: String,
+    pub region: String,
+    pub zone: String,
+    pub provider: String,
+}
+
+/// Egress price per tier (USD per GB), set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTable {
+    pub same_zone: f64,
+    pub cross_zone: f64,
+    pub cross_region: f64,
+    pub internet: f64,
+}
+
+/// Submariner-style `serviceDiscoveryLoadBalancing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    RoundRobin,
+    WeightedRoundRobin,
+    Optimized,
+}
+
+/// Submariner-style `optimizedLoadBalancingParams`: chooses (a, b) in cost = a*RTT + b*price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Params {
+    Cost,
+    Performance,
+    Mixed,
+}
+
+/// One ServiceImport: demand per source cluster and capacity per serving cluster (RPS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceInput {
+    pub name: String,
+    pub demand_rps: BTreeMap<String, f64>,
+    pub capacity_rps: BTreeMap<String, f64>,
+    /// Per-service override of the cluster-wide policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Per-service override of the cluster-wide params.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Params>,
+}
+
+/// Everything a solve needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Problem {
+    pub policy: Policy,
+    pub params: Params,
+    pub clusters: Vec<Cluster>,
+    /// Measured RTT, `src -> dst -> ms`.
+    #[serde(default)]
+    pub rtt_ms: Matrix,
+    pub prices: PriceTable,
+    /// Explicit cost matrix; when present it is used as is instead of a*RTT + b*price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Matrix>,
+    pub services: Vec<ServiceInput>,
+}
+
+/// `optimal` when the policy's answer was computed as specified; `degraded` when a stated
+/// fallback was used (reason says which and why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Optimal,
+    Degraded,
+}
+
+/// The answer for one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSolution {
+    pub name: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// `src -> dst -> weight`, each source's weights sum to 1.
+    pub weights: Matrix,
+    /// `src -> dst -> RPS`.
+    pub flows: Matrix,
+    pub objective: f64,
+    pub solve_ms: f64,
+}
+
+/// Herd damping: how far one round may move a weight.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SolveOptions {
+    /// Largest change of any single weight in one round (e.g. 0.2); `None` = undamped.
+    pub max_step: Option<f64>,
+    /// Weights published in the previous round, per service name.
+    pub previous: BTreeMap<String, Matrix>,
+}

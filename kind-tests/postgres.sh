@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Starts Debian's PostgreSQL on loopback (127.0.0.1:5432) with a `ballast` role and a
+# `ballast_test` database, and prints the URL the tests use (BALLAST_TEST_PG_URL).
+# Idempotent.
+set -euo pipefail
+
+ver=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+if [ -z "$ver" ]; then
+  echo "postgres.sh: PostgreSQL is not installed (run kind-tests/setup.sh)" >&2
+  exit 1
+fi
+if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -q "^$ver main$"; then
+  pg_createcluster "$ver" main >/dev/null
+fi
+conf=/etc/postgresql/$ver/main/postgresql.conf
+grep -q "^listen_addresses = '127.0.0.1'" "$conf" || echo "listen_addresses = '127.0.0.1'" >>"$conf"
+grep -q "^max_connections = 300" "$conf" || echo "max_connections = 300" >>"$conf"
+if ! pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
+  pg_ctlcluster "$ver" main start
+fi
+for _ in $(seq 1 50); do
+  su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='ballast'\"" | grep -q 1 ||
+  su postgres -c "psql -qc \"create role ballast login superuser password 'ballast'\"" >/dev/null
+su postgres -c "psql -qAtc \"select 1 from pg_database where datname='ballast_test'\"" | grep -q 1 ||
+  su postgres -c "psql -qc 'create database ballast_test owner ballast'" >/dev/null
+echo "postgres://ballast:ballast@127.0.0.1:5432/ballast_test"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what ballast needs on a fresh Debian-like machine (root) and prepares the kernel
+# side: bpffs mounted, cgroup v2 present. Idempotent; safe to run many times.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (BPF programs, cgroups and network namespaces need it)" >&2
+  exit 1
+fi
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have clang || need_pkgs+=(clang)
+have llc || need_pkgs+=(llvm)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need_pkgs+=(libbpf-dev)
+have bpftool || need_pkgs+=(bpftool)
+have ip || need_pkgs+=(iproute2)
+have iptables || need_pkgs+=(iptables)
+have protoc || need_pkgs+=(protobuf-compiler)
+have pg_ctlcluster || need_pkgs+=(postgresql)
+have curl || need_pkgs+=(curl)
+[ -f /usr/include/linux/bpf.h ] || need_pkgs+=(linux-libc-dev)
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  echo "setup.sh: installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# bpffs: not mounted at boot on every machine.
+if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# cgroup v2: must exist somewhere (hybrid hosts mount it at /sys/fs/cgroup/unified).
+if ! awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts; then
+  echo "setup.sh: no cgroup v2 mount found in /proc/mounts; ballast attaches to cgroup v2" >&2
+  exit 1
+fi
+
+have cargo || { echo "setup.sh: cargo not found; install the Rust toolchain (rustup)" >&2; exit 1; }
