@@ -116,3 +116,8 @@ pub struct SolveOptions {
     /// Weights published in the previous round, per service name.
     pub previous: BTreeMap<String, Matrix>,
 }
+
+mod api;
+pub use api::{
+    cost_matrix, explain, solve, validate, DestinationExplanation, Explanation, ModelError,
+};
