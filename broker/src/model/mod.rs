@@ -117,7 +117,20 @@ pub struct SolveOptions {
     pub previous: BTreeMap<String, Matrix>,
 }
 
-mod api;
-pub use api::{
-    cost_matrix, explain, solve, validate, DestinationExplanation, Explanation, ModelError,
-};
+pub mod cost;
+pub mod damping;
+mod error;
+mod explain;
+pub mod lp;
+mod optimized;
+mod round_robin;
+mod service;
+pub mod transport;
+mod validate;
+
+pub use cost::{cost_matrix, Tier};
+pub use error::ModelError;
+pub use explain::{explain, Binding, DestinationExplanation, Explanation};
+pub use optimized::LIVENESS_FLOOR_RPS;
+pub use service::solve;
+pub use validate::validate;

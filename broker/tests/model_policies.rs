@@ -1,0 +1,397 @@
+//! Policies, cost model, validation, damping and explain on small hand-made instances.
+
+use std::collections::BTreeMap;
+
+use ballast_broker::model::{
+    cost_matrix, explain, solve, validate, Binding, Cluster, Matrix, ModelError, Params, Policy,
+    PriceTable, Problem, ServiceInput, SolveOptions, Status,
+};
+
+const PRICES: PriceTable = PriceTable {
+    same_zone: 0.0,
+    cross_zone: 0.01,
+    cross_region: 0.02,
+    internet: 0.09,
+};
+
+fn cluster(id: &str, provider: &str, region: &str, zone: &str) -> Cluster {
+    Cluster {
+        id: id.into(),
+        region: region.into(),
+        zone: zone.into(),
+        provider: provider.into(),
+    }
+}
+
+fn map(entries: &[(&str, f64)]) -> BTreeMap<String, f64> {
+    entries.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+fn matrix(entries: &[(&str, &str, f64)]) -> Matrix {
+    let mut m = Matrix::new();
+    for (s, t, v) in entries {
+        m.entry((*s).to_owned())
+            .or_default()
+            .insert((*t).to_owned(), *v);
+    }
+    m
+}
+
+fn service(name: &str, demand: &[(&str, f64)], capacity: &[(&str, f64)]) -> ServiceInput {
+    ServiceInput {
+        name: name.into(),
+        demand_rps: map(demand),
+        capacity_rps: map(capacity),
+        policy: None,
+        params: None,
+    }
+}
+
+fn three_clusters(policy: Policy, cost: Option<Matrix>, svc: ServiceInput) -> Problem {
+    Problem {
+        policy,
+        params: Params::Mixed,
+        clusters: vec![
+            cluster("c1", "aws", "us-east-1", "us-east-1a"),
+            cluster("c2", "aws", "us-east-1", "us-east-1b"),
+            cluster("c3", "gcp", "us-east4", "us-east4-a"),
+        ],
+        rtt_ms: matrix(&[("c1", "c2", 1.0), ("c1", "c3", 8.0), ("c2", "c3", 9.0)]),
+        prices: PRICES,
+        cost,
+        services: vec![svc],
+    }
+}
+
+fn w(m: &Matrix, s: &str, t: &str) -> f64 {
+    m.get(s).and_then(|r| r.get(t)).copied().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn wrr_proposal_example_c3_two_thirds_c2_one_third() {
+    let p = three_clusters(
+        Policy::WeightedRoundRobin,
+        Some(matrix(&[("c1", "c2", 10.0), ("c1", "c3", 5.0)])),
+        service("ns/svc", &[("c1", 90.0)], &[("c2", 500.0), ("c3", 500.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Optimal);
+    assert!((w(&sol.weights, "c1", "c3") - 2.0 / 3.0).abs() < 1e-12);
+    assert!((w(&sol.weights, "c1", "c2") - 1.0 / 3.0).abs() < 1e-12);
+    assert!((w(&sol.flows, "c1", "c3") - 60.0).abs() < 1e-9);
+    assert!((sol.objective - (30.0 * 10.0 + 60.0 * 5.0)).abs() < 1e-9);
+}
+
+#[test]
+fn wrr_zero_cost_takes_everything_and_two_zeros_is_an_error_naming_both() {
+    let p = three_clusters(
+        Policy::WeightedRoundRobin,
+        Some(matrix(&[("c1", "c2", 0.0), ("c1", "c3", 5.0)])),
+        service("ns/svc", &[("c1", 10.0)], &[("c2", 5.0), ("c3", 5.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(w(&sol.weights, "c1", "c2"), 1.0);
+    assert_eq!(w(&sol.weights, "c1", "c3"), 0.0);
+
+    let p = three_clusters(
+        Policy::WeightedRoundRobin,
+        Some(matrix(&[("c1", "c2", 0.0), ("c1", "c3", 0.0)])),
+        service("ns/svc", &[("c1", 10.0)], &[("c2", 5.0), ("c3", 5.0)]),
+    );
+    let err = solve(&p, &SolveOptions::default()).expect_err("two zero costs");
+    assert!(matches!(err, ModelError::AmbiguousZeroCost { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"c2\"") && msg.contains("\"c3\"") && msg.contains("c1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrr_with_computed_costs_prefers_the_local_cluster() {
+    // c1 serves itself: 0 ms, same-zone price 0 -> cost 0 -> always local.
+    let p = three_clusters(
+        Policy::WeightedRoundRobin,
+        None,
+        service(
+            "ns/svc",
+            &[("c1", 10.0), ("c2", 10.0)],
+            &[("c1", 50.0), ("c3", 50.0)],
+        ),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(w(&sol.weights, "c1", "c1"), 1.0);
+    // c2 -> c1 is cross-zone (1 ms, 0.01 USD/GB), c2 -> c3 is internet (9 ms, 0.09 USD/GB).
+    let c = cost_matrix(&p, Params::Mixed);
+    let (a, b) = (c["c2"]["c1"], c["c2"]["c3"]);
+    assert!((a - (0.5 * 1.0 + 0.5 * 10.0)).abs() < 1e-9, "{a}");
+    assert!((b - (0.5 * 9.0 + 0.5 * 90.0)).abs() < 1e-9, "{b}");
+    assert!((w(&sol.weights, "c2", "c1") - (1.0 / a) / (1.0 / a + 1.0 / b)).abs() < 1e-12);
+}
+
+#[test]
+fn round_robin_is_equal_over_serving_clusters_only() {
+    let p = three_clusters(
+        Policy::RoundRobin,
+        None,
+        service(
+            "ns/svc",
+            &[("c1", 30.0)],
+            &[("c1", 10.0), ("c2", 0.0), ("c3", 10.0)],
+        ),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.weights["c1"].len(), 2, "c2 has no capacity");
+    assert_eq!(w(&sol.weights, "c1", "c1"), 0.5);
+    assert_eq!(w(&sol.weights, "c1", "c3"), 0.5);
+    assert_eq!(w(&sol.flows, "c1", "c3"), 15.0);
+}
+
+#[test]
+fn params_change_the_cost_ranking() {
+    let mut p = three_clusters(Policy::Optimized, None, service("s", &[], &[]));
+    // c1 -> c2: 40 ms cross-zone (10 price units); c1 -> c3: 5 ms internet (90 price units).
+    p.rtt_ms = matrix(&[("c1", "c2", 40.0), ("c1", "c3", 5.0)]);
+    let perf = cost_matrix(&p, Params::Performance);
+    let cost = cost_matrix(&p, Params::Cost);
+    assert!(perf["c1"]["c3"] < perf["c1"]["c2"]);
+    assert!(cost["c1"]["c2"] < cost["c1"]["c3"]);
+    // Reverse direction falls back to the measured one; self is 0 ms and same-zone.
+    assert_eq!(perf["c2"]["c1"], perf["c1"]["c2"]);
+    assert_eq!(perf["c1"]["c1"], 0.0);
+    // Unmeasured in both directions (c2 <-> c3): as slow as the slowest measured pair (40 ms).
+    assert!((perf["c2"]["c3"] - (0.9 * 40.0 + 0.1 * 90.0)).abs() < 1e-9);
+}
+
+#[test]
+fn optimized_fills_the_cheap_cluster_up_to_capacity_keeping_the_floor() {
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
+        service("ns/svc", &[("c1", 100.0)], &[("c2", 70.0), ("c3", 500.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Optimal);
+    assert!((w(&sol.flows, "c1", "c2") - 70.0).abs() < 1e-9);
+    assert!((w(&sol.flows, "c1", "c3") - 30.0).abs() < 1e-9);
+    assert!((sol.objective - 370.0).abs() < 1e-9);
+
+    // Plenty of capacity: the expensive one still gets the liveness floor of 1 RPS.
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
+        service("ns/svc", &[("c1", 100.0)], &[("c2", 500.0), ("c3", 500.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert!((w(&sol.flows, "c1", "c3") - 1.0).abs() < 1e-9);
+    assert!((w(&sol.weights, "c1", "c2") - 0.99).abs() < 1e-12);
+
+    let e = explain(&p, "ns/svc", "c1").expect("explains");
+    let c3 = e
+        .destinations
+        .iter()
+        .find(|d| d.destination == "c3")
+        .expect("c3");
+    assert!(c3.liveness_floor && c3.binding.contains(&Binding::LivenessFloor));
+    assert!(!c3.capacity_full);
+}
+
+#[test]
+fn explain_reports_capacity_full_and_unknown_names() {
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
+        service("ns/svc", &[("c1", 100.0)], &[("c2", 70.0), ("c3", 500.0)]),
+    );
+    let e = explain(&p, "ns/svc", "c1").expect("explains");
+    let c2 = e
+        .destinations
+        .iter()
+        .find(|d| d.destination == "c2")
+        .expect("c2");
+    assert!(c2.capacity_full, "{e:?}");
+    assert_eq!(c2.cost, 1.0);
+    assert!((c2.weight - 0.7).abs() < 1e-12);
+    assert!(matches!(
+        explain(&p, "nope", "c1"),
+        Err(ModelError::UnknownService(_))
+    ));
+    assert!(matches!(
+        explain(&p, "ns/svc", "c3"),
+        Err(ModelError::UnknownSource { .. })
+    ));
+}
+
+#[test]
+fn optimized_degrades_when_demand_exceeds_capacity() {
+    let p = three_clusters(
+        Policy::Optimized,
+        None,
+        service("ns/svc", &[("c1", 300.0)], &[("c2", 100.0), ("c3", 50.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("degrades, no error")[0];
+    assert_eq!(sol.status, Status::Degraded);
+    let reason = sol.reason.as_deref().expect("reason");
+    assert!(reason.contains("exceeds total capacity"), "{reason}");
+    assert!((w(&sol.weights, "c1", "c2") - 2.0 / 3.0).abs() < 1e-12);
+    assert!((w(&sol.weights, "c1", "c3") - 1.0 / 3.0).abs() < 1e-12);
+}
+
+#[test]
+fn optimized_degrades_when_demand_is_below_the_liveness_floor() {
+    let p = three_clusters(
+        Policy::Optimized,
+        None,
+        service(
+            "ns/svc",
+            &[("c1", 1.5)],
+            &[("c1", 10.0), ("c2", 10.0), ("c3", 20.0)],
+        ),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("degrades")[0];
+    assert_eq!(sol.status, Status::Degraded);
+    let reason = sol.reason.as_deref().expect("reason");
+    assert!(
+        reason.contains("liveness floor") && reason.contains("c1"),
+        "{reason}"
+    );
+    assert!((w(&sol.weights, "c1", "c3") - 0.5).abs() < 1e-12);
+}
+
+#[test]
+fn zero_demand_source_gets_weights_by_spare_capacity() {
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[
+            ("c1", "c2", 1.0),
+            ("c1", "c3", 10.0),
+            ("c2", "c2", 1.0),
+            ("c2", "c3", 1.0),
+        ])),
+        service(
+            "ns/svc",
+            &[("c1", 100.0), ("c2", 0.0)],
+            &[("c2", 100.0), ("c3", 100.0)],
+        ),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Optimal);
+    // c1 puts 99 on c2, 1 on c3: spare is 1 and 99.
+    assert!((w(&sol.weights, "c2", "c2") - 0.01).abs() < 1e-9);
+    assert!((w(&sol.weights, "c2", "c3") - 0.99).abs() < 1e-9);
+    assert_eq!(w(&sol.flows, "c2", "c3"), 0.0);
+}
+
+#[test]
+fn no_serving_cluster_is_degraded_with_empty_rows() {
+    let p = three_clusters(
+        Policy::RoundRobin,
+        None,
+        service("ns/svc", &[("c1", 10.0)], &[("c2", 0.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Degraded);
+    assert!(sol.weights["c1"].is_empty());
+}
+
+#[test]
+fn per_service_policy_override_wins() {
+    let mut svc = service("ns/svc", &[("c1", 30.0)], &[("c2", 10.0), ("c3", 20.0)]);
+    svc.policy = Some(Policy::RoundRobin);
+    let p = three_clusters(Policy::Optimized, None, svc);
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(w(&sol.weights, "c1", "c2"), 0.5);
+}
+
+#[test]
+fn damping_bounds_each_weight_move_and_keeps_rows_summing_to_one() {
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
+        service("ns/svc", &[("c1", 100.0)], &[("c2", 500.0), ("c3", 500.0)]),
+    );
+    let mut options = SolveOptions {
+        max_step: Some(0.1),
+        ..SolveOptions::default()
+    };
+    options.previous.insert(
+        "ns/svc".into(),
+        matrix(&[("c1", "c2", 0.2), ("c1", "c3", 0.8)]),
+    );
+    let sol = &solve(&p, &options).expect("solves")[0];
+    let (a, b) = (w(&sol.weights, "c1", "c2"), w(&sol.weights, "c1", "c3"));
+    assert!(
+        (a - 0.3).abs() < 1e-12 && (b - 0.7).abs() < 1e-12,
+        "{a} {b}"
+    );
+    assert!(sol.reason.as_deref().unwrap_or("").contains("damped"));
+    // Undamped the same problem jumps to 0.99.
+    let free = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert!((w(&free.weights, "c1", "c2") - 0.99).abs() < 1e-12);
+    // A bad step is rejected.
+    options.max_step = Some(1.5);
+    let err = solve(&p, &options).expect_err("bad step");
+    assert!(err.to_string().starts_with("options.max_step"), "{err}");
+}
+
+fn invalid(p: &Problem) -> String {
+    validate(p).expect_err("invalid").to_string()
+}
+
+#[test]
+fn validation_names_the_field() {
+    let base = three_clusters(
+        Policy::Optimized,
+        None,
+        service("ns/svc", &[("c1", 10.0)], &[("c2", 10.0)]),
+    );
+    validate(&base).expect("valid");
+
+    let mut p = base.clone();
+    p.services[0].demand_rps.insert("c9".into(), 1.0);
+    assert_eq!(
+        invalid(&p),
+        "services[0].demand_rps.c9: unknown cluster \"c9\""
+    );
+
+    let mut p = base.clone();
+    p.services[0].capacity_rps.insert("c2".into(), -1.0);
+    assert!(invalid(&p).starts_with("services[0].capacity_rps.c2: must be a finite number >= 0"));
+
+    let mut p = base.clone();
+    p.rtt_ms = matrix(&[("c1", "c2", f64::NAN)]);
+    assert!(invalid(&p).starts_with("rtt_ms.c1.c2: "));
+
+    let mut p = base.clone();
+    p.rtt_ms = matrix(&[("c1", "c2", f64::INFINITY)]);
+    assert!(invalid(&p).starts_with("rtt_ms.c1.c2: "));
+
+    let mut p = base.clone();
+    p.rtt_ms = matrix(&[("cx", "c2", 1.0)]);
+    assert_eq!(invalid(&p), "rtt_ms.cx: unknown cluster \"cx\"");
+
+    let mut p = base.clone();
+    p.cost = Some(matrix(&[("c1", "c2", -3.0)]));
+    assert!(invalid(&p).starts_with("cost.c1.c2: "));
+
+    let mut p = base.clone();
+    p.prices.internet = -0.1;
+    assert!(invalid(&p).starts_with("prices.internet: "));
+
+    let mut p = base.clone();
+    p.clusters[2].id = "c1".into();
+    assert!(invalid(&p).starts_with("clusters[2].id: duplicate"));
+
+    let mut p = base.clone();
+    p.clusters[1].zone = String::new();
+    assert_eq!(invalid(&p), "clusters[1].zone: must not be empty");
+
+    let mut p = base.clone();
+    p.services.push(p.services[0].clone());
+    assert!(invalid(&p).starts_with("services[1].name: duplicate"));
+
+    // solve refuses what validate refuses.
+    let mut p = base;
+    p.services[0].demand_rps.insert("c9".into(), 1.0);
+    assert!(solve(&p, &SolveOptions::default()).is_err());
+}

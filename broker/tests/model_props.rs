@@ -1,0 +1,181 @@
+//! Property tests on random instances: the dedicated transportation solver against the
+//! general LP library, the public `solve` invariants, and the damping bound.
+
+use std::collections::BTreeMap;
+
+use ballast_broker::model::damping::damp_row;
+use ballast_broker::model::lp::solve_lp;
+use ballast_broker::model::transport::{solve_transport, TransportProblem};
+use ballast_broker::model::{
+    solve, Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput, SolveOptions,
+    Status, LIVENESS_FLOOR_RPS,
+};
+use proptest::prelude::*;
+
+/// A random feasible-or-not transportation instance: (supply, capacity, cost).
+fn instance() -> impl Strategy<Value = TransportProblem> {
+    (1usize..7, 1usize..6).prop_flat_map(|(ns, nt)| {
+        (
+            prop::collection::vec(0.0f64..400.0, ns),
+            prop::collection::vec(0.0f64..400.0, nt),
+            prop::collection::vec(
+                prop_oneof![3 => 0.0f64..100.0, 1 => Just(0.0), 1 => Just(7.0)],
+                ns * nt,
+            ),
+        )
+            .prop_map(move |(s, c, cost)| TransportProblem {
+                // Keep most instances above the floor so the optimum is exercised.
+                supply: s.into_iter().map(|x| x + nt as f64).collect(),
+                capacity: c.into_iter().map(|x| x + ns as f64).collect(),
+                cost,
+                floor: LIVENESS_FLOOR_RPS,
+            })
+    })
+}
+
+fn check_feasible_flow(p: &TransportProblem, flow: &[f64]) {
+    let (ns, nt) = (p.n_source(), p.n_dest());
+    for s in 0..ns {
+        let row: f64 = flow[s * nt..(s + 1) * nt].iter().sum();
+        assert!(
+            (row - p.supply[s]).abs() <= 1e-6 * p.supply[s].max(1.0),
+            "demand"
+        );
+        for t in 0..nt {
+            assert!(flow[s * nt + t] >= p.floor - 1e-7, "liveness");
+        }
+    }
+    for t in 0..nt {
+        let col: f64 = (0..ns).map(|s| flow[s * nt + t]).sum();
+        assert!(col <= p.capacity[t] * (1.0 + 1e-9) + 1e-6, "capacity");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn dedicated_solver_matches_the_lp_library(p in instance()) {
+        match solve_transport(&p) {
+            Ok(sol) => {
+                check_feasible_flow(&p, &sol.flow);
+                let lp = solve_lp(&p).expect("the LP library solves a feasible instance");
+                let scale = lp.objective.abs().max(1.0);
+                prop_assert!(
+                    (sol.objective - lp.objective).abs() <= 1e-6 * scale,
+                    "dedicated {} vs lp {}", sol.objective, lp.objective
+                );
+            }
+            Err(reasons) => {
+                prop_assert!(!reasons.is_empty());
+                prop_assert!(solve_lp(&p).is_err(), "LP found a solution to an infeasible instance");
+            }
+        }
+    }
+
+    #[test]
+    fn damping_never_moves_a_weight_more_than_the_step(
+        raw_t in prop::collection::vec(0.01f64..1.0, 2..8),
+        raw_p in prop::collection::vec(0.01f64..1.0, 8),
+        step in 0.0f64..0.5,
+        floor_share in 0.0f64..0.9,
+    ) {
+        let n = raw_t.len();
+        let floor = floor_share / n as f64;
+        let norm = |v: &[f64]| {
+            let s: f64 = v.iter().sum();
+            // Both rows respect the floor, as the solver's rows do.
+            v.iter().map(|x| floor + (1.0 - floor * n as f64) * x / s).collect::<Vec<_>>()
+        };
+        let target = norm(&raw_t);
+        let prev = norm(&raw_p[..n]);
+        let out = damp_row(&target, &prev, floor, step);
+        let sum: f64 = out.iter().sum();
+        prop_assert!((sum - 1.0).abs() < 1e-9);
+        for i in 0..n {
+            prop_assert!((out[i] - prev[i]).abs() <= step + 1e-12);
+            prop_assert!(out[i] >= floor - 1e-12);
+        }
+    }
+
+    #[test]
+    fn solve_optimized_keeps_every_invariant(
+        p in instance(),
+        serving_src in prop::collection::vec(any::<bool>(), 7),
+    ) {
+        // Sources s0.., destinations d0..; a source may also be a destination (self-serving).
+        let (ns, nt) = (p.n_source(), p.n_dest());
+        let cid = |i: usize| format!("c{i}");
+        let dest_cluster = |t: usize| if t < ns && serving_src[t] { t } else { ns + t };
+        let n_clusters = ns + nt;
+        let clusters: Vec<Cluster> = (0..n_clusters)
+            .map(|i| Cluster {
+                id: cid(i),
+                region: "r".into(),
+                zone: format!("z{}", i % 2),
+                provider: "aws".into(),
+            })
+            .collect();
+        let mut cost = Matrix::new();
+        let mut capacity = BTreeMap::new();
+        for t in 0..nt {
+            *capacity.entry(cid(dest_cluster(t))).or_insert(0.0) += p.capacity[t];
+        }
+        let dests: Vec<String> = capacity.keys().cloned().collect();
+        for s in 0..ns {
+            for (k, d) in dests.iter().enumerate() {
+                cost.entry(cid(s)).or_default().insert(d.clone(), p.cost[s * nt + k % nt]);
+            }
+        }
+        let demand: BTreeMap<String, f64> =
+            (0..ns).map(|s| (cid(s), p.supply[s])).collect();
+        let problem = Problem {
+            policy: Policy::Optimized,
+            params: Params::Mixed,
+            clusters,
+            rtt_ms: Matrix::new(),
+            prices: PriceTable { same_zone: 0.0, cross_zone: 0.01, cross_region: 0.02, internet: 0.09 },
+            cost: Some(cost.clone()),
+            services: vec![ServiceInput {
+                name: "ns/svc".into(),
+                demand_rps: demand.clone(),
+                capacity_rps: capacity.clone(),
+                policy: None,
+                params: None,
+            }],
+        };
+        let sol = &solve(&problem, &SolveOptions::default()).expect("valid problem")[0];
+        for (src, row) in &sol.weights {
+            let sum: f64 = row.values().sum();
+            prop_assert!((sum - 1.0).abs() < 1e-9, "weights of {src} sum to {sum}");
+            prop_assert!(row.values().all(|w| *w >= -1e-12));
+        }
+        if sol.status == Status::Optimal {
+            prop_assert!(sol.reason.is_none());
+            let mut used: BTreeMap<&str, f64> = BTreeMap::new();
+            for (src, row) in &sol.flows {
+                let total: f64 = row.values().sum();
+                prop_assert!((total - demand[src]).abs() <= 1e-6 * demand[src].max(1.0));
+                for (dst, f) in row {
+                    prop_assert!(*f >= LIVENESS_FLOOR_RPS - 1e-7, "liveness {src}->{dst}");
+                    *used.entry(dst.as_str()).or_default() += f;
+                }
+            }
+            for (dst, u) in used {
+                prop_assert!(u <= capacity[dst] * (1.0 + 1e-9) + 1e-6, "capacity of {dst}");
+            }
+            // Same objective as the LP library on the same (merged) instance.
+            let d: Vec<String> = dests.clone();
+            let tp = TransportProblem {
+                supply: (0..ns).map(|s| p.supply[s]).collect(),
+                capacity: d.iter().map(|x| capacity[x]).collect(),
+                cost: (0..ns).flat_map(|s| d.iter().map(move |x| (s, x))).map(|(s, x)| cost[&cid(s)][x]).collect(),
+                floor: LIVENESS_FLOOR_RPS,
+            };
+            let lp = solve_lp(&tp).expect("feasible");
+            prop_assert!((sol.objective - lp.objective).abs() <= 1e-6 * lp.objective.abs().max(1.0));
+        } else {
+            prop_assert!(sol.reason.as_deref().unwrap_or("").contains("infeasible"));
+        }
+    }
+}
