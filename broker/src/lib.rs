@@ -1,5 +1,14 @@
 //! ballast broker: the model (cost, policies, solvers), the store, and the gRPC server that
 //! turns agents' measurements into per-ServiceImport weights.
 
+pub mod admin_cli;
+pub mod certs;
+pub mod config;
+pub mod engine;
+pub mod grpc;
+pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod solve_cli;
+pub mod store;
+pub mod tls;

@@ -1,11 +1,19 @@
-//! `ballast-broker`: serve, solve, certs.
+//! `ballast-broker`: serve, solve, certs, admin.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
+use anyhow::Context;
+use ballast_broker::admin_cli::AdminArgs;
+use ballast_broker::config::{CertsArgs, ServeArgs};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ballast-broker", version, about = "ballast broker: weights for cross-cluster traffic")]
+#[command(
+    name = "ballast-broker",
+    version,
+    about = "ballast broker: weights for cross-cluster traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,20 +27,80 @@ enum Command {
         #[arg(long, value_name = "FILE.json")]
         input: PathBuf,
     },
+    /// Run the broker: gRPC (mutual TLS) for agents and operators, store, solver, /metrics.
+    Serve(Box<ServeArgs>),
+    /// Make a lab CA, a server certificate, per-cluster client certificates and an admin one.
+    Certs(CertsArgs),
+    /// Operator commands against a running broker (the Admin service).
+    Admin(AdminArgs),
 }
 
-fn main() -> std::process::ExitCode {
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let cfg = args.to_config().map_err(anyhow::Error::msg)?;
+    let mut running = ballast_broker::server::start(cfg)
+        .await
+        .context("starting the broker")?;
+    tokio::select! {
+        () = running.wait() => {}
+        r = tokio::signal::ctrl_c() => { r.context("waiting for ctrl-c")?; }
+    }
+    running.stop().await;
+    Ok(())
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<String> {
+    let bundle = ballast_broker::certs::generate(&args.clusters, &args.server_san)?;
+    let files = bundle.write_to(&args.out)?;
+    Ok(format!(
+        "wrote {} files to {}: {}",
+        files.len(),
+        args.out.display(),
+        files.join(" ")
+    ))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn report(r: anyhow::Result<String>) -> ExitCode {
+    match r {
+        Ok(s) => {
+            if !s.is_empty() {
+                println!("{}", s.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Solve { input } => match ballast_broker::solve_cli::run(&input) {
-            Ok(json) => {
-                println!("{json}");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+        Command::Solve { input } => report(ballast_broker::solve_cli::run(&input)),
+        Command::Serve(args) => {
+            init_tracing();
+            report(runtime().and_then(|rt| rt.block_on(serve(&args)).map(|()| String::new())))
+        }
+        Command::Certs(args) => report(certs(&args)),
+        Command::Admin(args) => {
+            report(runtime().and_then(|rt| rt.block_on(ballast_broker::admin_cli::run(&args))))
+        }
     }
 }

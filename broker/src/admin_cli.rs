@@ -1,0 +1,357 @@
+//! `ballast-broker admin ...`: a thin client of the `Admin` service.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context};
+use ballast_proto::v1::{
+    admin_client::AdminClient, ExplainRequest, GetWeightsRequest, ListClustersRequest,
+    LoadBalancing, OptimizedParams, SetPolicyRequest, WeightsStatus,
+};
+use clap::{Args, Subcommand};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::TlsArgs;
+use crate::engine::{parse_params, parse_policy};
+
+/// `ballast-broker admin`.
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// The broker's gRPC address (http:// with --insecure, https:// otherwise).
+    #[arg(long, env = "BALLAST_BROKER", default_value = "https://127.0.0.1:7443")]
+    pub broker: String,
+    /// The name the broker's certificate is checked against.
+    #[arg(long, env = "BALLAST_BROKER_NAME", default_value = "localhost")]
+    pub server_name: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Admin subcommands.
+#[derive(Subcommand, Debug, Clone)]
+pub enum AdminCommand {
+    /// Registered clusters and the freshness of their measurements.
+    Clusters {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The weights currently published.
+    Weights {
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this source cluster.
+        #[arg(long)]
+        source: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Why a source's weights for a service are what they are.
+    Explain {
+        /// The service, namespace/name.
+        #[arg(long)]
+        service: String,
+        /// The source cluster.
+        #[arg(long)]
+        source: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `admin policy ...`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum PolicyCommand {
+    /// Sets the cluster-wide policy, or a service's override with --service.
+    Set {
+        /// Override for this service only.
+        #[arg(long)]
+        service: Option<String>,
+        /// round-robin | weighted-round-robin | optimized
+        #[arg(long)]
+        policy: Option<String>,
+        /// cost | performance | mixed
+        #[arg(long)]
+        params: Option<String>,
+    },
+    /// Removes a service's override.
+    Clear {
+        /// The service.
+        #[arg(long)]
+        service: String,
+    },
+}
+
+fn lb_name(v: i32) -> &'static str {
+    match LoadBalancing::try_from(v) {
+        Ok(LoadBalancing::RoundRobin) => "round-robin",
+        Ok(LoadBalancing::WeightedRoundRobin) => "weighted-round-robin",
+        Ok(LoadBalancing::Optimized) => "optimized",
+        _ => "unspecified",
+    }
+}
+
+fn op_name(v: i32) -> &'static str {
+    match OptimizedParams::try_from(v) {
+        Ok(OptimizedParams::Cost) => "cost",
+        Ok(OptimizedParams::Performance) => "performance",
+        Ok(OptimizedParams::Mixed) => "mixed",
+        _ => "unspecified",
+    }
+}
+
+fn status_name(v: i32) -> &'static str {
+    match WeightsStatus::try_from(v) {
+        Ok(WeightsStatus::Optimal) => "optimal",
+        Ok(WeightsStatus::Degraded) => "degraded",
+        Ok(WeightsStatus::Stale) => "stale",
+        _ => "unspecified",
+    }
+}
+
+async fn connect(a: &AdminArgs) -> anyhow::Result<AdminClient<Channel>> {
+    let tls = a.tls.load().map_err(anyhow::Error::msg)?;
+    let mut ep = Endpoint::from_shared(a.broker.clone())
+        .with_context(|| format!("--broker {:?}", a.broker))?;
+    if let Some(t) = &tls {
+        ep = ep
+            .tls_config(t.client_config(&a.server_name))
+            .context("--ca/--cert/--key")?;
+    }
+    let ch = ep
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", a.broker))?;
+    Ok(AdminClient::new(ch))
+}
+
+/// Runs one admin command and returns what to print.
+///
+/// # Errors
+/// A bad flag, a connection failure or the broker's error status.
+#[allow(clippy::too_many_lines)]
+pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
+    // Validate flags before connecting.
+    if let AdminCommand::Policy {
+        command: PolicyCommand::Set { policy, params, .. },
+    } = &a.command
+    {
+        if let Some(p) = policy {
+            if parse_policy(p).is_none() {
+                bail!("--policy {p:?}: expected round-robin, weighted-round-robin or optimized");
+            }
+        }
+        if let Some(p) = params {
+            if parse_params(p).is_none() {
+                bail!("--params {p:?}: expected cost, performance or mixed");
+            }
+        }
+        if policy.is_none() && params.is_none() {
+            bail!("policy set: give --policy, --params or both");
+        }
+    }
+    let mut c = connect(a).await?;
+    let mut out = String::new();
+    match &a.command {
+        AdminCommand::Clusters { json } => {
+            let r = c.list_clusters(ListClustersRequest {}).await?.into_inner();
+            if *json {
+                let v: Vec<_> = r
+                    .clusters
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "cluster_id": c.cluster_id, "region": c.region, "zone": c.zone,
+                            "provider": c.provider, "gateway_address": c.gateway_address,
+                            "last_report_ms": c.last_report_ms,
+                            "last_report_age_ms": c.last_report_age_ms, "stale": c.stale,
+                            "nodes": c.nodes.iter().map(|n| serde_json::json!({
+                                "node_name": n.node_name, "agent_version": n.agent_version,
+                                "last_report_ms": n.last_report_ms,
+                                "acked_generation": n.acked_generation})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                out = serde_json::to_string_pretty(&serde_json::json!({"clusters": v}))?;
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} STALE",
+                    "CLUSTER", "REGION", "ZONE", "PROVIDER", "NODES", "LAST_REPORT"
+                );
+                for c in &r.clusters {
+                    let age = if c.last_report_age_ms < 0 {
+                        "never".to_string()
+                    } else {
+                        format!("{:.1}s ago", c.last_report_age_ms as f64 / 1000.0)
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} {}",
+                        c.cluster_id,
+                        c.region,
+                        c.zone,
+                        c.provider,
+                        c.nodes.len(),
+                        age,
+                        if c.stale { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+        AdminCommand::Weights {
+            service,
+            source,
+            json,
+        } => {
+            let r = c
+                .get_weights(GetWeightsRequest {
+                    service: service.clone().unwrap_or_default(),
+                    source_cluster_id: source.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if *json {
+                let v: Vec<_> = r
+                    .weights
+                    .iter()
+                    .map(|w| {
+                        let weights: BTreeMap<_, _> = w.weights.iter().collect();
+                        serde_json::json!({
+                            "service": w.service, "source": w.source_cluster_id,
+                            "weights": weights, "status": status_name(w.status),
+                            "reason": w.reason, "policy": lb_name(w.policy),
+                            "params": op_name(w.params), "computed_at_ms": w.computed_at_ms,
+                        })
+                    })
+                    .collect();
+                out = serde_json::to_string_pretty(
+                    &serde_json::json!({"generation": r.generation, "weights": v}),
+                )?;
+            } else {
+                let _ = writeln!(out, "generation {}", r.generation);
+                for w in &r.weights {
+                    let weights: BTreeMap<_, _> = w.weights.iter().collect();
+                    let ws: Vec<String> =
+                        weights.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+                    let _ = writeln!(
+                        out,
+                        "{} from {}: {} [{} {}/{}]{}",
+                        w.service,
+                        w.source_cluster_id,
+                        ws.join(" "),
+                        status_name(w.status),
+                        lb_name(w.policy),
+                        op_name(w.params),
+                        if w.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", w.reason)
+                        }
+                    );
+                }
+            }
+        }
+        AdminCommand::Policy { command } => {
+            let req = match command {
+                PolicyCommand::Set {
+                    service,
+                    policy,
+                    params,
+                } => SetPolicyRequest {
+                    service: service.clone().unwrap_or_default(),
+                    policy: match policy.as_deref() {
+                        Some("round-robin") => LoadBalancing::RoundRobin.into(),
+                        Some("weighted-round-robin") => LoadBalancing::WeightedRoundRobin.into(),
+                        Some("optimized") => LoadBalancing::Optimized.into(),
+                        _ => LoadBalancing::Unspecified.into(),
+                    },
+                    params: match params.as_deref() {
+                        Some("cost") => OptimizedParams::Cost.into(),
+                        Some("performance") => OptimizedParams::Performance.into(),
+                        Some("mixed") => OptimizedParams::Mixed.into(),
+                        _ => OptimizedParams::Unspecified.into(),
+                    },
+                    clear: false,
+                },
+                PolicyCommand::Clear { service } => SetPolicyRequest {
+                    service: service.clone(),
+                    clear: true,
+                    ..SetPolicyRequest::default()
+                },
+            };
+            let scope = if req.service.is_empty() {
+                "cluster-wide".to_string()
+            } else {
+                req.service.clone()
+            };
+            let r = c.set_policy(req).await?.into_inner();
+            let _ = writeln!(
+                out,
+                "{scope}: policy {} params {}",
+                lb_name(r.policy),
+                op_name(r.params)
+            );
+        }
+        AdminCommand::Explain {
+            service,
+            source,
+            json,
+        } => {
+            let r = c
+                .explain(ExplainRequest {
+                    service: service.clone(),
+                    source_cluster_id: source.clone(),
+                })
+                .await?
+                .into_inner();
+            if *json {
+                out.clone_from(&r.detail_json);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{} from {} (generation {}, {} {}/{}, demand {:.1} RPS){}",
+                    r.service,
+                    r.source_cluster_id,
+                    r.generation,
+                    status_name(r.status),
+                    lb_name(r.policy),
+                    op_name(r.params),
+                    r.demand_rps,
+                    if r.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.reason)
+                    }
+                );
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>10} {:>10} {:>8}  NOTES",
+                    "DESTINATION", "COST", "FLOW_RPS", "WEIGHT"
+                );
+                for d in &r.destinations {
+                    let _ = writeln!(
+                        out,
+                        "{:<16} {:>10.4} {:>10.2} {:>8.4}  {}",
+                        d.cluster_id,
+                        d.cost,
+                        d.flow_rps,
+                        d.weight,
+                        d.notes.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,198 @@
+//! Lab certificates (rcgen): a CA, a server certificate, one client certificate per cluster
+//! (URI SAN `spiffe://ballast/cluster/<id>`) and an admin certificate (`spiffe://ballast/admin`).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ballast_proto::{ADMIN_SPIFFE_ID, CLUSTER_SPIFFE_PREFIX};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// What can go wrong making certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    /// A cluster id is not 1..=63 characters of `[a-z0-9-]`.
+    #[error("clusters: invalid cluster id {0:?} (1-63 characters of a-z, 0-9, '-')")]
+    ClusterId(String),
+    /// A `--server-san` value is neither an IP address nor a DNS name.
+    #[error("server-san: invalid name {0:?}")]
+    ServerSan(String),
+    /// rcgen failed.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// Writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Everything `ballast-broker certs` makes.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub ca: CertPair,
+    pub server: CertPair,
+    pub admin: CertPair,
+    /// `(cluster id, certificate)`, in the order given.
+    pub clusters: Vec<(String, CertPair)>,
+}
+
+/// Whether `id` is a valid cluster id: 1..=63 characters of `[a-z0-9-]`.
+#[must_use]
+pub fn valid_cluster_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn leaf_params(
+    cn: &str,
+    sans: Vec<SanType>,
+    eku: ExtendedKeyUsagePurpose,
+) -> Result<CertificateParams, CertsError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.subject_alt_names = sans;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![eku];
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+fn uri(s: &str) -> Result<SanType, CertsError> {
+    Ok(SanType::URI(s.try_into()?))
+}
+
+/// Makes a CA, a server certificate for `localhost`, `127.0.0.1` and `server_sans`, one client
+/// certificate per cluster and an admin certificate.
+///
+/// # Errors
+/// [`CertsError`] naming a bad cluster id or server name.
+pub fn generate(clusters: &[String], server_sans: &[String]) -> Result<Bundle, CertsError> {
+    for c in clusters {
+        if !valid_cluster_id(c) {
+            return Err(CertsError::ClusterId(c.clone()));
+        }
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ballast lab CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca = CertPair {
+        cert_pem: ca_cert.pem(),
+        key_pem: ca_key.serialize_pem(),
+    };
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let sign = |params: CertificateParams| -> Result<CertPair, CertsError> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    };
+
+    let mut sans = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+    ];
+    for s in server_sans {
+        let s = s.trim();
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            sans.push(SanType::IpAddress(ip));
+        } else if !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+        {
+            sans.push(SanType::DnsName(
+                s.try_into()
+                    .map_err(|_| CertsError::ServerSan(s.to_string()))?,
+            ));
+        } else {
+            return Err(CertsError::ServerSan(s.to_string()));
+        }
+    }
+    let server = sign(leaf_params(
+        "ballast-broker",
+        sans,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?)?;
+    let admin = sign(leaf_params(
+        "ballast-admin",
+        vec![uri(ADMIN_SPIFFE_ID)?],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?)?;
+    let mut out = Vec::new();
+    for c in clusters {
+        let pair = sign(leaf_params(
+            &format!("ballast-cluster-{c}"),
+            vec![uri(&format!("{CLUSTER_SPIFFE_PREFIX}{c}"))?],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?)?;
+        out.push((c.clone(), pair));
+    }
+    Ok(Bundle {
+        ca,
+        server,
+        admin,
+        clusters: out,
+    })
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> Result<(), CertsError> {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).map_err(|source| CertsError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl Bundle {
+    /// Writes `ca.pem`, `ca-key.pem`, `server.pem`, `server-key.pem`, `admin.pem`,
+    /// `admin-key.pem` and `cluster-<id>.pem` / `cluster-<id>-key.pem` into `dir` (created).
+    ///
+    /// # Errors
+    /// An I/O error naming the file.
+    pub fn write_to(&self, dir: &Path) -> Result<Vec<String>, CertsError> {
+        std::fs::create_dir_all(dir).map_err(|source| CertsError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut files = Vec::new();
+        let mut put = |name: String, pair: &CertPair| -> Result<(), CertsError> {
+            write(dir, &format!("{name}.pem"), &pair.cert_pem)?;
+            write(dir, &format!("{name}-key.pem"), &pair.key_pem)?;
+            files.push(format!("{name}.pem"));
+            files.push(format!("{name}-key.pem"));
+            Ok(())
+        };
+        put("ca".into(), &self.ca)?;
+        put("server".into(), &self.server)?;
+        put("admin".into(), &self.admin)?;
+        for (c, pair) in &self.clusters {
+            put(format!("cluster-{c}"), pair)?;
+        }
+        Ok(files)
+    }
+}

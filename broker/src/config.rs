@@ -1,0 +1,211 @@
+//! Command-line configuration of `serve` and `certs` (clap derive, every flag with `env =`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::engine::{parse_params, parse_policy, EngineConfig, DEFAULT_PRICES};
+use crate::server::ServeConfig;
+use crate::tls::TlsFiles;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 500ms, 2m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than 0".into());
+    }
+    Ok(d)
+}
+
+fn max_step(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_nan() || v <= 0.0 || v > 1.0 {
+        return Err(format!("{v} is outside (0, 1]"));
+    }
+    Ok(v)
+}
+
+fn price(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{v} is not a finite non-negative price"));
+    }
+    Ok(v)
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("{v} is not a finite positive number"));
+    }
+    Ok(v)
+}
+
+fn policy(s: &str) -> Result<String, String> {
+    parse_policy(s)
+        .map(|_| s.to_string())
+        .ok_or_else(|| format!("{s:?}: expected round-robin, weighted-round-robin or optimized"))
+}
+
+fn params(s: &str) -> Result<String, String> {
+    parse_params(s)
+        .map(|_| s.to_string())
+        .ok_or_else(|| format!("{s:?}: expected cost, performance or mixed"))
+}
+
+/// mTLS flags shared by `serve` and `admin`.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) that signs the peers' certificates.
+    #[arg(long, env = "BALLAST_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This side's certificate (PEM).
+    #[arg(long, env = "BALLAST_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, env = "BALLAST_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Plain text, no TLS, no client identity: only for local experiments.
+    #[arg(long, env = "BALLAST_INSECURE")]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The TLS files, or `None` with `--insecure`.
+    ///
+    /// # Errors
+    /// A missing flag or unreadable file, named.
+    pub fn load(&self) -> Result<Option<TlsFiles>, String> {
+        if self.insecure {
+            if self.ca.is_some() || self.cert.is_some() || self.key.is_some() {
+                return Err("--insecure: do not combine with --ca/--cert/--key".into());
+            }
+            return Ok(None);
+        }
+        let need = |v: &Option<PathBuf>, flag: &str| {
+            v.clone().ok_or_else(|| {
+                format!("{flag} is required (mutual TLS), or pass --insecure for plain text")
+            })
+        };
+        let (ca, cert, key) = (
+            need(&self.ca, "--ca")?,
+            need(&self.cert, "--cert")?,
+            need(&self.key, "--key")?,
+        );
+        TlsFiles::read(&ca, &cert, &key).map(Some)
+    }
+}
+
+/// `ballast-broker serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "BALLAST_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Store: `sqlite://PATH?mode=rwc` (created on first start) or `postgres://...`.
+    #[arg(
+        long,
+        env = "BALLAST_DATABASE_URL",
+        default_value = "sqlite://ballast-broker.db?mode=rwc"
+    )]
+    pub database: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Re-solve period (also re-solved, debounced, when inputs change).
+    #[arg(long, env = "BALLAST_SOLVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub solve_interval: Duration,
+    /// Wait after an input change before re-solving.
+    #[arg(long, env = "BALLAST_DEBOUNCE", default_value = "50ms", value_parser = duration)]
+    pub debounce: Duration,
+    /// Measurements older than this are not used (the service keeps its previous weights,
+    /// flagged stale).
+    #[arg(long, env = "BALLAST_STALE_AFTER", default_value = "60s", value_parser = duration)]
+    pub stale_after: Duration,
+    /// Report interval told to agents.
+    #[arg(long, env = "BALLAST_REPORT_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub report_interval: Duration,
+    /// Herd damping: the largest change of one weight per round, in (0, 1]; 1 = undamped.
+    #[arg(long, env = "BALLAST_MAX_STEP", default_value = "0.2", value_parser = max_step)]
+    pub max_step: f64,
+    /// Largest accepted gRPC message, bytes.
+    #[arg(long, env = "BALLAST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Demand (RPS) assumed for a source that has reported no RPS for a service yet.
+    #[arg(long, env = "BALLAST_DEFAULT_DEMAND_RPS", default_value = "10", value_parser = positive)]
+    pub default_demand_rps: f64,
+    /// Cluster-wide policy until one is set with `admin policy set`.
+    #[arg(long, env = "BALLAST_POLICY", default_value = "optimized", value_parser = policy)]
+    pub policy: String,
+    /// Cluster-wide params until set with `admin policy set`.
+    #[arg(long, env = "BALLAST_PARAMS", default_value = "mixed", value_parser = params)]
+    pub params: String,
+    /// Egress price, same zone (USD/GB).
+    #[arg(long, env = "BALLAST_PRICE_SAME_ZONE", value_parser = price, default_value_t = DEFAULT_PRICES.same_zone)]
+    pub price_same_zone: f64,
+    /// Egress price, cross zone (USD/GB).
+    #[arg(long, env = "BALLAST_PRICE_CROSS_ZONE", value_parser = price, default_value_t = DEFAULT_PRICES.cross_zone)]
+    pub price_cross_zone: f64,
+    /// Egress price, cross region (USD/GB).
+    #[arg(long, env = "BALLAST_PRICE_CROSS_REGION", value_parser = price, default_value_t = DEFAULT_PRICES.cross_region)]
+    pub price_cross_region: f64,
+    /// Egress price, internet / another provider (USD/GB).
+    #[arg(long, env = "BALLAST_PRICE_INTERNET", value_parser = price, default_value_t = DEFAULT_PRICES.internet)]
+    pub price_internet: f64,
+}
+
+impl ServeArgs {
+    /// The server configuration.
+    ///
+    /// # Errors
+    /// Missing or unreadable TLS material, named.
+    pub fn to_config(&self) -> Result<ServeConfig, String> {
+        let tls = self.tls.load()?;
+        let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
+        c.metrics_addr = Some(self.metrics_addr);
+        c.solve_interval = self.solve_interval;
+        c.debounce = self.debounce;
+        c.report_interval = self.report_interval;
+        c.max_message_bytes = self.max_message_bytes;
+        c.engine = EngineConfig {
+            stale_after: self.stale_after,
+            max_step: if self.max_step >= 1.0 {
+                None
+            } else {
+                Some(self.max_step)
+            },
+            default_demand_rps: self.default_demand_rps,
+            policy: parse_policy(&self.policy).ok_or("--policy: invalid")?,
+            params: parse_params(&self.params).ok_or("--params: invalid")?,
+            prices: crate::model::PriceTable {
+                same_zone: self.price_same_zone,
+                cross_zone: self.price_cross_zone,
+                cross_region: self.price_cross_region,
+                internet: self.price_internet,
+            },
+        };
+        Ok(c)
+    }
+}
+
+/// `ballast-broker certs`.
+#[derive(Args, Debug, Clone)]
+pub struct CertsArgs {
+    /// Directory to write the PEM files into (created).
+    #[arg(long, env = "BALLAST_CERTS_OUT")]
+    pub out: PathBuf,
+    /// Cluster ids, comma-separated (one client certificate each).
+    #[arg(
+        long,
+        env = "BALLAST_CERTS_CLUSTERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub clusters: Vec<String>,
+    /// Extra DNS names or IPs for the server certificate (besides localhost and 127.0.0.1).
+    #[arg(long, env = "BALLAST_CERTS_SERVER_SAN", value_delimiter = ',')]
+    pub server_san: Vec<String>,
+}

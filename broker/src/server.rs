@@ -1,0 +1,235 @@
+//! `ballast-broker serve`: wires the store, the engine (solve loop), the gRPC services over
+//! mutual TLS and the metrics endpoint. [`start`] runs everything in the background and
+//! returns a handle; tests and benchmarks use it in-process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_proto::v1::{admin_server::AdminServer, broker_server::BrokerServer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::grpc::{AdminService, AgentSettings, BrokerService};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use crate::tls::TlsFiles;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// gRPC listen address (port 0 = any free port).
+    pub listen: SocketAddr,
+    /// `/metrics` listen address; `None` = no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `sqlite://PATH?mode=rwc` or `postgres://...`.
+    pub database_url: String,
+    /// mTLS material; `None` = plain text (`--insecure`).
+    pub tls: Option<TlsFiles>,
+    /// Re-solve period.
+    pub solve_interval: Duration,
+    /// Wait after an input change before re-solving (coalesces bursts of reports).
+    pub debounce: Duration,
+    /// Told to agents at registration.
+    pub report_interval: Duration,
+    /// Largest accepted gRPC message.
+    pub max_message_bytes: usize,
+    /// Model and staleness settings.
+    pub engine: EngineConfig,
+}
+
+impl ServeConfig {
+    /// Defaults for everything but the listen address, database and TLS.
+    #[must_use]
+    pub fn new(listen: SocketAddr, database_url: String, tls: Option<TlsFiles>) -> Self {
+        Self {
+            listen,
+            metrics_addr: None,
+            database_url,
+            tls,
+            solve_interval: Duration::from_secs(30),
+            debounce: Duration::from_millis(50),
+            report_interval: Duration::from_secs(10),
+            max_message_bytes: 4 * 1024 * 1024,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Running {
+    /// The gRPC address actually bound.
+    pub addr: SocketAddr,
+    /// The metrics address actually bound.
+    pub metrics_addr: Option<SocketAddr>,
+    engine: Arc<Engine>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The engine (current generation, manual rounds).
+    #[must_use]
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Stops the servers and the solve loop, and closes the store.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                warn!("a server task did not stop within 5 s; aborted");
+                abort.abort();
+            }
+        }
+        self.engine.store().close().await;
+    }
+
+    /// Waits until a task ends (the servers run until [`Running::stop`] or a fatal error).
+    pub async fn wait(&mut self) {
+        if let Some(t) = self.tasks.first_mut() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store, loads the last generation, binds the listeners and starts serving.
+///
+/// # Errors
+/// [`ServeError`] when the store, a listener or the TLS material is unusable.
+pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    let store = Store::connect(&cfg.database_url).await?;
+    let p = cfg.engine.prices;
+    let now = crate::engine::now_ms();
+    for (tier, v) in [
+        ("same_zone", p.same_zone),
+        ("cross_zone", p.cross_zone),
+        ("cross_region", p.cross_region),
+        ("internet", p.internet),
+    ] {
+        store.set_price(tier, v, now).await?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Engine::load(store, cfg.engine.clone(), metrics.clone()).await?);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let insecure = cfg.tls.is_none();
+    let settings = AgentSettings {
+        report_interval_ms: i64::try_from(cfg.report_interval.as_millis()).unwrap_or(i64::MAX),
+        max_message_bytes: cfg.max_message_bytes as u64,
+    };
+    let broker = BrokerServer::new(BrokerService::new(
+        engine.clone(),
+        insecure,
+        settings,
+        shutdown_rx.clone(),
+    ))
+    .max_decoding_message_size(cfg.max_message_bytes);
+    let admin = AdminServer::new(AdminService::new(engine.clone(), insecure))
+        .max_decoding_message_size(cfg.max_message_bytes);
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = &cfg.tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let router = builder.add_service(broker).add_service(admin);
+    let mut tasks = Vec::new();
+    let mut sd = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let signal = async move {
+            let _ = sd.wait_for(|v| *v).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+            warn!(error = %e, "grpc server stopped");
+        }
+    }));
+
+    let mut metrics_addr = None;
+    if let Some(maddr) = cfg.metrics_addr {
+        let l = crate::metrics::bind(maddr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: maddr,
+                source,
+            })?;
+        metrics_addr = l.local_addr().ok();
+        let mut sd = shutdown_rx.clone();
+        let m = metrics.clone();
+        tasks.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = sd.wait_for(|v| *v).await;
+            };
+            if let Err(e) = crate::metrics::serve(m, l, signal).await {
+                warn!(error = %e, "metrics server stopped");
+            }
+        }));
+    }
+
+    let e = engine.clone();
+    let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
+    tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));
+    info!(%addr, ?metrics_addr, tls = !insecure, db = %redact(&cfg.database_url), "broker serving");
+    Ok(Running {
+        addr,
+        metrics_addr,
+        engine,
+        shutdown,
+        tasks,
+    })
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,717 @@
+//! The broker's store: SQLite (default, a file created on first start) or PostgreSQL (by URL),
+//! through sqlx's `Any` driver and one set of portable migrations (`migrations/`).
+//!
+//! The store keeps clusters and their agents, egress prices, the latest measurements (RTT, RPS,
+//! capacity, each with the time it was measured), policies, every published weights
+//! generation (a full snapshot per generation) and a record of each solver run.
+
+use std::path::Path;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("database url {0:?}: expected sqlite://PATH or postgres://...")]
+    Url(String),
+    /// A database error.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying the migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A registered cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterRecord {
+    pub cluster_id: String,
+    pub region: String,
+    pub zone: String,
+    pub provider: String,
+    pub gateway_address: String,
+    pub registered_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One agent (node) of a cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub agent_version: String,
+    pub registered_at_ms: i64,
+    /// When its last report was received (0 = never).
+    pub last_report_ms: i64,
+    /// The highest generation it acknowledged as applied (0 = none).
+    pub acked_generation: i64,
+}
+
+/// Latest RTT from `src` to `dst` as measured by one node of `src`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RttRecord {
+    pub src: String,
+    pub dst: String,
+    pub node_name: String,
+    pub rtt_ms: f64,
+    pub loss_ratio: f64,
+    pub reachable: bool,
+    pub measured_at_ms: i64,
+}
+
+/// Latest RPS sent by one node of `src` for `service` to `dst`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpsRecord {
+    pub src: String,
+    pub service: String,
+    pub dst: String,
+    pub node_name: String,
+    pub rps: f64,
+    pub measured_at_ms: i64,
+}
+
+/// Latest capacity of one node's share of `service` in `cluster_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityRecord {
+    pub cluster_id: String,
+    pub service: String,
+    pub node_name: String,
+    pub capacity_rps: f64,
+    pub measured_at_ms: i64,
+}
+
+/// One validated report of one agent, stored atomically.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReportRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub received_at_ms: i64,
+    pub rtt: Vec<RttRecord>,
+    pub rps: Vec<RpsRecord>,
+    pub capacity: Vec<CapacityRecord>,
+}
+
+/// A policy row: `scope` is `""` for the cluster-wide policy or a service name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub scope: String,
+    pub policy: String,
+    pub params: String,
+}
+
+/// One weight of one published generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightRecord {
+    pub service: String,
+    pub src: String,
+    pub dst: String,
+    pub weight: f64,
+    pub status: String,
+    pub reason: String,
+    pub policy: String,
+    pub params: String,
+    pub computed_at_ms: i64,
+}
+
+/// One solver run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolverRunRecord {
+    pub id: i64,
+    pub started_at_ms: i64,
+    pub inputs_digest: String,
+    pub status: String,
+    pub objective: f64,
+    pub duration_ms: f64,
+    pub services: i64,
+    pub generation: i64,
+    pub detail: String,
+}
+
+/// One acknowledgement from an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub service: String,
+    pub generation: i64,
+    pub applied: bool,
+    pub error: String,
+    pub acked_at_ms: i64,
+}
+
+/// The store (cheap to clone: a connection pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// `sqlite://PATH?mode=rwc`: the URL of a SQLite file, created when missing.
+#[must_use]
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+fn b2i(b: bool) -> i64 {
+    i64::from(b)
+}
+
+impl Store {
+    /// Connects (creating a SQLite file when the URL says `mode=rwc`) and applies the migrations.
+    ///
+    /// # Errors
+    /// A bad URL, a connection failure or a failed migration.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        let max = match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(url)
+            .await?;
+        if backend == Backend::Sqlite {
+            // Readers do not block the writer; persistent for the file.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+        }
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Which database this is.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Inserts or updates a cluster and one of its agents, atomically.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn register(&self, cluster: &ClusterRecord, agent: &AgentRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO clusters (cluster_id, region, zone, provider, gateway_address, \
+             registered_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (cluster_id) DO UPDATE SET region = excluded.region, \
+             zone = excluded.zone, provider = excluded.provider, \
+             gateway_address = excluded.gateway_address, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(&cluster.cluster_id)
+        .bind(&cluster.region)
+        .bind(&cluster.zone)
+        .bind(&cluster.provider)
+        .bind(&cluster.gateway_address)
+        .bind(cluster.registered_at_ms)
+        .bind(cluster.updated_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO agents (cluster_id, node_name, agent_version, registered_at_ms, \
+             last_report_ms) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (cluster_id, node_name) DO UPDATE SET \
+             agent_version = excluded.agent_version",
+        )
+        .bind(&agent.cluster_id)
+        .bind(&agent.node_name)
+        .bind(&agent.agent_version)
+        .bind(agent.registered_at_ms)
+        .bind(agent.last_report_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every cluster, sorted by id.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn clusters(&self) -> Result<Vec<ClusterRecord>> {
+        let rows = sqlx::query(
+            "SELECT cluster_id, region, zone, provider, gateway_address, registered_at_ms, \
+             updated_at_ms FROM clusters ORDER BY cluster_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ClusterRecord {
+                    cluster_id: r.try_get("cluster_id")?,
+                    region: r.try_get("region")?,
+                    zone: r.try_get("zone")?,
+                    provider: r.try_get("provider")?,
+                    gateway_address: r.try_get("gateway_address")?,
+                    registered_at_ms: r.try_get("registered_at_ms")?,
+                    updated_at_ms: r.try_get("updated_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a cluster is registered.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_exists(&self, cluster_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM clusters WHERE cluster_id = $1")
+            .bind(cluster_id)
+            .fetch_one(&self.pool)
+            .await?;
+        let n: i64 = row.try_get("n")?;
+        Ok(n > 0)
+    }
+
+    /// Every agent, sorted by cluster then node, with the generation each acknowledged.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.cluster_id, a.node_name, a.agent_version, a.registered_at_ms, \
+             a.last_report_ms, \
+             (SELECT MAX(k.generation) FROM acks k WHERE k.cluster_id = a.cluster_id \
+              AND k.node_name = a.node_name AND k.applied = 1) AS acked \
+             FROM agents a ORDER BY a.cluster_id, a.node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AgentRecord {
+                    cluster_id: r.try_get("cluster_id")?,
+                    node_name: r.try_get("node_name")?,
+                    agent_version: r.try_get("agent_version")?,
+                    registered_at_ms: r.try_get("registered_at_ms")?,
+                    last_report_ms: r.try_get("last_report_ms")?,
+                    acked_generation: r.try_get::<Option<i64>, _>("acked")?.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Stores one report atomically: every sample replaces the previous one of its key.
+    ///
+    /// # Errors
+    /// A database error (then nothing of the report is stored).
+    pub async fn store_report(&self, report: &ReportRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for s in &report.rtt {
+            sqlx::query(
+                "INSERT INTO rtt_latest (src, dst, node_name, rtt_ms, loss_ratio, reachable, \
+                 measured_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (src, dst, node_name) DO UPDATE SET rtt_ms = excluded.rtt_ms, \
+                 loss_ratio = excluded.loss_ratio, reachable = excluded.reachable, \
+                 measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.src)
+            .bind(&s.dst)
+            .bind(&s.node_name)
+            .bind(s.rtt_ms)
+            .bind(s.loss_ratio)
+            .bind(b2i(s.reachable))
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in &report.rps {
+            sqlx::query(
+                "INSERT INTO rps_latest (src, service, dst, node_name, rps, measured_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (src, service, dst, node_name) DO UPDATE SET rps = excluded.rps, \
+                 measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.src)
+            .bind(&s.service)
+            .bind(&s.dst)
+            .bind(&s.node_name)
+            .bind(s.rps)
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in &report.capacity {
+            sqlx::query(
+                "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
+                 measured_at_ms) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
+                 capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.cluster_id)
+            .bind(&s.service)
+            .bind(&s.node_name)
+            .bind(s.capacity_rps)
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO agents (cluster_id, node_name, agent_version, registered_at_ms, \
+             last_report_ms) VALUES ($1, $2, '', $3, $3) ON CONFLICT (cluster_id, node_name) \
+             DO UPDATE SET last_report_ms = excluded.last_report_ms",
+        )
+        .bind(&report.cluster_id)
+        .bind(&report.node_name)
+        .bind(report.received_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stored RTT sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn rtt(&self) -> Result<Vec<RttRecord>> {
+        let rows = sqlx::query(
+            "SELECT src, dst, node_name, rtt_ms, loss_ratio, reachable, measured_at_ms \
+             FROM rtt_latest ORDER BY src, dst, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r: &AnyRow| {
+                Ok(RttRecord {
+                    src: r.try_get("src")?,
+                    dst: r.try_get("dst")?,
+                    node_name: r.try_get("node_name")?,
+                    rtt_ms: r.try_get("rtt_ms")?,
+                    loss_ratio: r.try_get("loss_ratio")?,
+                    reachable: r.try_get::<i64, _>("reachable")? != 0,
+                    measured_at_ms: r.try_get("measured_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every stored RPS sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn rps(&self) -> Result<Vec<RpsRecord>> {
+        let rows = sqlx::query(
+            "SELECT src, service, dst, node_name, rps, measured_at_ms FROM rps_latest \
+             ORDER BY src, service, dst, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RpsRecord {
+                    src: r.try_get("src")?,
+                    service: r.try_get("service")?,
+                    dst: r.try_get("dst")?,
+                    node_name: r.try_get("node_name")?,
+                    rps: r.try_get("rps")?,
+                    measured_at_ms: r.try_get("measured_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every stored capacity sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn capacity(&self) -> Result<Vec<CapacityRecord>> {
+        let rows = sqlx::query(
+            "SELECT cluster_id, service, node_name, capacity_rps, measured_at_ms \
+             FROM capacity_latest ORDER BY cluster_id, service, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CapacityRecord {
+                    cluster_id: r.try_get("cluster_id")?,
+                    service: r.try_get("service")?,
+                    node_name: r.try_get("node_name")?,
+                    capacity_rps: r.try_get("capacity_rps")?,
+                    measured_at_ms: r.try_get("measured_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Sets the price of one tier.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn set_price(&self, tier: &str, usd_per_gb: f64, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO prices (tier, usd_per_gb, updated_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (tier) DO UPDATE SET usd_per_gb = excluded.usd_per_gb, \
+             updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(tier)
+        .bind(usd_per_gb)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored price, `(tier, usd_per_gb)`, sorted by tier.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn prices(&self) -> Result<Vec<(String, f64)>> {
+        let rows = sqlx::query("SELECT tier, usd_per_gb FROM prices ORDER BY tier")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("tier")?, r.try_get("usd_per_gb")?)))
+            .collect()
+    }
+
+    /// Sets (inserts or replaces) a policy.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn set_policy(&self, p: &PolicyRecord, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO policies (scope, policy, params, updated_at_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (scope) DO UPDATE SET policy = excluded.policy, \
+             params = excluded.params, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(&p.scope)
+        .bind(&p.policy)
+        .bind(&p.params)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a policy; returns whether one was there.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn delete_policy(&self, scope: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM policies WHERE scope = $1")
+            .bind(scope)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Every policy, sorted by scope (the cluster-wide one, scope `""`, first).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn policies(&self) -> Result<Vec<PolicyRecord>> {
+        let rows = sqlx::query("SELECT scope, policy, params FROM policies ORDER BY scope")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PolicyRecord {
+                    scope: r.try_get("scope")?,
+                    policy: r.try_get("policy")?,
+                    params: r.try_get("params")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a published generation (its full snapshot) and its solver run, atomically.
+    ///
+    /// # Errors
+    /// A database error (then nothing is stored), e.g. a generation that already exists.
+    pub async fn publish(
+        &self,
+        generation: i64,
+        created_at_ms: i64,
+        weights: &[WeightRecord],
+        run: &SolverRunRecord,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for w in weights {
+            sqlx::query(
+                "INSERT INTO weights (generation, service, src, dst, weight, status, reason, \
+                 policy, params, computed_at_ms, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(generation)
+            .bind(&w.service)
+            .bind(&w.src)
+            .bind(&w.dst)
+            .bind(w.weight)
+            .bind(&w.status)
+            .bind(&w.reason)
+            .bind(&w.policy)
+            .bind(&w.params)
+            .bind(w.computed_at_ms)
+            .bind(created_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        insert_run(&mut tx, run).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a solver run that published nothing new.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn record_run(&self, run: &SolverRunRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_run(&mut tx, run).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The highest generation stored (0 = none).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_generation(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(generation) AS g FROM solver_runs")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("g")?.unwrap_or(0))
+    }
+
+    /// The weights of one generation, sorted by service, source, destination.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn weights_of(&self, generation: i64) -> Result<Vec<WeightRecord>> {
+        let rows = sqlx::query(
+            "SELECT service, src, dst, weight, status, reason, policy, params, computed_at_ms \
+             FROM weights WHERE generation = $1 ORDER BY service, src, dst",
+        )
+        .bind(generation)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WeightRecord {
+                    service: r.try_get("service")?,
+                    src: r.try_get("src")?,
+                    dst: r.try_get("dst")?,
+                    weight: r.try_get("weight")?,
+                    status: r.try_get("status")?,
+                    reason: r.try_get("reason")?,
+                    policy: r.try_get("policy")?,
+                    params: r.try_get("params")?,
+                    computed_at_ms: r.try_get("computed_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The highest solver-run id (0 = none).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_run_id(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(id) AS i FROM solver_runs")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("i")?.unwrap_or(0))
+    }
+
+    /// The most recent solver runs, newest first.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn solver_runs(&self, limit: i64) -> Result<Vec<SolverRunRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, started_at_ms, inputs_digest, status, objective, duration_ms, services, \
+             generation, detail FROM solver_runs ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SolverRunRecord {
+                    id: r.try_get("id")?,
+                    started_at_ms: r.try_get("started_at_ms")?,
+                    inputs_digest: r.try_get("inputs_digest")?,
+                    status: r.try_get("status")?,
+                    objective: r.try_get("objective")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                    services: r.try_get("services")?,
+                    generation: r.try_get("generation")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores an acknowledgement (replacing the previous one of its key).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn ack(&self, a: &AckRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO acks (cluster_id, node_name, service, generation, applied, error, \
+             acked_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (cluster_id, node_name, service) DO UPDATE SET \
+             generation = excluded.generation, applied = excluded.applied, \
+             error = excluded.error, acked_at_ms = excluded.acked_at_ms",
+        )
+        .bind(&a.cluster_id)
+        .bind(&a.node_name)
+        .bind(&a.service)
+        .bind(a.generation)
+        .bind(b2i(a.applied))
+        .bind(&a.error)
+        .bind(a.acked_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn insert_run(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    run: &SolverRunRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO solver_runs (id, started_at_ms, inputs_digest, status, objective, \
+         duration_ms, services, generation, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(run.id)
+    .bind(run.started_at_ms)
+    .bind(&run.inputs_digest)
+    .bind(&run.status)
+    .bind(run.objective)
+    .bind(run.duration_ms)
+    .bind(run.services)
+    .bind(run.generation)
+    .bind(&run.detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
