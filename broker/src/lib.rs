@@ -4,6 +4,7 @@
 pub mod admin_cli;
 pub mod certs;
 pub mod config;
+pub mod crd;
 pub mod engine;
 pub mod grpc;
 pub mod metrics;

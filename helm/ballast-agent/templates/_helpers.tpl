@@ -1,0 +1,94 @@
+{{/* Chart name, truncated to the 63 characters a label allows. */}}
+{{- define "ballast-agent.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects. */}}
+{{- define "ballast-agent.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ballast-agent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ballast-agent.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ballast-agent.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ballast-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ballast
+ballast.io/cluster-id: {{ .Values.clusterId | quote }}
+{{- end }}
+
+{{- define "ballast-agent.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ballast-agent.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "ballast-agent.tlsSecretName" -}}
+{{- default (printf "%s-client-tls" (include "ballast-agent.fullname" .)) .Values.broker.tls.existingSecret }}
+{{- end }}
+
+{{/* Checks the required values; fails the render with the field name. */}}
+{{- define "ballast-agent.validate" -}}
+{{- if not .Values.clusterId }}
+{{- fail "clusterId: required (this cluster's id, as named in its client certificate)" }}
+{{- end }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .Values.clusterId) }}
+{{- fail (printf "clusterId: %q is not a DNS label ([a-z0-9-], alphanumeric at both ends)" .Values.clusterId) }}
+{{- end }}
+{{- if not .Values.broker.address }}
+{{- fail "broker.address: required (the broker's gRPC URL, e.g. https://broker.example.com:50051)" }}
+{{- end }}
+{{- if not (has .Values.discovery (list "kubernetes")) }}
+{{- fail (printf "discovery: %q is not supported in a cluster (use kubernetes)" .Values.discovery) }}
+{{- end }}
+{{- if and (not .Values.broker.tls.existingSecret) (not (and .Values.broker.tls.cert .Values.broker.tls.key .Values.broker.tls.ca)) }}
+{{- fail "broker.tls: set broker.tls.existingSecret, or all of broker.tls.cert, broker.tls.key and broker.tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The agent's command line: THE one place where values map to `ballast-agent` flags.
+Paths below are where daemonset.yaml mounts the client-certificate Secret and the host's
+cgroup v2 root; NODE_NAME comes from the downward API.
+*/}}
+{{- define "ballast-agent.args" -}}
+- --cluster-id
+- {{ .Values.clusterId | quote }}
+- --broker
+- {{ .Values.broker.address | quote }}
+- --ca
+- /etc/ballast/tls/ca.crt
+- --cert
+- /etc/ballast/tls/tls.crt
+- --key
+- /etc/ballast/tls/tls.key
+- --discovery
+- {{ .Values.discovery | quote }}
+- --cgroup
+- /run/ballast/cgroup
+- --pin-dir
+- {{ .Values.bpf.pinDir | quote }}
+- --metrics-addr
+- {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
+- --node-name
+- "$(NODE_NAME)"
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,100 @@
+{{/* Chart name, truncated to the 63 characters a label allows. */}}
+{{- define "ballast-broker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects. */}}
+{{- define "ballast-broker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ballast-broker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ballast-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "ballast-broker.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "ballast-broker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: ballast
+{{- end }}
+
+{{- define "ballast-broker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ballast-broker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "ballast-broker.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "ballast-broker.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{- define "ballast-broker.pvcName" -}}
+{{- default (printf "%s-data" (include "ballast-broker.fullname" .)) .Values.storage.sqlite.persistence.existingClaim }}
+{{- end }}
+
+{{/* Checks the values that have a closed set of choices; fails the render with the field name. */}}
+{{- define "ballast-broker.validate" -}}
+{{- if not (has .Values.serviceDiscoveryLoadBalancing (list "round-robin" "weighted-round-robin" "optimized")) }}
+{{- fail (printf "serviceDiscoveryLoadBalancing: %q is not one of round-robin, weighted-round-robin, optimized" .Values.serviceDiscoveryLoadBalancing) }}
+{{- end }}
+{{- if not (has .Values.optimizedLoadBalancingParams (list "cost" "performance" "mixed")) }}
+{{- fail (printf "optimizedLoadBalancingParams: %q is not one of cost, performance, mixed" .Values.optimizedLoadBalancingParams) }}
+{{- end }}
+{{- if not (has .Values.storage.type (list "sqlite" "postgres")) }}
+{{- fail (printf "storage.type: %q is not one of sqlite, postgres" .Values.storage.type) }}
+{{- end }}
+{{- if and (eq .Values.storage.type "postgres") (not .Values.storage.postgres.existingSecret) }}
+{{- fail "storage.postgres.existingSecret: required when storage.type is postgres (a Secret holding the database URL)" }}
+{{- end }}
+{{- if and (eq .Values.storage.type "sqlite") (gt (int .Values.replicaCount) 1) }}
+{{- fail "replicaCount: must be 1 with storage.type sqlite (one SQLite file, one writer)" }}
+{{- end }}
+{{- if and (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key .Values.tls.ca)) }}
+{{- fail "tls: set tls.existingSecret, or all of tls.cert, tls.key and tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The broker's command line: THE one place where values map to `ballast-broker serve` flags.
+Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volume.
+*/}}
+{{- define "ballast-broker.args" -}}
+- serve
+- --listen
+- {{ printf "0.0.0.0:%d" (int .Values.grpc.port) | quote }}
+- --db
+{{- if eq .Values.storage.type "postgres" }}
+- "$(BALLAST_DB_URL)"
+{{- else }}
+- {{ printf "sqlite://%s/%s?mode=rwc" .Values.storage.sqlite.mountPath .Values.storage.sqlite.file | quote }}
+{{- end }}
+- --ca
+- /etc/ballast/tls/ca.crt
+- --cert
+- /etc/ballast/tls/tls.crt
+- --key
+- /etc/ballast/tls/tls.key
+- --metrics-addr
+- {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
+- --policy
+- {{ .Values.serviceDiscoveryLoadBalancing | quote }}
+- --params
+- {{ .Values.optimizedLoadBalancingParams | quote }}
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Creates the broker cluster and the member clusters with kind, builds and loads the images,
+# makes the certificates (ballast-broker certs), installs the MCS CRDs and both charts.
+# Idempotent: existing clusters are reused, helm releases upgraded.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+require_tools docker kind kubectl helm
+
+mkdir -p "${WORK_DIR}"
+
+log "charts: helm lint"
+helm lint "${REPO_ROOT}/helm/ballast-broker" \
+  --set-string tls.cert=x,tls.key=x,tls.ca=x >/dev/null
+helm lint "${REPO_ROOT}/helm/ballast-agent" \
+  --set clusterId=c1,broker.address=https://broker:50051 \
+  --set-string broker.tls.cert=x,broker.tls.key=x,broker.tls.ca=x >/dev/null
+
+existing="$(kind get clusters 2>/dev/null || true)"
+for c in "${BROKER_CLUSTER}" "${MEMBERS[@]}"; do
+  if grep -qx "$(kind_name "${c}")" <<< "${existing}"; then
+    log "cluster $(kind_name "${c}"): exists"
+  else
+    log "cluster $(kind_name "${c}"): creating"
+    kind create cluster --name "$(kind_name "${c}")" --config "${HARNESS_DIR}/kind-config.yaml" --wait 120s
+  fi
+done
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  log "images: building ${BROKER_IMAGE} and ${AGENT_IMAGE} (context: ${REPO_ROOT})"
+  DOCKER_BUILDKIT=1 docker build -f "${REPO_ROOT}/broker/Dockerfile" -t "${BROKER_IMAGE}" "${REPO_ROOT}"
+  DOCKER_BUILDKIT=1 docker build -f "${REPO_ROOT}/member-agent/Dockerfile" -t "${AGENT_IMAGE}" "${REPO_ROOT}"
+fi
+kind load docker-image "${BROKER_IMAGE}" --name "$(kind_name "${BROKER_CLUSTER}")"
+for c in "${MEMBERS[@]}"; do
+  kind load docker-image "${AGENT_IMAGE}" --name "$(kind_name "${c}")"
+done
+
+broker_ip="$(node_ip "${BROKER_CLUSTER}")"
+[ -n "${broker_ip}" ] || die "no docker IP for $(kind_name "${BROKER_CLUSTER}")-control-plane"
+log "broker node: ${broker_ip}, gRPC NodePort ${BROKER_NODE_PORT}"
+
+certs="${WORK_DIR}/certs"
+if [ ! -f "${certs}/ca.pem" ]; then
+  log "certificates: ballast-broker certs --out ${certs}"
+  mkdir -p "${certs}"
+  members_csv="$(IFS=,; echo "${MEMBERS[*]}")"
+  docker run --rm --user "$(id -u):$(id -g)" -v "${certs}:/certs" "${BROKER_IMAGE}" \
+    certs --out /certs --clusters "${members_csv}" --server-san "${broker_ip}"
+fi
+
+log "broker: helm install in $(ctx "${BROKER_CLUSTER}")"
+helm upgrade --install ballast-broker "${REPO_ROOT}/helm/ballast-broker" \
+  --kube-context "$(ctx "${BROKER_CLUSTER}")" --namespace "${NAMESPACE}" --create-namespace \
+  --set image.repository=ballast/broker --set image.tag="${IMAGE_TAG}" \
+  --set image.pullPolicy=Never \
+  --set service.type=NodePort --set service.grpcNodePort="${BROKER_NODE_PORT}" \
+  --set serviceDiscoveryLoadBalancing="${POLICY:-optimized}" \
+  --set optimizedLoadBalancingParams="${PARAMS:-mixed}" \
+  --set-file tls.cert="${certs}/server.pem" \
+  --set-file tls.key="${certs}/server-key.pem" \
+  --set-file tls.ca="${certs}/ca.pem" \
+  --wait --timeout 5m
+
+for c in "${MEMBERS[@]}"; do
+  log "member ${c}: MCS CRDs, agent"
+  kc "${c}" apply -f "${HARNESS_DIR}/mcs-crds/"
+  helm upgrade --install ballast-agent "${REPO_ROOT}/helm/ballast-agent" \
+    --kube-context "$(ctx "${c}")" --namespace "${NAMESPACE}" --create-namespace \
+    --set image.repository=ballast/agent --set image.tag="${IMAGE_TAG}" \
+    --set image.pullPolicy=Never \
+    --set clusterId="${c}" \
+    --set broker.address="https://${broker_ip}:${BROKER_NODE_PORT}" \
+    --set-file broker.tls.cert="${certs}/cluster-${c}.pem" \
+    --set-file broker.tls.key="${certs}/cluster-${c}-key.pem" \
+    --set-file broker.tls.ca="${certs}/ca.pem" \
+    --wait --timeout 5m
+done
+log "up: broker in $(ctx "${BROKER_CLUSTER}"), members ${MEMBERS[*]}"
