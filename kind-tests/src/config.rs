@@ -1,0 +1,293 @@
+//! Names, addresses and default WAN delays of a lab.
+//!
+//! Every name derives from one prefix (default `ballast`), so a test lab (`--prefix
+//! blt1234`) never clashes with a running one:
+//! - namespaces `PREFIX-c1..N` and `PREFIX-wan`
+//! - cgroups `<cgroup2>/PREFIX-lab/cN`
+//! - pinned maps `/sys/fs/bpf/PREFIX-lab/cN`
+//! - state `/run/PREFIX-lab/`
+//!
+//! Addresses (inside the lab's own namespaces only): cluster `cK` is `10.77.K.2/24` on its
+//! `eth0`; the wan side of that link is `10.77.K.1`; the broker lives on `10.77.0.1` in the
+//! wan namespace. Cluster namespaces route only `10.77.0.0/16`: no default route.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use crate::error::{LabError, Result};
+
+/// The lab's own subnet: the only thing a cluster namespace has a route to.
+pub const LAB_SUBNET: &str = "10.77.0.0/16";
+pub const LAB_NET: [u8; 2] = [10, 77];
+/// Where the broker listens (wan namespace, on `lo`).
+pub const BROKER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Interface of a cluster namespace towards the wan.
+pub const CLUSTER_IF: &str = "eth0";
+/// TUN devices of the WAN emulator (wan namespace).
+pub const TUN_IN: &str = "wan-in";
+pub const TUN_OUT: &str = "wan-out";
+/// Routing table that sends cluster traffic into `wan-in`.
+pub const WAN_TABLE: &str = "100";
+/// One-way delay between two clusters placed in the same region.
+pub const SAME_REGION_ONE_WAY_MS: f64 = 1.0;
+pub const MAX_CLUSTERS: usize = 32;
+
+/// Default regions of c1, c2, c3, … (cycled past the end).
+pub const DEFAULT_REGIONS: [&str; 8] = [
+    "us-east-1",
+    "us-west-2",
+    "eu-west-1",
+    "ap-northeast-1",
+    "eu-central-1",
+    "ap-southeast-2",
+    "sa-east-1",
+    "ca-central-1",
+];
+
+const RTT_CSV: &str = include_str!("../../broker/data/region_rtt_ms.csv");
+const REGIONS_CSV: &str = include_str!("../../broker/data/regions.csv");
+
+/// The names every lab object derives from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    pub prefix: String,
+}
+
+impl Naming {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 16
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ok {
+            return Err(LabError::invalid(
+                "prefix",
+                format!("{prefix:?}: want 1-16 chars [a-z0-9], starting with a letter"),
+            ));
+        }
+        Ok(Naming {
+            prefix: prefix.to_string(),
+        })
+    }
+    pub fn lab_dir_name(&self) -> String {
+        format!("{}-lab", self.prefix)
+    }
+    pub fn cluster_netns(&self, id: &str) -> String {
+        format!("{}-{id}", self.prefix)
+    }
+    pub fn wan_netns(&self) -> String {
+        format!("{}-wan", self.prefix)
+    }
+    /// Whether a namespace name belongs to this lab (`PREFIX-wan` or `PREFIX-cN`).
+    pub fn owns_netns(&self, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix(&format!("{}-", self.prefix)) else {
+            return false;
+        };
+        rest == "wan" || parse_cluster_id(rest).is_some()
+    }
+    pub fn default_state_dir(&self) -> PathBuf {
+        Path::new("/run").join(self.lab_dir_name())
+    }
+    pub fn cgroup_root(&self, cgroup2: &Path) -> PathBuf {
+        cgroup2.join(self.lab_dir_name())
+    }
+    pub fn bpf_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(self.lab_dir_name())
+    }
+}
+
+/// `c7` -> 7.
+pub fn parse_cluster_id(id: &str) -> Option<usize> {
+    let n = id.strip_prefix('c')?;
+    if n.is_empty() || n.starts_with('0') || !n.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok().filter(|&k| (1..=MAX_CLUSTERS).contains(&k))
+}
+
+pub fn cluster_id(index: usize) -> String {
+    format!("c{index}")
+}
+
+pub fn cluster_addr(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(LAB_NET[0], LAB_NET[1], index as u8, 2)
+}
+
+pub fn wan_side_addr(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(LAB_NET[0], LAB_NET[1], index as u8, 1)
+}
+
+/// The wan-side veth of cluster `id`.
+pub fn wan_if(id: &str) -> String {
+    format!("v-{id}")
+}
+
+/// Which cluster an address belongs to (`10.77.K.x` -> K), if any.
+pub fn cluster_of_addr(a: [u8; 4]) -> Option<u8> {
+    (a[0] == LAB_NET[0] && a[1] == LAB_NET[1] && a[2] >= 1 && a[2] as usize <= MAX_CLUSTERS)
+        .then_some(a[2])
+}
+
+/// Region data from `broker/data/` (embedded at build time).
+#[derive(Debug, Clone)]
+pub struct RegionData {
+    rtt: HashMap<(String, String), f64>,
+    provider: HashMap<String, String>,
+}
+
+impl RegionData {
+    pub fn embedded() -> Self {
+        let mut rtt = HashMap::new();
+        for line in RTT_CSV.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            if let [src, dst, ms] = f[..] {
+                if let Ok(ms) = ms.trim().parse::<f64>() {
+                    rtt.insert((src.to_string(), dst.to_string()), ms);
+                }
+            }
+        }
+        let mut provider = HashMap::new();
+        for line in REGIONS_CSV.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            if let [region, prov, _continent] = f[..] {
+                provider.insert(region.to_string(), prov.to_string());
+            }
+        }
+        RegionData { rtt, provider }
+    }
+
+    pub fn provider(&self, region: &str) -> Option<&str> {
+        self.provider.get(region).map(String::as_str)
+    }
+
+    /// Measured RTT between two regions (mean of both directions when both exist).
+    pub fn rtt_ms(&self, a: &str, b: &str) -> Option<f64> {
+        if a == b {
+            return self
+                .provider
+                .contains_key(a)
+                .then_some(2.0 * SAME_REGION_ONE_WAY_MS);
+        }
+        let ab = self.rtt.get(&(a.to_string(), b.to_string()));
+        let ba = self.rtt.get(&(b.to_string(), a.to_string()));
+        match (ab, ba) {
+            (Some(x), Some(y)) => Some((x + y) / 2.0),
+            (Some(x), None) | (None, Some(x)) => Some(*x),
+            (None, None) => None,
+        }
+    }
+
+    /// The default one-way delay of a link: half the regions' RTT.
+    pub fn one_way_ms(&self, a: &str, b: &str) -> Result<f64> {
+        self.rtt_ms(a, b).map(|r| r / 2.0).ok_or_else(|| {
+            LabError::invalid(
+                "regions",
+                format!("no RTT between {a} and {b} in broker/data/region_rtt_ms.csv"),
+            )
+        })
+    }
+
+    /// Regions for `n` clusters: `given` (validated) or the defaults, cycled.
+    pub fn regions_for(&self, n: usize, given: &[String]) -> Result<Vec<String>> {
+        if !given.is_empty() && given.len() != n {
+            return Err(LabError::invalid(
+                "regions",
+                format!("{} regions given for {n} clusters", given.len()),
+            ));
+        }
+        let regions: Vec<String> = if given.is_empty() {
+            (0..n)
+                .map(|i| DEFAULT_REGIONS[i % DEFAULT_REGIONS.len()].to_string())
+                .collect()
+        } else {
+            given.to_vec()
+        };
+        for r in &regions {
+            if !self.provider.contains_key(r) {
+                return Err(LabError::invalid(
+                    "regions",
+                    format!("unknown region {r:?} (see broker/data/regions.csv)"),
+                ));
+            }
+        }
+        Ok(regions)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_validated() {
+        assert!(Naming::new("ballast").is_ok());
+        assert!(Naming::new("blt123").is_ok());
+        for bad in ["", "Ballast", "1abc", "a-b", "abcdefghijklmnopq"] {
+            let e = Naming::new(bad).unwrap_err();
+            assert!(e.to_string().contains("prefix"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn names_derive_from_prefix() {
+        let n = Naming::new("ballast").unwrap();
+        assert_eq!(n.cluster_netns("c2"), "ballast-c2");
+        assert_eq!(n.wan_netns(), "ballast-wan");
+        assert_eq!(n.bpf_dir(), PathBuf::from("/sys/fs/bpf/ballast-lab"));
+        assert_eq!(
+            n.cgroup_root(Path::new("/sys/fs/cgroup")),
+            PathBuf::from("/sys/fs/cgroup/ballast-lab")
+        );
+        assert!(n.owns_netns("ballast-c1"));
+        assert!(n.owns_netns("ballast-wan"));
+        assert!(!n.owns_netns("ballast-cx"));
+        assert!(!n.owns_netns("other-c1"));
+        assert!(!n.owns_netns("ballastx-c1"));
+    }
+
+    #[test]
+    fn cluster_ids_parse_strictly() {
+        assert_eq!(parse_cluster_id("c1"), Some(1));
+        assert_eq!(parse_cluster_id("c32"), Some(32));
+        for bad in ["c0", "c01", "c33", "c", "x1", "c1a"] {
+            assert_eq!(parse_cluster_id(bad), None, "{bad}");
+        }
+        assert_eq!(cluster_of_addr([10, 77, 3, 2]), Some(3));
+        assert_eq!(cluster_of_addr([10, 77, 0, 1]), None);
+        assert_eq!(cluster_of_addr([10, 78, 3, 2]), None);
+    }
+
+    #[test]
+    fn default_delays_come_from_real_data() {
+        let d = RegionData::embedded();
+        let r = d.regions_for(3, &[]).unwrap();
+        assert_eq!(r, ["us-east-1", "us-west-2", "eu-west-1"]);
+        let east_west = d.one_way_ms("us-east-1", "us-west-2").unwrap();
+        let east_eu = d.one_way_ms("us-east-1", "eu-west-1").unwrap();
+        let west_eu = d.one_way_ms("us-west-2", "eu-west-1").unwrap();
+        // Cross-region one-way delays are tens of ms, and the data orders them.
+        assert!((25.0..50.0).contains(&east_west), "{east_west}");
+        assert!((25.0..50.0).contains(&east_eu), "{east_eu}");
+        assert!(west_eu > east_eu, "{west_eu} vs {east_eu}");
+        assert_eq!(
+            d.one_way_ms("us-east-1", "us-east-1").unwrap(),
+            SAME_REGION_ONE_WAY_MS
+        );
+        assert_eq!(d.provider("eu-west-1"), Some("aws"));
+    }
+
+    #[test]
+    fn bad_regions_are_rejected() {
+        let d = RegionData::embedded();
+        assert!(d.regions_for(2, &["us-east-1".into()]).is_err());
+        let e = d
+            .regions_for(1, &["mars-north-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mars-north-1"), "{e}");
+    }
+}

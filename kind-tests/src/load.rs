@@ -1,0 +1,395 @@
+//! The load generator: N connections to a service VIP, one `GET /` each; counts which
+//! cluster answered, failed connects and latency. Runs inside a cluster (the caller
+//! enters its cgroup and netns before starting the runtime), so the connect is steered.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::echo::EchoReply;
+use crate::error::{LabError, Result};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub target: SocketAddr,
+    /// `Host` header (the service name).
+    pub host: String,
+    pub connections: usize,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    /// Draw a live progress line on stdout.
+    pub progress: bool,
+}
+
+impl LoadOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.connections == 0 || self.connections > 1_000_000 {
+            return Err(LabError::invalid("connections", "want 1..=1000000"));
+        }
+        if self.concurrency == 0 || self.concurrency > 1024 {
+            return Err(LabError::invalid("concurrency", "want 1..=1024"));
+        }
+        if self.timeout.is_zero() {
+            return Err(LabError::invalid("timeout", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What one load run observed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub from: Option<String>,
+    pub service: Option<String>,
+    pub target: String,
+    pub connections: usize,
+    pub ok: u64,
+    pub failed: u64,
+    /// Answered connections per destination cluster.
+    pub by_cluster: BTreeMap<String, u64>,
+    pub by_backend: BTreeMap<String, u64>,
+    /// Share of answered connections per destination cluster.
+    pub observed: BTreeMap<String, f64>,
+    /// The weights installed for (service, source cluster), when known.
+    pub weights: Option<BTreeMap<String, f64>>,
+    /// Mean time of `connect()` (about one RTT to the chosen backend).
+    pub mean_connect_ms: f64,
+    /// Median time of `connect()`.
+    pub p50_connect_ms: f64,
+    /// Mean time of connect + request + response.
+    pub mean_latency_ms: f64,
+    /// Mean connect time per destination cluster.
+    pub connect_ms_by_cluster: BTreeMap<String, f64>,
+    /// Failures by kind (`connect`, `timeout`, `http`, `body`).
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+}
+
+enum Outcome {
+    Ok {
+        reply: EchoReply,
+        connect: Duration,
+        total: Duration,
+    },
+    Failed(&'static str, String),
+}
+
+async fn one(opts: &LoadOptions) -> Outcome {
+    let t0 = Instant::now();
+    let stream = match tokio::time::timeout(opts.timeout, TcpStream::connect(opts.target)).await {
+        Err(_) => return Outcome::Failed("timeout", "connect timed out".into()),
+        Ok(Err(e)) => return Outcome::Failed("connect", e.to_string()),
+        Ok(Ok(s)) => s,
+    };
+    let connect = t0.elapsed();
+    let exchange = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ("http", e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let req = Request::get("/")
+            .header(hyper::header::HOST, opts.host.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ("http", e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ("http", e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(("http", format!("status {}", resp.status())));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ("body", e.to_string()))?
+            .to_bytes();
+        conn.abort();
+        serde_json::from_slice::<EchoReply>(&body).map_err(|e| ("body", e.to_string()))
+    };
+    match tokio::time::timeout(opts.timeout, exchange).await {
+        Err(_) => Outcome::Failed("timeout", "request timed out".into()),
+        Ok(Err((kind, msg))) => Outcome::Failed(kind, msg),
+        Ok(Ok(reply)) => Outcome::Ok {
+            reply,
+            connect,
+            total: t0.elapsed(),
+        },
+    }
+}
+
+#[derive(Default)]
+struct Acc {
+    ok: u64,
+    failed: u64,
+    by_cluster: BTreeMap<String, u64>,
+    by_backend: BTreeMap<String, u64>,
+    connect_sum: BTreeMap<String, f64>,
+    connect_total: f64,
+    connects: Vec<f64>,
+    latency_total: f64,
+    errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
+}
+
+fn progress_line(acc: &Acc, done: usize, total: usize) -> String {
+    let answered = acc.ok.max(1) as f64;
+    let split: Vec<String> = acc
+        .by_cluster
+        .iter()
+        .map(|(c, n)| format!("{c} {:5.1}%", 100.0 * *n as f64 / answered))
+        .collect();
+    format!(
+        "\r\x1b[K  {done}/{total}  {}  failed {}",
+        split.join("  "),
+        acc.failed
+    )
+}
+
+/// Runs the load and returns what it saw.
+pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
+    opts.validate()?;
+    let opts = Arc::new(opts);
+    let next = Arc::new(AtomicUsize::new(0));
+    let acc = Arc::new(Mutex::new(Acc::default()));
+    let started = Instant::now();
+
+    let progress = opts.progress.then(|| {
+        let acc = acc.clone();
+        let next = next.clone();
+        let total = opts.connections;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let done = next.load(Ordering::Relaxed).min(total);
+                if let Ok(a) = acc.lock() {
+                    print!("{}", progress_line(&a, done, total));
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        })
+    });
+
+    let mut workers = Vec::new();
+    for _ in 0..opts.concurrency.min(opts.connections) {
+        let opts = opts.clone();
+        let next = next.clone();
+        let acc = acc.clone();
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < opts.connections {
+                let outcome = one(&opts).await;
+                let Ok(mut a) = acc.lock() else { return };
+                match outcome {
+                    Outcome::Ok {
+                        reply,
+                        connect,
+                        total,
+                    } => {
+                        a.ok += 1;
+                        let c = connect.as_secs_f64() * 1000.0;
+                        a.connect_total += c;
+                        a.connects.push(c);
+                        a.latency_total += total.as_secs_f64() * 1000.0;
+                        *a.connect_sum.entry(reply.cluster.clone()).or_default() += c;
+                        *a.by_cluster.entry(reply.cluster).or_default() += 1;
+                        *a.by_backend.entry(reply.backend).or_default() += 1;
+                    }
+                    Outcome::Failed(kind, msg) => {
+                        a.failed += 1;
+                        *a.errors.entry(kind.to_string()).or_default() += 1;
+                        if a.first_error.is_none() {
+                            a.first_error = Some(format!("{kind}: {msg}"));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+        print!("\r\x1b[K");
+        let _ = std::io::stdout().flush();
+    }
+    let a = acc
+        .lock()
+        .map_err(|_| LabError::Other("load worker panicked".into()))?;
+    if let Some(e) = &a.first_error {
+        tracing::debug!("first failure: {e}");
+    }
+    let ok = a.ok.max(1) as f64;
+    let mut connects = a.connects.clone();
+    connects.sort_by(f64::total_cmp);
+    let p50_connect_ms = connects.get(connects.len() / 2).copied().unwrap_or(0.0);
+    Ok(LoadReport {
+        p50_connect_ms,
+        from: None,
+        service: None,
+        target: opts.target.to_string(),
+        connections: opts.connections,
+        ok: a.ok,
+        failed: a.failed,
+        observed: a
+            .by_cluster
+            .iter()
+            .map(|(c, n)| (c.clone(), *n as f64 / ok))
+            .collect(),
+        connect_ms_by_cluster: a
+            .by_cluster
+            .iter()
+            .map(|(c, n)| {
+                (
+                    c.clone(),
+                    a.connect_sum.get(c).copied().unwrap_or(0.0) / *n as f64,
+                )
+            })
+            .collect(),
+        by_cluster: a.by_cluster.clone(),
+        by_backend: a.by_backend.clone(),
+        weights: None,
+        mean_connect_ms: a.connect_total / ok,
+        mean_latency_ms: a.latency_total / ok,
+        errors: a.errors.clone(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The human-readable table.
+pub fn render(r: &LoadReport) -> String {
+    let mut out = String::new();
+    let head = match (&r.service, &r.from) {
+        (Some(s), Some(f)) => format!("{s} from {f} ({})", r.target),
+        _ => r.target.clone(),
+    };
+    out.push_str(&format!(
+        "{head}: {} connections, {} answered, {} failed, {:.1}s\n",
+        r.connections, r.ok, r.failed, r.elapsed_s
+    ));
+    out.push_str(&format!(
+        "  {:<8} {:>8} {:>9} {:>8} {:>11}\n",
+        "cluster", "conns", "observed", "weight", "connect ms"
+    ));
+    let mut clusters: Vec<&String> = r.by_cluster.keys().collect();
+    if let Some(w) = &r.weights {
+        for c in w.keys() {
+            if !clusters.contains(&c) {
+                clusters.push(c);
+            }
+        }
+    }
+    clusters.sort();
+    for c in clusters {
+        let n = r.by_cluster.get(c).copied().unwrap_or(0);
+        let obs = r.observed.get(c).copied().unwrap_or(0.0);
+        let w = match r.weights.as_ref().and_then(|w| w.get(c)) {
+            Some(w) => format!("{:.1}%", 100.0 * w),
+            None => "-".into(),
+        };
+        let cm = r
+            .connect_ms_by_cluster
+            .get(c)
+            .map(|m| format!("{m:.1}"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "  {c:<8} {n:>8} {:>8.1}% {w:>8} {cm:>11}\n",
+            100.0 * obs
+        ));
+    }
+    out.push_str(&format!(
+        "  mean connect {:.1} ms (p50 {:.1}), mean request {:.1} ms",
+        r.mean_connect_ms, r.p50_connect_ms, r.mean_latency_ms
+    ));
+    if !r.errors.is_empty() {
+        let e: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out.push_str(&format!(", failures: {}", e.join(", ")));
+    }
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn load_counts_clusters_and_failures_on_loopback() {
+        // Two real echo backends on loopback; the "service" is one of them.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move { crate::echo::serve_on(l, "c9").await });
+        let r = run(LoadOptions {
+            target: addr,
+            host: "demo/echo".into(),
+            connections: 50,
+            concurrency: 8,
+            timeout: Duration::from_secs(2),
+            progress: false,
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.ok, 50);
+        assert_eq!(r.failed, 0);
+        assert_eq!(r.by_cluster.get("c9"), Some(&50));
+        assert_eq!(r.by_backend.get(&addr.to_string()), Some(&50));
+        assert!((r.observed["c9"] - 1.0).abs() < 1e-9);
+        assert!(r.mean_latency_ms >= r.mean_connect_ms);
+        srv.abort();
+
+        // Nothing listens there any more: every connect fails, and is counted.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = l.local_addr().unwrap();
+        drop(l);
+        let r = run(LoadOptions {
+            target: dead,
+            host: "x".into(),
+            connections: 5,
+            concurrency: 2,
+            timeout: Duration::from_secs(1),
+            progress: false,
+        })
+        .await
+        .unwrap();
+        assert_eq!((r.ok, r.failed), (0, 5));
+        assert_eq!(r.errors.get("connect"), Some(&5));
+        let table = render(&r);
+        assert!(table.contains("5 failed"), "{table}");
+    }
+
+    #[test]
+    fn bad_options_are_rejected() {
+        let mut o = LoadOptions {
+            target: "127.0.0.1:1".parse().unwrap(),
+            host: "x".into(),
+            connections: 0,
+            concurrency: 1,
+            timeout: Duration::from_secs(1),
+            progress: false,
+        };
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("connections"));
+        o.connections = 1;
+        o.concurrency = 0;
+        assert!(o
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("concurrency"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Root-only: brings a real two-cluster lab up on this kernel (network namespaces,
+//! cgroups, TUN forwarder), measures the emulated WAN, and tears it down. Each test uses
+//! its own name prefix and state dir, so it never touches a running `ballast` lab.
+//! Nothing here leaves the machine: cluster namespaces have no default route.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ballast-lab");
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (network namespaces, cgroups, TUN devices)");
+            return;
+        }
+    };
+}
+
+/// A lab under a test prefix; `down` on drop, even when the test fails.
+struct TestLab {
+    prefix: String,
+    state: tempfile::TempDir,
+}
+
+impl TestLab {
+    fn new(tag: &str) -> TestLab {
+        let prefix = format!("blt{tag}{}", std::process::id() % 100_000);
+        TestLab {
+            prefix,
+            state: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.state.path().join("lab")
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        let state_dir = self.state_dir();
+        let mut all: Vec<&str> = vec![
+            "--prefix",
+            &self.prefix,
+            "--state-dir",
+            state_dir.to_str().expect("utf8 path"),
+        ];
+        all.extend_from_slice(args);
+        Command::new(BIN)
+            .args(&all)
+            .output()
+            .expect("run ballast-lab")
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "ballast-lab {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+    fn netns(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip");
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    }
+    fn cgroup_root(&self) -> PathBuf {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+        let m = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]))
+            .expect("cgroup2 mount");
+        m.join(format!("{}-lab", self.prefix))
+    }
+    /// A load run against a fixed backend (no steering needed) from a cluster.
+    fn load_to(&self, from: &str, target: &str, n: usize) -> Value {
+        let n = n.to_string();
+        self.json(&[
+            "load",
+            "--from",
+            from,
+            "--service",
+            "demo/echo",
+            "--target",
+            target,
+            "--connections",
+            &n,
+            "--concurrency",
+            "4",
+            "--timeout-ms",
+            "1000",
+            "--json",
+        ])
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn routes(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "route", "show", "table", "all"])
+        .output()
+        .expect("ip route");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn root_lab_two_clusters_wan_delay_exec_backends_down() {
+    require_root!();
+    let lab = TestLab::new("a");
+    lab.ok(&["up", "--clusters", "2"]);
+    // Idempotent: a second `up` keeps what is there.
+    lab.ok(&["up", "--clusters", "2"]);
+    let e = lab.run(&["up", "--clusters", "3"]);
+    assert!(
+        !e.status.success(),
+        "changing the cluster count must be refused"
+    );
+
+    let ns = lab.netns();
+    let want: Vec<String> = ["c1", "c2", "wan"]
+        .iter()
+        .map(|s| format!("{}-{s}", lab.prefix))
+        .collect();
+    assert_eq!(ns, want);
+    // Nothing has a default route, in any table of any lab namespace.
+    for n in &ns {
+        let r = routes(n);
+        assert!(
+            !r.lines().any(|l| l.starts_with("default")),
+            "{n} has a default route:\n{r}"
+        );
+    }
+    let r = routes(&format!("{}-c1", lab.prefix));
+    assert!(r.contains("10.77.0.0/16 via 10.77.1.1"), "{r}");
+
+    // exec runs inside the cluster's cgroup and netns.
+    let cg = lab.ok(&["exec", "c1", "--", "cat", "/proc/self/cgroup"]);
+    assert!(
+        cg.trim_end().ends_with(&format!("/{}-lab/c1", lab.prefix)),
+        "{cg}"
+    );
+    let addrs = lab.ok(&[
+        "exec", "c2", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    assert!(addrs.contains("10.77.2.2/24"), "{addrs}");
+
+    // 25 ms each way: ping and a TCP connect across take ~50 ms.
+    lab.ok(&["delay", "c1", "c2", "25"]);
+    let p = lab.json(&[
+        "ping",
+        "--from",
+        "c1",
+        "10.77.2.2",
+        "--count",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(p["received"], 5, "{p}");
+    let mut rtts: Vec<f64> = p["rtts_ms"]
+        .as_array()
+        .expect("rtts")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    let median = rtts[rtts.len() / 2];
+    assert!((49.0..56.0).contains(&median), "ping rtt {rtts:?} ms");
+    let l = lab.load_to("c1", "10.77.2.2:8080", 20);
+    assert_eq!(
+        (l["ok"].as_u64(), l["failed"].as_u64()),
+        (Some(20), Some(0)),
+        "{l}"
+    );
+    assert_eq!(l["by_cluster"]["c2"], 20, "{l}");
+    let connect = f(&l, "p50_connect_ms");
+    assert!((49.0..60.0).contains(&connect), "tcp connect {connect} ms");
+    // Request = connect + one more round trip.
+    let latency = f(&l, "mean_latency_ms");
+    assert!((98.0..160.0).contains(&latency), "request {latency} ms");
+
+    // Live change, no restart.
+    lab.ok(&["delay", "c1", "c2", "5"]);
+    let l = lab.load_to("c1", "10.77.2.2:8081", 20);
+    let connect = f(&l, "p50_connect_ms");
+    assert!((9.0..16.0).contains(&connect), "tcp connect {connect} ms");
+    assert!(
+        lab.run(&["delay", "c1", "c9", "5"]).status.code() != Some(0),
+        "unknown cluster accepted"
+    );
+
+    // Backends stop and start; status counts them.
+    let st = lab.json(&["status", "--json"]);
+    assert_eq!(st["clusters"][0]["id"], "c1");
+    assert_eq!(st["clusters"][0]["netns"], format!("{}-c1", lab.prefix));
+    assert_eq!(st["clusters"][1]["gateway"], "10.77.2.2");
+    assert_eq!(st["services"][0]["name"], "demo/echo");
+    assert_eq!(st["services"][0]["port"], 80);
+    assert_eq!(st["services"][0]["backends"]["c2"], 2);
+    lab.ok(&["backends", "c2", "demo/echo", "stop"]);
+    let st = lab.json(&["status", "--json"]);
+    assert_eq!(st["services"][0]["backends"]["c2"], 0);
+    let l = lab.load_to("c1", "10.77.2.2:8080", 3);
+    assert_eq!(l["failed"], 3, "{l}");
+    lab.ok(&["backends", "c2", "demo/echo", "start"]);
+    let l = lab.load_to("c1", "10.77.2.2:8080", 3);
+    assert_eq!(l["ok"], 3, "{l}");
+
+    // down removes everything, and again is a no-op.
+    lab.ok(&["down"]);
+    assert!(lab.netns().is_empty(), "{:?}", lab.netns());
+    assert!(!lab.cgroup_root().exists());
+    assert!(!lab.state_dir().exists());
+    lab.ok(&["down"]);
+}
+
+#[test]
+fn root_down_after_crash_works_from_names() {
+    require_root!();
+    let lab = TestLab::new("b");
+    lab.ok(&["up", "--clusters", "2"]);
+    let state = std::fs::read_to_string(lab.state_dir().join("state.json")).expect("state");
+    let pids: Vec<i64> = {
+        let v: Value = serde_json::from_str(&state).expect("state json");
+        let mut p: Vec<i64> = v["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .filter_map(|p| p["pid"].as_i64())
+            .collect();
+        for s in v["services"].as_array().expect("services") {
+            for b in s["backends"].as_array().expect("backends") {
+                p.extend(b["process"]["pid"].as_i64());
+            }
+        }
+        p
+    };
+    assert!(pids.len() >= 3, "forwarder and two backends: {pids:?}");
+    // The "crash": the state is lost.
+    std::fs::remove_dir_all(lab.state_dir()).expect("rm state");
+    lab.ok(&["down"]);
+    assert!(lab.netns().is_empty(), "{:?}", lab.netns());
+    assert!(!lab.cgroup_root().exists());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z"))
+                    .unwrap_or(true),
+            "process {pid} survived down"
+        );
+    }
+}
