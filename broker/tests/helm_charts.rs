@@ -211,7 +211,7 @@ fn helm_command_lines_live_in_one_helper() {
             &[
                 "serve",
                 "--listen",
-                "--db",
+                "--database",
                 "--ca",
                 "--cert",
                 "--key",
@@ -260,5 +260,44 @@ fn helm_command_lines_live_in_one_helper() {
                 t.display()
             );
         }
+    }
+}
+
+/// The text of one `define` in a chart's `_helpers.tpl`.
+fn helper_body(chart: &str, helper: &str) -> String {
+    let path = repo()
+        .join("helm")
+        .join(chart)
+        .join("templates/_helpers.tpl");
+    let text = std::fs::read_to_string(&path).expect("helpers");
+    let start = text
+        .find(&format!("define \"{helper}\""))
+        .unwrap_or_else(|| panic!("{chart}: no {helper}"));
+    let body = &text[start..];
+    body[..body.find("{{- end }}\n{{- end }}").unwrap_or(body.len())].to_string()
+}
+
+/// Every flag the broker chart passes is a flag of the real `ballast-broker serve`.
+#[test]
+fn helm_broker_flags_exist_in_the_serve_cli() {
+    use clap::Args as _;
+    let serve = ballast_broker::config::ServeArgs::augment_args(clap::Command::new("serve"));
+    let known: BTreeSet<String> = serve
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+        .collect();
+    let body = helper_body("ballast-broker", "ballast-broker.args");
+    let used: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --"))
+        .map(|f| f.split_whitespace().next().unwrap_or(f))
+        .collect();
+    assert!(used.len() >= 8, "{used:?}");
+    for flag in used {
+        let flag = format!("--{flag}");
+        assert!(
+            known.contains(&flag),
+            "helm/ballast-broker passes {flag}, which `ballast-broker serve` does not know ({known:?})"
+        );
     }
 }

@@ -76,9 +76,9 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - serve
 - --listen
 - {{ printf "0.0.0.0:%d" (int .Values.grpc.port) | quote }}
-- --db
+- --database
 {{- if eq .Values.storage.type "postgres" }}
-- "$(BALLAST_DB_URL)"
+- "$(BALLAST_DATABASE_URL)"
 {{- else }}
 - {{ printf "sqlite://%s/%s?mode=rwc" .Values.storage.sqlite.mountPath .Values.storage.sqlite.file | quote }}
 {{- end }}
