@@ -553,6 +553,15 @@ impl Store {
         run: &SolverRunRecord,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO generations (generation, created_at_ms, solver_run_id) \
+             VALUES ($1, $2, $3)",
+        )
+        .bind(generation)
+        .bind(created_at_ms)
+        .bind(run.id)
+        .execute(&mut *tx)
+        .await?;
         for w in weights {
             sqlx::query(
                 "INSERT INTO weights (generation, service, src, dst, weight, status, reason, \
@@ -594,7 +603,7 @@ impl Store {
     /// # Errors
     /// A database error.
     pub async fn last_generation(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT MAX(generation) AS g FROM solver_runs")
+        let row = sqlx::query("SELECT MAX(generation) AS g FROM generations")
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<Option<i64>, _>("g")?.unwrap_or(0))

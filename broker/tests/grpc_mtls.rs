@@ -1,0 +1,494 @@
+//! gRPC end to end on loopback with real mutual TLS and a real SQLite file: registration,
+//! reports, weights pushed to watchers, identity checks, validation, restart, metrics.
+#![allow(clippy::unwrap_used, clippy::float_cmp)]
+
+mod support;
+
+use std::time::Duration;
+
+use ballast_broker::certs::generate;
+use ballast_broker::store::sqlite_url;
+use ballast_proto::v1::{
+    Ack, GetWeightsRequest, ListClustersRequest, LoadBalancing, SetPolicyRequest, WatchRequest,
+    WeightsStatus, WeightsUpdate,
+};
+use support::{
+    admin, agent, cap, cluster_pair, register_req, report, rps, rtt, send_reports, start_broker,
+    test_config, tls_of,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+fn clusters(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| (*s).to_string()).collect()
+}
+
+async fn next_update(s: &mut tonic::Streaming<WeightsUpdate>) -> WeightsUpdate {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("an update within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Reads updates until one of `generation` or later for `service` arrives.
+async fn until_generation(
+    s: &mut tonic::Streaming<WeightsUpdate>,
+    service: &str,
+    generation: u64,
+) -> WeightsUpdate {
+    loop {
+        let u = next_update(s).await;
+        if u.service == service && u.generation >= generation {
+            return u;
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_registers_reports_and_receives_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c2", "c3"]), &[]).unwrap();
+    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
+        .await
+        .unwrap();
+    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
+        .await
+        .unwrap();
+    let mut a3 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c3")))
+        .await
+        .unwrap();
+    let r = a1
+        .register(register_req("c1", "n1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.cluster_id, "c1");
+    assert!(r.report_interval_ms > 0);
+    a2.register(register_req("c2", "n1")).await.unwrap();
+    a3.register(register_req("c3", "n1")).await.unwrap();
+
+    let mut watch = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // c2 and c3 serve ns/web; c1 is 5 ms from c2 and 80 ms from c3 and sends 100 RPS.
+    let mut m2 = report("c2", "n1");
+    m2.capacity = vec![cap("ns/web", 1000.0)];
+    send_reports(&mut a2, vec![m2]).await.unwrap();
+    let mut m3 = report("c3", "n1");
+    m3.capacity = vec![cap("ns/web", 1000.0)];
+    send_reports(&mut a3, vec![m3]).await.unwrap();
+    let mut m1 = report("c1", "n1");
+    m1.rtt = vec![rtt("c2", 5.0), rtt("c3", 80.0)];
+    m1.rps = vec![rps("ns/web", "c2", 60.0), rps("ns/web", "c3", 40.0)];
+    let summary = send_reports(&mut a1, vec![m1]).await.unwrap();
+    assert_eq!(
+        (summary.messages, summary.rtt_samples, summary.rps_samples),
+        (1, 2, 2)
+    );
+
+    // The watcher receives weights for c1 whose generation covers the last report.
+    let mut u = next_update(&mut watch).await;
+    loop {
+        if (u.weights.get("c2").copied().unwrap_or(0.0) - 0.99).abs() < 1e-6 {
+            break;
+        }
+        u = next_update(&mut watch).await;
+    }
+    assert_eq!(u.service, "ns/web");
+    assert_eq!(u.source_cluster_id, "c1");
+    assert!(u.generation >= 1);
+    assert_eq!(u.status, i32::from(WeightsStatus::Optimal));
+    assert!(u.last_in_batch);
+    let total: f64 = u.weights.values().sum();
+    assert!(
+        (total - 1.0).abs() < 1e-9,
+        "weights sum to 1: {:?}",
+        u.weights
+    );
+    // Optimized: the near cluster takes all but the liveness floor (1 RPS of 100) at c3.
+    assert!((u.weights["c3"] - 0.01).abs() < 1e-6, "{:?}", u.weights);
+
+    // The agent acknowledges; the operator sees the clusters and the weights.
+    a1.ack_weights(Ack {
+        cluster_id: "c1".into(),
+        node_name: "n1".into(),
+        generation: u.generation,
+        service: "ns/web".into(),
+        applied: true,
+        error: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut op = admin(b.addr, &bundle).await;
+    let list = op
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.clusters.len(), 3);
+    let c1 = &list.clusters[0];
+    assert_eq!(c1.cluster_id, "c1");
+    assert!(!c1.stale);
+    assert!(c1.last_report_age_ms >= 0 && c1.last_report_age_ms < 60_000);
+    assert_eq!(c1.nodes[0].acked_generation, u.generation);
+    let w = op
+        .get_weights(GetWeightsRequest {
+            service: "ns/web".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.weights.len(), 1);
+    assert_eq!(w.weights[0].weights, u.weights);
+
+    // A policy change is pushed at once: round-robin splits evenly.
+    op.set_policy(SetPolicyRequest {
+        service: "ns/web".into(),
+        policy: LoadBalancing::RoundRobin.into(),
+        ..SetPolicyRequest::default()
+    })
+    .await
+    .unwrap();
+    let rr = until_generation(&mut watch, "ns/web", u.generation + 1).await;
+    assert_eq!(rr.policy, i32::from(LoadBalancing::RoundRobin));
+    assert!((rr.weights["c2"] - 0.5).abs() < 1e-9, "{:?}", rr.weights);
+
+    // Explain names the destinations with their costs.
+    let ex = op
+        .explain(ballast_proto::v1::ExplainRequest {
+            service: "ns/web".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ex.destinations.len(), 2);
+    assert_eq!(ex.demand_rps, 100.0);
+
+    // Metrics: generation and watchers.
+    let mut s = tokio::net::TcpStream::connect(b.metrics_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.contains(&format!("ballast_broker_generation {}", rr.generation)),
+        "{body}"
+    );
+    assert!(body.contains("ballast_broker_watchers 1"), "{body}");
+    assert!(body.contains("ballast_broker_clusters 3"), "{body}");
+    drop(watch);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
+    let other = generate(&clusters(&["c1"]), &[]).unwrap();
+    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    // Trusts the right server CA but presents a client certificate of another CA.
+    let mut bad = tls_of(&bundle, cluster_pair(&other, "c1"));
+    bad.ca_pem.clone_from(&bundle.ca.cert_pem);
+    let res = match agent(b.addr, &bad).await {
+        Err(_) => None,
+        Ok(mut c) => Some(c.register(register_req("c1", "n1")).await),
+    };
+    if let Some(r) = res {
+        let e = r.expect_err("a foreign client certificate must be refused");
+        assert_ne!(e.code(), Code::Ok);
+    }
+    // Nothing was registered.
+    let mut op = admin(b.addr, &bundle).await;
+    let list = op
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.clusters.is_empty());
+    // A server certificate from another CA is refused by a well-configured agent too.
+    let good_client_wrong_ca = tls_of(&other, cluster_pair(&other, "c1"));
+    let res = match agent(b.addr, &good_client_wrong_ca).await {
+        Err(_) => true,
+        Ok(mut c) => c.register(register_req("c1", "n1")).await.is_err(),
+    };
+    assert!(res);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_cannot_act_as_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
+    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
+        .await
+        .unwrap();
+    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
+        .await
+        .unwrap();
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+
+    let e = a1.register(register_req("c2", "n1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mut m = report("c2", "n1");
+    m.capacity = vec![cap("ns/web", 10.0)];
+    let e = send_reports(&mut a1, vec![m]).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("cluster_id"), "{e:?}");
+    let e = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c2".into(),
+            node_name: "n1".into(),
+            last_generation: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = a1
+        .ack_weights(Ack {
+            cluster_id: "c2".into(),
+            node_name: "n1".into(),
+            generation: 1,
+            service: "ns/web".into(),
+            applied: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // A cluster certificate may not use the Admin service.
+    let mut not_admin = ballast_proto::v1::admin_client::AdminClient::new(
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", b.addr.port()))
+            .unwrap()
+            .tls_config(tls_of(&bundle, cluster_pair(&bundle, "c1")).client_config("localhost"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let e = not_admin
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // No capacity was stored for c2 by c1.
+    assert!(b.engine().store().capacity().await.unwrap().is_empty());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_reports_are_rejected_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
+    let mut cfg = test_config(&bundle, &sqlite_url(&dir.path().join("b.db")));
+    cfg.max_message_bytes = 16 * 1024;
+    let b = start_broker(cfg).await;
+    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
+        .await
+        .unwrap();
+
+    // Not registered yet.
+    let e = send_reports(&mut a1, vec![report("c1", "n1")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
+        .await
+        .unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+
+    let cases: Vec<(ballast_proto::v1::ReportRequest, &str)> = vec![
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rtt = vec![rtt("c2", -1.0)];
+                m
+            },
+            "rtt[0].rtt_ms",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rtt = vec![rtt("c2", f64::NAN)];
+                m
+            },
+            "rtt[0].rtt_ms",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut s = rtt("c2", 5.0);
+                s.loss_ratio = 1.5;
+                m.rtt = vec![s];
+                m
+            },
+            "rtt[0].loss_ratio",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rtt = vec![rtt("c9", 5.0)];
+                m
+            },
+            "rtt[0].peer_cluster_id",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rps = vec![rps("ns/web", "c2", 1.0), rps("ns/web", "c2", f64::INFINITY)];
+                m
+            },
+            "rps[1]",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.capacity = vec![cap("", 5.0)];
+                m
+            },
+            "capacity[0].service",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.measured_at_ms = 0;
+                m
+            },
+            "measured_at_ms",
+        ),
+        (
+            {
+                let mut m = report("c1", "");
+                m.capacity = vec![cap("ns/web", 5.0)];
+                m
+            },
+            "node_name",
+        ),
+    ];
+    for (m, field) in cases {
+        let e = send_reports(&mut a1, vec![m]).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    // Nothing of the rejected reports was stored (the valid first rps sample included).
+    let s = b.engine().store();
+    assert!(s.rtt().await.unwrap().is_empty());
+    assert!(s.rps().await.unwrap().is_empty());
+    assert!(s.capacity().await.unwrap().is_empty());
+
+    // Over the message size limit.
+    let mut big = report("c1", "n1");
+    big.capacity = (0..2000)
+        .map(|i| cap(&format!("ns/service-{i}"), 1.0))
+        .collect();
+    let e = send_reports(&mut a1, vec![big]).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn restart_on_the_same_sqlite_file_continues_the_generation_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite_url(&dir.path().join("b.db"));
+    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
+    let t1 = tls_of(&bundle, cluster_pair(&bundle, "c1"));
+    let t2 = tls_of(&bundle, cluster_pair(&bundle, "c2"));
+
+    let b = start_broker(test_config(&bundle, &db)).await;
+    let mut a1 = agent(b.addr, &t1).await.unwrap();
+    let mut a2 = agent(b.addr, &t2).await.unwrap();
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+    let mut watch = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut m = report("c2", "n1");
+    m.capacity = vec![cap("ns/web", 500.0)];
+    send_reports(&mut a2, vec![m]).await.unwrap();
+    let first = until_generation(&mut watch, "ns/web", 1).await;
+    let mut m = report("c1", "n1");
+    m.capacity = vec![cap("ns/web", 500.0)];
+    send_reports(&mut a1, vec![m]).await.unwrap();
+    let second = until_generation(&mut watch, "ns/web", first.generation + 1).await;
+    let before = b.engine().current().generation;
+    assert_eq!(before, second.generation);
+    drop(watch);
+    b.stop().await;
+
+    // Restarted on the same file: the last generation and its weights are served at once.
+    let b = start_broker(test_config(&bundle, &db)).await;
+    assert_eq!(b.engine().current().generation, before);
+    let mut a1 = agent(b.addr, &t1).await.unwrap();
+    let mut a2 = agent(b.addr, &t2).await.unwrap();
+    let mut watch = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: before,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let u = next_update(&mut watch).await;
+    assert_eq!(u.generation, before);
+    assert_eq!(u.weights, second.weights);
+    // The next change continues the sequence.
+    let mut m = report("c2", "n1");
+    m.capacity = vec![cap("ns/web", 0.0)];
+    send_reports(&mut a2, vec![m]).await.unwrap();
+    let next = until_generation(&mut watch, "ns/web", before + 1).await;
+    assert_eq!(next.generation, before + 1);
+    assert!(
+        (next.weights["c1"] - 1.0).abs() < 1e-9,
+        "{:?}",
+        next.weights
+    );
+    drop(watch);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn plain_text_only_with_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
+    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    // A plain-text client cannot talk to the default (mTLS) server.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", b.addr.port()))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5));
+    let res = match plain.connect().await {
+        Err(_) => true,
+        Ok(ch) => ballast_proto::v1::broker_client::BrokerClient::new(ch)
+            .register(register_req("c1", "n1"))
+            .await
+            .is_err(),
+    };
+    assert!(res, "plain text must be refused by the mTLS server");
+    b.stop().await;
+}

@@ -1,0 +1,447 @@
+//! The store and the engine on both backends: SQLite in a temp dir, PostgreSQL in a fresh
+//! schema (`BALLAST_TEST_PG_URL`; skipped with a printed reason when unset).
+#![allow(clippy::unwrap_used, clippy::float_cmp)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_broker::engine::{Engine, EngineConfig, WeightsState};
+use ballast_broker::metrics::Metrics;
+use ballast_broker::store::{
+    sqlite_url, AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, ReportRecord,
+    RpsRecord, RttRecord, SolverRunRecord, Store, WeightRecord,
+};
+use support::{now_ms, PgSchema};
+
+fn cluster(id: &str, region: &str) -> ClusterRecord {
+    ClusterRecord {
+        cluster_id: id.into(),
+        region: region.into(),
+        zone: format!("{region}a"),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.1".into(),
+        registered_at_ms: 1,
+        updated_at_ms: 1,
+    }
+}
+
+fn agent(c: &str, node: &str) -> AgentRecord {
+    AgentRecord {
+        cluster_id: c.into(),
+        node_name: node.into(),
+        agent_version: "v1".into(),
+        registered_at_ms: 1,
+        last_report_ms: 0,
+        acked_generation: 0,
+    }
+}
+
+fn run(id: i64, generation: i64) -> SolverRunRecord {
+    SolverRunRecord {
+        id,
+        started_at_ms: 10,
+        inputs_digest: format!("d{id}"),
+        status: "optimal".into(),
+        objective: 1.5,
+        duration_ms: 0.25,
+        services: 1,
+        generation,
+        detail: String::new(),
+    }
+}
+
+fn weight(svc: &str, src: &str, dst: &str, w: f64) -> WeightRecord {
+    WeightRecord {
+        service: svc.into(),
+        src: src.into(),
+        dst: dst.into(),
+        weight: w,
+        status: "optimal".into(),
+        reason: String::new(),
+        policy: "optimized".into(),
+        params: "mixed".into(),
+        computed_at_ms: 5,
+    }
+}
+
+/// Every store operation, with values that a wrong query would get wrong.
+async fn store_roundtrip(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    // Migrations are idempotent: a second connect on the same database works.
+    let again = Store::connect(url).await.unwrap();
+    again.close().await;
+
+    store
+        .register(&cluster("c1", "us-east-1"), &agent("c1", "n1"))
+        .await
+        .unwrap();
+    store
+        .register(&cluster("c2", "eu-west-1"), &agent("c2", "n1"))
+        .await
+        .unwrap();
+    // Re-registering updates the location and keeps one row.
+    store
+        .register(&cluster("c1", "us-west-2"), &agent("c1", "n2"))
+        .await
+        .unwrap();
+    let cs = store.clusters().await.unwrap();
+    assert_eq!(cs.len(), 2);
+    assert_eq!(cs[0].region, "us-west-2");
+    assert!(store.cluster_exists("c2").await.unwrap());
+    assert!(!store.cluster_exists("c9").await.unwrap());
+
+    let rep = |rtt: f64, at: i64| ReportRecord {
+        cluster_id: "c1".into(),
+        node_name: "n1".into(),
+        received_at_ms: at,
+        rtt: vec![RttRecord {
+            src: "c1".into(),
+            dst: "c2".into(),
+            node_name: "n1".into(),
+            rtt_ms: rtt,
+            loss_ratio: 0.25,
+            reachable: true,
+            measured_at_ms: at,
+        }],
+        rps: vec![RpsRecord {
+            src: "c1".into(),
+            service: "ns/web".into(),
+            dst: "c2".into(),
+            node_name: "n1".into(),
+            rps: rtt * 2.0,
+            measured_at_ms: at,
+        }],
+        capacity: vec![CapacityRecord {
+            cluster_id: "c1".into(),
+            service: "ns/web".into(),
+            node_name: "n1".into(),
+            capacity_rps: 300.0,
+            measured_at_ms: at,
+        }],
+    };
+    store.store_report(&rep(12.5, 100)).await.unwrap();
+    store.store_report(&rep(20.0, 200)).await.unwrap();
+    let rtt = store.rtt().await.unwrap();
+    assert_eq!(
+        rtt.len(),
+        1,
+        "latest value per key replaces the previous one"
+    );
+    assert_eq!(rtt[0].rtt_ms, 20.0);
+    assert_eq!(rtt[0].loss_ratio, 0.25);
+    assert!(rtt[0].reachable);
+    assert_eq!(rtt[0].measured_at_ms, 200);
+    let rps = store.rps().await.unwrap();
+    assert_eq!((rps.len(), rps[0].rps), (1, 40.0));
+    let cap = store.capacity().await.unwrap();
+    assert_eq!((cap.len(), cap[0].capacity_rps), (1, 300.0));
+    let agents = store.agents().await.unwrap();
+    let n1 = agents
+        .iter()
+        .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
+        .unwrap();
+    assert_eq!(n1.last_report_ms, 200);
+
+    store.set_price("cross_zone", 0.01, 1).await.unwrap();
+    store.set_price("cross_zone", 0.03, 2).await.unwrap();
+    assert_eq!(
+        store.prices().await.unwrap(),
+        vec![("cross_zone".to_string(), 0.03)]
+    );
+
+    store
+        .set_policy(
+            &PolicyRecord {
+                scope: String::new(),
+                policy: "round-robin".into(),
+                params: "cost".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    store
+        .set_policy(
+            &PolicyRecord {
+                scope: "ns/web".into(),
+                policy: "optimized".into(),
+                params: "performance".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let ps = store.policies().await.unwrap();
+    assert_eq!(ps.len(), 2);
+    assert_eq!(ps[0].scope, "");
+    assert!(store.delete_policy("ns/web").await.unwrap());
+    assert!(!store.delete_policy("ns/web").await.unwrap());
+
+    assert_eq!(store.last_generation().await.unwrap(), 0);
+    store
+        .publish(
+            1,
+            10,
+            &[
+                weight("ns/web", "c1", "c1", 0.25),
+                weight("ns/web", "c1", "c2", 0.75),
+            ],
+            &run(1, 1),
+        )
+        .await
+        .unwrap();
+    store
+        .publish(2, 20, &[weight("ns/web", "c1", "c2", 1.0)], &run(2, 2))
+        .await
+        .unwrap();
+    store.record_run(&run(3, 2)).await.unwrap();
+    // A generation cannot be published twice, and the failed publish leaves nothing behind.
+    assert!(store
+        .publish(2, 30, &[weight("ns/web", "c2", "c2", 1.0)], &run(4, 2))
+        .await
+        .is_err());
+    assert_eq!(store.last_run_id().await.unwrap(), 3);
+    assert_eq!(store.last_generation().await.unwrap(), 2);
+    let w1 = store.weights_of(1).await.unwrap();
+    assert_eq!(w1.len(), 2);
+    assert_eq!(w1[1].weight, 0.75);
+    let w2 = store.weights_of(2).await.unwrap();
+    assert_eq!((w2.len(), w2[0].dst.as_str()), (1, "c2"));
+    let runs = store.solver_runs(10).await.unwrap();
+    assert_eq!(runs.len(), 3);
+    assert_eq!(runs[0].id, 3);
+    assert_eq!(runs[2].objective, 1.5);
+
+    let ack = |g: i64, applied: bool| AckRecord {
+        cluster_id: "c1".into(),
+        node_name: "n1".into(),
+        service: "ns/web".into(),
+        generation: g,
+        applied,
+        error: if applied {
+            String::new()
+        } else {
+            "map full".into()
+        },
+        acked_at_ms: 30,
+    };
+    store.ack(&ack(1, true)).await.unwrap();
+    store.ack(&ack(2, false)).await.unwrap();
+    let a = store.agents().await.unwrap();
+    let n1 = a
+        .iter()
+        .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
+        .unwrap();
+    assert_eq!(
+        n1.acked_generation, 0,
+        "a failed ack replaces the applied one"
+    );
+    store.ack(&ack(2, true)).await.unwrap();
+    let a = store.agents().await.unwrap();
+    assert_eq!(
+        a.iter()
+            .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
+            .unwrap()
+            .acked_generation,
+        2
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn store_sqlite_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    store_roundtrip(&sqlite_url(&dir.path().join("b.db"))).await;
+}
+
+#[tokio::test]
+async fn store_postgres_roundtrip() {
+    let Some(pg) = PgSchema::create("store_postgres_roundtrip").await else {
+        return;
+    };
+    store_roundtrip(&pg.url).await;
+    pg.drop_schema().await;
+}
+
+fn report_of(
+    c: &str,
+    node: &str,
+    at: i64,
+    rtt: &[(&str, f64)],
+    rps: &[(&str, &str, f64)],
+    cap: &[(&str, f64)],
+) -> ReportRecord {
+    ReportRecord {
+        cluster_id: c.into(),
+        node_name: node.into(),
+        received_at_ms: at,
+        rtt: rtt
+            .iter()
+            .map(|(d, v)| RttRecord {
+                src: c.into(),
+                dst: (*d).into(),
+                node_name: node.into(),
+                rtt_ms: *v,
+                loss_ratio: 0.0,
+                reachable: true,
+                measured_at_ms: at,
+            })
+            .collect(),
+        rps: rps
+            .iter()
+            .map(|(s, d, v)| RpsRecord {
+                src: c.into(),
+                service: (*s).into(),
+                dst: (*d).into(),
+                node_name: node.into(),
+                rps: *v,
+                measured_at_ms: at,
+            })
+            .collect(),
+        capacity: cap
+            .iter()
+            .map(|(s, v)| CapacityRecord {
+                cluster_id: c.into(),
+                service: (*s).into(),
+                node_name: node.into(),
+                capacity_rps: *v,
+                measured_at_ms: at,
+            })
+            .collect(),
+    }
+}
+
+/// Aggregation across the agents of one cluster, generations, staleness, restart.
+async fn engine_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    for c in ["c1", "c2", "c3"] {
+        store
+            .register(&cluster(c, "us-east-1"), &agent(c, "n1"))
+            .await
+            .unwrap();
+    }
+    let cfg = EngineConfig {
+        stale_after: Duration::from_secs(30),
+        max_step: None,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::load(store.clone(), cfg.clone(), Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let now = now_ms();
+    // Three agents of c1: RTT to c2 is their median (20), RPS is their sum (60).
+    for (node, r) in [("n1", 10.0), ("n2", 30.0), ("n3", 20.0)] {
+        store
+            .store_report(&report_of(
+                "c1",
+                node,
+                now,
+                &[("c2", r)],
+                &[("ns/web", "c2", 20.0)],
+                &[],
+            ))
+            .await
+            .unwrap();
+    }
+    store
+        .store_report(&report_of("c2", "n1", now, &[], &[], &[("ns/web", 100.0)]))
+        .await
+        .unwrap();
+    store
+        .store_report(&report_of("c3", "n1", now, &[], &[], &[("ns/web", 50.0)]))
+        .await
+        .unwrap();
+    let inputs = engine.inputs(now_ms()).await.unwrap();
+    let plan = &inputs.services["ns/web"];
+    assert!(plan.stale.is_empty());
+    assert_eq!(
+        plan.problem.rtt_ms["c1"]["c2"], 20.0,
+        "median of 10, 30, 20"
+    );
+    let svc = &plan.problem.services[0];
+    assert_eq!(svc.demand_rps["c1"], 60.0, "sum over the agents");
+    assert_eq!(
+        svc.demand_rps["c2"], 10.0,
+        "no RPS reported: the default demand"
+    );
+    assert_eq!(svc.capacity_rps.len(), 2);
+
+    assert_eq!(engine.current().generation, 0);
+    let g1 = engine.run_round().await.unwrap();
+    assert_eq!(g1, 1);
+    let p = engine.current();
+    let e = &p.entries[&("ns/web".to_string(), "c1".to_string())];
+    assert_eq!(e.status, WeightsState::Optimal);
+    assert!((e.weights.values().sum::<f64>() - 1.0).abs() < 1e-9);
+    // Unchanged inputs: no new generation.
+    assert_eq!(engine.run_round().await.unwrap(), 1);
+
+    // c3's capacity goes stale: the service keeps its weights, flagged stale.
+    store
+        .store_report(&report_of(
+            "c3",
+            "n1",
+            now - 120_000,
+            &[],
+            &[],
+            &[("ns/web", 50.0)],
+        ))
+        .await
+        .unwrap();
+    let g2 = engine.run_round().await.unwrap();
+    assert_eq!(g2, 2);
+    let p2 = engine.current();
+    let e2 = &p2.entries[&("ns/web".to_string(), "c1".to_string())];
+    assert_eq!(e2.status, WeightsState::Stale);
+    assert!(
+        e2.reason.contains("capacity of ns/web in c3"),
+        "{}",
+        e2.reason
+    );
+    assert_eq!(e2.weights, e.weights, "previous good weights kept");
+
+    // A new engine on the same store continues the sequence.
+    let engine2 = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    assert_eq!(engine2.current().generation, 2);
+    assert_eq!(
+        engine2.current().entries[&("ns/web".to_string(), "c1".to_string())].status,
+        WeightsState::Stale
+    );
+    store
+        .store_report(&report_of(
+            "c3",
+            "n1",
+            now_ms(),
+            &[],
+            &[],
+            &[("ns/web", 50.0)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(engine2.run_round().await.unwrap(), 3);
+    assert_eq!(
+        engine2.current().entries[&("ns/web".to_string(), "c1".to_string())].status,
+        WeightsState::Optimal
+    );
+    assert_eq!(store.last_generation().await.unwrap(), 3);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn engine_sqlite_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    engine_scenario(&sqlite_url(&dir.path().join("b.db"))).await;
+}
+
+#[tokio::test]
+async fn engine_postgres_scenario() {
+    let Some(pg) = PgSchema::create("engine_postgres_scenario").await else {
+        return;
+    };
+    engine_scenario(&pg.url).await;
+    pg.drop_schema().await;
+}

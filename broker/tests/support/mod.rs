@@ -1,0 +1,189 @@
+//! Shared helpers of the broker's store and gRPC tests: databases (SQLite in a temp dir,
+//! PostgreSQL in a fresh schema per test), certificates, an in-process broker and clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ballast_broker::certs::{Bundle, CertPair};
+use ballast_broker::server::{start, Running, ServeConfig};
+use ballast_broker::tls::TlsFiles;
+use ballast_proto::v1::admin_client::AdminClient;
+use ballast_proto::v1::broker_client::BrokerClient;
+use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample};
+use sqlx::Connection;
+use tonic::transport::{Channel, Endpoint};
+
+/// A PostgreSQL database URL isolated in a fresh schema, or `None` (with a printed reason)
+/// when `BALLAST_TEST_PG_URL` is unset.
+pub struct PgSchema {
+    pub url: String,
+    base: String,
+    schema: String,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl PgSchema {
+    pub async fn create(test: &str) -> Option<Self> {
+        let Ok(base) = std::env::var("BALLAST_TEST_PG_URL") else {
+            println!(
+                "SKIP {test}: BALLAST_TEST_PG_URL is unset (bash kind-tests/postgres.sh prints it)"
+            );
+            return None;
+        };
+        let schema = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let mut c = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("connect to BALLAST_TEST_PG_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(Self {
+            url: format!("{base}{sep}options[search_path]={schema}"),
+            base,
+            schema,
+        })
+    }
+
+    pub async fn drop_schema(self) {
+        let mut c = sqlx::PgConnection::connect(&self.base).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.schema
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+    }
+}
+
+pub fn tls_of(bundle: &Bundle, pair: &CertPair) -> TlsFiles {
+    TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: pair.cert_pem.clone(),
+        key_pem: pair.key_pem.clone(),
+    }
+}
+
+pub fn cluster_pair<'a>(bundle: &'a Bundle, id: &str) -> &'a CertPair {
+    &bundle.clusters.iter().find(|(c, _)| c == id).unwrap().1
+}
+
+/// A broker config for tests: loopback, any port, mTLS with `bundle`, metrics on, solve only
+/// on triggers (long timer), short debounce, undamped unless the test says otherwise.
+pub fn test_config(bundle: &Bundle, db_url: &str) -> ServeConfig {
+    let mut c = ServeConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db_url.to_string(),
+        Some(tls_of(bundle, &bundle.server)),
+    );
+    c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    c.solve_interval = Duration::from_secs(3600);
+    c.debounce = Duration::from_millis(5);
+    c.engine.max_step = None;
+    c
+}
+
+pub async fn start_broker(cfg: ServeConfig) -> Running {
+    start(cfg).await.expect("broker starts")
+}
+
+async fn channel(addr: SocketAddr, tls: &TlsFiles) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls.client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+}
+
+pub async fn agent(
+    addr: SocketAddr,
+    tls: &TlsFiles,
+) -> Result<BrokerClient<Channel>, tonic::transport::Error> {
+    Ok(BrokerClient::new(channel(addr, tls).await?))
+}
+
+pub async fn admin(addr: SocketAddr, bundle: &Bundle) -> AdminClient<Channel> {
+    AdminClient::new(channel(addr, &tls_of(bundle, &bundle.admin)).await.unwrap())
+}
+
+pub fn now_ms() -> i64 {
+    ballast_broker::engine::now_ms()
+}
+
+pub fn register_req(cluster: &str, node: &str) -> RegisterRequest {
+    RegisterRequest {
+        cluster_id: cluster.into(),
+        region: "us-east-1".into(),
+        zone: format!(
+            "us-east-1{}",
+            if cluster.ends_with('1') { 'a' } else { 'b' }
+        ),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.1".into(),
+        agent_version: "test".into(),
+        node_name: node.into(),
+    }
+}
+
+pub fn report(cluster: &str, node: &str) -> ReportRequest {
+    ReportRequest {
+        cluster_id: cluster.into(),
+        node_name: node.into(),
+        measured_at_ms: now_ms(),
+        ..ReportRequest::default()
+    }
+}
+
+pub fn rtt(peer: &str, ms: f64) -> RttSample {
+    RttSample {
+        peer_cluster_id: peer.into(),
+        rtt_ms: ms,
+        loss_ratio: 0.0,
+        reachable: true,
+        measured_at_ms: 0,
+    }
+}
+
+pub fn rps(service: &str, dst: &str, v: f64) -> RpsSample {
+    RpsSample {
+        service: service.into(),
+        destination_cluster_id: dst.into(),
+        rps: v,
+        measured_at_ms: 0,
+    }
+}
+
+pub fn cap(service: &str, v: f64) -> CapacitySample {
+    CapacitySample {
+        service: service.into(),
+        capacity_rps: v,
+        measured_at_ms: 0,
+    }
+}
+
+/// Sends `msgs` on one Report stream and returns the summary (or the error status).
+pub async fn send_reports(
+    client: &mut BrokerClient<Channel>,
+    msgs: Vec<ReportRequest>,
+) -> Result<ballast_proto::v1::ReportSummary, tonic::Status> {
+    client
+        .report(tokio_stream::iter(msgs))
+        .await
+        .map(tonic::Response::into_inner)
+}
