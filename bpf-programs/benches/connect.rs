@@ -1,0 +1,275 @@
+//! connect()+accept round trip on loopback (median and p99), printed as a table:
+//! direct; through a VIP steered by ballast with 10 / 1,000 / 10,000 services; through
+//! kube-proxy-style iptables DNAT chains with 10 / 1,000 / 10,000 services (inside a
+//! dedicated network namespace, so the host's rules are never touched); and the O(1) slot
+//! table against the O(log n) binary search at 2 / 64 / 1,024 backends, with the kernel's
+//! own per-run time of `cgroup/connect4` (BPF stats).
+//!
+//! Run as root: `cargo bench -p ballast-bpf --bench connect` (BALLAST_BENCH_SAMPLES=N to change
+//! the number of connects per row; default 20000).
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ballast_bpf::{BackendSpec, Dataplane, Protocol, SelectMode, ServiceSpec};
+
+fn samples() -> usize {
+    std::env::var("BALLAST_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// Median and p99 in µs of `n` connect()+accept() round trips to `to`, served by `l`.
+fn measure(l: &TcpListener, to: SocketAddr, n: usize) -> (f64, f64) {
+    let mut t = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let start = Instant::now();
+        let c = TcpStream::connect(to).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let el = start.elapsed();
+        ballast_bpf::sys::linger_zero(&c);
+        ballast_bpf::sys::linger_zero(&s);
+        drop(c);
+        drop(s);
+        if i >= n / 10 {
+            t.push(el); // the first 10% warm up
+        }
+    }
+    t.sort();
+    let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+    (us(t[t.len() / 2]), us(t[t.len() * 99 / 100]))
+}
+
+fn vip(i: usize) -> String {
+    format!("127.96.{}.{}", 1 + i / 250, 1 + i % 250)
+}
+
+fn svc(i: usize, backend: SocketAddr, n_backends: usize, select: SelectMode) -> ServiceSpec {
+    ServiceSpec {
+        name: format!("bench/s{i}"),
+        vip: vip(i).parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        backends: (0..n_backends)
+            .map(|_| BackendSpec {
+                addr: backend,
+                cluster: "c1".into(),
+                weight: 1,
+                healthy: true,
+            })
+            .collect(),
+        canary: None,
+        select,
+    }
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        assert!(Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("ip")
+            .args(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        Self(name.into())
+    }
+    /// Moves the calling thread into the namespace (network namespaces are per thread).
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+    fn iptables_restore(&self, rules: &str) {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.0, "iptables-restore"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(c.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+        assert!(c.wait().unwrap().success(), "iptables-restore failed");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// kube-proxy's iptables mode: KUBE-SERVICES matches each service VIP in turn, jumps to a
+/// per-service chain that picks an endpoint with `statistic`, which DNATs.
+fn kube_proxy_rules(services: usize, backend: SocketAddr) -> String {
+    let mut r = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    for i in 0..services {
+        let _ = writeln!(
+            r,
+            ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i}A - [0:0]\n:KUBE-SEP-{i}B - [0:0]"
+        );
+    }
+    r.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    for i in 0..services {
+        let _ = writeln!(
+            r,
+            "-A KUBE-SERVICES -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}\n\
+             -A KUBE-SVC-{i} -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i}A\n\
+             -A KUBE-SVC-{i} -j KUBE-SEP-{i}B\n\
+             -A KUBE-SEP-{i}A -p tcp -m tcp -j DNAT --to-destination {backend}\n\
+             -A KUBE-SEP-{i}B -p tcp -m tcp -j DNAT --to-destination {backend}",
+            vip(i)
+        );
+    }
+    r.push_str("COMMIT\n");
+    r
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipping the connect benchmark: needs root (BPF, cgroups, netns)");
+        return;
+    }
+    let n = samples();
+    let mut rows: Vec<(String, f64, f64, String)> = Vec::new();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+
+    // (a) direct, before any program is attached to this process's cgroup
+    let (m, p) = measure(&l, backend, n);
+    rows.push(("direct (no cgroup program)".into(), m, p, String::new()));
+
+    // (c) iptables DNAT in a dedicated netns (this thread only)
+    {
+        let ns = Netns::new(&format!("ballast-bench-{}", std::process::id()));
+        let ns_name = ns.0.clone();
+        let out = std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter();
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let be = l.local_addr().unwrap();
+                let mut out = vec![];
+                let (m, p) = measure(&l, be, n);
+                out.push(("direct in netns".to_string(), m, p, String::new()));
+                for services in [10, 1000, 10_000] {
+                    ns.iptables_restore(&kube_proxy_rules(services, be));
+                    let target = format!("{}:80", vip(services - 1)).parse().unwrap();
+                    let (m, p) = measure(&l, target, n);
+                    out.push((
+                        format!("iptables DNAT, {services} services (last rule)"),
+                        m,
+                        p,
+                        String::new(),
+                    ));
+                }
+                out
+            })
+            .join()
+            .unwrap()
+        });
+        rows.extend(out);
+        drop(ns);
+        let _ = ns_name;
+    }
+
+    // (b) ballast: this process joins its own cgroup with the programs attached
+    let root = ballast_bpf::sys::cgroup2_mount().expect("cgroup v2 mount");
+    let bpffs = ballast_bpf::sys::bpffs_mount().expect("bpffs mounted (kind-tests/setup.sh)");
+    let unique = format!("ballast-bench-{}", std::process::id());
+    let cg = root.join(&unique);
+    let pins = bpffs.join(&unique);
+    std::fs::create_dir_all(&cg).unwrap();
+    let mut dp = Dataplane::open(&pins).unwrap();
+    dp.attach(&cg).unwrap();
+    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    let bpf_ns = |dp: &Dataplane, before: Option<(Duration, u64)>| -> String {
+        match (before, dp.program_stats("blst_connect4")) {
+            (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => {
+                format!("{:.0} ns", (t1 - t0).as_nanos() as f64 / (c1 - c0) as f64)
+            }
+            _ => "-".into(),
+        }
+    };
+    let b0 = dp.program_stats("blst_connect4");
+    let (m, p) = measure(&l, backend, n);
+    rows.push((
+        "direct, in cgroup (hook miss)".into(),
+        m,
+        p,
+        bpf_ns(&dp, b0),
+    ));
+    let mut installed = 0;
+    for services in [10, 1000, 10_000] {
+        while installed < services {
+            dp.upsert_service(&svc(installed, backend, 2, SelectMode::Slots))
+                .unwrap();
+            installed += 1;
+        }
+        let to = format!("{}:80", vip(services - 1)).parse().unwrap();
+        let b0 = dp.program_stats("blst_connect4");
+        let (m, p) = measure(&l, to, n);
+        rows.push((
+            format!("ballast VIP, {services} services"),
+            m,
+            p,
+            bpf_ns(&dp, b0),
+        ));
+    }
+    for backends in [2, 64, 1024] {
+        for (label, mode) in [
+            ("slot table", SelectMode::Slots),
+            ("binary search", SelectMode::BinarySearch),
+        ] {
+            dp.upsert_service(&svc(0, backend, backends, mode)).unwrap();
+            let to = format!("{}:80", vip(0)).parse().unwrap();
+            let b0 = dp.program_stats("blst_connect4");
+            let (m, p) = measure(&l, to, n);
+            rows.push((
+                format!("ballast {label}, {backends} backends"),
+                m,
+                p,
+                bpf_ns(&dp, b0),
+            ));
+        }
+    }
+    std::fs::write(root.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    dp.detach(&cg).unwrap();
+    let _ = std::fs::remove_dir(&cg);
+
+    println!(
+        "\nconnect()+accept() round trip on loopback, {n} connects per row (kernel {})",
+        kernel()
+    );
+    println!("| case | median µs | p99 µs | connect4 BPF run time |");
+    println!("|---|---:|---:|---:|");
+    for (name, m, p, b) in rows {
+        println!("| {name} | {m:.1} | {p:.1} | {b} |");
+    }
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}

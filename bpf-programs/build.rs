@@ -1,0 +1,45 @@
+//! Compiles the BPF programs in `c/` with clang into `OUT_DIR/ballast.bpf.o`; the crate embeds
+//! the object with `aya::include_bytes_aligned!`, so every binary carries its programs.
+
+use std::{env, path::PathBuf, process::Command};
+
+fn main() {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let obj = out.join("ballast.bpf.o");
+    for f in [
+        "c/ballast.bpf.c",
+        "c/ballast.h",
+        "c/lib/maps.h",
+        "c/lib/select.h",
+        "c/lib/addr.h",
+    ] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
+    let status = Command::new(&clang)
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            "-I/usr/include/x86_64-linux-gnu",
+            "-c",
+            "c/ballast.bpf.c",
+            "-o",
+        ])
+        .arg(&obj)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!(
+            "{clang} failed ({s}) compiling c/ballast.bpf.c; the BPF headers come from the \
+             Debian packages libbpf-dev and linux-libc-dev (apt-get install libbpf-dev linux-libc-dev)"
+        ),
+        Err(e) => panic!(
+            "cannot run `{clang}` ({e}): the BPF programs need clang; install it with \
+             `apt-get install clang llvm libbpf-dev` (or run kind-tests/setup.sh)"
+        ),
+    }
+}

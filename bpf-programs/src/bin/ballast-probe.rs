@@ -1,0 +1,173 @@
+//! `ballast-probe`: a client for tests, the benchmark and the demo. Optionally joins a cgroup
+//! (writes its pid to `cgroup.procs`, so the BPF programs attached there see its sockets),
+//! then connects to (or sends UDP datagrams to) one address many times and prints JSON:
+//! which backend answered (each backend replies with its own id), errors by kind, whether
+//! `getpeername()` / the reply's source showed the address dialled, and the slowest failure.
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "ballast-probe",
+    about = "connect to an address N times and report who answered"
+)]
+struct Cli {
+    /// join this cgroup v2 directory first
+    #[arg(long, env = "BALLAST_PROBE_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// address to dial (a service VIP:port)
+    #[arg(long, env = "BALLAST_PROBE_TO")]
+    to: SocketAddr,
+    /// connects (or datagrams) per thread
+    #[arg(long, env = "BALLAST_PROBE_COUNT", default_value_t = 1000)]
+    count: u64,
+    /// client threads
+    #[arg(long, env = "BALLAST_PROBE_THREADS", default_value_t = 1)]
+    threads: u64,
+    /// UDP request/reply instead of TCP connect
+    #[arg(long, env = "BALLAST_PROBE_UDP")]
+    udp: bool,
+    /// keep going until this file exists (instead of --count)
+    #[arg(long, env = "BALLAST_PROBE_UNTIL")]
+    until: Option<PathBuf>,
+}
+
+#[derive(Default, Serialize)]
+struct Report {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    by_backend: BTreeMap<String, u64>,
+    /// getpeername (TCP) or the reply's source (UDP) was the address dialled
+    peer_is_target: u64,
+    max_fail_us: u64,
+}
+
+fn one_tcp(to: SocketAddr) -> std::io::Result<(String, bool)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    let peer_ok = s.peer_addr()? == to;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    loop {
+        match s.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                if buf[..n].contains(&b'\n') || n == buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && n > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    ballast_bpf::sys::linger_zero(&s);
+    Ok((
+        String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        peer_ok,
+    ))
+}
+
+fn one_udp(sock: &UdpSocket, to: SocketAddr) -> std::io::Result<(String, bool)> {
+    sock.send_to(b"ping", to)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    Ok((
+        String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        from == to,
+    ))
+}
+
+fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
+    let udp = if cli.udp {
+        let bind: SocketAddr = if cli.to.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        }
+        .parse()?;
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Some(s)
+    } else {
+        None
+    };
+    let mut i = 0;
+    loop {
+        match &cli.until {
+            Some(p) => {
+                if p.exists() {
+                    break;
+                }
+            }
+            None => {
+                if i >= cli.count {
+                    break;
+                }
+            }
+        }
+        i += 1;
+        let t = Instant::now();
+        let r = match &udp {
+            Some(s) => one_udp(s, cli.to),
+            None => one_tcp(cli.to),
+        };
+        let mut rep = report
+            .lock()
+            .map_err(|_| anyhow::anyhow!("report lock poisoned"))?;
+        match r {
+            Ok((id, peer_ok)) => {
+                rep.ok += 1;
+                *rep.by_backend.entry(id).or_default() += 1;
+                rep.peer_is_target += u64::from(peer_ok);
+            }
+            Err(e) => {
+                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+                rep.max_fail_us = rep.max_fail_us.max(us);
+                let kind = e.raw_os_error().map_or_else(
+                    || format!("{:?}", e.kind()),
+                    |c| {
+                        std::io::Error::from_raw_os_error(c).kind().to_string()
+                            + &format!(" (errno {c})")
+                    },
+                );
+                *rep.errors.entry(kind).or_default() += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Arc::new(Cli::parse());
+    if let Some(cg) = &cli.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    let report = Arc::new(Mutex::new(Report::default()));
+    let mut handles = Vec::new();
+    for _ in 0..cli.threads.max(1) {
+        let (cli, report) = (cli.clone(), report.clone());
+        handles.push(std::thread::spawn(move || run(&cli, &report)));
+    }
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    }
+    let rep = report
+        .lock()
+        .map_err(|_| anyhow::anyhow!("report lock poisoned"))?;
+    println!("{}", serde_json::to_string(&*rep)?);
+    Ok(())
+}

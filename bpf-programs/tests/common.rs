@@ -1,0 +1,245 @@
+//! Shared helpers of the root tests: a cgroup and a pin dir per test (removed on drop), real
+//! loopback backends that answer with their own id, and the `ballast-probe` client.
+#![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{SocketAddr, TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use ballast_bpf::{BackendSpec, Dataplane, Protocol, SelectMode, ServiceSpec};
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Returns false (and prints why) when the test cannot run here.
+pub fn can_run(test: &str) -> bool {
+    if !is_root() {
+        println!("skipping {test}: needs root (BPF, cgroups)");
+        return false;
+    }
+    assert!(
+        ballast_bpf::sys::cgroup2_mount().is_some(),
+        "no cgroup v2 mount"
+    );
+    if ballast_bpf::sys::bpffs_mount().is_none() {
+        std::fs::create_dir_all("/sys/fs/bpf").unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting bpffs");
+    }
+    true
+}
+
+/// A test's own cgroup and pin dir; detaches, unpins and removes both on drop.
+pub struct Env {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub dp: Option<Dataplane>,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Self {
+        let unique = format!("ballast-test-{name}-{}", std::process::id());
+        let cgroup = ballast_bpf::sys::cgroup2_mount().unwrap().join(&unique);
+        let bpffs = ballast_bpf::sys::bpffs_mount().unwrap();
+        let pin_dir = bpffs.join(&unique);
+        let _ = std::fs::create_dir(&cgroup);
+        let mut dp = Dataplane::open(&pin_dir).unwrap();
+        dp.attach(&cgroup).unwrap();
+        Self {
+            cgroup,
+            pin_dir,
+            dp: Some(dp),
+        }
+    }
+
+    pub fn dp(&mut self) -> &mut Dataplane {
+        self.dp.as_mut().unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut dp) = self.dp.take() {
+            let _ = dp.detach(&self.cgroup);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // the probes have exited; move any straggler out before removing the cgroup
+        if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            let root = ballast_bpf::sys::cgroup2_mount().unwrap();
+            for p in procs.lines() {
+                let _ = std::fs::write(root.join("cgroup.procs"), p);
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A real loopback backend answering every TCP connection (and UDP datagram) with its id.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub id: String,
+    pub accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn tcp() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let id = addr.port().to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s, reply) = (accepted.clone(), stop.clone(), format!("{id}\n"));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(mut c) = c {
+                    a.fetch_add(1, Ordering::Relaxed);
+                    // reply, then FIN; the client resets after reading, so nobody keeps TIME_WAIT
+                    let _ = c.write_all(reply.as_bytes());
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                }
+            }
+        });
+        Self {
+            addr,
+            id,
+            accepted,
+            stop,
+        }
+    }
+
+    pub fn udp() -> Self {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        let id = addr.port().to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, st, reply) = (accepted.clone(), stop.clone(), id.clone());
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    a.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.send_to(reply.as_bytes(), from);
+                }
+            }
+        });
+        Self {
+            addr,
+            id,
+            accepted,
+            stop,
+        }
+    }
+
+    pub fn spec(&self, weight: u32) -> BackendSpec {
+        BackendSpec {
+            addr: self.addr,
+            cluster: format!("c{}", self.addr.port() % 3),
+            weight,
+            healthy: true,
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // wake the accept loop
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
+    }
+}
+
+pub fn service(name: &str, vip: &str, port: u16, backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        vip: vip.parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+        backends,
+        canary: None,
+        select: SelectMode::Slots,
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Report {
+    pub ok: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub by_backend: BTreeMap<String, u64>,
+    pub peer_is_target: u64,
+    pub max_fail_us: u64,
+}
+
+impl Report {
+    pub fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+    pub fn share(&self, b: &Backend) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let r = *self.by_backend.get(&b.id).unwrap_or(&0) as f64 / self.ok.max(1) as f64;
+        r
+    }
+    pub fn count(&self, b: &Backend) -> u64 {
+        *self.by_backend.get(&b.id).unwrap_or(&0)
+    }
+}
+
+pub fn probe_cmd(cgroup: Option<&Path>, to: SocketAddr, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ballast-probe"));
+    if let Some(cg) = cgroup {
+        c.arg("--cgroup").arg(cg);
+    }
+    c.arg("--to").arg(to.to_string()).args(extra);
+    c.stdout(Stdio::piped());
+    c
+}
+
+/// Runs the probe to completion and parses its report.
+pub fn probe(cgroup: Option<&Path>, to: SocketAddr, extra: &[&str]) -> Report {
+    let out = probe_cmd(cgroup, to, extra).output().unwrap();
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn spawn_probe(cgroup: &Path, to: SocketAddr, extra: &[&str]) -> Child {
+    probe_cmd(Some(cgroup), to, extra).spawn().unwrap()
+}
+
+pub fn finish(child: Child) -> Report {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
