@@ -1,0 +1,87 @@
+//! Capacity of the services this cluster serves: declared per-pod capacity × ready pods.
+
+use std::collections::BTreeMap;
+
+use crate::catalog::{Catalog, ServiceName};
+
+/// Capacity of one local service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    pub rps_per_pod: f64,
+    /// Ready pods of this cluster (distinct endpoint IPs).
+    pub ready_pods: usize,
+    /// `rps_per_pod × ready_pods`.
+    pub rps: f64,
+}
+
+/// Capacity of every service for which this cluster declares a per-pod capacity. A service
+/// with a declared capacity but no ready local pod has capacity 0 (and is reported so: the
+/// broker must stop sending there); a service without a declaration is left out (unknown).
+pub fn local_capacities(catalog: &Catalog) -> BTreeMap<ServiceName, Capacity> {
+    catalog
+        .services
+        .values()
+        .filter_map(|svc| {
+            let rps_per_pod = svc.capacity_rps_per_pod?;
+            let ready_pods = svc.ready_pods_in(&catalog.local);
+            Some((
+                svc.name.clone(),
+                Capacity {
+                    rps_per_pod,
+                    ready_pods,
+                    rps: rps_per_pod * ready_pods as f64,
+                },
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Endpoint, Service};
+
+    #[test]
+    fn per_pod_times_local_ready_pods() {
+        let ep = |ip: [u8; 4], cluster: &str, ready| Endpoint {
+            address: (ip, 80).into(),
+            cluster: cluster.into(),
+            ready,
+            port_name: None,
+        };
+        let svc = |name: &str, cap: Option<f64>, endpoints| Service {
+            name: ServiceName::parse(name).expect("valid"),
+            vips: vec![],
+            ports: vec![],
+            capacity_rps_per_pod: cap,
+            endpoints,
+        };
+        let services = [
+            svc(
+                "a/web",
+                Some(150.0),
+                vec![
+                    ep([127, 0, 0, 2], "east", true),
+                    ep([127, 0, 0, 3], "east", true),
+                    ep([127, 0, 0, 4], "east", false),
+                    ep([127, 0, 0, 5], "west", true),
+                ],
+            ),
+            svc("a/db", Some(10.0), vec![ep([127, 0, 0, 6], "west", true)]),
+            svc("a/undeclared", None, vec![ep([127, 0, 0, 7], "east", true)]),
+        ];
+        let catalog = Catalog {
+            local: "east".into(),
+            clusters: BTreeMap::new(),
+            services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        };
+        let caps = local_capacities(&catalog);
+        let web = caps[&ServiceName::parse("a/web").expect("valid")];
+        assert_eq!(web.ready_pods, 2);
+        assert!((web.rps - 300.0).abs() < 1e-9);
+        let db = caps[&ServiceName::parse("a/db").expect("valid")];
+        assert_eq!(db.ready_pods, 0);
+        assert_eq!(db.rps, 0.0);
+        assert_eq!(caps.len(), 2);
+    }
+}

@@ -1,0 +1,248 @@
+//! The catalog: what discovery knows at one moment — this cluster, its peers and the
+//! services to steer with their endpoints. Plain types, no kube, no files: every discovery
+//! source produces a [`Catalog`], and everything downstream (probing, capacity, weights)
+//! reads it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+/// A cluster identity, e.g. `east`. Lower-case DNS label (see [`validate_cluster_id`]).
+pub type ClusterId = String;
+
+/// A service name `namespace/name`, the key of a ServiceImport.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    /// Parses `ns/svc`, both parts DNS labels.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (ns, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("service name {s:?} is not of the form namespace/name"))?;
+        validate_dns_label(ns).map_err(|e| format!("namespace of {s:?}: {e}"))?;
+        validate_dns_label(name).map_err(|e| format!("name of {s:?}: {e}"))?;
+        Ok(Self {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A cluster taking part: this one or a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub provider: Option<String>,
+    /// Where RTT to this cluster is measured (ICMP echo, or TCP connect on the probe port).
+    pub gateway: Option<IpAddr>,
+}
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`; `SCTP` is refused: the data plane
+    /// hooks only TCP and UDP).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "TCP" | "tcp" => Ok(Self::Tcp),
+            "UDP" | "udp" => Ok(Self::Udp),
+            other => Err(format!("protocol {other:?} is not TCP or UDP")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// One port of a service (what clients connect to on the VIP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// Optional name; endpoints of a multi-port service say which port they serve by name.
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    /// Where the backend listens.
+    pub address: SocketAddr,
+    /// The cluster the backend runs in.
+    pub cluster: ClusterId,
+    pub ready: bool,
+    /// Name of the service port this endpoint serves; `None` for a single-port service.
+    pub port_name: Option<String>,
+}
+
+/// A service to steer (a ServiceImport).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Service {
+    pub name: ServiceName,
+    /// The VIPs clients connect to.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Declared capacity of one pod of the local export, requests per second; `None` when this
+    /// cluster exports no capacity for the service.
+    pub capacity_rps_per_pod: Option<f64>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// Ready endpoints that serve `port` (by name for multi-port services), sorted by address.
+    pub fn ready_endpoints_for(&self, port: &ServicePort) -> Vec<&Endpoint> {
+        let mut out: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter(|e| match (&e.port_name, &port.name) {
+                (None, _) => true,
+                (Some(a), Some(b)) => a == b,
+                (Some(_), None) => false,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Number of ready endpoints in `cluster` (distinct addresses' IPs: one pod may serve
+    /// several ports).
+    pub fn ready_pods_in(&self, cluster: &str) -> usize {
+        let mut ips: Vec<IpAddr> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.ready && e.cluster == cluster)
+            .map(|e| e.address.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips.len()
+    }
+}
+
+/// One snapshot of everything discovery knows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Catalog {
+    /// This cluster.
+    pub local: ClusterId,
+    /// Every known cluster, this one included, by id.
+    pub clusters: BTreeMap<ClusterId, Cluster>,
+    /// Services by name.
+    pub services: BTreeMap<ServiceName, Service>,
+}
+
+impl Catalog {
+    /// Peers with a gateway to probe (every known cluster but this one).
+    pub fn probe_targets(&self) -> Vec<(ClusterId, IpAddr)> {
+        self.clusters
+            .values()
+            .filter(|c| c.id != self.local)
+            .filter_map(|c| c.gateway.map(|g| (c.id.clone(), g)))
+            .collect()
+    }
+}
+
+/// Checks a DNS label (RFC 1123): 1–63 chars of `a-z0-9-`, not starting or ending with `-`.
+pub fn validate_dns_label(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(format!("{s:?} must be 1 to 63 characters"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!("{s:?} may hold only a-z, 0-9 and '-'"));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(format!("{s:?} must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+/// Checks a cluster id (a DNS label).
+pub fn validate_cluster_id(s: &str) -> Result<(), String> {
+    validate_dns_label(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_name_parses_and_rejects() {
+        let n = ServiceName::parse("shop/web").expect("valid");
+        assert_eq!(n.to_string(), "shop/web");
+        assert!(ServiceName::parse("web").is_err());
+        assert!(ServiceName::parse("Shop/web").is_err());
+        assert!(ServiceName::parse("shop/-web").is_err());
+        assert!(ServiceName::parse("shop/").is_err());
+    }
+
+    #[test]
+    fn ready_endpoints_filter_by_port_name_and_readiness() {
+        let ep = |a: &str, ready, port: Option<&str>| Endpoint {
+            address: a.parse().expect("addr"),
+            cluster: "east".into(),
+            ready,
+            port_name: port.map(str::to_owned),
+        };
+        let svc = Service {
+            name: ServiceName::parse("a/b").expect("valid"),
+            vips: vec![],
+            ports: vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: 81,
+                    protocol: Protocol::Tcp,
+                },
+            ],
+            capacity_rps_per_pod: None,
+            endpoints: vec![
+                ep("127.0.0.2:8080", true, Some("http")),
+                ep("127.0.0.2:9090", true, Some("grpc")),
+                ep("127.0.0.3:8080", false, Some("http")),
+                ep("127.0.0.4:8080", true, Some("http")),
+            ],
+        };
+        let http: Vec<_> = svc
+            .ready_endpoints_for(&svc.ports[0])
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(http, ["127.0.0.2:8080", "127.0.0.4:8080"]);
+        assert_eq!(svc.ready_endpoints_for(&svc.ports[1]).len(), 1);
+        // 127.0.0.2 serves two ports but is one pod.
+        assert_eq!(svc.ready_pods_in("east"), 2);
+        assert_eq!(svc.ready_pods_in("west"), 0);
+    }
+}

@@ -1,0 +1,87 @@
+//! Discovery: one trait, two sources. A source loads a first [`Catalog`] (or fails), then
+//! keeps it current in the background and publishes every changed snapshot on a
+//! `tokio::sync::watch` channel. A source that fails to refresh keeps publishing the last
+//! good catalog and reports the failure in [`SourceStatus`].
+//!
+//! - [`topology::TopologyDiscovery`]: a YAML file (the one-host lab, hosts without Kubernetes)
+//! - [`kubernetes::KubernetesDiscovery`]: MCS `ServiceImport`/`ServiceExport` and
+//!   `EndpointSlice`s watched with kube-runtime reflectors
+
+pub mod kubernetes;
+pub mod topology;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::catalog::Catalog;
+
+/// Errors of the discovery sources.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("kubernetes watch of {resource}: {message}")]
+    Watch {
+        resource: &'static str,
+        message: String,
+    },
+    #[error("kubernetes object {object}: {message}")]
+    InvalidObject { object: String, message: String },
+}
+
+/// How a source is doing: counts of refreshes and the last failure (cleared on success).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub refreshes_ok: u64,
+    pub refreshes_failed: u64,
+    pub last_error: Option<String>,
+}
+
+/// A running source: the catalog channel, its status and the background task (aborted on
+/// drop).
+#[derive(Debug)]
+pub struct CatalogWatch {
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub status: watch::Receiver<SourceStatus>,
+    task: JoinHandle<()>,
+}
+
+impl CatalogWatch {
+    pub(crate) fn new(
+        catalog: watch::Receiver<Arc<Catalog>>,
+        status: watch::Receiver<SourceStatus>,
+        task: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            catalog,
+            status,
+            task,
+        }
+    }
+
+    /// The current catalog.
+    pub fn current(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+}
+
+impl Drop for CatalogWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A discovery source.
+pub trait Discovery: Send + 'static {
+    /// Short name for logs (`topology`, `kubernetes`).
+    fn name(&self) -> &'static str;
+
+    /// Loads the first catalog — failing if it cannot — then keeps it current in a
+    /// background task.
+    fn start(self) -> impl Future<Output = Result<CatalogWatch, DiscoveryError>> + Send;
+}

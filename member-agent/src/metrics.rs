@@ -1,0 +1,316 @@
+//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint (axum).
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `ballast_agent_peer_rtt_seconds` | peer | smoothed RTT to the peer's gateway (absent while unreachable) |
+//! | `ballast_agent_peer_reachable` | peer | 1 reachable, 0 unreachable |
+//! | `ballast_agent_peer_loss_ratio` | peer | lost share of the recent probes |
+//! | `ballast_agent_probe_failures_total` | peer | failed probes |
+//! | `ballast_agent_service_rps` | service, destination | connects per second from this cluster |
+//! | `ballast_agent_service_capacity_rps` | service | local capacity |
+//! | `ballast_agent_installed_generation` | service | weights generation installed |
+//! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
+//! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::probe::{PeerTable, Reachability};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub service: String,
+    pub destination: String,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+/// The agent's metrics. Cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub peer_rtt_seconds: Family<PeerLabels, FGauge>,
+    pub peer_reachable: Family<PeerLabels, Gauge>,
+    pub peer_loss_ratio: Family<PeerLabels, FGauge>,
+    pub probe_failures: Family<PeerLabels, Counter>,
+    pub service_rps: Family<FlowLabels, FGauge>,
+    pub service_capacity_rps: Family<ServiceLabels, FGauge>,
+    pub installed_generation: Family<ServiceLabels, Gauge>,
+    pub update_lag_seconds: Histogram,
+    pub discovery_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("ballast_agent");
+        let m = Self {
+            registry: Arc::new(Registry::default()),
+            peer_rtt_seconds: Family::default(),
+            peer_reachable: Family::default(),
+            peer_loss_ratio: Family::default(),
+            probe_failures: Family::default(),
+            service_rps: Family::default(),
+            service_capacity_rps: Family::default(),
+            installed_generation: Family::default(),
+            update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            discovery_failures: Counter::default(),
+        };
+        r.register(
+            "peer_rtt_seconds",
+            "Smoothed RTT to the peer cluster's gateway (absent while unreachable)",
+            m.peer_rtt_seconds.clone(),
+        );
+        r.register(
+            "peer_reachable",
+            "1 if the peer cluster answers probes, 0 if it is unreachable",
+            m.peer_reachable.clone(),
+        );
+        r.register(
+            "peer_loss_ratio",
+            "Lost share of the recent probes to the peer",
+            m.peer_loss_ratio.clone(),
+        );
+        r.register(
+            "probe_failures",
+            "Probes to the peer that got no answer",
+            m.probe_failures.clone(),
+        );
+        r.register(
+            "service_rps",
+            "Connects per second from this cluster, per service and destination cluster",
+            m.service_rps.clone(),
+        );
+        r.register(
+            "service_capacity_rps",
+            "Capacity of the local export: per-pod capacity x ready pods",
+            m.service_capacity_rps.clone(),
+        );
+        r.register(
+            "installed_generation",
+            "Weights generation installed in the data plane",
+            m.installed_generation.clone(),
+        );
+        r.register(
+            "update_lag_seconds",
+            "Time from the broker publishing weights to their installation",
+            m.update_lag_seconds.clone(),
+        );
+        r.register(
+            "discovery_failures",
+            "Discovery refreshes that failed (the last good catalog stayed)",
+            m.discovery_failures.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Mirrors a probe table: RTT, reachability, loss; counts new failures since `prev`.
+    pub fn observe_peers(&self, prev: &PeerTable, table: &PeerTable) {
+        for (peer, st) in table {
+            let l = PeerLabels { peer: peer.clone() };
+            match st.reachability {
+                Reachability::Reachable { rtt_ewma, .. } => {
+                    self.peer_rtt_seconds
+                        .get_or_create(&l)
+                        .set(rtt_ewma.as_secs_f64());
+                    self.peer_reachable.get_or_create(&l).set(1);
+                }
+                Reachability::Unreachable => {
+                    self.peer_rtt_seconds.remove(&l);
+                    self.peer_reachable.get_or_create(&l).set(0);
+                }
+                Reachability::Unknown => {}
+            }
+            self.peer_loss_ratio.get_or_create(&l).set(st.loss);
+            let before = prev
+                .get(peer)
+                .filter(|p| p.gateway == st.gateway)
+                .map_or(0, |p| p.failed);
+            let new = st.failed.saturating_sub(before);
+            if new > 0 {
+                self.probe_failures.get_or_create(&l).inc_by(new);
+            }
+        }
+        for peer in prev.keys().filter(|p| !table.contains_key(*p)) {
+            let l = PeerLabels { peer: peer.clone() };
+            self.peer_rtt_seconds.remove(&l);
+            self.peer_reachable.remove(&l);
+            self.peer_loss_ratio.remove(&l);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Serves `GET /metrics` on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        use axum::http::header::CONTENT_TYPE;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = self.clone();
+                async move {
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Binds `addr` and serves in a background task; returns the bound address.
+    pub async fn spawn_server(
+        self,
+        addr: SocketAddr,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        Ok((bound, tokio::spawn(self.serve(listener, shutdown))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{Method, Outcome, PeerStatus, ProbeConfig};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn metrics_endpoint_serves_rtt_failures_and_generation() {
+        let m = Metrics::new();
+        let cfg = ProbeConfig {
+            unhealthy_after: 1,
+            ..ProbeConfig::default()
+        };
+        let ip = "127.0.0.2".parse().expect("ip");
+        let mut west = PeerStatus::new(ip);
+        west.record(
+            &Outcome::Answered(Duration::from_millis(40)),
+            Method::Icmp,
+            &cfg,
+        );
+        let mut south = PeerStatus::new(ip);
+        south.record(&Outcome::Failed("timeout".into()), Method::Icmp, &cfg);
+        let t1: PeerTable = [
+            ("west".to_owned(), west.clone()),
+            ("south".to_owned(), south.clone()),
+        ]
+        .into();
+        m.observe_peers(&PeerTable::new(), &t1);
+        south.record(&Outcome::Failed("timeout".into()), Method::Icmp, &cfg);
+        let t2: PeerTable = [("west".to_owned(), west), ("south".to_owned(), south)].into();
+        m.observe_peers(&t1, &t2);
+        m.installed_generation
+            .get_or_create(&ServiceLabels {
+                service: "shop/web".into(),
+            })
+            .set(42);
+        m.service_rps
+            .get_or_create(&FlowLabels {
+                service: "shop/web".into(),
+                destination: "west".into(),
+            })
+            .set(12.5);
+        m.update_lag_seconds.observe(0.02);
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, task) = m
+            .spawn_server("127.0.0.1:0".parse().expect("addr"), async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("bind");
+        let resp = get(addr, "/metrics").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            resp.contains("ballast_agent_peer_rtt_seconds{peer=\"west\"} 0.04"),
+            "{resp}"
+        );
+        assert!(
+            !resp.contains("ballast_agent_peer_rtt_seconds{peer=\"south\"}"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_peer_reachable{peer=\"south\"} 0"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_probe_failures_total{peer=\"south\"} 2"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_installed_generation{service=\"shop/web\"} 42"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains(
+                "ballast_agent_service_rps{service=\"shop/web\",destination=\"west\"} 12.5"
+            ),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_update_lag_seconds_count 1"),
+            "{resp}"
+        );
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        tx.send(()).expect("server alive");
+        task.await.expect("join").expect("clean shutdown");
+    }
+}
