@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, Naming, RegionData, CLUSTER_IF, LAB_SUBNET, TUN_IN, TUN_OUT};
+use crate::control::{self, BrokerView, ControlPlane};
 use crate::error::{IoContext, LabError, Result};
 use crate::sys::{self, Placement, Spawned};
 use crate::wan::{self, LinkTable};
@@ -43,6 +44,13 @@ pub struct BackendState {
     pub cluster: String,
     pub addr: SocketAddr,
     pub process: Option<Spawned>,
+    /// Whether the topology files list it as ready (false while it is being stopped).
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl BackendState {
@@ -71,6 +79,9 @@ pub struct LabState {
     pub services: Vec<ServiceState>,
     /// Long-lived processes other than backends (the wan forwarder, broker, agents).
     pub processes: Vec<Spawned>,
+    /// The broker and agents, when `up` started them.
+    #[serde(default)]
+    pub control: Option<ControlPlane>,
 }
 
 impl LabState {
@@ -104,6 +115,11 @@ impl LabState {
 pub struct UpOptions {
     pub clusters: usize,
     pub regions: Vec<String>,
+    /// Start the broker and one agent per cluster (needs `ballast-broker` and
+    /// `ballast-agent`); without it the lab is network, backends and load only.
+    pub control_plane: bool,
+    /// The broker's policy at start.
+    pub policy: String,
 }
 
 /// What `status --json` prints (the issue's shape, plus links).
@@ -115,7 +131,13 @@ pub struct Status {
     pub weights: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
     /// cluster -> generation its agent installed.
     pub installed_generation: BTreeMap<String, u64>,
+    /// The generation the broker published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
     pub links: Vec<wan::Link>,
+    /// Why weights are missing, when the broker could not be asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +334,7 @@ impl Lab {
             clusters: clusters.clone(),
             services: Vec::new(),
             processes: Vec::new(),
+            control: None,
         });
         state.clusters = clusters;
         // Save early: a failure below still leaves `down` everything it needs.
@@ -321,7 +344,111 @@ impl Lab {
         self.save_state(&state)?;
         self.up_services(&mut state)?;
         self.save_state(&state)?;
+        if opts.control_plane {
+            self.up_control(&mut state, &opts.policy)?;
+            self.save_state(&state)?;
+        }
         Ok(state)
+    }
+
+    fn up_control(&self, state: &mut LabState, policy: &str) -> Result<()> {
+        control::validate_policy(policy)?;
+        let find = |name: &str| {
+            control::find_binary(name, &self.exe).ok_or_else(|| {
+                LabError::Other(format!(
+                    "{name} not found (next to {}, in $BALLAST_LAB_BIN_DIR or $PATH); build it with \
+                     `cargo build --release -p ballast-broker -p ballast-agent`, or pass --no-control-plane",
+                    self.exe.display()
+                ))
+            })
+        };
+        let cp = match &state.control {
+            Some(cp) => cp.clone(),
+            None => ControlPlane::new(
+                &self.state_dir,
+                find("ballast-broker")?,
+                find("ballast-agent")?,
+            ),
+        };
+        control::ensure_certs(&cp, state)?;
+        control::write_topologies(&self.state_dir, state)?;
+        state.control = Some(cp.clone());
+        let wan_ns = state.wan_netns.clone();
+        let alive = |state: &LabState, role: &str| {
+            state
+                .process(role)
+                .is_some_and(|p| sys::proc_alive(p.pid, p.starttime))
+        };
+        if !alive(state, "broker") {
+            state.processes.retain(|p| p.role != "broker");
+            let p = sys::spawn_daemon(
+                "broker",
+                &cp.broker_bin,
+                &control::broker_args(&cp, policy),
+                &Placement::netns(&wan_ns),
+                &self.log("broker"),
+                &[("RUST_LOG", "info")],
+            )?;
+            state.processes.push(p);
+            self.save_state(state)?;
+            control::wait_listening(&wan_ns, control::broker_socket(), Duration::from_secs(20))
+                .map_err(|e| {
+                    LabError::Other(format!("{e}; see {}", self.log("broker").display()))
+                })?;
+        }
+        fs::create_dir_all(&state.bpf_dir)
+            .ctx(|| format!("creating {}", state.bpf_dir.display()))?;
+        for c in state.clusters.clone() {
+            let role = format!("agent {}", c.id);
+            if alive(state, &role) {
+                continue;
+            }
+            state.processes.retain(|p| p.role != role);
+            let p = sys::spawn_daemon(
+                &role,
+                &cp.agent_bin,
+                &control::agent_args(&cp, &self.state_dir, &c),
+                &Placement::netns(&c.netns),
+                &self.log(&format!("agent-{}", c.id)),
+                &[("RUST_LOG", "info")],
+            )?;
+            state.processes.push(p);
+            self.save_state(state)?;
+        }
+        Ok(())
+    }
+
+    /// The broker's view (weights, acknowledged generations), when a control plane runs.
+    pub fn broker_view(&self) -> Result<Option<BrokerView>> {
+        let state = self.load_state()?;
+        match &state.control {
+            Some(cp) => control::broker_view(cp, &state.wan_netns).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until every agent installed weights newer than generation `after`.
+    pub fn wait_installed(&self, after: u64, timeout: Duration) -> Result<Option<BrokerView>> {
+        let state = self.load_state()?;
+        match &state.control {
+            Some(cp) => control::wait_installed(cp, &state, after, timeout).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `policy NAME`: switches the broker's cluster-wide policy live and waits (up to
+    /// `timeout`) for the agents to install the new weights.
+    pub fn set_policy(&self, policy: &str, timeout: Duration) -> Result<BrokerView> {
+        control::validate_policy(policy)?;
+        let state = self.load_state()?;
+        let cp = state.control.as_ref().ok_or_else(|| {
+            LabError::Other(
+                "no broker in this lab (it was brought up with --no-control-plane)".into(),
+            )
+        })?;
+        let before = control::broker_view(cp, &state.wan_netns)?.generation;
+        control::admin(cp, &state.wan_netns, &["policy", "set", "--policy", policy])?;
+        control::wait_installed(cp, &state, before, timeout)
     }
 
     fn up_cluster(&self, wan_ns: &str, c: &ClusterState) -> Result<()> {
@@ -442,6 +569,7 @@ impl Lab {
                         cluster: c.id.clone(),
                         addr: SocketAddr::V4(SocketAddrV4::new(c.address, port)),
                         process: None,
+                        ready: true,
                     })
                 })
                 .collect();
@@ -501,33 +629,88 @@ impl Lab {
         .map_err(|e| LabError::Other(format!("{e}; see {}", log.display())))
     }
 
-    /// `backends CLUSTER SERVICE stop|start`.
-    pub fn backends(&self, cluster: &str, service: &str, start: bool) -> Result<usize> {
+    /// `backends CLUSTER SERVICE stop|start`. With a control plane, a stop first marks
+    /// the backends not ready in every topology file and waits (up to `timeout`) for the
+    /// agents to install weights without them, then ends them: no connection is sent to a
+    /// dying backend. A start starts them, waits until they listen, then marks them ready.
+    /// Returns how many backends, and a note when the agents did not confirm in time.
+    pub fn backends(
+        &self,
+        cluster: &str,
+        service: &str,
+        start: bool,
+        timeout: Duration,
+    ) -> Result<(usize, Option<String>)> {
         let _lock = self.lock()?;
         let mut state = self.load_state()?;
         let c = state.cluster(cluster)?.clone();
         state.service(service)?;
-        let mut n = 0;
-        for svc in state.services.iter_mut().filter(|s| s.name == service) {
-            for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
-                n += 1;
-                if start {
-                    if !b.running() {
-                        self.start_backend(service, &c, b)?;
-                    }
-                } else if let Some(p) = b.process.take() {
-                    sys::end_process(p.pid, p.starttime, Duration::from_secs(2));
-                }
-            }
-        }
+        let n = state
+            .services
+            .iter()
+            .filter(|s| s.name == service)
+            .flat_map(|s| s.backends.iter())
+            .filter(|b| b.cluster == cluster)
+            .count();
         if n == 0 {
             return Err(LabError::invalid(
                 "cluster",
                 format!("service {service} has no backends in {cluster}"),
             ));
         }
-        self.save_state(&state)?;
-        Ok(n)
+        let generation = match &state.control {
+            Some(cp) => control::broker_view(cp, &state.wan_netns)
+                .map(|v| v.generation)
+                .ok(),
+            None => None,
+        };
+        let note;
+        if start {
+            for svc in state.services.iter_mut().filter(|s| s.name == service) {
+                for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
+                    if !b.running() {
+                        self.start_backend(service, &c, b)?;
+                    }
+                    b.ready = true;
+                }
+            }
+            self.save_state(&state)?;
+            note = self.publish_readiness(&state, generation, timeout)?;
+        } else {
+            for svc in state.services.iter_mut().filter(|s| s.name == service) {
+                for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
+                    b.ready = false;
+                }
+            }
+            self.save_state(&state)?;
+            note = self.publish_readiness(&state, generation, timeout)?;
+            for svc in state.services.iter_mut().filter(|s| s.name == service) {
+                for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
+                    if let Some(p) = b.process.take() {
+                        sys::end_process(p.pid, p.starttime, Duration::from_secs(2));
+                    }
+                }
+            }
+            self.save_state(&state)?;
+        }
+        Ok((n, note))
+    }
+
+    /// Rewrites the topology files and waits for the agents to install the result.
+    fn publish_readiness(
+        &self,
+        state: &LabState,
+        generation: Option<u64>,
+        timeout: Duration,
+    ) -> Result<Option<String>> {
+        let Some(cp) = &state.control else {
+            return Ok(None);
+        };
+        control::write_topologies(&self.state_dir, state)?;
+        match control::wait_installed(cp, state, generation.unwrap_or(0), timeout) {
+            Ok(_) => Ok(None),
+            Err(e) => Ok(Some(e.to_string())),
+        }
     }
 
     /// `delay A B MS`: sets the one-way delay (both directions) live.
@@ -547,6 +730,13 @@ impl Lab {
         let links = LinkTable::load(&self.state_dir)
             .map(|t| t.links)
             .unwrap_or_default();
+        let (view, broker_error) = match &state.control {
+            Some(cp) => match control::broker_view(cp, &state.wan_netns) {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            None => (None, None),
+        };
         Ok(Status {
             clusters: state
                 .clusters
@@ -578,16 +768,19 @@ impl Lab {
                     }
                 })
                 .collect(),
-            weights: BTreeMap::new(),
-            installed_generation: BTreeMap::new(),
+            weights: view.as_ref().map(|v| v.weights.clone()).unwrap_or_default(),
+            installed_generation: view.as_ref().map(|v| v.acked.clone()).unwrap_or_default(),
+            generation: view.as_ref().map(|v| v.generation),
             links,
+            broker_error,
         })
     }
 
     /// Weights installed for (service, source cluster), destination -> weight; None while
     /// no agent reports them.
-    pub fn weights(&self, _service: &str, _from: &str) -> Option<BTreeMap<String, f64>> {
-        None
+    pub fn weights(&self, service: &str, from: &str) -> Option<BTreeMap<String, f64>> {
+        let v = self.broker_view().ok()??;
+        v.weights.get(service)?.get(from).cloned()
     }
 
     /// Removes everything the lab made: its processes, namespaces (and with them the
@@ -710,8 +903,25 @@ pub fn render_up(state: &LabState, status: &Status) -> String {
                     out.push_str(&format!("  weights from {src}: {}\n", d.join("  ")));
                 }
             }
-            _ => out.push_str("  weights: none installed (no agents running)\n"),
+            _ => out.push_str("  weights: none published yet\n"),
         }
+    }
+    if let Some(g) = status.generation {
+        let inst: Vec<String> = state
+            .clusters
+            .iter()
+            .map(|c| match status.installed_generation.get(&c.id) {
+                Some(x) => format!("{} {x}", c.id),
+                None => format!("{} -", c.id),
+            })
+            .collect();
+        out.push_str(&format!(
+            "broker generation {g}; installed: {}\n",
+            inst.join("  ")
+        ));
+    }
+    if let Some(e) = &status.broker_error {
+        out.push_str(&format!("broker: {e}\n"));
     }
     out.push_str("\nlinks (one-way ms):\n");
     for l in status.links.iter().filter(|l| l.from < l.to) {

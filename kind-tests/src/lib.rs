@@ -13,6 +13,7 @@
 //! - [`lab`]: `up`, `down`, `status`, `delay`, `backends`
 
 pub mod config;
+pub mod control;
 pub mod echo;
 pub mod error;
 pub mod lab;

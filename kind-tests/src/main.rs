@@ -49,6 +49,22 @@ enum Cmd {
         /// Regions of c1..cN, comma-separated (default us-east-1,us-west-2,eu-west-1,...).
         #[arg(long, env = "BALLAST_LAB_REGIONS", value_delimiter = ',')]
         regions: Vec<String>,
+        /// Network, backends and load only: no broker, no agents.
+        #[arg(long, env = "BALLAST_LAB_NO_CONTROL_PLANE")]
+        no_control_plane: bool,
+        /// The broker's policy: round-robin | weighted-round-robin | optimized.
+        #[arg(long, env = "BALLAST_LAB_POLICY", default_value = "optimized")]
+        policy: String,
+        /// How long to wait for every agent to install weights, in seconds.
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
+    },
+    /// Switch the broker's policy live and wait for the agents to install the new weights.
+    Policy {
+        /// round-robin | weighted-round-robin | optimized
+        policy: String,
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
     },
     /// Remove everything the lab made (idempotent, safe after a crash).
     Down,
@@ -78,6 +94,9 @@ enum Cmd {
         cluster: String,
         service: String,
         action: Action,
+        /// How long to wait for the agents to install the new weights, in seconds.
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 30)]
+        wait_secs: u64,
     },
     /// Open connections to a service from inside a cluster and show where they landed.
     Load {
@@ -152,11 +171,35 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let lab = Lab::new(&cli.prefix, cli.state_dir.clone())?;
     match cli.cmd {
-        Cmd::Up { clusters, regions } => {
+        Cmd::Up {
+            clusters,
+            regions,
+            no_control_plane,
+            policy,
+            wait_secs,
+        } => {
             init_tracing("warn");
-            let state = lab.up(&UpOptions { clusters, regions })?;
+            let state = lab.up(&UpOptions {
+                clusters,
+                regions,
+                control_plane: !no_control_plane,
+                policy,
+            })?;
+            if state.control.is_some() {
+                if let Err(e) = lab.wait_installed(0, Duration::from_secs(wait_secs)) {
+                    eprintln!("ballast-lab up: warning: {e}");
+                }
+            }
             let status = lab.status()?;
             print!("{}", lab::render_up(&state, &status));
+        }
+        Cmd::Policy { policy, wait_secs } => {
+            init_tracing("warn");
+            let v = lab.set_policy(&policy, Duration::from_secs(wait_secs))?;
+            println!(
+                "policy {policy}: generation {} installed by every agent",
+                v.generation
+            );
         }
         Cmd::Down => {
             init_tracing("warn");
@@ -195,14 +238,19 @@ fn real_main(cli: Cli) -> Result<()> {
             cluster,
             service,
             action,
+            wait_secs,
         } => {
             init_tracing("warn");
             let start = matches!(action, Action::Start);
-            let n = lab.backends(&cluster, &service, start)?;
+            let (n, note) =
+                lab.backends(&cluster, &service, start, Duration::from_secs(wait_secs))?;
             println!(
                 "{service} in {cluster}: {n} backends {}",
                 if start { "started" } else { "stopped" }
             );
+            if let Some(note) = note {
+                eprintln!("ballast-lab backends: warning: {note}");
+            }
         }
         Cmd::Load {
             from,

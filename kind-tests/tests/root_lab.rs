@@ -139,10 +139,10 @@ fn f(v: &Value, key: &str) -> f64 {
 fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     require_root!();
     let lab = TestLab::new("a");
-    lab.ok(&["up", "--clusters", "2"]);
+    lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
     // Idempotent: a second `up` keeps what is there.
-    lab.ok(&["up", "--clusters", "2"]);
-    let e = lab.run(&["up", "--clusters", "3"]);
+    lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
+    let e = lab.run(&["up", "--clusters", "3", "--no-control-plane"]);
     assert!(
         !e.status.success(),
         "changing the cluster count must be refused"
@@ -249,7 +249,7 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
 fn root_down_after_crash_works_from_names() {
     require_root!();
     let lab = TestLab::new("b");
-    lab.ok(&["up", "--clusters", "2"]);
+    lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
     let state = std::fs::read_to_string(lab.state_dir().join("state.json")).expect("state");
     let pids: Vec<i64> = {
         let v: Value = serde_json::from_str(&state).expect("state json");
