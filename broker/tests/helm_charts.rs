@@ -238,12 +238,7 @@ fn helm_command_lines_live_in_one_helper() {
         ),
     ] {
         let dir = repo().join("helm").join(chart).join("templates");
-        let helpers = std::fs::read_to_string(dir.join("_helpers.tpl")).expect("helpers");
-        let start = helpers
-            .find(&format!("define \"{helper}\""))
-            .unwrap_or_else(|| panic!("{chart}: no {helper}"));
-        let body = &helpers[start..];
-        let body = &body[..body.find("{{- end }}\n{{- end }}").unwrap_or(body.len())];
+        let body = helper_body(chart, helper);
         for flag in flags {
             assert!(
                 body.contains(&format!("- {flag}\n")),
@@ -274,7 +269,13 @@ fn helper_body(chart: &str, helper: &str) -> String {
         .find(&format!("define \"{helper}\""))
         .unwrap_or_else(|| panic!("{chart}: no {helper}"));
     let body = &text[start..];
-    body[..body.find("{{- end }}\n{{- end }}").unwrap_or(body.len())].to_string()
+    // Up to the next definition or comment block (or the end of the file).
+    let end = [body.find("\n{{- define "), body.find("\n{{/*")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(body.len());
+    body[..end].to_string()
 }
 
 /// Every flag the broker chart passes is a flag of the real `ballast-broker serve`.

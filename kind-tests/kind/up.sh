@@ -63,14 +63,32 @@ helm upgrade --install ballast-broker "${REPO_ROOT}/helm/ballast-broker" \
   --set-file tls.ca="${certs}/ca.pem" \
   --wait --timeout 5m
 
+declare -A member_ip
 for c in "${MEMBERS[@]}"; do
-  log "member ${c}: MCS CRDs, agent"
+  member_ip[${c}]="$(node_ip "${c}")"
+  [ -n "${member_ip[${c}]}" ] || die "no docker IP for $(kind_name "${c}")-control-plane"
+done
+
+for c in "${MEMBERS[@]}"; do
+  log "member ${c}: MCS CRDs, agent (gateway ${member_ip[${c}]})"
   kc "${c}" apply -f "${HARNESS_DIR}/mcs-crds/"
+  # The other members, as the agent's peers: their node IP is their gateway (RTT probes).
+  peers="${WORK_DIR}/peers-${c}.yaml"
+  {
+    echo "peers:"
+    for m in "${MEMBERS[@]}"; do
+      [ "${m}" = "${c}" ] && continue
+      echo "  - {id: ${m}, region: kind, zone: kind-${m}, provider: kind, gateway: ${member_ip[${m}]}}"
+    done
+  } > "${peers}"
   helm upgrade --install ballast-agent "${REPO_ROOT}/helm/ballast-agent" \
     --kube-context "$(ctx "${c}")" --namespace "${NAMESPACE}" --create-namespace \
     --set image.repository=ballast/agent --set image.tag="${IMAGE_TAG}" \
     --set image.pullPolicy=Never \
     --set clusterId="${c}" \
+    --set region=kind --set zone="kind-${c}" --set provider=kind \
+    --set gateway="${member_ip[${c}]}" \
+    --values "${peers}" \
     --set broker.address="https://${broker_ip}:${BROKER_NODE_PORT}" \
     --set-file broker.tls.cert="${certs}/cluster-${c}.pem" \
     --set-file broker.tls.key="${certs}/cluster-${c}-key.pem" \

@@ -88,6 +88,16 @@ cgroup v2 root; NODE_NAME comes from the downward API.
 - {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
 - --node-name
 - "$(NODE_NAME)"
+{{- range $flag, $value := dict "region" .Values.region "zone" .Values.zone "provider" .Values.provider "gateway" .Values.gateway }}
+{{- if $value }}
+- {{ printf "--%s" $flag }}
+- {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.peers }}
+- --config
+- /etc/ballast/config/agent.yaml
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
