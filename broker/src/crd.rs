@@ -31,8 +31,10 @@
 //! [`PolicySettings::rejected`] with the field it got wrong, and the last accepted value of that
 //! object stays in force — nothing is half-applied.
 //!
-//! Consumer API: [`spawn_policy_watcher`] returns a `tokio::sync::watch::Receiver` of
-//! [`PolicySettings`]; [`PolicySettings::apply_to`] writes it into a [`Problem`].
+//! Consumer API: [`spawn_policy_watcher_from_env`] (what `serve` calls: on when the chart sets
+//! `BALLAST_WATCH_POLICY_CRDS=true`) or [`spawn_policy_watcher`] (given a client) return a
+//! `tokio::sync::watch::Receiver` of [`PolicySettings`]; [`PolicySettings::for_service`]
+//! answers per service, [`PolicySettings::apply_to`] writes it into a [`Problem`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -477,6 +479,62 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
             Ok((name, serde_yaml::to_string(&crd)?))
         })
         .collect()
+}
+
+/// The environment variable the broker chart sets (`policyCrd.watch`) to turn the watcher on.
+pub const WATCH_ENV: &str = "BALLAST_WATCH_POLICY_CRDS";
+
+/// Why the in-cluster watcher could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchSetupError {
+    #[error("{WATCH_ENV}: invalid value {0:?}, expected true or false")]
+    InvalidEnv(String),
+    #[error("{WATCH_ENV}=true but no Kubernetes API is reachable (in-cluster config or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Whether the watcher is wanted, from the value of [`WATCH_ENV`] (unset or empty: no).
+///
+/// # Errors
+/// A value other than `true`/`false`/`1`/`0` (any case), naming the variable.
+pub fn watch_enabled(value: Option<&str>) -> Result<bool, WatchSetupError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
+        Some(v) => Err(WatchSetupError::InvalidEnv(v.to_string())),
+    }
+}
+
+/// The broker's entry point: when [`WATCH_ENV`] says so, connects to the Kubernetes API
+/// (in-cluster service account, else `KUBECONFIG`) and starts [`spawn_policy_watcher`];
+/// `Ok(None)` when the variable is unset or false (the broker then uses `fallback` alone).
+///
+/// ```no_run
+/// # async fn f() -> anyhow::Result<()> {
+/// use ballast_broker::crd::{spawn_policy_watcher_from_env, ClusterPolicy};
+/// use ballast_broker::model::{Params, Policy};
+/// let fallback = ClusterPolicy { policy: Policy::Optimized, params: Params::Mixed };
+/// if let Some(mut rx) = spawn_policy_watcher_from_env(fallback).await? {
+///     while rx.changed().await.is_ok() {
+///         let settings = rx.borrow_and_update().clone();
+///         // settings.apply_to(&mut problem) before each solve
+///         # let _ = settings;
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// An invalid [`WATCH_ENV`] value, or no reachable API when it is true.
+pub async fn spawn_policy_watcher_from_env(
+    fallback: ClusterPolicy,
+) -> Result<Option<watch::Receiver<PolicySettings>>, WatchSetupError> {
+    if !watch_enabled(std::env::var(WATCH_ENV).ok().as_deref())? {
+        return Ok(None);
+    }
+    let client = Client::try_default().await?;
+    Ok(Some(spawn_policy_watcher(client, fallback)))
 }
 
 enum Update {

@@ -295,3 +295,17 @@ fn crd_settings_apply_to_problem_sets_overrides_per_service() {
     assert_eq!(problem.services[1].policy, None);
     assert_eq!(problem.services[1].params, None);
 }
+
+#[test]
+fn crd_watch_env_parses_and_names_the_variable() {
+    use ballast_broker::crd::{watch_enabled, WATCH_ENV};
+    assert!(!watch_enabled(None).expect("unset"));
+    assert!(!watch_enabled(Some("")).expect("empty"));
+    assert!(watch_enabled(Some("true")).expect("true"));
+    assert!(watch_enabled(Some("TRUE")).expect("TRUE"));
+    assert!(watch_enabled(Some("1")).expect("1"));
+    assert!(!watch_enabled(Some("false")).expect("false"));
+    let e = watch_enabled(Some("yes please")).expect_err("not a boolean");
+    assert!(e.to_string().starts_with(WATCH_ENV), "{e}");
+    assert!(e.to_string().contains("yes please"), "{e}");
+}
