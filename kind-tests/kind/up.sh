@@ -27,6 +27,16 @@ for c in "${BROKER_CLUSTER}" "${MEMBERS[@]}"; do
   fi
 done
 
+# The agent pins its maps in the node's bpffs and attaches to the node's cgroup v2 root:
+# make sure both are there on every member node (kind nodes are containers).
+for c in "${MEMBERS[@]}"; do
+  node="$(kind_name "${c}")-control-plane"
+  docker exec "${node}" sh -c \
+    'grep -q " /sys/fs/bpf bpf " /proc/mounts || mount -t bpf bpf /sys/fs/bpf'
+  docker exec "${node}" sh -c 'grep -q " /sys/fs/cgroup cgroup2 " /proc/mounts' \
+    || die "${node}: /sys/fs/cgroup is not cgroup v2 (the agent needs a cgroup v2 Docker host)"
+done
+
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "images: building ${BROKER_IMAGE} and ${AGENT_IMAGE} (context: ${REPO_ROOT})"
   DOCKER_BUILDKIT=1 docker build -f "${REPO_ROOT}/broker/Dockerfile" -t "${BROKER_IMAGE}" "${REPO_ROOT}"
