@@ -47,6 +47,7 @@ pub const DEFAULT_REGIONS: [&str; 8] = [
 
 const RTT_CSV: &str = include_str!("../../broker/data/region_rtt_ms.csv");
 const REGIONS_CSV: &str = include_str!("../../broker/data/regions.csv");
+const PRICES_CSV: &str = include_str!("../../broker/data/egress_prices.csv");
 
 /// The names every lab object derives from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +137,9 @@ pub fn cluster_of_addr(a: [u8; 4]) -> Option<u8> {
 pub struct RegionData {
     rtt: HashMap<(String, String), f64>,
     provider: HashMap<String, String>,
+    continent: HashMap<String, String>,
+    /// (provider, tier) -> USD per GB
+    prices: HashMap<(String, String), f64>,
 }
 
 impl RegionData {
@@ -150,13 +154,47 @@ impl RegionData {
             }
         }
         let mut provider = HashMap::new();
+        let mut continent = HashMap::new();
         for line in REGIONS_CSV.lines().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
-            if let [region, prov, _continent] = f[..] {
+            if let [region, prov, cont] = f[..] {
                 provider.insert(region.to_string(), prov.to_string());
+                continent.insert(region.to_string(), cont.trim().to_string());
             }
         }
-        RegionData { rtt, provider }
+        let mut prices = HashMap::new();
+        for line in PRICES_CSV.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            if let [prov, tier, usd] = f[..] {
+                if let Ok(usd) = usd.trim().parse::<f64>() {
+                    prices.insert((prov.to_string(), tier.to_string()), usd);
+                }
+            }
+        }
+        RegionData {
+            rtt,
+            provider,
+            continent,
+            prices,
+        }
+    }
+
+    /// Egress price (USD/GB, the source provider's list price) of traffic from a cluster in
+    /// `src` to one in `dst`: lab clusters in one region sit in different zones; another
+    /// provider is internet egress.
+    pub fn egress_usd_per_gb(&self, src: &str, dst: &str) -> Option<f64> {
+        let sp = self.provider.get(src)?;
+        let dp = self.provider.get(dst)?;
+        let tier = if sp != dp {
+            "internet_egress_first_tier"
+        } else if src == dst {
+            "cross_zone"
+        } else if self.continent.get(src) == self.continent.get(dst) {
+            "cross_region_same_continent"
+        } else {
+            "cross_continent"
+        };
+        self.prices.get(&(sp.clone(), tier.to_string())).copied()
     }
 
     pub fn provider(&self, region: &str) -> Option<&str> {
@@ -278,6 +316,10 @@ mod tests {
             SAME_REGION_ONE_WAY_MS
         );
         assert_eq!(d.provider("eu-west-1"), Some("aws"));
+        assert_eq!(d.egress_usd_per_gb("us-east-1", "us-west-2"), Some(0.02));
+        assert_eq!(d.egress_usd_per_gb("us-east-1", "us-east-1"), Some(0.01));
+        assert_eq!(d.egress_usd_per_gb("us-east-1", "westeurope"), Some(0.09));
+        assert_eq!(d.egress_usd_per_gb("us-east-1", "mars-1"), None);
     }
 
     #[test]

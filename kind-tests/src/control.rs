@@ -482,6 +482,51 @@ pub fn wait_installed(
     }
 }
 
+/// Follows the broker until its weights stop moving: returns once every agent installed
+/// the current generation and no new one came for `stable_for`. `on_change` sees every
+/// new generation (weights move in damped steps, so a change takes several).
+pub fn settle(
+    cp: &ControlPlane,
+    state: &LabState,
+    stable_for: Duration,
+    timeout: Duration,
+    mut on_change: impl FnMut(&BrokerView),
+) -> Result<BrokerView> {
+    let deadline = Instant::now() + timeout;
+    let mut last_gen = None;
+    let mut since = Instant::now();
+    loop {
+        let v = broker_view(cp, &state.wan_netns)?;
+        if last_gen != Some(v.generation) {
+            on_change(&v);
+            last_gen = Some(v.generation);
+            since = Instant::now();
+        }
+        let acked = state
+            .clusters
+            .iter()
+            .all(|c| v.acked.get(&c.id).is_some_and(|a| *a >= v.generation));
+        if acked && v.generation > 0 && since.elapsed() >= stable_for {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(LabError::Timeout(format!(
+                "weights to settle (generation {}, installed {:?})",
+                v.generation, v.acked
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// One line of weights: `c2 60.0%  c3 40.0%`.
+pub fn fmt_weights(w: &BTreeMap<String, f64>) -> String {
+    w.iter()
+        .map(|(c, x)| format!("{c} {:.1}%", 100.0 * x))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
 pub fn validate_policy(p: &str) -> Result<()> {
     if POLICIES.contains(&p) {
         Ok(())

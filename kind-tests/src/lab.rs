@@ -436,6 +436,22 @@ impl Lab {
         }
     }
 
+    /// Waits for the weights to stop moving (see [`control::settle`]).
+    pub fn settle(
+        &self,
+        stable_for: Duration,
+        timeout: Duration,
+        on_change: impl FnMut(&BrokerView),
+    ) -> Result<BrokerView> {
+        let state = self.load_state()?;
+        let cp = state.control.as_ref().ok_or_else(|| {
+            LabError::Other(
+                "no broker in this lab (it was brought up with --no-control-plane)".into(),
+            )
+        })?;
+        control::settle(cp, &state, stable_for, timeout, on_change)
+    }
+
     /// `policy NAME`: switches the broker's cluster-wide policy live and waits (up to
     /// `timeout`) for the agents to install the new weights.
     pub fn set_policy(&self, policy: &str, timeout: Duration) -> Result<BrokerView> {
@@ -711,6 +727,14 @@ impl Lab {
             Ok(_) => Ok(None),
             Err(e) => Ok(Some(e.to_string())),
         }
+    }
+
+    /// The default one-way delay between two clusters of this lab (from their regions).
+    pub fn default_delay(&self, a: &str, b: &str) -> Result<f64> {
+        let state = self.load_state()?;
+        let (ra, rb) = (&state.cluster(a)?.region, &state.cluster(b)?.region);
+        let ms = RegionData::embedded().one_way_ms(ra, rb)?;
+        Ok((ms * 10.0).round() / 10.0)
     }
 
     /// `delay A B MS`: sets the one-way delay (both directions) live.

@@ -84,7 +84,11 @@ enum Cmd {
         a: String,
         b: String,
         /// One-way delay in ms (the RTT between A and B becomes 2 x MS).
-        ms: f64,
+        #[arg(required_unless_present = "default")]
+        ms: Option<f64>,
+        /// Back to the default: half the RTT between the clusters' regions.
+        #[arg(long, conflicts_with = "ms")]
+        default: bool,
         /// Share of packets dropped on the link, in percent.
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
@@ -126,6 +130,32 @@ enum Cmd {
         count: u32,
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the broker's weights stop moving and every agent installed them,
+    /// printing each new generation's weights.
+    Settle {
+        /// Print only the weights from this source cluster.
+        #[arg(long)]
+        from: Option<String>,
+        /// The weights count as settled after this long without a new generation (s).
+        #[arg(long, default_value_t = 4)]
+        stable_secs: u64,
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
+    },
+    /// Compare policies from one cluster: for each, switch, settle, run a load, and print
+    /// the split, mean RTT (connect time) and egress price per GB of the observed split.
+    Compare {
+        #[arg(long, default_value = "c1")]
+        from: String,
+        #[arg(long, default_value = "demo/echo")]
+        service: String,
+        #[arg(long, value_delimiter = ',', default_value = "optimized,round-robin")]
+        policies: Vec<String>,
+        #[arg(long, default_value_t = 400)]
+        connections: usize,
         #[arg(long)]
         json: bool,
     },
@@ -229,8 +259,18 @@ fn real_main(cli: Cli) -> Result<()> {
             let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
             bail!("running {}: {err}", cmd[0]);
         }
-        Cmd::Delay { a, b, ms, loss } => {
+        Cmd::Delay {
+            a,
+            b,
+            ms,
+            default,
+            loss,
+        } => {
             init_tracing("warn");
+            let ms = match ms {
+                Some(ms) if !default => ms,
+                _ => lab.default_delay(&a, &b)?,
+            };
             lab.set_delay(&a, &b, ms, loss / 100.0)?;
             println!("delay {a} <-> {b}: {ms} ms one way, loss {loss}%");
         }
@@ -319,6 +359,43 @@ fn real_main(cli: Cli) -> Result<()> {
                 bail!("no answer from {target}");
             }
         }
+        Cmd::Settle {
+            from,
+            stable_secs,
+            wait_secs,
+        } => {
+            init_tracing("warn");
+            let v = lab.settle(
+                Duration::from_secs(stable_secs),
+                Duration::from_secs(wait_secs),
+                |v| print_generation(v, from.as_deref()),
+            )?;
+            println!("settled at generation {}", v.generation);
+        }
+        Cmd::Compare {
+            from,
+            service,
+            policies,
+            connections,
+            json,
+        } => {
+            init_tracing("warn");
+            let rows = compare(&lab, &from, &service, &policies, connections)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for r in &rows {
+                    println!(
+                        "{:<21} mean RTT {:6.1} ms  egress ${:.4}/GB  failed {}  split {}",
+                        r.policy,
+                        r.mean_rtt_ms,
+                        r.egress_usd_per_gb,
+                        r.failed,
+                        ballast_lab::control::fmt_weights(&r.observed)
+                    );
+                }
+            }
+        }
         Cmd::WanForwarder => {
             init_tracing("info");
             runtime(true)?.block_on(ballast_lab::wan::run_forwarder(lab.state_dir.clone()))?;
@@ -329,4 +406,78 @@ fn real_main(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_generation(v: &ballast_lab::control::BrokerView, from: Option<&str>) {
+    for (svc, sources) in &v.weights {
+        for (src, w) in sources {
+            if from.is_none_or(|f| f == src) {
+                println!(
+                    "  generation {:>3}  {svc} from {src}: {}",
+                    v.generation,
+                    ballast_lab::control::fmt_weights(w)
+                );
+            }
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct CompareRow {
+    policy: String,
+    observed: std::collections::BTreeMap<String, f64>,
+    weights: Option<std::collections::BTreeMap<String, f64>>,
+    mean_rtt_ms: f64,
+    egress_usd_per_gb: f64,
+    failed: u64,
+}
+
+/// For each policy: switch, settle, load from `from` (a child `ballast-lab load`, which
+/// enters the cluster), then price the observed split with broker/data's egress prices.
+fn compare(
+    lab: &Lab,
+    from: &str,
+    service: &str,
+    policies: &[String],
+    connections: usize,
+) -> Result<Vec<CompareRow>> {
+    let state = lab.load_state()?;
+    let src = state.cluster(from)?.region.clone();
+    let regions: std::collections::BTreeMap<String, String> = state
+        .clusters
+        .iter()
+        .map(|c| (c.id.clone(), c.region.clone()))
+        .collect();
+    let data = ballast_lab::config::RegionData::embedded();
+    let mut rows = Vec::new();
+    for p in policies {
+        lab.set_policy(p, Duration::from_secs(60))?;
+        lab.settle(Duration::from_secs(4), Duration::from_secs(90), |_| {})?;
+        let out = std::process::Command::new(&lab.exe)
+            .args(["--prefix", &lab.naming.prefix, "--state-dir"])
+            .arg(&lab.state_dir)
+            .args(["load", "--from", from, "--service", service, "--json"])
+            .args(["--connections", &connections.to_string()])
+            .output()
+            .context("running ballast-lab load")?;
+        if !out.status.success() {
+            bail!("load: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let r: load::LoadReport =
+            serde_json::from_slice(&out.stdout).context("parsing the load report")?;
+        let mut egress = 0.0;
+        for (dst, share) in &r.observed {
+            let dst_region = regions.get(dst).map(String::as_str).unwrap_or("");
+            egress += share * data.egress_usd_per_gb(&src, dst_region).unwrap_or(0.0);
+        }
+        rows.push(CompareRow {
+            policy: p.clone(),
+            observed: r.observed,
+            weights: r.weights,
+            mean_rtt_ms: r.mean_connect_ms,
+            egress_usd_per_gb: egress,
+            failed: r.failed,
+        });
+    }
+    Ok(rows)
 }
