@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Deletes the harness's kind clusters and its work directory (certificates). Idempotent.
 set -euo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools docker kind

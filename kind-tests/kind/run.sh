@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole kind e2e: up.sh, test.sh, then down.sh (KEEP=1 keeps the clusters).
 set -euo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools docker kind kubectl helm

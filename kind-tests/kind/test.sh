@@ -8,7 +8,7 @@
 # Expected split: EXPECT="c1=0.5,c2=0.5" (default: equal shares, which is what the
 # ServiceLoadBalancingPolicy this script applies, round-robin, means).
 set -euo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools docker kind kubectl

@@ -3,7 +3,7 @@
 # makes the certificates (ballast-broker certs), installs the MCS CRDs and both charts.
 # Idempotent: existing clusters are reused, helm releases upgraded.
 set -euo pipefail
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools docker kind kubectl helm
@@ -60,7 +60,9 @@ if [ ! -f "${certs}/ca.pem" ]; then
     certs --out /certs --clusters "${members_csv}" --server-san "${broker_ip}"
 fi
 
-log "broker: helm install in $(ctx "${BROKER_CLUSTER}")"
+log "broker: CRDs + helm install in $(ctx "${BROKER_CLUSTER}")"
+# helm installs crds/ only on first install; apply them so a re-run picks up changes.
+kc "${BROKER_CLUSTER}" apply -f "${REPO_ROOT}/helm/ballast-broker/crds/"
 helm upgrade --install ballast-broker "${REPO_ROOT}/helm/ballast-broker" \
   --kube-context "$(ctx "${BROKER_CLUSTER}")" --namespace "${NAMESPACE}" --create-namespace \
   --set image.repository=ballast/broker --set image.tag="${IMAGE_TAG}" \
