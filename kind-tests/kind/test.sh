@@ -5,13 +5,16 @@
 # checks from a client pod that connections to the VIP split across clusters as the
 # weights say, within a tolerance.
 #
-# Expected split: EXPECT="c1=0.5,c2=0.5" (default: equal shares, which is what the
-# ServiceLoadBalancingPolicy this script applies, round-robin, means).
+# Expected split: the weights the broker publishes for (demo/echo, client's cluster), read with
+# `ballast-broker admin weights` (admin certificate from up.sh); EXPECT="c1=0.5,c2=0.5"
+# overrides them. The ServiceLoadBalancingPolicy this script applies (round-robin) must show
+# in those weights: that checks the broker's CRD watch end to end.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools docker kind kubectl
+[ -f "${WORK_DIR}/certs/admin.pem" ] || die "no certificates in ${WORK_DIR}/certs: run up.sh first"
 
 REQUESTS="${REQUESTS:-300}"
 TOLERANCE="${TOLERANCE:-0.10}"
@@ -91,6 +94,25 @@ spec:
   serviceDiscoveryLoadBalancing: round-robin
 YAML
 
+# `ballast-broker admin` from the broker image, on kind's docker network, as the admin.
+certs="${WORK_DIR}/certs"
+broker_ip="$(node_ip "${BROKER_CLUSTER}")"
+admin() {
+  docker run --rm --network kind --user "$(id -u):$(id -g)" -v "${certs}:/certs:ro" \
+    "${BROKER_IMAGE}" admin \
+    --broker "https://${broker_ip}:${BROKER_NODE_PORT}" --server-name "${broker_ip}" \
+    --ca /certs/ca.pem --cert /certs/admin.pem --key /certs/admin-key.pem "$@"
+}
+# "demo/echo from c1: c1=0.5000 c2=0.5000 [optimal round-robin/mixed]" -> that line.
+published_line() {
+  admin weights --service demo/echo --source "${CLIENT_CLUSTER}" \
+    | grep "^demo/echo from ${CLIENT_CLUSTER}: "
+}
+is_round_robin() { published_line | grep -q ' round-robin/'; }
+log "broker: waiting for round-robin weights for demo/echo from ${CLIENT_CLUSTER}"
+wait_until 120 is_round_robin \
+  || die "the broker never published round-robin weights for demo/echo (CRD watch?): $(published_line || true)"
+
 # 4. A client in one member; wait until the VIP answers (the agent has installed weights).
 kc "${CLIENT_CLUSTER}" apply -f "${HARNESS_DIR}/manifests/client.yaml"
 kc "${CLIENT_CLUSTER}" -n demo wait --for=condition=Ready pod/client --timeout=180s
@@ -107,9 +129,13 @@ out="$(kc "${CLIENT_CLUSTER}" -n demo exec client -- sh -c \
   "i=0; while [ \$i -lt ${REQUESTS} ]; do curl -s --max-time 2 http://${ECHO_VIP}:${ECHO_PORT}/ || echo FAILED; echo; i=\$((i+1)); done")"
 
 if [ -z "${EXPECT:-}" ]; then
-  share="$(awk -v n="${#MEMBERS[@]}" 'BEGIN { printf "%.4f", 1 / n }')"
-  EXPECT="$(for m in "${MEMBERS[@]}"; do printf '%s=%s,' "${m}" "${share}"; done)"
-  EXPECT="${EXPECT%,}"
+  line="$(published_line)"
+  log "published: ${line}"
+  weights="${line#*: }"
+  weights="${weights%%\[*}"
+  read -r -a pairs <<< "${weights}"
+  EXPECT="$(IFS=,; echo "${pairs[*]}")"
+  [ -n "${EXPECT}" ] || die "no weights in: ${line}"
 fi
 
 failed="$(grep -c FAILED <<< "${out}" || true)"
