@@ -282,3 +282,68 @@ fn root_down_after_crash_works_from_names() {
         );
     }
 }
+
+#[test]
+fn root_lab_steered_load_follows_bpf_weights() {
+    require_root!();
+    let lab = TestLab::new("c");
+    lab.ok(&["up", "--clusters", "3", "--no-control-plane"]);
+    // Steer c1's cgroup with the real data plane: c2 3/4, c3 1/4.
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}-lab/c1", lab.prefix));
+    std::fs::create_dir_all(pin.parent().expect("parent")).expect("bpf dir");
+    let specs = ballast_bpf::config::parse(
+        r#"
+services:
+  - name: demo/echo
+    vip: 127.96.0.10
+    port: 80
+    protocol: tcp
+    backends:
+      - {address: "10.77.2.2:8080", cluster: c2, weight: 3}
+      - {address: "10.77.2.2:8081", cluster: c2, weight: 3}
+      - {address: "10.77.3.2:8080", cluster: c3, weight: 1}
+      - {address: "10.77.3.2:8081", cluster: c3, weight: 1}
+"#,
+    )
+    .expect("specs");
+    let mut dp = ballast_bpf::Dataplane::open(&pin).expect("open data plane");
+    dp.attach(lab.cgroup_root().join("c1")).expect("attach");
+    dp.apply(&specs).expect("apply");
+    drop(dp);
+
+    let l = lab.json(&[
+        "load",
+        "--from",
+        "c1",
+        "--service",
+        "demo/echo",
+        "--connections",
+        "300",
+        "--concurrency",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(l["failed"], 0, "{l}");
+    let c2 = f(&l["observed"], "c2");
+    assert!((0.65..0.85).contains(&c2), "c2 share {c2}: {l}");
+    // Each destination's connect time is its link's RTT (defaults from broker/data:
+    // us-east-1 <-> us-west-2 ~68 ms, us-east-1 <-> eu-west-1 ~85 ms).
+    let rtt2 = f(&l["connect_ms_by_cluster"], "c2");
+    let rtt3 = f(&l["connect_ms_by_cluster"], "c3");
+    assert!(rtt3 > rtt2 + 8.0, "c2 {rtt2} ms, c3 {rtt3} ms");
+    // A cluster that is not steered reaches nothing at the VIP (and nothing off-host).
+    let o = lab.run(&[
+        "exec",
+        "c2",
+        "--",
+        "curl",
+        "-s",
+        "-m",
+        "1",
+        "http://127.96.0.10/",
+    ]);
+    assert!(!o.status.success());
+
+    lab.ok(&["down"]);
+    assert!(!pin.exists(), "pinned maps left behind");
+}
