@@ -166,14 +166,13 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
 
     let progress = opts.progress.then(|| {
         let acc = acc.clone();
-        let next = next.clone();
         let total = opts.connections;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                let done = next.load(Ordering::Relaxed).min(total);
                 if let Ok(a) = acc.lock() {
+                    let done = (a.ok + a.failed) as usize;
                     print!("{}", progress_line(&a, done, total));
                     let _ = std::io::stdout().flush();
                 }
