@@ -139,7 +139,7 @@ pub struct DataplaneArgs {
     #[arg(long, env = "BALLAST_DETACH_ON_EXIT", action = ArgAction::SetTrue)]
     pub detach_on_exit: bool,
     /// Sum of the integer backend weights of one service (the slot table size)
-    /// [default: 1024].
+    /// [default: 4096, the data plane's slot count].
     #[arg(long, env = "BALLAST_WEIGHT_SCALE", value_name = "N")]
     pub weight_scale: Option<u32>,
 }
@@ -686,7 +686,7 @@ clusters:
         assert_eq!(c.probe.interval, Duration::from_millis(250));
         assert_eq!(c.probe.timeout, Duration::from_millis(100));
         assert_eq!(c.probe.ewma_alpha, 0.3);
-        assert_eq!(c.weight_scale, 1024);
+        assert_eq!(c.weight_scale, 4096);
         assert_eq!(
             c.discovery,
             DiscoveryConfig::Topology {

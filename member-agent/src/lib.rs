@@ -13,6 +13,8 @@ pub mod capacity;
 pub mod catalog;
 pub mod config;
 pub mod discovery;
+pub mod install;
 pub mod metrics;
 pub mod probe;
+pub mod session;
 pub mod weights;

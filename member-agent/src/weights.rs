@@ -21,8 +21,9 @@ use std::net::SocketAddr;
 
 use crate::catalog::{ClusterId, Endpoint};
 
-/// Default sum of the integer weights of one service (the data plane's slot table size).
-pub const DEFAULT_SCALE: u32 = 1024;
+/// Default sum of the integer weights of one service: the data plane's slot table size
+/// (`ballast_bpf::layout::SLOTS`), so weights map onto slots exactly.
+pub const DEFAULT_SCALE: u32 = 4096;
 
 /// Errors: the update cannot be applied as given.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -1,0 +1,306 @@
+//! The broker session: tonic over rustls mTLS with this cluster's certificate.
+//!
+//! One loop: connect → `Register` → three concurrent legs — the `Report` client stream (the
+//! latest report every report interval), the `WatchWeights` server stream (updates grouped
+//! into batches by `last_in_batch`, handed to the installer), and `AckWeights` for what the
+//! installer acknowledges. When any leg fails, the session reconnects with exponential
+//! backoff and jitter. The data plane is never touched here: while the broker is away the
+//! last installed weights stay.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ballast_proto::v1::broker_client::BrokerClient;
+use ballast_proto::v1::{Ack, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::catalog::Cluster;
+
+/// Errors of one session attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("broker endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("connecting to the broker: {0}")]
+    Connect(tonic::transport::Error),
+    #[error("broker {rpc}: {status}")]
+    Rpc {
+        rpc: &'static str,
+        status: Box<tonic::Status>,
+    },
+    #[error("the installer stopped")]
+    InstallerGone,
+}
+
+/// What the session needs.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub endpoint: String,
+    /// TLS server name to verify (default: the endpoint's host).
+    pub server_name: Option<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cluster: Cluster,
+    pub node_name: String,
+    pub report_interval: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Exponential backoff with full jitter: the n-th wait is uniform in
+/// `[min/2, min(max, min × 2^n)]`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next wait.
+    pub fn next_wait(&mut self) -> Duration {
+        let ceiling = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = (self.min / 2).min(ceiling);
+        let span = ceiling.saturating_sub(lo).as_secs_f64();
+        lo + Duration::from_secs_f64(rand::random::<f64>() * span)
+    }
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<String, SessionError> {
+    std::fs::read_to_string(path).map_err(|source| SessionError::Read {
+        what,
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Opens an mTLS channel to the broker.
+pub async fn connect(cfg: &SessionConfig) -> Result<Channel, SessionError> {
+    let ca = read("--ca", &cfg.ca)?;
+    let cert = read("--cert", &cfg.cert)?;
+    let key = read("--key", &cfg.key)?;
+    let ep_err = |source| SessionError::Endpoint {
+        endpoint: cfg.endpoint.clone(),
+        source,
+    };
+    let mut ep = Endpoint::from_shared(cfg.endpoint.clone()).map_err(ep_err)?;
+    let host = ep
+        .uri()
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    tls = tls.domain_name(cfg.server_name.clone().unwrap_or(host));
+    ep = ep
+        .tls_config(tls)
+        .map_err(ep_err)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    ep.connect().await.map_err(SessionError::Connect)
+}
+
+fn rpc(rpc: &'static str) -> impl Fn(tonic::Status) -> SessionError {
+    move |status| SessionError::Rpc {
+        rpc,
+        status: Box::new(status),
+    }
+}
+
+/// The channels between the session and the rest of the agent.
+pub struct SessionIo {
+    /// The latest report (sent every report interval while connected).
+    pub reports: watch::Receiver<Option<ReportRequest>>,
+    /// Batches of weights updates to install.
+    pub updates: mpsc::Sender<Vec<WeightsUpdate>>,
+    /// Acknowledgements to send.
+    pub acks: mpsc::Receiver<Ack>,
+    /// The last generation installed (for `WatchRequest.last_generation`).
+    pub installed_generation: watch::Receiver<u64>,
+}
+
+/// Runs one session until it fails.
+pub async fn run_once(
+    cfg: &SessionConfig,
+    io: &mut SessionIo,
+    on_registered: impl FnOnce(),
+) -> SessionError {
+    let channel = match connect(cfg).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let mut client = BrokerClient::new(channel);
+    let reg = RegisterRequest {
+        cluster_id: cfg.cluster.id.clone(),
+        region: cfg.cluster.region.clone().unwrap_or_default(),
+        zone: cfg.cluster.zone.clone().unwrap_or_default(),
+        provider: cfg.cluster.provider.clone().unwrap_or_default(),
+        gateway_address: cfg
+            .cluster
+            .gateway
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        node_name: cfg.node_name.clone(),
+    };
+    let resp = match client.register(reg).await.map_err(rpc("Register")) {
+        Ok(r) => r.into_inner(),
+        Err(e) => return e,
+    };
+    tracing::info!(generation = resp.generation, "registered with the broker");
+    on_registered();
+
+    // Report: the latest report every interval
+    let reports = io.reports.clone();
+    let interval = cfg.report_interval;
+    let report_stream = async_stream_reports(reports, interval);
+    let mut report_client = client.clone();
+    let report_leg = async move {
+        match report_client.report(report_stream).await {
+            Ok(summary) => SessionError::Rpc {
+                rpc: "Report",
+                status: Box::new(tonic::Status::unavailable(format!(
+                    "report stream closed: {:?}",
+                    summary.into_inner()
+                ))),
+            },
+            Err(s) => rpc("Report")(s),
+        }
+    };
+
+    // WatchWeights: batches to the installer
+    let watch_req = WatchRequest {
+        cluster_id: cfg.cluster.id.clone(),
+        node_name: cfg.node_name.clone(),
+        last_generation: *io.installed_generation.borrow(),
+    };
+    let mut watch_client = client.clone();
+    let updates = io.updates.clone();
+    let watch_leg = async move {
+        let mut stream = match watch_client.watch_weights(watch_req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return rpc("WatchWeights")(s),
+        };
+        let mut batch = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(u)) => {
+                    let last = u.last_in_batch;
+                    batch.push(u);
+                    if last && updates.send(std::mem::take(&mut batch)).await.is_err() {
+                        return SessionError::InstallerGone;
+                    }
+                }
+                Ok(None) => {
+                    return rpc("WatchWeights")(tonic::Status::unavailable("stream ended"));
+                }
+                Err(s) => return rpc("WatchWeights")(s),
+            }
+        }
+    };
+
+    // AckWeights
+    let acks = &mut io.acks;
+    let ack_leg = async move {
+        while let Some(ack) = acks.recv().await {
+            if let Err(s) = client.ack_weights(ack).await {
+                return rpc("AckWeights")(s);
+            }
+        }
+        SessionError::InstallerGone
+    };
+
+    tokio::select! {
+        e = report_leg => e,
+        e = watch_leg => e,
+        e = ack_leg => e,
+    }
+}
+
+fn async_stream_reports(
+    reports: watch::Receiver<Option<ReportRequest>>,
+    interval: Duration,
+) -> impl futures::Stream<Item = ReportRequest> + Send + 'static {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio_stream::wrappers::IntervalStream::new(tick).filter_map(move |_| {
+        let r = reports.borrow().clone();
+        async move { r }
+    })
+}
+
+/// Runs sessions forever, reconnecting with backoff; never returns unless the installer
+/// goes away.
+pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    loop {
+        let mut registered = false;
+        let err = run_once(&cfg, &mut io, || registered = true).await;
+        if registered {
+            backoff.reset();
+        }
+        if matches!(err, SessionError::InstallerGone) {
+            tracing::info!("installer gone; broker session ends");
+            return;
+        }
+        let wait = backoff.next_wait();
+        tracing::warn!(error = %err, retry_in = ?wait, "broker session lost; the installed weights stay");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..12).map(|_| b.next_wait()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let ceiling =
+                Duration::from_millis(100 * (1u64 << i.min(20))).min(Duration::from_secs(2));
+            assert!(
+                *w >= Duration::from_millis(50) && *w <= ceiling,
+                "wait {i}: {w:?}"
+            );
+        }
+        // late waits are spread (jitter), not all equal
+        let late: std::collections::BTreeSet<Duration> = waits[6..].iter().copied().collect();
+        assert!(late.len() > 1);
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(100));
+    }
+}
