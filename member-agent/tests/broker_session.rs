@@ -1,0 +1,208 @@
+//! The agent's broker session against a real broker (ballast-broker, SQLite) over real
+//! mutual TLS on loopback: register, report, receive weights, acknowledge; the broker is
+//! stopped and started again on the same address and database, and the session reconnects
+//! by itself and receives the current generation.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ballast_agent::catalog::Cluster;
+use ballast_agent::session::{self, SessionConfig, SessionIo};
+use ballast_broker::certs::generate;
+use ballast_broker::server::{start, Running, ServeConfig};
+use ballast_broker::store::sqlite_url;
+use ballast_broker::tls::TlsFiles;
+use ballast_proto::v1::broker_client::BrokerClient;
+use ballast_proto::v1::{
+    Ack, CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample, WeightsUpdate,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Endpoint;
+
+fn now_ms() -> i64 {
+    ballast_broker::engine::now_ms()
+}
+
+async fn broker(listen: SocketAddr, db: &std::path::Path, tls: TlsFiles) -> Running {
+    let mut c = ServeConfig::new(listen, sqlite_url(db), Some(tls));
+    c.solve_interval = Duration::from_secs(3600);
+    c.debounce = Duration::from_millis(5);
+    c.engine.max_step = None;
+    start(c).await.expect("broker starts")
+}
+
+fn report(cluster: &str) -> ReportRequest {
+    ReportRequest {
+        cluster_id: cluster.into(),
+        node_name: "n1".into(),
+        measured_at_ms: now_ms(),
+        ..ReportRequest::default()
+    }
+}
+
+fn cap(service: &str, rps: f64) -> CapacitySample {
+    CapacitySample {
+        service: service.into(),
+        capacity_rps: rps,
+        measured_at_ms: 0,
+    }
+}
+
+async fn next_batch(rx: &mut mpsc::Receiver<Vec<WeightsUpdate>>, min_gen: u64) -> WeightsUpdate {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let batch = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("a weights batch in time")
+            .expect("session alive");
+        assert!(batch.last().is_some_and(|u| u.last_in_batch));
+        if let Some(u) = batch
+            .into_iter()
+            .find(|u| u.service == "shop/web" && u.generation >= min_gen)
+        {
+            return u;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&["east".to_owned(), "west".to_owned()], &[]).unwrap();
+    let write = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let east = &bundle.clusters.iter().find(|(c, _)| c == "east").unwrap().1;
+    let west = &bundle.clusters.iter().find(|(c, _)| c == "west").unwrap().1;
+    let ca = write("ca.pem", &bundle.ca.cert_pem);
+    let cert = write("east.pem", &east.cert_pem);
+    let key = write("east-key.pem", &east.key_pem);
+    let server_tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: bundle.server.cert_pem.clone(),
+        key_pem: bundle.server.key_pem.clone(),
+    };
+    let db = dir.path().join("broker.db");
+    let b = broker("127.0.0.1:0".parse().unwrap(), &db, server_tls.clone()).await;
+    let addr = b.addr;
+
+    // west serves shop/web (a raw client with west's certificate)
+    let west_tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: west.cert_pem.clone(),
+        key_pem: west.key_pem.clone(),
+    };
+    let ch = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(west_tls.client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut w = BrokerClient::new(ch);
+    w.register(RegisterRequest {
+        cluster_id: "west".into(),
+        region: "eu-west-1".into(),
+        zone: "eu-west-1a".into(),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.2".into(),
+        agent_version: "test".into(),
+        node_name: "n1".into(),
+    })
+    .await
+    .unwrap();
+    let mut m = report("west");
+    m.capacity = vec![cap("shop/web", 1000.0)];
+    w.report(futures::stream::iter(vec![m])).await.unwrap();
+
+    // east is the agent under test
+    let mut east_report = report("east");
+    east_report.rtt = vec![RttSample {
+        peer_cluster_id: "west".into(),
+        rtt_ms: 5.0,
+        loss_ratio: 0.0,
+        reachable: true,
+        measured_at_ms: 0,
+    }];
+    east_report.rps = vec![RpsSample {
+        service: "shop/web".into(),
+        destination_cluster_id: "west".into(),
+        rps: 10.0,
+        measured_at_ms: 0,
+    }];
+    east_report.capacity = vec![cap("shop/web", 1000.0)];
+    let (reports_tx, reports_rx) = watch::channel(Some(east_report.clone()));
+    let (updates_tx, mut updates_rx) = mpsc::channel(16);
+    let (acks_tx, acks_rx) = mpsc::channel(16);
+    let (_gen_tx, gen_rx) = watch::channel(0);
+    let cfg = SessionConfig {
+        endpoint: format!("https://localhost:{}", addr.port()),
+        server_name: None,
+        ca,
+        cert,
+        key,
+        cluster: Cluster {
+            id: "east".into(),
+            region: Some("us-east-1".into()),
+            zone: Some("us-east-1a".into()),
+            provider: Some("aws".into()),
+            gateway: Some("127.0.0.1".parse().unwrap()),
+        },
+        node_name: "n1".into(),
+        report_interval: Duration::from_millis(100),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+    };
+    let session = tokio::spawn(session::run(
+        cfg,
+        SessionIo {
+            reports: reports_rx,
+            updates: updates_tx,
+            acks: acks_rx,
+            installed_generation: gen_rx,
+        },
+    ));
+
+    let u = next_batch(&mut updates_rx, 1).await;
+    assert_eq!(u.source_cluster_id, "east");
+    let total: f64 = u.weights.values().sum();
+    assert!((total - 1.0).abs() < 1e-9, "{:?}", u.weights);
+    assert!(u.weights.contains_key("west"), "{:?}", u.weights);
+    acks_tx
+        .send(Ack {
+            cluster_id: "east".into(),
+            node_name: "n1".into(),
+            generation: u.generation,
+            service: u.service.clone(),
+            applied: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    let first_gen = u.generation;
+
+    // the broker goes away; the session keeps retrying without delivering anything
+    b.stop().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        updates_rx.try_recv().is_err(),
+        "nothing arrives while the broker is down"
+    );
+    assert!(!session.is_finished());
+
+    // back on the same address and database: the session reconnects by itself and gets the
+    // current state (generation at least the one it had)
+    let b2 = broker(addr, &db, server_tls).await;
+    reports_tx.send_replace(Some(ReportRequest {
+        measured_at_ms: now_ms(),
+        ..east_report
+    }));
+    let u2 = next_batch(&mut updates_rx, first_gen).await;
+    assert_eq!(u2.source_cluster_id, "east");
+    assert!(u2.generation >= first_gen);
+    session.abort();
+    b2.stop().await;
+}
