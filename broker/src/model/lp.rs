@@ -3,7 +3,11 @@
 //! (n ≥ floor as variable bounds, no shifting) so it checks the dedicated solver
 //! independently. Used by the property tests and the benchmark; far slower at scale.
 
-use good_lp::{microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable};
+use std::time::Duration;
+
+use good_lp::{
+    microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable, WithTimeLimit,
+};
 
 use super::transport::{TransportProblem, TransportSolution};
 
@@ -12,6 +16,18 @@ use super::transport::{TransportProblem, TransportSolution};
 /// # Errors
 /// The library's message when it finds no optimum (e.g. the instance is infeasible).
 pub fn solve_lp(p: &TransportProblem) -> Result<TransportSolution, String> {
+    solve_lp_within(p, None)
+}
+
+/// [`solve_lp`] with a time limit (the benchmark uses it on large instances). A solution
+/// returned after the limit is feasible but may not be optimal.
+///
+/// # Errors
+/// The library's message when it finds no feasible point in time or at all.
+pub fn solve_lp_within(
+    p: &TransportProblem,
+    limit: Option<Duration>,
+) -> Result<TransportSolution, String> {
     let (ns, nt) = (p.n_source(), p.n_dest());
     if p.cost.len() != ns * nt {
         return Err("cost has the wrong size".into());
@@ -23,6 +39,9 @@ pub fn solve_lp(p: &TransportProblem) -> Result<TransportSolution, String> {
         objective.add_mul(*c, *v);
     }
     let mut model = vars.minimise(objective).using(microlp);
+    if let Some(limit) = limit {
+        model = model.with_time_limit(limit.as_secs_f64());
+    }
     for s in 0..ns {
         let row: Expression = x[s * nt..(s + 1) * nt].iter().copied().sum();
         model = model.with(row.eq(p.supply[s]));

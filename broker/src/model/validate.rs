@@ -44,7 +44,7 @@ pub fn validate(problem: &Problem) -> Result<(), ModelError> {
         ("cross_region", p.cross_region),
         ("internet", p.internet),
     ] {
-        check_value(&format!("prices.{field}"), value)?;
+        check_value(|| format!("prices.{field}"), value)?;
     }
     check_matrix("rtt_ms", &problem.rtt_ms, &ids)?;
     if let Some(cost) = &problem.cost {
@@ -69,9 +69,9 @@ pub fn validate(problem: &Problem) -> Result<(), ModelError> {
             ("capacity_rps", &svc.capacity_rps),
         ] {
             for (cluster, value) in map {
-                let path = format!("services[{i}].{field}.{cluster}");
-                check_cluster(&path, cluster, &ids)?;
-                check_value(&path, *value)?;
+                let path = || format!("services[{i}].{field}.{cluster}");
+                check_cluster(path, cluster, &ids)?;
+                check_value(path, *value)?;
             }
         }
     }
@@ -80,30 +80,38 @@ pub fn validate(problem: &Problem) -> Result<(), ModelError> {
 
 fn check_matrix(name: &str, m: &Matrix, ids: &HashSet<&str>) -> Result<(), ModelError> {
     for (src, row) in m {
-        check_cluster(&format!("{name}.{src}"), src, ids)?;
+        check_cluster(|| format!("{name}.{src}"), src, ids)?;
         for (dst, value) in row {
-            let path = format!("{name}.{src}.{dst}");
-            check_cluster(&path, dst, ids)?;
-            check_value(&path, *value)?;
+            let path = || format!("{name}.{src}.{dst}");
+            check_cluster(path, dst, ids)?;
+            check_value(path, *value)?;
         }
     }
     Ok(())
 }
 
-fn check_cluster(path: &str, id: &str, ids: &HashSet<&str>) -> Result<(), ModelError> {
+// Paths are built only on error: a 1,000-cluster RTT matrix has a million entries.
+fn check_cluster(
+    path: impl Fn() -> String,
+    id: &str,
+    ids: &HashSet<&str>,
+) -> Result<(), ModelError> {
     if ids.contains(id) {
         Ok(())
     } else {
-        Err(ModelError::invalid(path, format!("unknown cluster {id:?}")))
+        Err(ModelError::invalid(
+            path(),
+            format!("unknown cluster {id:?}"),
+        ))
     }
 }
 
-fn check_value(path: &str, value: f64) -> Result<(), ModelError> {
+fn check_value(path: impl Fn() -> String, value: f64) -> Result<(), ModelError> {
     if value.is_finite() && value >= 0.0 {
         Ok(())
     } else {
         Err(ModelError::invalid(
-            path,
+            path(),
             format!("must be a finite number >= 0, got {value}"),
         ))
     }
