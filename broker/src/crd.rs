@@ -43,6 +43,7 @@ use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, ValidationRule,
 };
+use kube::api::{Patch, PatchParams};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, CustomResource, CustomResourceExt, ResourceExt};
 use schemars::JsonSchema;
@@ -76,6 +77,7 @@ pub const FIELD_SERVICE_IMPORT: &str = "spec.serviceImportName";
     shortname = "lbp",
     category = "ballast",
     doc = "Cluster-wide load-balancing setting for ServiceImports (singleton named `default`).",
+    status = "PolicyStatus",
     printcolumn(
         name = "Policy",
         type_ = "string",
@@ -85,6 +87,13 @@ pub const FIELD_SERVICE_IMPORT: &str = "spec.serviceImportName";
         name = "Params",
         type_ = "string",
         json_path = ".spec.optimizedLoadBalancingParams"
+    ),
+    printcolumn(name = "Accepted", type_ = "boolean", json_path = ".status.accepted"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -114,6 +123,7 @@ pub struct LoadBalancingPolicySpec {
     category = "ballast",
     namespaced,
     doc = "Per-ServiceImport override of the cluster-wide LoadBalancingPolicy.",
+    status = "PolicyStatus",
     printcolumn(
         name = "ServiceImport",
         type_ = "string",
@@ -128,6 +138,13 @@ pub struct LoadBalancingPolicySpec {
         name = "Params",
         type_ = "string",
         json_path = ".spec.optimizedLoadBalancingParams"
+    ),
+    printcolumn(name = "Accepted", type_ = "boolean", json_path = ".status.accepted"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +163,21 @@ pub struct ServiceLoadBalancingPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
     pub optimized_load_balancing_params: Option<String>,
+}
+
+/// What the broker made of an object, written back to its `status` (`kubectl get lbp,slbp`
+/// shows `Accepted`; `-o wide` the message).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// Whether the broker applies this object as it is now.
+    pub accepted: bool,
+    /// Why it is not applied (naming the field), or what it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `metadata.generation` this status is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// Why an object was not accepted. Every variant names the field it is about.
@@ -419,6 +451,23 @@ impl PolicySettings {
         out
     }
 
+    /// The status the broker reports for one object: rejected (with its error) when it is
+    /// in [`rejected`](Self::rejected), accepted otherwise.
+    #[must_use]
+    pub fn status_of(
+        &self,
+        object: &str,
+        generation: Option<i64>,
+        accepted_note: &str,
+    ) -> PolicyStatus {
+        let rejection = self.rejected.iter().find(|r| r.object == object);
+        PolicyStatus {
+            accepted: rejection.is_none(),
+            message: Some(rejection.map_or_else(|| accepted_note.to_string(), |r| r.error.clone())),
+            observed_generation: generation,
+        }
+    }
+
     fn reject(&mut self, object: String, error: &CrdError) {
         tracing::warn!(%object, %error, "load-balancing policy object rejected");
         self.rejected.push(Rejected {
@@ -537,6 +586,59 @@ pub async fn spawn_policy_watcher_from_env(
     Ok(Some(spawn_policy_watcher(client, fallback)))
 }
 
+/// Writes each object's [`PolicyStatus`] where it differs from what the object carries (so
+/// the status update's own watch event writes nothing). Failures (RBAC, conflicts) are
+/// logged: status is a report, the settings do not depend on it.
+async fn write_statuses(
+    client: &Client,
+    settings: &PolicySettings,
+    cluster: &[LoadBalancingPolicy],
+    services: &[ServiceLoadBalancingPolicy],
+) {
+    let params = PatchParams::default();
+    for obj in cluster {
+        let name = obj.name_any();
+        let note = if settings.from_crd {
+            "applied cluster-wide"
+        } else {
+            "not applied"
+        };
+        let want = settings.status_of(
+            &format!("LoadBalancingPolicy/{name}"),
+            obj.metadata.generation,
+            note,
+        );
+        if obj.status.as_ref() != Some(&want) {
+            let api = Api::<LoadBalancingPolicy>::all(client.clone());
+            let patch = Patch::Merge(serde_json::json!({ "status": want }));
+            if let Err(e) = api.patch_status(&name, &params, &patch).await {
+                tracing::warn!(object = %name, error = %e, "writing LoadBalancingPolicy status failed");
+            }
+        }
+    }
+    for obj in services {
+        let (Some(ns), name) = (obj.namespace(), obj.name_any()) else {
+            continue;
+        };
+        let note = format!(
+            "applied to ServiceImport {ns}/{}",
+            obj.spec.service_import_name
+        );
+        let want = settings.status_of(
+            &format!("ServiceLoadBalancingPolicy/{ns}/{name}"),
+            obj.metadata.generation,
+            &note,
+        );
+        if obj.status.as_ref() != Some(&want) {
+            let api = Api::<ServiceLoadBalancingPolicy>::namespaced(client.clone(), &ns);
+            let patch = Patch::Merge(serde_json::json!({ "status": want }));
+            if let Err(e) = api.patch_status(&name, &params, &patch).await {
+                tracing::warn!(object = %format!("{ns}/{name}"), error = %e, "writing ServiceLoadBalancingPolicy status failed");
+            }
+        }
+    }
+}
+
 enum Update {
     Cluster(bool),
     Service(bool),
@@ -578,7 +680,7 @@ pub async fn run_policy_watcher(
     .map(move |r| r.map(|ev| Update::Cluster(matches!(ev, watcher::Event::InitDone))));
     let service_events = reflector(
         service_writer,
-        watcher(Api::<ServiceLoadBalancingPolicy>::all(client), cfg),
+        watcher(Api::<ServiceLoadBalancingPolicy>::all(client.clone()), cfg),
     )
     .default_backoff()
     .map(move |r| r.map(|ev| Update::Service(matches!(ev, watcher::Event::InitDone))));
@@ -616,6 +718,7 @@ pub async fn run_policy_watcher(
             let current = tx.borrow();
             PolicySettings::from_objects(&cluster, &services, fallback, Some(&current))
         };
+        let settings = next.clone();
         tx.send_if_modified(|cur| {
             if *cur == next {
                 false
@@ -631,5 +734,6 @@ pub async fn run_policy_watcher(
                 true
             }
         });
+        write_statuses(&client, &settings, &cluster, &services).await;
     }
 }

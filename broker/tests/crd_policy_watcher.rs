@@ -27,6 +27,8 @@ struct MockApi {
     events: mpsc::UnboundedSender<(&'static str, Vec<Value>)>,
     /// Every request path + query the watcher made.
     requests: mpsc::UnboundedReceiver<String>,
+    /// Every status write: `(path, JSON body)`.
+    statuses: mpsc::UnboundedReceiver<(String, Value)>,
 }
 
 fn cluster_policy(name: &str, rv: u32, spec: &Value) -> Value {
@@ -60,6 +62,37 @@ fn list_body(plural: &str, items: &[Value]) -> Vec<u8> {
     .expect("list json")
 }
 
+/// The API server's answer to a status PATCH: the object with that status (the broker does
+/// not use it beyond decoding).
+fn status_reply(path: &str, patch: &Value) -> Vec<u8> {
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // apis/ballast.io/v1alpha1/[namespaces/NS/]PLURAL/NAME/status
+    let name = seg[seg.len() - 2];
+    let mut obj = if seg[seg.len() - 3] == CLUSTER {
+        cluster_policy(name, 20, &json!({}))
+    } else {
+        service_policy(seg[4], name, 20, &json!({"serviceImportName": "x"}))
+    };
+    obj["status"] = patch["status"].clone();
+    serde_json::to_vec(&obj).expect("json")
+}
+
+/// Waits (at most 2 s) until `n` objects have had their status written; returns the last
+/// status written per path.
+async fn wait_statuses(api: &mut MockApi, n: usize) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    for _ in 0..100 {
+        while let Ok((path, patch)) = api.statuses.try_recv() {
+            out.insert(path, patch["status"].clone());
+        }
+        if out.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    out
+}
+
 /// A WATCH response carrying `events`, one JSON object a line; the stream then ends and the
 /// watcher re-watches from the last resourceVersion.
 fn watch_body(events: Vec<Value>) -> Response<Body> {
@@ -76,6 +109,7 @@ fn start(lists: HashMap<&'static str, Vec<Value>>) -> (Client, MockApi) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(&'static str, Vec<Value>)>();
     let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let (status_tx, status_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut handle = std::pin::pin!(handle);
         let mut open_watches: HashMap<&'static str, Vec<mock::SendResponse<Response<Body>>>> =
@@ -88,6 +122,15 @@ fn start(lists: HashMap<&'static str, Vec<Value>>) -> (Client, MockApi) {
                     let Some((req, send)) = req else { break };
                     let uri = req.uri().clone();
                     let _ = req_tx.send(uri.to_string());
+                    if uri.path().ends_with("/status") {
+                        assert_eq!(req.method(), http::Method::PATCH, "{uri}");
+                        let body = req.into_body().collect_bytes().await.expect("body");
+                        let patch: Value = serde_json::from_slice(&body).expect("patch json");
+                        let reply = status_reply(uri.path(), &patch);
+                        let _ = status_tx.send((uri.path().to_string(), patch));
+                        send.send_response(Response::new(Body::from(reply)));
+                        continue;
+                    }
                     let plural = match uri.path().rsplit('/').next() {
                         Some(CLUSTER) => CLUSTER,
                         Some(SERVICE) => SERVICE,
@@ -119,6 +162,7 @@ fn start(lists: HashMap<&'static str, Vec<Value>>) -> (Client, MockApi) {
         MockApi {
             events: events_tx,
             requests: req_rx,
+            statuses: status_rx,
         },
     )
 }
@@ -260,7 +304,7 @@ async fn kube_mock_api_policy_crd_invalid_value_rejected_naming_field() {
             ],
         ),
     ]);
-    let (client, _api) = start(lists);
+    let (client, mut api) = start(lists);
     let mut rx = spawn_policy_watcher(client, FALLBACK);
     let s = wait_for(&mut rx, "rejections", |s| s.rejected.len() == 3).await;
 
@@ -291,6 +335,26 @@ async fn kube_mock_api_policy_crd_invalid_value_rejected_naming_field() {
         s.for_service("demo/web"),
         (Policy::RoundRobin, Params::Mixed)
     );
+
+    // Each object's verdict is written back to its status, naming the field.
+    let statuses = wait_statuses(&mut api, 4).await;
+    let base = "/apis/ballast.io/v1alpha1";
+    let st = &statuses[&format!("{base}/loadbalancingpolicies/default/status")];
+    assert_eq!(st["accepted"], false);
+    let msg = st["message"].as_str().expect("message");
+    assert!(msg.contains("spec.serviceDiscoveryLoadBalancing"), "{msg}");
+    assert_eq!(
+        statuses[&format!("{base}/loadbalancingpolicies/second/status")]["accepted"],
+        false
+    );
+    let st = &statuses[&format!("{base}/namespaces/demo/serviceloadbalancingpolicies/echo/status")];
+    assert_eq!(st["accepted"], false);
+    let msg = st["message"].as_str().expect("message");
+    assert!(msg.contains("spec.optimizedLoadBalancingParams"), "{msg}");
+    let st = &statuses[&format!("{base}/namespaces/demo/serviceloadbalancingpolicies/good/status")];
+    assert_eq!(st["accepted"], true);
+    assert_eq!(st["message"], "applied to ServiceImport demo/web");
+    assert_eq!(statuses.len(), 4, "{statuses:?}");
 }
 
 #[tokio::test]
