@@ -1,1 +1,241 @@
-fn main() {}
+//! Propagation benchmark: 100 agents (one per cluster, each with its own mTLS connection)
+//! watch their weights; one cluster reports a capacity change; we time from the start of that
+//! Report to the moment every watcher holds the new generation. Repeated rounds, p50/p99.
+//!
+//! `cargo bench -p ballast-broker --bench propagation` (env: `BALLAST_BENCH_ROUNDS`, default
+//! 200; `BALLAST_BENCH_WATCHERS`, default 100). Everything runs on loopback, SQLite store in a
+//! temp dir.
+#![allow(clippy::unwrap_used, clippy::cast_precision_loss)]
+
+use std::time::{Duration, Instant};
+
+use ballast_broker::certs::generate;
+use ballast_broker::server::{start, ServeConfig};
+use ballast_broker::store::sqlite_url;
+use ballast_broker::tls::TlsFiles;
+use ballast_proto::v1::broker_client::BrokerClient;
+use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest, WatchRequest};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn client(port: u16, tls: &TlsFiles) -> BrokerClient<Channel> {
+    let ch = Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls.client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    BrokerClient::new(ch)
+}
+
+fn capacity_report(cluster: &str, rps: f64) -> ReportRequest {
+    ReportRequest {
+        cluster_id: cluster.into(),
+        node_name: "n1".into(),
+        measured_at_ms: ballast_broker::engine::now_ms(),
+        capacity: vec![CapacitySample {
+            service: "ns/web".into(),
+            capacity_rps: rps,
+            measured_at_ms: 0,
+        }],
+        ..ReportRequest::default()
+    }
+}
+
+/// Waits until every watcher reported `generation` (or later); returns the last arrival.
+async fn wait_all(
+    rx: &mut mpsc::UnboundedReceiver<(usize, u64, Instant)>,
+    watchers: usize,
+    generation: u64,
+) -> Instant {
+    let mut have = vec![false; watchers];
+    let mut left = watchers;
+    let mut last: Option<Instant> = None;
+    while left > 0 {
+        let (i, g, t) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("every watcher gets the generation within 30 s")
+            .unwrap();
+        if g >= generation && !have[i] {
+            have[i] = true;
+            left -= 1;
+            last = Some(last.map_or(t, |l| l.max(t)));
+        }
+    }
+    last.unwrap()
+}
+
+struct Row {
+    debounce_ms: u64,
+    rounds: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run(watchers: usize, rounds: usize, debounce: Duration) -> Row {
+    let ids: Vec<String> = (0..watchers).map(|i| format!("c{i}")).collect();
+    let bundle = generate(&ids, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServeConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        sqlite_url(&dir.path().join("bench.db")),
+        Some(TlsFiles {
+            ca_pem: bundle.ca.cert_pem.clone(),
+            cert_pem: bundle.server.cert_pem.clone(),
+            key_pem: bundle.server.key_pem.clone(),
+        }),
+    );
+    cfg.solve_interval = Duration::from_secs(3600);
+    cfg.debounce = debounce;
+    let broker = start(cfg).await.unwrap();
+    let port = broker.addr.port();
+
+    let tls: Vec<TlsFiles> = bundle
+        .clusters
+        .iter()
+        .map(|(_, p)| TlsFiles {
+            ca_pem: bundle.ca.cert_pem.clone(),
+            cert_pem: p.cert_pem.clone(),
+            key_pem: p.key_pem.clone(),
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut c = client(port, &tls[i]).await;
+        c.register(RegisterRequest {
+            cluster_id: id.clone(),
+            region: "us-east-1".into(),
+            zone: format!("us-east-1{}", ["a", "b", "c"][i % 3]),
+            provider: "aws".into(),
+            gateway_address: "127.0.0.1".into(),
+            agent_version: "bench".into(),
+            node_name: "n1".into(),
+        })
+        .await
+        .unwrap();
+        clients.push(c);
+    }
+    // c0 and c1 serve ns/web.
+    for id in ["c0", "c1"] {
+        let i: usize = id[1..].parse().unwrap();
+        clients[i]
+            .report(tokio_stream::iter(vec![capacity_report(id, 100_000.0)]))
+            .await
+            .unwrap();
+    }
+    // Every watcher forwards (its index, generation, arrival time) of each completed batch.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u64, Instant)>();
+    for (i, id) in ids.iter().enumerate() {
+        let mut c = clients[i].clone();
+        let tx = tx.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let mut s = c
+                .watch_weights(WatchRequest {
+                    cluster_id: id,
+                    node_name: "n1".into(),
+                    last_generation: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Some(u)) = s.message().await {
+                if u.last_in_batch && tx.send((i, u.generation, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    // Wait until every watcher holds the first generation.
+    let mut generation = loop {
+        let g = broker.engine().current().generation;
+        if g >= 1 {
+            break g;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    wait_all(&mut rx, watchers, generation).await;
+
+    let mut samples = Vec::with_capacity(rounds);
+    let mut reporter = clients[1].clone();
+    for round in 0..rounds {
+        // Drain stale notifications, then change c1's capacity.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while rx.try_recv().is_ok() {}
+        // c1 stops serving (0) / serves again: every source's weights move.
+        let cap = if round % 2 == 0 { 0.0 } else { 100_000.0 };
+        let t0 = Instant::now();
+        reporter
+            .report(tokio_stream::iter(vec![capacity_report("c1", cap)]))
+            .await
+            .unwrap();
+        let last = wait_all(&mut rx, watchers, generation + 1).await;
+        let ms = last.duration_since(t0).as_secs_f64() * 1000.0;
+        if std::env::var_os("BALLAST_BENCH_VERBOSE").is_some() {
+            eprintln!(
+                "round {round}: {ms:.1} ms, generation {} -> {}",
+                generation,
+                broker.engine().current().generation
+            );
+        }
+        samples.push(ms);
+        generation = broker.engine().current().generation;
+    }
+    drop(clients);
+    broker.stop().await;
+    samples.sort_by(f64::total_cmp);
+    Row {
+        debounce_ms: u64::try_from(debounce.as_millis()).unwrap_or(0),
+        rounds,
+        p50: percentile(&samples, 50.0),
+        p99: percentile(&samples, 99.0),
+        max: *samples.last().unwrap(),
+    }
+}
+
+fn main() {
+    let watchers = env_usize("BALLAST_BENCH_WATCHERS", 100);
+    let rounds = env_usize("BALLAST_BENCH_ROUNDS", 200);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("propagation: {watchers} watchers (one mTLS connection and cluster each), {rounds} rounds, SQLite store, loopback");
+    println!("time from the start of a Report (capacity change) to every watcher holding the new generation");
+    println!();
+    println!("| debounce | watchers | rounds | p50 ms | p99 ms | max ms | target p99 < 100 ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---|");
+    for debounce in [Duration::from_millis(20), Duration::from_millis(50)] {
+        let r = rt.block_on(run(watchers, rounds, debounce));
+        println!(
+            "| {} ms{} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            r.debounce_ms,
+            if r.debounce_ms == 20 {
+                " (default)"
+            } else {
+                ""
+            },
+            watchers,
+            r.rounds,
+            r.p50,
+            r.p99,
+            r.max,
+            if r.p99 < 100.0 { "met" } else { "MISSED" }
+        );
+    }
+}

@@ -119,7 +119,7 @@ pub struct ServeArgs {
     #[arg(long, env = "BALLAST_SOLVE_INTERVAL", default_value = "30s", value_parser = duration)]
     pub solve_interval: Duration,
     /// Wait after an input change before re-solving.
-    #[arg(long, env = "BALLAST_DEBOUNCE", default_value = "50ms", value_parser = duration)]
+    #[arg(long, env = "BALLAST_DEBOUNCE", default_value = "20ms", value_parser = duration)]
     pub debounce: Duration,
     /// Measurements older than this are not used (the service keeps its previous weights,
     /// flagged stale).

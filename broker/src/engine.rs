@@ -18,6 +18,7 @@
 //! that never had weights gets none until its inputs are fresh.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -249,6 +250,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     published: watch::Sender<Arc<Published>>,
     trigger: Notify,
+    /// Set by [`Engine::trigger`], cleared when a round starts: a permit left in `trigger`
+    /// by a trigger that an earlier round already covered does not cause another round.
+    dirty: AtomicBool,
     round: tokio::sync::Mutex<RoundState>,
     known: RwLock<BTreeSet<String>>,
 }
@@ -316,6 +320,7 @@ impl Engine {
             metrics,
             published,
             trigger: Notify::new(),
+            dirty: AtomicBool::new(false),
             round: tokio::sync::Mutex::new(RoundState {
                 last_digest: String::new(),
                 next_run_id,
@@ -356,6 +361,7 @@ impl Engine {
 
     /// Asks the solve loop for a (debounced) round.
     pub fn trigger(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
         self.trigger.notify_one();
     }
 
@@ -775,6 +781,9 @@ impl Engine {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = self.trigger.notified() => {
+                    if !self.dirty.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(debounce) => {}
                         _ = shutdown.changed() => break,
@@ -785,6 +794,7 @@ impl Engine {
             if *shutdown.borrow() {
                 break;
             }
+            self.dirty.store(false, Ordering::SeqCst);
             if let Err(e) = self.run_round().await {
                 warn!(error = %e, "solver round failed");
             }

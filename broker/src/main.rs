@@ -49,10 +49,14 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut running = ballast_broker::server::start(cfg)
         .await
         .context("starting the broker")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     tokio::select! {
         () = running.wait() => {}
         r = tokio::signal::ctrl_c() => { r.context("waiting for ctrl-c")?; }
+        _ = term.recv() => {}
     }
+    tracing::info!("shutting down");
     running.stop().await;
     Ok(())
 }

@@ -52,7 +52,7 @@ impl ServeConfig {
             database_url,
             tls,
             solve_interval: Duration::from_secs(30),
-            debounce: Duration::from_millis(50),
+            debounce: Duration::from_millis(20),
             report_interval: Duration::from_secs(10),
             max_message_bytes: 4 * 1024 * 1024,
             engine: EngineConfig::default(),
