@@ -29,7 +29,8 @@
 //! value), and [`TryFrom`] into the model's [`Policy`] / [`Params`] checks again (a CRD
 //! installed without its schema, an older version): an invalid object is reported in
 //! [`PolicySettings::rejected`] with the field it got wrong, and the last accepted value of that
-//! object stays in force — nothing is half-applied.
+//! object stays in force — nothing is half-applied. The broker writes its verdict to each
+//! object's `status` ([`PolicyStatus`]: accepted, and the message naming the field).
 //!
 //! Consumer API: [`spawn_policy_watcher_from_env`] (what `serve` calls: on when the chart sets
 //! `BALLAST_WATCH_POLICY_CRDS=true`) or [`spawn_policy_watcher`] (given a client) return a
