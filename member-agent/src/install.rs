@@ -231,6 +231,40 @@ pub struct Steering {
 }
 
 impl Steering {
+    /// Cluster weights read back from what a previous agent installed (healthy backends'
+    /// weights summed per cluster), so a restarted agent keeps steering as before until the
+    /// broker speaks. Adopted weights carry generation 0: any broker update replaces them.
+    pub fn adopt(installed: &[ballast_bpf::InstalledService]) -> Self {
+        let mut weights = BTreeMap::new();
+        for s in installed {
+            let Some(name) = service_of_spec(&s.spec.name) else {
+                continue;
+            };
+            if weights.contains_key(&name) {
+                continue;
+            }
+            let mut per_cluster: BTreeMap<ClusterId, f64> = BTreeMap::new();
+            for b in s.spec.backends.iter().filter(|b| b.healthy && b.weight > 0) {
+                *per_cluster.entry(b.cluster.clone()).or_insert(0.0) += f64::from(b.weight);
+            }
+            let total: f64 = per_cluster.values().sum();
+            if total <= 0.0 {
+                continue;
+            }
+            for w in per_cluster.values_mut() {
+                *w /= total;
+            }
+            weights.insert(
+                name,
+                ServiceWeights {
+                    generation: 0,
+                    weights: per_cluster,
+                },
+            );
+        }
+        Self { weights }
+    }
+
     /// Checks one update (service known, for this cluster, weights finite in [0, 1] with a
     /// positive sum, expandable) and, if good, takes it. Returns the verdict.
     pub fn accept(
@@ -587,10 +621,15 @@ mod tests {
             let ws: Vec<u32> = installed.spec.backends.iter().map(|b| b.weight).collect();
             assert_eq!(ws, [1024, 3072]);
             drop(inst);
-            // a restarted agent adopts the pinned state: attached, service still there
+            // a restarted agent adopts the pinned state: attached, service still there, and
+            // the cluster weights read back are the broker's 1:3
             let inst = Installer::open(&pin_dir, &cgroup).expect("adopt");
             assert!(inst.dataplane().is_attached(&cgroup).expect("cgroup"));
-            assert_eq!(inst.dataplane().services().expect("read").len(), 1);
+            let installed = inst.dataplane().services().expect("read");
+            assert_eq!(installed.len(), 1);
+            let adopted = Steering::adopt(&installed);
+            let w = &adopted.weights[&ServiceName::parse("shop/web").expect("name")].weights;
+            assert!((w["west"] - 0.75).abs() < 1e-9, "{w:?}");
             inst.detach().expect("detach");
             assert!(!pin_dir.join("links").exists());
         });

@@ -350,6 +350,20 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     });
 
+    let steering = match installer.dataplane().services() {
+        Ok(installed) => {
+            let s = Steering::adopt(&installed);
+            if !s.weights.is_empty() {
+                tracing::info!(services = s.weights.len(), "adopted the installed weights");
+            }
+            s
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the installed services; starting even");
+            Steering::default()
+        }
+    };
+
     let (updates_tx, updates_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = mpsc::channel(1024);
     let (reports_tx, reports_rx) = watch::channel(None);
@@ -388,7 +402,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
         installer,
-        steering: Steering::default(),
+        steering,
         catalog: discovery.catalog.clone(),
         peers,
         updates: updates_rx,
