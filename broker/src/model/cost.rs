@@ -104,13 +104,26 @@ pub(crate) fn index(problem: &Problem) -> HashMap<&str, usize> {
         .collect()
 }
 
+type Row = std::collections::BTreeMap<String, f64>;
+
 /// Lazily computed, cached cost of pairs of clusters by index.
 pub(crate) struct CostModel<'a> {
     problem: &'a Problem,
     a: f64,
     b: f64,
     missing_rtt: f64,
+    /// `rtt_ms` / `cost` rows by cluster index (one map lookup per pair instead of two).
+    rtt_rows: Vec<Option<&'a Row>>,
+    cost_rows: Vec<Option<&'a Row>>,
     cache: Vec<f64>,
+}
+
+fn rows<'a>(problem: &'a Problem, m: Option<&'a Matrix>) -> Vec<Option<&'a Row>> {
+    problem
+        .clusters
+        .iter()
+        .map(|c| m.and_then(|m| m.get(&c.id)))
+        .collect()
 }
 
 impl<'a> CostModel<'a> {
@@ -129,22 +142,21 @@ impl<'a> CostModel<'a> {
             a,
             b,
             missing_rtt,
+            rtt_rows: rows(problem, Some(&problem.rtt_ms)),
+            cost_rows: rows(problem, problem.cost.as_ref()),
             cache: vec![f64::NAN; n * n],
         }
     }
 
     /// Measured (or assumed, see the module doc) RTT from cluster `s` to cluster `t`.
     pub(crate) fn rtt(&self, s: usize, t: usize) -> f64 {
-        let (cs, ct) = (&self.problem.clusters[s], &self.problem.clusters[t]);
-        let get = |x: &Cluster, y: &Cluster| {
-            self.problem
-                .rtt_ms
-                .get(&x.id)
-                .and_then(|row| row.get(&y.id))
+        let get = |x: usize, y: usize| {
+            self.rtt_rows[x]
+                .and_then(|row| row.get(&self.problem.clusters[y].id))
                 .copied()
         };
-        get(cs, ct)
-            .or_else(|| get(ct, cs))
+        get(s, t)
+            .or_else(|| get(t, s))
             .unwrap_or(if s == t { 0.0 } else { self.missing_rtt })
     }
 
@@ -156,13 +168,7 @@ impl<'a> CostModel<'a> {
             return cached;
         }
         let (cs, ct) = (&self.problem.clusters[s], &self.problem.clusters[t]);
-        let explicit = self
-            .problem
-            .cost
-            .as_ref()
-            .and_then(|m| m.get(&cs.id))
-            .and_then(|row| row.get(&ct.id))
-            .copied();
+        let explicit = self.cost_rows[s].and_then(|row| row.get(&ct.id)).copied();
         let value = explicit.unwrap_or_else(|| {
             let price = self.problem.prices.price(tier(cs, ct)) * PRICE_SCALE;
             self.a * self.rtt(s, t) + self.b * price
