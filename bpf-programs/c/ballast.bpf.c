@@ -18,7 +18,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* Steers one address. Returns the hook's verdict: 1 proceed, 0 fail with EPERM. */
 static __always_inline int steer(struct bpf_sock_addr *ctx, struct svc_key *key,
-				 struct backend *be)
+				 struct backend *be, int connected)
 {
 	__u32 *id = bpf_map_lookup_elem(&blst_svc, key);
 	if (!id)
@@ -30,11 +30,14 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct svc_key *key,
 	if (r != BALLAST_PICK_OK)
 		return 2;
 	ballast_count(sid, be);
-	ballast_remember(bpf_get_socket_cookie(ctx), be, key);
+	if (connected)
+		ballast_remember_sock(ctx->sk, be, key);
+	else
+		ballast_remember(bpf_get_socket_cookie(ctx), be, key);
 	return 1;
 }
 
-static __always_inline int steer4(struct bpf_sock_addr *ctx)
+static __always_inline int steer4(struct bpf_sock_addr *ctx, int connected)
 {
 	__u32 proto = ctx->protocol;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -42,7 +45,7 @@ static __always_inline int steer4(struct bpf_sock_addr *ctx)
 	struct svc_key key = { .port = (__u16)ctx->user_port, .proto = (__u8)proto };
 	ballast_map4(key.addr, ctx->user_ip4);
 	struct backend be;
-	int v = steer(ctx, &key, &be);
+	int v = steer(ctx, &key, &be, connected);
 	if (v != 1)
 		return v == 0 ? 0 : 1;
 	if (!ballast_is_mapped(be.addr))
@@ -55,13 +58,13 @@ static __always_inline int steer4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int blst_connect4(struct bpf_sock_addr *ctx)
 {
-	return steer4(ctx);
+	return steer4(ctx, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int blst_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return steer4(ctx);
+	return steer4(ctx, 0);
 }
 
 SEC("cgroup/connect6")
@@ -76,7 +79,7 @@ int blst_connect6(struct bpf_sock_addr *ctx)
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
 	struct backend be;
-	int v = steer(ctx, &key, &be);
+	int v = steer(ctx, &key, &be, 1);
 	if (v != 1)
 		return v == 0 ? 0 : 1;
 	ctx->user_ip6[0] = be.addr[0];
@@ -87,9 +90,30 @@ int blst_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* the socket's own record: connected sockets */
+static __always_inline struct sock_rev *sock_rev_of(struct bpf_sock_addr *ctx, const __u32 addr[4])
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	struct sock_rev *sr = bpf_sk_storage_get(&blst_sockrev, sk, 0, 0);
+	if (!sr || sr->backend_port != (__u16)ctx->user_port || sr->backend[0] != addr[0] ||
+	    sr->backend[1] != addr[1] || sr->backend[2] != addr[2] || sr->backend[3] != addr[3])
+		return 0;
+	return sr;
+}
+
 /* backend -> VIP for this socket, if it was steered */
 static __always_inline int unsteer4(struct bpf_sock_addr *ctx)
 {
+	__u32 a[4];
+	ballast_map4(a, ctx->user_ip4);
+	struct sock_rev *sr = sock_rev_of(ctx, a);
+	if (sr) {
+		ctx->user_ip4 = sr->vip[3];
+		ctx->user_port = sr->vip_port;
+		return 1;
+	}
 	struct rev_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
 	ballast_map4(rk.addr, ctx->user_ip4);
 	struct rev_value *rv = bpf_map_lookup_elem(&blst_rev, &rk);
@@ -115,6 +139,16 @@ int blst_recvmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int blst_getpeername6(struct bpf_sock_addr *ctx)
 {
+	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	struct sock_rev *sr = sock_rev_of(ctx, a);
+	if (sr) {
+		ctx->user_ip6[0] = sr->vip[0];
+		ctx->user_ip6[1] = sr->vip[1];
+		ctx->user_ip6[2] = sr->vip[2];
+		ctx->user_ip6[3] = sr->vip[3];
+		ctx->user_port = sr->vip_port;
+		return 1;
+	}
 	struct rev_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
 	rk.addr[0] = ctx->user_ip6[0];
 	rk.addr[1] = ctx->user_ip6[1];

@@ -115,4 +115,15 @@ struct rev_value {
 	__u16 pad;
 };
 
+/* value of blst_sockrev (socket local storage): the VIP a connected socket dialled and the
+ * backend it was steered to; cheaper than an LRU entry and freed with the socket */
+struct sock_rev {
+	__u32 backend[4];
+	__u16 backend_port;
+	__u16 pad;
+	__u32 vip[4];
+	__u16 vip_port;
+	__u16 pad2;
+};
+
 #endif

@@ -119,6 +119,18 @@ pub struct RevValue {
     pub pad: u16,
 }
 
+/// Value of `blst_sockrev` (socket local storage of connected sockets).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev {
+    pub backend: [u32; 4],
+    pub backend_port: u16,
+    pub pad: u16,
+    pub vip: [u32; 4],
+    pub vip_port: u16,
+    pub pad2: u16,
+}
+
 // SAFETY: plain #[repr(C)] data with explicit padding fields, valid for any bit pattern.
 unsafe impl aya::Pod for SvcKey {}
 unsafe impl aya::Pod for SvcState {}
@@ -132,6 +144,7 @@ unsafe impl aya::Pod for ClusterName {}
 unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for RevKey {}
 unsafe impl aya::Pod for RevValue {}
+unsafe impl aya::Pod for SockRev {}
 
 /// C struct name, size, and `(field, offset)` pairs of one mirror.
 pub type Mirror = (&'static str, usize, Vec<(&'static str, usize)>);
@@ -166,5 +179,10 @@ pub fn mirrors() -> Vec<Mirror> {
         m!("counter_key", CounterKey, [id, addr, port, pad]),
         m!("rev_key", RevKey, [cookie, addr, port, pad]),
         m!("rev_value", RevValue, [addr, port, pad]),
+        m!(
+            "sock_rev",
+            SockRev,
+            [backend, backend_port, pad, vip, vip_port, pad2]
+        ),
     ]
 }

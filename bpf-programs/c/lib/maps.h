@@ -85,4 +85,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } blst_rev SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_rev);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} blst_sockrev SEC(".maps");
+
 #endif

@@ -53,11 +53,13 @@ static __always_inline int ballast_index_bsearch(const struct svc_state *st, __u
 	return 0;
 }
 
-/* Picks a backend of service `id` from its current generation; on OK *out holds a copy. */
-static __always_inline int ballast_pick_one(__u32 id, struct backend *out)
+/* Picks a backend of service `id` from its current generation (`st`, already looked up, or
+ * NULL); on OK *out holds a copy. Retries once with a fresh state if a writer overtook us. */
+static __always_inline int ballast_pick_one(__u32 id, struct svc_state *st, struct backend *out)
 {
 	for (int attempt = 0; attempt < 2; attempt++) {
-		struct svc_state *st = bpf_map_lookup_elem(&blst_state, &id);
+		if (!st || attempt > 0)
+			st = bpf_map_lookup_elem(&blst_state, &id);
 		if (!st)
 			return BALLAST_PICK_PASS;
 		__u32 gen = st->gen;
@@ -80,8 +82,8 @@ static __always_inline int ballast_pick_one(__u32 id, struct backend *out)
 	return BALLAST_PICK_PASS;
 }
 
-/* Canary first (a separate lookup of the target service), else the service itself. On OK,
- * *out_id is the service the backend belongs to. */
+/* Canary first (a separate lookup of the target service, with its own state, backend count
+ * and table), else the service itself. On OK, *out_id is the service the backend belongs to. */
 static __always_inline int ballast_pick(__u32 id, struct backend *out, __u32 *out_id)
 {
 	struct svc_state *st = bpf_map_lookup_elem(&blst_state, &id);
@@ -89,17 +91,16 @@ static __always_inline int ballast_pick(__u32 id, struct backend *out, __u32 *ou
 		return BALLAST_PICK_PASS;
 	if ((st->flags & BALLAST_F_CANARY) &&
 	    bpf_get_prandom_u32() % 10000 < st->canary_pct) {
-		/* Second lookup: the canary service's own state, backend count and table. */
 		__u32 cid = st->canary_id;
-		int r = ballast_pick_one(cid, out);
-		if (r == BALLAST_PICK_OK) {
+		if (ballast_pick_one(cid, 0, out) == BALLAST_PICK_OK) {
 			*out_id = cid;
-			return r;
+			return BALLAST_PICK_OK;
 		}
 		/* canary target missing or down: the primary service serves */
+		st = 0;
 	}
 	*out_id = id;
-	return ballast_pick_one(id, out);
+	return ballast_pick_one(id, st, out);
 }
 
 static __always_inline void ballast_count(__u32 id, const struct backend *be)
@@ -119,6 +120,23 @@ static __always_inline void ballast_count(__u32 id, const struct backend *be)
 	}
 }
 
+/* connect(): remember backend -> VIP in the socket's own storage */
+static __always_inline void ballast_remember_sock(struct bpf_sock *sk, const struct backend *be,
+						  const struct svc_key *vip)
+{
+	if (!sk)
+		return;
+	struct sock_rev *sr =
+		bpf_sk_storage_get(&blst_sockrev, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!sr)
+		return;
+	__builtin_memcpy(sr->backend, be->addr, sizeof(sr->backend));
+	sr->backend_port = be->port;
+	__builtin_memcpy(sr->vip, vip->addr, sizeof(sr->vip));
+	sr->vip_port = vip->port;
+}
+
+/* sendmsg() on an unconnected socket: one socket, many peers, so an LRU entry per peer */
 static __always_inline void ballast_remember(__u64 cookie, const struct backend *be,
 					     const struct svc_key *vip)
 {
