@@ -492,3 +492,25 @@ async fn plain_text_only_with_insecure() {
     assert!(res, "plain text must be refused by the mTLS server");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn insecure_mode_serves_plain_text_and_trusts_the_claimed_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
+    let mut cfg = test_config(&bundle, &sqlite_url(&dir.path().join("b.db")));
+    cfg.tls = None;
+    let b = start_broker(cfg).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", b.addr.port()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ballast_proto::v1::broker_client::BrokerClient::new(ch);
+    let r = c
+        .register(register_req("c7", "n1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.cluster_id, "c7");
+    b.stop().await;
+}

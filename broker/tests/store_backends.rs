@@ -445,3 +445,70 @@ async fn engine_postgres_scenario() {
     engine_scenario(&pg.url).await;
     pg.drop_schema().await;
 }
+
+/// Herd damping in the server: one round moves no weight by more than `max_step`, and
+/// further rounds converge to the undamped answer.
+#[tokio::test]
+async fn engine_damps_weight_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&sqlite_url(&dir.path().join("b.db")))
+        .await
+        .unwrap();
+    for c in ["c1", "c2", "c3"] {
+        store
+            .register(&cluster(c, "us-east-1"), &agent(c, "n1"))
+            .await
+            .unwrap();
+    }
+    let cfg = EngineConfig {
+        max_step: Some(0.2),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let now = now_ms();
+    let rtts = |a: f64, b: f64| {
+        report_of(
+            "c1",
+            "n1",
+            now_ms(),
+            &[("c2", a), ("c3", b)],
+            &[("ns/web", "c2", 100.0)],
+            &[],
+        )
+    };
+    store.store_report(&rtts(5.0, 80.0)).await.unwrap();
+    for c in ["c2", "c3"] {
+        store
+            .store_report(&report_of(c, "n1", now, &[], &[], &[("ns/web", 1000.0)]))
+            .await
+            .unwrap();
+    }
+    let key = ("ns/web".to_string(), "c1".to_string());
+    // Converge on c2 first.
+    for _ in 0..10 {
+        engine.run_round().await.unwrap();
+    }
+    let before = engine.current().entries[&key].weights.clone();
+    assert!(before["c2"] > 0.9, "{before:?}");
+    // Now c3 is the near one: the first round moves at most 0.2.
+    store.store_report(&rtts(80.0, 5.0)).await.unwrap();
+    engine.run_round().await.unwrap();
+    let after = engine.current().entries[&key].weights.clone();
+    for (dst, w) in &after {
+        let moved = (w - before.get(dst).copied().unwrap_or(0.0)).abs();
+        assert!(
+            moved <= 0.2 + 1e-9,
+            "{dst} moved {moved}: {before:?} -> {after:?}"
+        );
+    }
+    assert!(after["c3"] > before["c3"] + 0.1, "{before:?} -> {after:?}");
+    // Further rounds (each new generation changes the inputs' digest) converge.
+    for _ in 0..10 {
+        engine.run_round().await.unwrap();
+    }
+    let end = engine.current().entries[&key].weights.clone();
+    assert!(end["c3"] > 0.9, "{end:?}");
+    store.close().await;
+}
