@@ -302,3 +302,45 @@ fn helm_broker_flags_exist_in_the_serve_cli() {
         );
     }
 }
+
+/// Leaf paths of a YAML mapping (`a.b.c`); a non-empty list or an empty map is a leaf.
+fn leaf_paths(v: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        Value::Mapping(m) if !m.is_empty() => {
+            for (k, child) in m {
+                prefix.push(k.as_str().expect("string keys").to_string());
+                leaf_paths(child, prefix, out);
+                prefix.pop();
+            }
+        }
+        _ => out.push(prefix.clone()),
+    }
+}
+
+/// The other direction: every value in values.yaml is read by some template (itself, or a
+/// parent passed whole, e.g. `toYaml .Values.resources`), so no documented knob is dead.
+#[test]
+fn helm_every_value_is_used_by_a_template() {
+    for chart in CHARTS {
+        let dir = repo().join("helm").join(chart);
+        let values = &parse_all(&dir.join("values.yaml"))[0];
+        let mut templates = Vec::new();
+        files_under(&dir.join("templates"), &mut templates);
+        let used: BTreeSet<Vec<String>> = templates
+            .iter()
+            .flat_map(|t| value_paths(&std::fs::read_to_string(t).expect("template")))
+            .collect();
+        let mut leaves = Vec::new();
+        leaf_paths(values, &mut Vec::new(), &mut leaves);
+        for leaf in leaves {
+            let read = used
+                .iter()
+                .any(|u| leaf.starts_with(u) || u.starts_with(&leaf));
+            assert!(
+                read,
+                "{chart}/values.yaml: {} is read by no template",
+                leaf.join(".")
+            );
+        }
+    }
+}
