@@ -75,6 +75,8 @@ YAML
 for c in "${MEMBERS[@]}"; do
   log "member ${c}: ServiceImport demo/echo (${ECHO_VIP}:${ECHO_PORT}) + EndpointSlices"
   import_yaml | kc "${c}" apply -f -
+  # status.clusters, as an MCS controller would set it (informational: the agent reads the
+  # EndpointSlices); best effort, an older kubectl without --subresource just skips it.
   members_json="$(printf '{"cluster":"%s"},' "${MEMBERS[@]}")"
   kc "${c}" -n demo patch serviceimport echo --subresource=status --type=merge \
     -p "{\"status\":{\"clusters\":[${members_json%,}]}}" >/dev/null || true
