@@ -33,6 +33,32 @@ fn instance() -> impl Strategy<Value = TransportProblem> {
     })
 }
 
+/// Larger, tight instances (capacity just above demand): long augmenting paths through
+/// backward arcs.
+fn tight_instance() -> impl Strategy<Value = TransportProblem> {
+    (5usize..30, 3usize..20, 1.0f64..1.1).prop_flat_map(|(ns, nt, slack)| {
+        (
+            prop::collection::vec(0.0f64..300.0, ns),
+            prop::collection::vec(0.5f64..1.5, nt),
+            prop::collection::vec(0.0f64..50.0, ns * nt),
+        )
+            .prop_map(move |(s, shares, cost)| {
+                let supply: Vec<f64> = s.into_iter().map(|x| x + nt as f64).collect();
+                let total: f64 = supply.iter().sum();
+                let share_total: f64 = shares.iter().sum();
+                TransportProblem {
+                    capacity: shares
+                        .iter()
+                        .map(|x| (slack * total * x / share_total).max(ns as f64))
+                        .collect(),
+                    supply,
+                    cost,
+                    floor: LIVENESS_FLOOR_RPS,
+                }
+            })
+    })
+}
+
 fn check_feasible_flow(p: &TransportProblem, flow: &[f64]) {
     let (ns, nt) = (p.n_source(), p.n_dest());
     for s in 0..ns {
@@ -71,6 +97,18 @@ proptest! {
                 prop_assert!(solve_lp(&p).is_err(), "LP found a solution to an infeasible instance");
             }
         }
+    }
+
+    #[test]
+    fn dedicated_solver_matches_the_lp_library_on_tight_instances(p in tight_instance()) {
+        let sol = solve_transport(&p).expect("tight but feasible");
+        check_feasible_flow(&p, &sol.flow);
+        let lp = solve_lp(&p).expect("the LP library solves it");
+        let scale = lp.objective.abs().max(1.0);
+        prop_assert!(
+            (sol.objective - lp.objective).abs() <= 1e-6 * scale,
+            "dedicated {} vs lp {}", sol.objective, lp.objective
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   other, at cost(s, s) (0 ms RTT unless measured, same-zone price), and that traffic counts
 //!   against its capacity.
 //! - Infeasible (Σ demand > Σ capacity, a demand below |T|·floor, a capacity below
-//!   |S|·floor): never an error and never `optimal` — `degraded`, a reason listing what is
+//!   |S|·floor), or the solver failing to converge (not expected): never an error and never `optimal` — `degraded`, a reason listing what is
 //!   wrong, and every source's weights ∝ capacity.
 
 use std::fmt::Write as _;
@@ -135,6 +135,11 @@ fn describe(view: &View<'_>, active: &[usize], reasons: &[Infeasible]) -> String
                 active.len()
             ),
             Infeasible::Malformed => write!(out, "malformed instance"),
+            Infeasible::NotConverged { source, left } => write!(
+                out,
+                "the solver stopped with {left} rps of {} unplaced",
+                view.source_ids[active[*source]]
+            ),
         };
     }
     if reasons.len() > SHOWN {

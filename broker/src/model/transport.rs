@@ -63,6 +63,8 @@ pub enum Infeasible {
     SupplyAboveCapacity { supply: f64, capacity: f64 },
     /// The sizes do not match (`cost.len() != supply.len() * capacity.len()`).
     Malformed,
+    /// The solver stopped without shipping every supply (numerical trouble; not expected).
+    NotConverged { source: usize, left: f64 },
 }
 
 impl TransportProblem {
@@ -193,7 +195,7 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
         let mut guard = 0_usize;
         while supply[s0] > eps {
             guard += 1;
-            if guard > 4 * (ns + nt) + 16 {
+            if guard > ns * nt + ns + nt + 16 {
                 // Cannot happen for a feasible instance; stop rather than spin.
                 break;
             }
@@ -316,6 +318,13 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
             supply[s0] -= delta;
             spare[last_t - ns] -= delta;
         }
+    }
+    if let Some((source, &left)) = supply
+        .iter()
+        .enumerate()
+        .find(|(_, left)| **left > eps * 1e3)
+    {
+        return Err(vec![Infeasible::NotConverged { source, left }]);
     }
     for f in &mut flow {
         *f += p.floor;
