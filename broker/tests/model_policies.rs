@@ -395,3 +395,50 @@ fn validation_names_the_field() {
     p.services[0].demand_rps.insert("c9".into(), 1.0);
     assert!(solve(&p, &SolveOptions::default()).is_err());
 }
+
+#[test]
+fn damping_keeps_the_liveness_floor_for_a_new_destination() {
+    // Last round only c2 served; now c3 serves too and must get its floor at once.
+    let p = three_clusters(
+        Policy::Optimized,
+        Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
+        service("ns/svc", &[("c1", 10.0)], &[("c2", 500.0), ("c3", 500.0)]),
+    );
+    let mut options = SolveOptions {
+        max_step: Some(0.05),
+        ..SolveOptions::default()
+    };
+    options
+        .previous
+        .insert("ns/svc".into(), matrix(&[("c1", "c2", 1.0)]));
+    let sol = &solve(&p, &options).expect("solves")[0];
+    let (a, b) = (w(&sol.weights, "c1", "c2"), w(&sol.weights, "c1", "c3"));
+    assert!(b >= 0.1 - 1e-12, "floor 1 rps of 10 -> weight 0.1, got {b}");
+    assert!((a + b - 1.0).abs() < 1e-12);
+    assert!((w(&sol.flows, "c1", "c3") - 10.0 * b).abs() < 1e-9);
+}
+
+#[test]
+fn explain_marks_local_preference_under_wrr() {
+    let p = three_clusters(
+        Policy::WeightedRoundRobin,
+        None,
+        service("ns/svc", &[("c1", 10.0)], &[("c1", 50.0), ("c3", 50.0)]),
+    );
+    let e = explain(&p, "ns/svc", "c1").expect("explains");
+    let local = e
+        .destinations
+        .iter()
+        .find(|d| d.destination == "c1")
+        .expect("c1");
+    assert!(local.local_preference && local.binding == vec![Binding::LocalPreference]);
+    assert_eq!(local.weight, 1.0);
+    let remote = e
+        .destinations
+        .iter()
+        .find(|d| d.destination == "c3")
+        .expect("c3");
+    assert!(!remote.local_preference && remote.weight == 0.0);
+    let json = serde_json::to_value(&e).expect("serializes");
+    assert_eq!(json["destinations"][0]["binding"][0], "local-preference");
+}

@@ -7,6 +7,17 @@
 //! - cluster ids are strings (`"c1"`);
 //! - a weight / flow / cost matrix is `source -> destination -> value`;
 //! - every source's weights sum to 1.
+//!
+//! Layout and decisions (each module documents its own):
+//! - [`validate`]: every bad value is an error naming its field path.
+//! - [`cost`]: cost = a·RTT + b·price·1000, (a, b) per [`Params`]; explicit `cost` wins.
+//! - sources are the keys of `demand_rps`; destinations are `capacity_rps` entries > 0; a
+//!   cluster that is both may serve itself at cost(s, s) and that traffic uses its capacity.
+//! - `round-robin`, `weighted-round-robin` (`round_robin.rs`); `optimized` (`optimized.rs`)
+//!   solved exactly by [`transport`], with [`lp`] (good_lp + microlp) as the reference.
+//! - infeasible or nothing serving: [`Status::Degraded`] with a reason, never an error.
+//! - [`damping`]: `SolveOptions::max_step` bounds each weight's move per round.
+//! - [`explain`]: per destination cost, flow, weight and the binding constraints.
 
 use std::collections::BTreeMap;
 
