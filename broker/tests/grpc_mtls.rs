@@ -514,3 +514,89 @@ async fn insecure_mode_serves_plain_text_and_trusts_the_claimed_cluster() {
     assert_eq!(r.cluster_id, "c7");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn postgres_backed_broker_serves_and_survives_a_restart() {
+    let Some(pg) =
+        support::PgSchema::create("postgres_backed_broker_serves_and_survives_a_restart").await
+    else {
+        return;
+    };
+    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
+    let t1 = tls_of(&bundle, cluster_pair(&bundle, "c1"));
+    let t2 = tls_of(&bundle, cluster_pair(&bundle, "c2"));
+    let b = start_broker(test_config(&bundle, &pg.url)).await;
+    let mut a1 = agent(b.addr, &t1).await.unwrap();
+    let mut a2 = agent(b.addr, &t2).await.unwrap();
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+    let mut watch = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut m = report("c2", "n1");
+    m.capacity = vec![cap("ns/api", 200.0)];
+    send_reports(&mut a2, vec![m]).await.unwrap();
+    let u = until_generation(&mut watch, "ns/api", 1).await;
+    assert!((u.weights["c2"] - 1.0).abs() < 1e-9, "{:?}", u.weights);
+    let before = b.engine().current().generation;
+    drop(watch);
+    b.stop().await;
+
+    let b = start_broker(test_config(&bundle, &pg.url)).await;
+    assert_eq!(b.engine().current().generation, before);
+    let mut a1 = agent(b.addr, &t1).await.unwrap();
+    let mut m = report("c1", "n1");
+    m.capacity = vec![cap("ns/api", 200.0)];
+    send_reports(&mut a1, vec![m]).await.unwrap();
+    let mut watch = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: before,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = until_generation(&mut watch, "ns/api", before + 1).await;
+    assert_eq!(next.generation, before + 1);
+    assert!(next.weights.contains_key("c1"), "{:?}", next.weights);
+    drop(watch);
+    b.stop().await;
+    pg.drop_schema().await;
+}
+
+#[tokio::test]
+async fn register_rejects_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
+    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
+        .await
+        .unwrap();
+    let mut r = register_req("c1", "n1");
+    r.zone = String::new();
+    let e = a1.register(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("zone"), "{e:?}");
+    let mut r = register_req("c1", "n1");
+    r.cluster_id = "C 1".into();
+    let e = a1.register(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("cluster_id"), "{e:?}");
+    let e = a1
+        .watch_weights(WatchRequest {
+            cluster_id: "c1".into(),
+            node_name: "n1".into(),
+            last_generation: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "watching before registering");
+    b.stop().await;
+}
