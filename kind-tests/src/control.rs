@@ -20,8 +20,9 @@ pub const BROKER_PORT: u16 = 7443;
 pub const BROKER_METRICS_PORT: u16 = 9464;
 /// The agent's /metrics, on each cluster's own loopback.
 pub const AGENT_METRICS: &str = "127.0.0.1:9464";
-/// Capacity declared per backend of the demo service (requests per second).
-pub const CAPACITY_RPS_PER_POD: f64 = 100.0;
+/// Capacity declared per backend of the demo service (requests per second): well above
+/// what the load generator sends, so the split follows RTT and price rather than capacity.
+pub const CAPACITY_RPS_PER_POD: f64 = 2000.0;
 pub const POLICIES: [&str; 3] = ["round-robin", "weighted-round-robin", "optimized"];
 
 /// Where the control plane's pieces are, kept in the lab state.

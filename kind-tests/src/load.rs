@@ -60,8 +60,11 @@ pub struct LoadReport {
     pub by_backend: BTreeMap<String, u64>,
     /// Share of answered connections per destination cluster.
     pub observed: BTreeMap<String, f64>,
-    /// The weights installed for (service, source cluster), when known.
+    /// The weights published for (service, source cluster) when the load started, when known.
     pub weights: Option<BTreeMap<String, f64>>,
+    /// The same when it ended (weights move while a load runs: it is demand).
+    #[serde(default)]
+    pub weights_end: Option<BTreeMap<String, f64>>,
     /// Mean time of `connect()` (about one RTT to the chosen backend).
     pub mean_connect_ms: f64,
     /// Median time of `connect()`.
@@ -259,6 +262,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
         by_cluster: a.by_cluster.clone(),
         by_backend: a.by_backend.clone(),
         weights: None,
+        weights_end: None,
         mean_connect_ms: a.connect_total / ok,
         mean_latency_ms: a.latency_total / ok,
         errors: a.errors.clone(),
@@ -278,7 +282,7 @@ pub fn render(r: &LoadReport) -> String {
         r.connections, r.ok, r.failed, r.elapsed_s
     ));
     out.push_str(&format!(
-        "  {:<8} {:>8} {:>9} {:>8} {:>11}\n",
+        "  {:<8} {:>8} {:>9} {:>13} {:>11}\n",
         "cluster", "conns", "observed", "weight", "connect ms"
     ));
     let mut clusters: Vec<&String> = r.by_cluster.keys().collect();
@@ -293,9 +297,15 @@ pub fn render(r: &LoadReport) -> String {
     for c in clusters {
         let n = r.by_cluster.get(c).copied().unwrap_or(0);
         let obs = r.observed.get(c).copied().unwrap_or(0.0);
-        let w = match r.weights.as_ref().and_then(|w| w.get(c)) {
-            Some(w) => format!("{:.1}%", 100.0 * w),
-            None => "-".into(),
+        let start = r.weights.as_ref().and_then(|w| w.get(c));
+        let end = r.weights_end.as_ref().and_then(|w| w.get(c));
+        let w = match (start, end) {
+            (Some(a), Some(b)) if (a - b).abs() >= 0.0005 => {
+                format!("{:.1}->{:.1}%", 100.0 * a, 100.0 * b)
+            }
+            (Some(a), _) => format!("{:.1}%", 100.0 * a),
+            (None, Some(b)) => format!("{:.1}%", 100.0 * b),
+            (None, None) => "-".into(),
         };
         let cm = r
             .connect_ms_by_cluster
@@ -303,7 +313,7 @@ pub fn render(r: &LoadReport) -> String {
             .map(|m| format!("{m:.1}"))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "  {c:<8} {n:>8} {:>8.1}% {w:>8} {cm:>11}\n",
+            "  {c:<8} {n:>8} {:>8.1}% {w:>13} {cm:>11}\n",
             100.0 * obs
         ));
     }

@@ -317,6 +317,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stdout().is_terminal(),
             };
             let mut report = runtime(true)?.block_on(load::run(opts))?;
+            report.weights_end = lab.weights(&service, &from);
             report.from = Some(from);
             report.service = Some(service);
             report.weights = weights;
