@@ -160,12 +160,32 @@ pub fn generate(clusters: &[String], server_sans: &[String]) -> Result<Bundle, C
     })
 }
 
+/// Writes a file; private keys (`*-key.pem`) are readable by their owner only (0600).
 fn write(dir: &Path, name: &str, contents: &str) -> Result<(), CertsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
     let path = dir.join(name);
-    std::fs::write(&path, contents).map_err(|source| CertsError::Io {
+    let mode = if name.ends_with("-key.pem") {
+        0o600
+    } else {
+        0o644
+    };
+    let io = |source| CertsError::Io {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&path)
+        .map_err(io)?;
+    // An existing file keeps its mode on open: set it explicitly.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)
 }
 
 impl Bundle {

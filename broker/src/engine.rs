@@ -374,6 +374,15 @@ impl Engine {
             .unwrap_or(false)
     }
 
+    /// Every registered cluster id, sorted.
+    #[must_use]
+    pub fn known(&self) -> Vec<String> {
+        self.known
+            .read()
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Records a newly registered cluster.
     pub fn add_known(&self, cluster_id: &str) {
         if let Ok(mut k) = self.known.write() {

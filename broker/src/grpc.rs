@@ -380,6 +380,7 @@ impl Broker for BrokerService {
             params: op_of(params).into(),
             generation: self.engine.current().generation,
             max_message_bytes: self.settings.max_message_bytes,
+            known_cluster_ids: self.engine.known(),
         }))
     }
 

@@ -67,7 +67,12 @@ async fn agent_registers_reports_and_receives_weights() {
     assert_eq!(r.cluster_id, "c1");
     assert!(r.report_interval_ms > 0);
     a2.register(register_req("c2", "n1")).await.unwrap();
-    a3.register(register_req("c3", "n1")).await.unwrap();
+    let r3 = a3
+        .register(register_req("c3", "n1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r3.known_cluster_ids, vec!["c1", "c2", "c3"]);
 
     let mut watch = a1
         .watch_weights(WatchRequest {
@@ -599,4 +604,26 @@ async fn register_rejects_bad_fields() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "watching before registering");
     b.stop().await;
+}
+
+#[test]
+fn certs_writes_pems_with_private_keys_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c-2"]), &["broker.example".into()]).unwrap();
+    let files = bundle.write_to(dir.path()).unwrap();
+    assert_eq!(files.len(), 10);
+    let key = std::fs::metadata(dir.path().join("cluster-c-2-key.pem")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    let pem = std::fs::read_to_string(dir.path().join("cluster-c-2.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ballast_broker::tls::identity_of_der(&der).unwrap(),
+        ballast_broker::tls::Caller::Cluster("c-2".into())
+    );
+    assert!(generate(&clusters(&["Bad_Id"]), &[]).is_err());
+    assert!(generate(&clusters(&["c1"]), &["bad name!".into()]).is_err());
 }
