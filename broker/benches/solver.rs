@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use ballast_broker::model::lp::solve_lp_within;
 use ballast_broker::model::transport::{solve_transport, TransportProblem};
 use ballast_broker::model::{
-    cost_matrix, solve, Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
-    SolveOptions, Status, LIVENESS_FLOOR_RPS,
+    cost_matrix, solve, validate, Cluster, Matrix, Params, Policy, PriceTable, Problem,
+    ServiceInput, SolveOptions, Status, LIVENESS_FLOOR_RPS,
 };
 
 /// Time limit for one LP-library solve; past it the cell says so.
@@ -213,9 +213,9 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| clusters | capacity / demand | sources x serving | dedicated (ms) | solve() end-to-end (ms) | LP library (ms) | objective rel. diff |"
+        "| clusters | capacity / demand | sources x serving | dedicated (ms) | solve() end-to-end (ms) | of which validate (ms) | LP library (ms) | objective rel. diff |"
     );
-    let _ = writeln!(table, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in [10usize, 100, 300, 1000] {
         for slack in [1.25, 1.02] {
             let problem = optimized_problem(&data, n, slack, &mut rng);
@@ -226,6 +226,7 @@ fn main() {
                 solve(&problem, &SolveOptions::default()).expect("valid")
             });
             assert_eq!(out[0].status, Status::Optimal, "{:?}", out[0].reason);
+            let (t_validate, ()) = median(runs, || validate(&problem).expect("valid"));
             let lp_runs = if n >= 100 { 1 } else { runs };
             let (t_lp, lp) = median(lp_runs, || solve_lp_within(&tp, Some(LP_LIMIT)));
             let (lp_cell, diff_cell) = match lp {
@@ -242,11 +243,12 @@ fn main() {
             };
             let _ = writeln!(
                 table,
-                "| {n} | {slack} | {} x {} | {:.3} | {:.2} | {lp_cell} | {diff_cell} |",
+                "| {n} | {slack} | {} x {} | {:.3} | {:.2} | {:.2} | {lp_cell} | {diff_cell} |",
                 tp.n_source(),
                 tp.n_dest(),
                 ms(t_dedicated),
                 ms(t_solve),
+                ms(t_validate),
             );
             eprintln!("done: {n} clusters, slack {slack}");
         }

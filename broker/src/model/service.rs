@@ -226,20 +226,29 @@ fn to_solution(view: &View<'_>, dense: &Dense, start: Instant) -> ServiceSolutio
     let nt = view.dests.len();
     let flow = flows(view, dense);
     let objective = flow.iter().zip(&view.cost).map(|(f, c)| f * c).sum();
-    let mut weights = Matrix::new();
-    let mut flows_m = Matrix::new();
-    for (s, id) in view.source_ids.iter().enumerate() {
-        let mut w_row = BTreeMap::new();
-        let mut f_row = BTreeMap::new();
-        if !dense.weights.is_empty() {
-            for (t, dst) in view.dest_ids.iter().enumerate() {
-                w_row.insert((*dst).to_owned(), dense.weights[s * nt + t]);
-                f_row.insert((*dst).to_owned(), flow[s * nt + t]);
-            }
+    // Ids are already sorted: `collect` bulk-builds each map instead of inserting one by one.
+    let row = |values: &[f64], s: usize| -> BTreeMap<String, f64> {
+        if values.is_empty() {
+            return BTreeMap::new();
         }
-        weights.insert((*id).to_owned(), w_row);
-        flows_m.insert((*id).to_owned(), f_row);
-    }
+        view.dest_ids
+            .iter()
+            .zip(&values[s * nt..(s + 1) * nt])
+            .map(|(dst, v)| ((*dst).to_owned(), *v))
+            .collect()
+    };
+    let weights: Matrix = view
+        .source_ids
+        .iter()
+        .enumerate()
+        .map(|(s, id)| ((*id).to_owned(), row(&dense.weights, s)))
+        .collect();
+    let flows_m: Matrix = view
+        .source_ids
+        .iter()
+        .enumerate()
+        .map(|(s, id)| ((*id).to_owned(), row(&flow, s)))
+        .collect();
     ServiceSolution {
         name: view.svc.name.clone(),
         status: dense.status,
