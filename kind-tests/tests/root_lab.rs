@@ -347,3 +347,108 @@ services:
     lab.ok(&["down"]);
     assert!(!pin.exists(), "pinned maps left behind");
 }
+
+/// Builds (or finds up to date) the broker and agent binaries next to ballast-lab, where
+/// `up` looks for them.
+fn build_control_plane_binaries() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "ballast-broker",
+            "-p",
+            "ballast-agent",
+            "--bin",
+            "ballast-broker",
+            "--bin",
+            "ballast-agent",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building ballast-broker and ballast-agent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = Path::new(BIN).parent().expect("bin dir");
+    for b in ["ballast-broker", "ballast-agent"] {
+        assert!(dir.join(b).is_file(), "{b} not in {}", dir.display());
+    }
+}
+
+fn weight(st: &Value, from: &str, to: &str) -> f64 {
+    st["weights"]["demo/echo"][from][to].as_f64().unwrap_or(0.0)
+}
+
+#[test]
+fn root_lab_control_plane_installs_weights_that_follow_the_wan() {
+    require_root!();
+    build_control_plane_binaries();
+    let lab = TestLab::new("d");
+    lab.ok(&["up", "--clusters", "3", "--wait-secs", "60"]);
+
+    // Every agent installed the broker's generation; weights exist for every source.
+    let st = lab.json(&["status", "--json"]);
+    let generation = st["generation"].as_u64().expect("generation");
+    assert!(generation >= 1, "{st}");
+    for c in ["c1", "c2", "c3"] {
+        let g = st["installed_generation"][c].as_u64().unwrap_or(0);
+        assert!(g >= generation, "{c} installed {g} < {generation}: {st}");
+    }
+    // From c1 (us-east-1), c2 (us-west-2, ~68 ms) is nearer than c3 (eu-west-1, ~85 ms)
+    // at the same egress price: optimized prefers c2.
+    lab.ok(&["settle", "--from", "c1", "--stable-secs", "3"]);
+    let st = lab.json(&["status", "--json"]);
+    assert!(weight(&st, "c1", "c2") > weight(&st, "c1", "c3"), "{st}");
+
+    // c1 <-> c2 becomes far: the agents measure it, the broker moves c1's weight to c3.
+    lab.ok(&["delay", "c1", "c2", "150"]);
+    lab.ok(&["settle", "--from", "c1", "--stable-secs", "3"]);
+    let st = lab.json(&["status", "--json"]);
+    assert!(weight(&st, "c1", "c3") > 0.7, "{st}");
+    let l = lab.json(&[
+        "load",
+        "--from",
+        "c1",
+        "--service",
+        "demo/echo",
+        "--connections",
+        "200",
+        "--concurrency",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(l["failed"], 0, "{l}");
+    assert!(f(&l["observed"], "c3") > 0.6, "{l}");
+
+    // c3's backends stop: drained through readiness first, so nothing fails.
+    lab.ok(&["backends", "c3", "demo/echo", "stop"]);
+    let l = lab.json(&[
+        "load",
+        "--from",
+        "c1",
+        "--service",
+        "demo/echo",
+        "--connections",
+        "50",
+        "--concurrency",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(l["failed"], 0, "{l}");
+    assert_eq!(l["by_cluster"]["c2"], 50, "{l}");
+
+    // round-robin, live: equal weights from c1 (c3 is back).
+    lab.ok(&["backends", "c3", "demo/echo", "start"]);
+    lab.ok(&["policy", "round-robin"]);
+    lab.ok(&["settle", "--from", "c1", "--stable-secs", "2"]);
+    let st = lab.json(&["status", "--json"]);
+    let (w2, w3) = (weight(&st, "c1", "c2"), weight(&st, "c1", "c3"));
+    assert!((w2 - 0.5).abs() < 0.01 && (w3 - 0.5).abs() < 0.01, "{st}");
+
+    lab.ok(&["down"]);
+    assert!(lab.netns().is_empty());
+    assert!(!Path::new(&format!("/sys/fs/bpf/{}-lab", lab.prefix)).exists());
+}
