@@ -1,0 +1,250 @@
+//! The real `ballast-agent` binary steering real connections (root: BPF, cgroups).
+//!
+//! Two loopback backends (clusters east and west) behind VIP 127.96.0.77:80; a bash client in
+//! the test's own cgroup connects to the VIP in a loop (an unsteered connect goes to the VIP,
+//! where nothing listens, and fails). While it runs the agent is killed with SIGKILL and
+//! started again, then west's backend is marked not ready in the topology file and stopped.
+//! No connect may fail, and the split must follow: both backends before, east only after.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A backend answering every connection with its name.
+fn backend(name: &'static str, stop: Arc<AtomicBool>) -> (u16, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(format!("{name}\n").as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    (port, h)
+}
+
+fn topology(pa: u16, pb: u16, west_ready: bool) -> String {
+    format!(
+        "local_cluster: east
+clusters:
+  - id: east
+  - id: west
+services:
+  - name: t/web
+    vips: [127.96.0.77]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 127.0.0.1:{pa}, cluster: east }}
+      - {{ address: 127.0.0.1:{pb}, cluster: west, ready: {west_ready} }}
+"
+    )
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct Cleanup {
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        if let Ok(mut dp) = ballast_bpf::Dataplane::open(&self.pin_dir) {
+            let _ = dp.detach(&self.cgroup);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(root) = ballast_bpf::sys::cgroup2_mount() {
+            if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+                for p in procs.lines() {
+                    let _ = std::fs::write(root.join("cgroup.procs"), p);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn start_agent(topology: &Path, cgroup: &Path, pin_dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ballast-agent"))
+        .args(["--cluster-id", "east", "--node-name", "test", "--topology"])
+        .arg(topology)
+        .args(["--topology-poll-interval", "50ms", "--cgroup"])
+        .arg(cgroup)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(["--metrics-addr", "127.0.0.1:0", "--report-interval", "1s"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the kernel holds t/web with exactly `backends` healthy backends.
+fn wait_installed(pin_dir: &Path, backends: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(dp) = ballast_bpf::Dataplane::open(pin_dir) {
+            if let Ok(s) = dp.service("t/web") {
+                if s.spec.backends.iter().filter(|b| b.healthy).count() == backends {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not install t/web with {backends} backends"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn root_agent_restart_and_backend_drain_lose_no_connection() {
+    if !is_root() {
+        println!("skipped root_agent_restart_and_backend_drain_lose_no_connection: needs root (BPF, cgroups)");
+        return;
+    }
+    let (Some(cg_root), Some(bpffs)) = (
+        ballast_bpf::sys::cgroup2_mount(),
+        ballast_bpf::sys::bpffs_mount(),
+    ) else {
+        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
+    };
+    let unique = format!("ballast-agent-e2e-{}", std::process::id());
+    let mut env = Cleanup {
+        cgroup: cg_root.join(&unique),
+        pin_dir: bpffs.join(&unique),
+        agent: None,
+    };
+    std::fs::create_dir_all(&env.cgroup).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let topo = dir.path().join("topology.yaml");
+
+    let stop_a = Arc::new(AtomicBool::new(false));
+    let stop_b = Arc::new(AtomicBool::new(false));
+    let (pa, ha) = backend("A", stop_a.clone());
+    let (pb, hb) = backend("B", stop_b.clone());
+    write_atomic(&topo, &topology(pa, pb, true));
+    env.agent = Some(start_agent(&topo, &env.cgroup, &env.pin_dir));
+    wait_installed(&env.pin_dir, 2);
+
+    // the client: joins the cgroup, connects in a loop, prints each answer (or FAIL)
+    let script = format!(
+        "echo $$ > {}/cgroup.procs
+for i in $(seq 1 4000); do
+  if exec 3<>/dev/tcp/127.96.0.77/80; then
+    if read -r line <&3; then echo \"$line\"; else echo FAIL-READ; fi
+    exec 3<&-
+  else
+    echo FAIL-CONNECT
+  fi
+done",
+        env.cgroup.display()
+    );
+    let mut client = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(client.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    let take = |n: usize, lines: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lines.len() < n {
+            let l = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("client output");
+            lines.push(l);
+        }
+    };
+    let drain = |lines: &mut Vec<String>| {
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+    };
+
+    // phase 1: steady, then the agent is killed and restarted mid-stream
+    take(500, &mut lines);
+    let mut a = env.agent.take().unwrap();
+    a.kill().unwrap(); // SIGKILL: no clean-up at all
+    a.wait().unwrap();
+    take(lines.len() + 300, &mut lines); // steering continues with no agent
+    env.agent = Some(start_agent(&topo, &env.cgroup, &env.pin_dir));
+    take(lines.len() + 500, &mut lines);
+    let phase1 = lines.len();
+
+    // phase 2: west's backend goes unready (drain), then stops
+    write_atomic(&topo, &topology(pa, pb, false));
+    wait_installed(&env.pin_dir, 1);
+    // what the client printed up to now may predate the install
+    std::thread::sleep(Duration::from_millis(100));
+    drain(&mut lines);
+    let drained_at = lines.len();
+    stop_b.store(true, Ordering::Relaxed);
+    hb.join().unwrap();
+    take(4000, &mut lines);
+    client.wait().unwrap();
+    reader.join().unwrap();
+    stop_a.store(true, Ordering::Relaxed);
+    ha.join().unwrap();
+
+    let fails: Vec<(usize, &String)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("FAIL"))
+        .collect();
+    assert!(
+        fails.is_empty(),
+        "failed connects: {} e.g. {:?}",
+        fails.len(),
+        &fails[..fails.len().min(5)]
+    );
+    let count = |range: &[String], who: &str| range.iter().filter(|l| *l == who).count();
+    let (a1, b1) = (count(&lines[..phase1], "A"), count(&lines[..phase1], "B"));
+    println!(
+        "phase 1 (restart): A {a1}, B {b1}; phase 2 (after drain): A {}, B {}",
+        count(&lines[drained_at..], "A"),
+        count(&lines[drained_at..], "B")
+    );
+    // even split (no broker): 50/50 within a wide tolerance
+    let share = a1 as f64 / (a1 + b1) as f64;
+    assert!((0.4..=0.6).contains(&share), "A share {share}");
+    assert_eq!(
+        count(&lines[drained_at..], "B"),
+        0,
+        "no connection to the drained backend"
+    );
+}
