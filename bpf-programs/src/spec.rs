@@ -56,6 +56,7 @@ pub enum SelectMode {
 /// One backend of a service.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BackendSpec {
+    #[serde(rename = "address")]
     pub addr: SocketAddr,
     /// Cluster name; the kernel stores [`cluster_id`] of it (FNV-1a 32-bit).
     pub cluster: String,

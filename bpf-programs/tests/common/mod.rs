@@ -57,13 +57,16 @@ impl Env {
         let bpffs = ballast_bpf::sys::bpffs_mount().unwrap();
         let pin_dir = bpffs.join(&unique);
         let _ = std::fs::create_dir(&cgroup);
-        let mut dp = Dataplane::open(&pin_dir).unwrap();
-        dp.attach(&cgroup).unwrap();
-        Self {
+        // built first, so a failing open/attach below still removes the cgroup and pins
+        let mut env = Self {
             cgroup,
             pin_dir,
-            dp: Some(dp),
-        }
+            dp: None,
+        };
+        let mut dp = Dataplane::open(&env.pin_dir).unwrap();
+        dp.attach(&env.cgroup).unwrap();
+        env.dp = Some(dp);
+        env
     }
 
     pub fn dp(&mut self) -> &mut Dataplane {
