@@ -9,6 +9,7 @@ pub mod engine;
 pub mod grpc;
 pub mod metrics;
 pub mod model;
+pub mod policy_sync;
 pub mod server;
 pub mod solve_cli;
 pub mod store;

@@ -49,6 +49,20 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut running = ballast_broker::server::start(cfg)
         .await
         .context("starting the broker")?;
+    let fallback = ballast_broker::crd::ClusterPolicy {
+        policy: running.engine().config().policy,
+        params: running.engine().config().params,
+    };
+    if let Some(rx) = ballast_broker::crd::spawn_policy_watcher_from_env(fallback)
+        .await
+        .context("starting the policy CRD watcher")?
+    {
+        tracing::info!("watching LoadBalancingPolicy / ServiceLoadBalancingPolicy objects");
+        tokio::spawn(ballast_broker::policy_sync::follow(
+            std::sync::Arc::clone(running.engine()),
+            rx,
+        ));
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
