@@ -557,15 +557,36 @@ mod tests {
 
     /// The fake API server (kube's tower-test mock): answers the three LIST calls, holds the
     /// WATCH calls open, and returns the paths it was asked for.
-    async fn serve(handle: tower_test::mock::Handle<Request<Body>, Response<Body>>) -> Vec<String> {
+    async fn serve(
+        handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        go: Arc<Notify>,
+    ) -> Vec<String> {
         let mut handle = std::pin::pin!(handle);
         let mut held = Vec::new();
         let mut seen = Vec::new();
+        let mut slice_event_sent = false;
         while let Some((req, send)) = handle.next_request().await {
             let uri = req.uri().to_string();
             seen.push(uri.clone());
             if uri.contains("watch=true") {
-                held.push(send); // never answered: the watch stays open
+                if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") && !slice_event_sent
+                {
+                    // one change on the watch: west's endpoint goes unready
+                    slice_event_sent = true;
+                    let mut obj = slice("web-west", "west", &[("10.2.0.1", Some(false))]);
+                    obj["metadata"]["resourceVersion"] = json!("11");
+                    let ev = json!({"type": "MODIFIED", "object": obj});
+                    let mut body = serde_json::to_vec(&ev).expect("json");
+                    body.push(b'\n');
+                    // once the test has checked the first catalog
+                    let go = go.clone();
+                    tokio::spawn(async move {
+                        go.notified().await;
+                        send.send_response(Response::new(Body::from(body)));
+                    });
+                } else {
+                    held.push(send); // never answered: the watch stays open
+                }
                 continue;
             }
             let body = if uri.starts_with("/apis/multicluster.x-k8s.io/v1alpha1/serviceimports") {
@@ -601,12 +622,7 @@ mod tests {
                 panic!("unexpected request {uri}");
             };
             send.send_response(Response::new(Body::from(body)));
-            if seen.len() >= 6 {
-                break;
-            }
         }
-        // keep the held watches open until the test is done with the catalog
-        tokio::time::sleep(Duration::from_secs(5)).await;
         drop(held);
         seen
     }
@@ -614,7 +630,8 @@ mod tests {
     #[tokio::test]
     async fn kube_mock_api_service_import_and_slices_become_service() {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let server = tokio::spawn(serve(handle));
+        let go = Arc::new(Notify::new());
+        let server = tokio::spawn(serve(handle, go.clone()));
         let client = Client::new(svc, "default");
         let d = KubernetesDiscovery {
             client,
@@ -629,7 +646,7 @@ mod tests {
             init_timeout: Duration::from_secs(5),
             debounce: Duration::from_millis(10),
         };
-        let w = d
+        let mut w = d
             .start()
             .await
             .expect("discovery starts against the mock API");
@@ -668,6 +685,26 @@ mod tests {
             c.probe_targets(),
             vec![("west".to_owned(), "127.0.0.2".parse().expect("ip"))]
         );
+        // the watch reports west's endpoint unready: the catalog follows
+        go.notify_one();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::timeout_at(deadline, w.catalog.changed())
+                .await
+                .expect("catalog updated from the watch")
+                .expect("alive");
+            let c = w.current();
+            let web = &c.services[&ServiceName::parse("shop/web").expect("name")];
+            if web.ready_endpoints_for(&web.ports[0]).len() == 1 {
+                assert_eq!(
+                    web.ready_endpoints_for(&web.ports[0])[0]
+                        .address
+                        .to_string(),
+                    "10.1.0.1:8080"
+                );
+                break;
+            }
+        }
         drop(w);
         server.abort();
     }
