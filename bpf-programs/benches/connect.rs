@@ -6,7 +6,7 @@
 //! own per-run time of `cgroup/connect4` (BPF stats).
 //!
 //! Run as root: `cargo bench -p ballast-bpf --bench connect` (BALLAST_BENCH_SAMPLES=N to change
-//! the number of connects per row; default 20000).
+//! the number of connects per row, default 20000; BALLAST_BENCH_NO_IPTABLES=1 skips those rows).
 #![allow(
     clippy::unwrap_used,
     clippy::cast_precision_loss,
@@ -159,7 +159,7 @@ fn main() {
     rows.push(("direct (no cgroup program)".into(), m, p, String::new()));
 
     // (c) iptables DNAT in a dedicated netns (this thread only)
-    {
+    if std::env::var_os("BALLAST_BENCH_NO_IPTABLES").is_none() {
         let ns = Netns::new(&format!("ballast-bench-{}", std::process::id()));
         let ns_name = ns.0.clone();
         let out = std::thread::scope(|s| {

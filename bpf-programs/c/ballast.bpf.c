@@ -4,7 +4,7 @@
  *
  * connect4/6 and sendmsg4 rewrite a known (vip, port, proto) to a picked backend and remember
  * backend -> VIP per socket; getpeername4/6 and recvmsg4 show the VIP to the application.
- * Anything else passes untouched.
+ * Anything else passes untouched. sock_release forgets a connected socket's record.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -31,7 +31,7 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct svc_key *key,
 		return 2;
 	ballast_count(sid, be);
 	if (connected)
-		ballast_remember_sock(ctx->sk, be, key);
+		ballast_remember_conn(bpf_get_socket_cookie(ctx), be, key);
 	else
 		ballast_remember(bpf_get_socket_cookie(ctx), be, key);
 	return 1;
@@ -93,10 +93,8 @@ int blst_connect6(struct bpf_sock_addr *ctx)
 /* the socket's own record: connected sockets */
 static __always_inline struct sock_rev *sock_rev_of(struct bpf_sock_addr *ctx, const __u32 addr[4])
 {
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk)
-		return 0;
-	struct sock_rev *sr = bpf_sk_storage_get(&blst_sockrev, sk, 0, 0);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sock_rev *sr = bpf_map_lookup_elem(&blst_conn, &cookie);
 	if (!sr || sr->backend_port != (__u16)ctx->user_port || sr->backend[0] != addr[0] ||
 	    sr->backend[1] != addr[1] || sr->backend[2] != addr[2] || sr->backend[3] != addr[3])
 		return 0;
@@ -162,5 +160,13 @@ int blst_getpeername6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = rv->addr[3];
 		ctx->user_port = rv->port;
 	}
+	return 1;
+}
+
+SEC("cgroup/sock_release")
+int blst_sock_release(struct bpf_sock *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_delete_elem(&blst_conn, &cookie);
 	return 1;
 }

@@ -115,8 +115,8 @@ struct rev_value {
 	__u16 pad;
 };
 
-/* value of blst_sockrev (socket local storage): the VIP a connected socket dialled and the
- * backend it was steered to; cheaper than an LRU entry and freed with the socket */
+/* value of blst_conn (key: socket cookie): the VIP a connected socket dialled and the backend
+ * it was steered to. Written by connect, deleted by cgroup/sock_release. */
 struct sock_rev {
 	__u32 backend[4];
 	__u16 backend_port;

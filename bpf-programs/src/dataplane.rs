@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuHashMap},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr,
     },
     Ebpf, EbpfLoader,
 };
@@ -40,13 +40,14 @@ pub static BPF_OBJECT: &[u8] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ballast";
 
 /// The programs and the hooks they attach to.
-pub const PROGRAMS: [&str; 6] = [
+pub const PROGRAMS: [&str; 7] = [
     "blst_connect4",
     "blst_connect6",
     "blst_sendmsg4",
     "blst_recvmsg4",
     "blst_getpeername4",
     "blst_getpeername6",
+    "blst_sock_release",
 ];
 
 const MAX_ID: u32 = 65_535;
@@ -223,26 +224,36 @@ impl Dataplane {
                 program: name,
                 source,
             };
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(Error::Program {
-                    program: name,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(perr)?;
-            if prog.fd().is_err() {
-                prog.load().map_err(perr)?;
-            }
             let file =
                 fs::File::open(cgroup).map_err(|_| Error::CgroupMissing(cgroup.to_path_buf()))?;
-            let id = prog.attach(file, CgroupAttachMode::Single).map_err(perr)?;
-            let link = prog.take_link(id).map_err(perr)?;
-            let fd: FdLink = link.try_into().map_err(|e| Error::Pin {
+            let program = self.ebpf.program_mut(name).ok_or(Error::Program {
+                program: name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
+            let pin_err = |e: aya::programs::links::LinkError| Error::Pin {
                 path: path.clone(),
                 reason: format!("{e}"),
-            })?;
+            };
+            macro_rules! attach_as {
+                ($ty:ty) => {{
+                    let prog: &mut $ty = program.try_into().map_err(perr)?;
+                    if prog.fd().is_err() {
+                        prog.load().map_err(perr)?;
+                    }
+                    let id = prog.attach(file, CgroupAttachMode::Single).map_err(perr)?;
+                    let fd: FdLink = prog
+                        .take_link(id)
+                        .map_err(perr)?
+                        .try_into()
+                        .map_err(pin_err)?;
+                    fd
+                }};
+            }
+            let fd = if name == "blst_sock_release" {
+                attach_as!(CgroupSock)
+            } else {
+                attach_as!(CgroupSockAddr)
+            };
             fd.pin(&path).map_err(|e| Error::Pin {
                 path: path.clone(),
                 reason: format!("{e}"),

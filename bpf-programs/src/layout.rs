@@ -119,7 +119,7 @@ pub struct RevValue {
     pub pad: u16,
 }
 
-/// Value of `blst_sockrev` (socket local storage of connected sockets).
+/// Value of `blst_conn` (key: socket cookie of a connected, steered socket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRev {

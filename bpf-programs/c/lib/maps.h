@@ -86,11 +86,11 @@ struct {
 } blst_rev SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
 	__type(value, struct sock_rev);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} blst_sockrev SEC(".maps");
+} blst_conn SEC(".maps");
 
 #endif

@@ -120,20 +120,16 @@ static __always_inline void ballast_count(__u32 id, const struct backend *be)
 	}
 }
 
-/* connect(): remember backend -> VIP in the socket's own storage */
-static __always_inline void ballast_remember_sock(struct bpf_sock *sk, const struct backend *be,
+/* connect(): remember backend -> VIP under the socket cookie (sock_release deletes it). A
+ * preallocated hash entry costs far less here than socket storage (an allocation per socket)
+ * or an LRU entry (eviction once full). */
+static __always_inline void ballast_remember_conn(__u64 cookie, const struct backend *be,
 						  const struct svc_key *vip)
 {
-	if (!sk)
-		return;
-	struct sock_rev *sr =
-		bpf_sk_storage_get(&blst_sockrev, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!sr)
-		return;
-	__builtin_memcpy(sr->backend, be->addr, sizeof(sr->backend));
-	sr->backend_port = be->port;
-	__builtin_memcpy(sr->vip, vip->addr, sizeof(sr->vip));
-	sr->vip_port = vip->port;
+	struct sock_rev sr = { .backend_port = be->port, .vip_port = vip->port };
+	__builtin_memcpy(sr.backend, be->addr, sizeof(sr.backend));
+	__builtin_memcpy(sr.vip, vip->addr, sizeof(sr.vip));
+	bpf_map_update_elem(&blst_conn, &cookie, &sr, BPF_ANY);
 }
 
 /* sendmsg() on an unconnected socket: one socket, many peers, so an LRU entry per peer */
