@@ -16,6 +16,10 @@ fn main() {
         println!("cargo:rerun-if-changed={f}");
     }
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
+    // <asm/types.h> lives in the host's multiarch include dir (Debian), e.g.
+    // /usr/include/x86_64-linux-gnu or /usr/include/aarch64-linux-gnu.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_string());
+    let multiarch = format!("-I/usr/include/{arch}-linux-gnu");
     let status = Command::new(&clang)
         .args([
             "-O2",
@@ -24,7 +28,7 @@ fn main() {
             "bpf",
             "-Wall",
             "-Werror",
-            "-I/usr/include/x86_64-linux-gnu",
+            &multiarch,
             "-c",
             "c/ballast.bpf.c",
             "-o",

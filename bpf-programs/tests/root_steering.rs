@@ -157,8 +157,16 @@ fn root_fast_fail_and_single_healthy() {
         "want EPERM: {:?}",
         r.errors
     );
+    // Fast-fail: the typical failing connect returns in well under 1 ms. The slowest one is
+    // only bounded loosely (a preempted thread on a busy 2-core CI host can take a few ms);
+    // a connect that waited on a dead address would take the 2 s connect timeout.
     assert!(
-        r.max_fail_us < 1000,
+        r.median_fail_us < 1000,
+        "median failing connect took {} us",
+        r.median_fail_us
+    );
+    assert!(
+        r.max_fail_us < 100_000,
         "slowest failing connect took {} us",
         r.max_fail_us
     );

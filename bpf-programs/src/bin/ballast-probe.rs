@@ -51,6 +51,10 @@ struct Report {
     /// getpeername (TCP) or the reply's source (UDP) was the address dialled
     peer_is_target: u64,
     max_fail_us: u64,
+    /// median duration of a failed connect (the fast-fail figure; the max is noisy on a busy host)
+    median_fail_us: u64,
+    #[serde(skip)]
+    fail_us: Vec<u64>,
 }
 
 fn one_tcp(to: SocketAddr) -> std::io::Result<(String, bool)> {
@@ -135,6 +139,7 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
             Err(e) => {
                 let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
                 rep.max_fail_us = rep.max_fail_us.max(us);
+                rep.fail_us.push(us);
                 let kind = e.raw_os_error().map_or_else(
                     || format!("{:?}", e.kind()),
                     |c| {
@@ -165,9 +170,11 @@ fn main() -> Result<()> {
         h.join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     }
-    let rep = report
+    let mut rep = report
         .lock()
         .map_err(|_| anyhow::anyhow!("report lock poisoned"))?;
+    rep.fail_us.sort_unstable();
+    rep.median_fail_us = rep.fail_us.get(rep.fail_us.len() / 2).copied().unwrap_or(0);
     println!("{}", serde_json::to_string(&*rep)?);
     Ok(())
 }

@@ -196,6 +196,7 @@ pub struct Report {
     pub by_backend: BTreeMap<String, u64>,
     pub peer_is_target: u64,
     pub max_fail_us: u64,
+    pub median_fail_us: u64,
 }
 
 impl Report {
