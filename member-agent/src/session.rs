@@ -7,8 +7,9 @@
 //! backoff and jitter. The data plane is never touched here: while the broker is away the
 //! last installed weights stay.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{Ack, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate};
@@ -155,6 +156,7 @@ pub struct SessionIo {
 pub async fn run_once(
     cfg: &SessionConfig,
     io: &mut SessionIo,
+    excluded: BTreeSet<String>,
     on_registered: impl FnOnce(),
 ) -> SessionError {
     let channel = match connect(cfg).await {
@@ -185,7 +187,7 @@ pub async fn run_once(
     // Report: the latest report every interval
     let reports = io.reports.clone();
     let interval = cfg.report_interval;
-    let report_stream = async_stream_reports(reports, interval);
+    let report_stream = async_stream_reports(reports, interval, excluded);
     let mut report_client = client.clone();
     let report_leg = async move {
         match report_client.report(report_stream).await {
@@ -252,28 +254,69 @@ pub async fn run_once(
 fn async_stream_reports(
     reports: watch::Receiver<Option<ReportRequest>>,
     interval: Duration,
+    excluded: BTreeSet<String>,
 ) -> impl futures::Stream<Item = ReportRequest> + Send + 'static {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio_stream::wrappers::IntervalStream::new(tick).filter_map(move |_| {
-        let r = reports.borrow().clone();
+        let r = reports
+            .borrow()
+            .clone()
+            .map(|r| without_peers(r, &excluded));
         async move { r }
     })
+}
+
+/// Drops RTT and RPS samples about `excluded` clusters.
+pub fn without_peers(mut r: ReportRequest, excluded: &BTreeSet<String>) -> ReportRequest {
+    r.rtt.retain(|s| !excluded.contains(&s.peer_cluster_id));
+    r.rps
+        .retain(|s| !excluded.contains(&s.destination_cluster_id));
+    r
+}
+
+/// The cluster a broker refusal names as unknown (`... unknown cluster "west"`): a peer
+/// that has not registered yet. Its samples are left out of reports for a while instead of
+/// having every report refused.
+pub fn unknown_peer(status: &tonic::Status) -> Option<String> {
+    if status.code() != tonic::Code::InvalidArgument {
+        return None;
+    }
+    let rest = status.message().split("unknown cluster \"").nth(1)?;
+    let id = rest.split('"').next()?;
+    (!id.is_empty()).then(|| id.to_owned())
 }
 
 /// Runs sessions forever, reconnecting with backoff; never returns unless the installer
 /// goes away.
 pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    // peers the broker does not know yet, and until when they are left out of reports
+    let mut excluded: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
+        let now = Instant::now();
+        excluded.retain(|_, until| *until > now);
+        let started = Instant::now();
         let mut registered = false;
-        let err = run_once(&cfg, &mut io, || registered = true).await;
-        if registered {
+        let err = run_once(&cfg, &mut io, excluded.keys().cloned().collect(), || {
+            registered = true
+        })
+        .await;
+        // a session that lasted resets the backoff; one that fails right after
+        // registering does not (no hot reconnect loop)
+        if registered && started.elapsed() > Duration::from_secs(10) {
             backoff.reset();
         }
         if matches!(err, SessionError::InstallerGone) {
             tracing::info!("installer gone; broker session ends");
             return;
+        }
+        if let SessionError::Rpc { status, .. } = &err {
+            if let Some(peer) = unknown_peer(status) {
+                tracing::info!(%peer, "broker does not know this peer yet; leaving it out of reports for 10s");
+                excluded.insert(peer, Instant::now() + Duration::from_secs(10));
+                backoff.reset();
+            }
         }
         let wait = backoff.next_wait();
         tracing::warn!(error = %err, retry_in = ?wait, "broker session lost; the installed weights stay");
@@ -284,6 +327,42 @@ pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_peer_is_read_from_the_refusal_and_left_out() {
+        let st =
+            tonic::Status::invalid_argument("rtt[0].peer_cluster_id: unknown cluster \"west\"");
+        assert_eq!(unknown_peer(&st).as_deref(), Some("west"));
+        assert_eq!(
+            unknown_peer(&tonic::Status::unavailable("unknown cluster \"west\"")),
+            None
+        );
+        assert_eq!(
+            unknown_peer(&tonic::Status::invalid_argument("node_name: empty")),
+            None
+        );
+        let r = ReportRequest {
+            rtt: vec![
+                ballast_proto::v1::RttSample {
+                    peer_cluster_id: "west".into(),
+                    ..Default::default()
+                },
+                ballast_proto::v1::RttSample {
+                    peer_cluster_id: "south".into(),
+                    ..Default::default()
+                },
+            ],
+            rps: vec![ballast_proto::v1::RpsSample {
+                destination_cluster_id: "west".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let r = without_peers(r, &["west".to_owned()].into());
+        assert_eq!(r.rtt.len(), 1);
+        assert_eq!(r.rtt[0].peer_cluster_id, "south");
+        assert!(r.rps.is_empty());
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {

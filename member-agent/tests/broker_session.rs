@@ -13,9 +13,11 @@ use ballast_broker::certs::generate;
 use ballast_broker::server::{start, Running, ServeConfig};
 use ballast_broker::store::sqlite_url;
 use ballast_broker::tls::TlsFiles;
+use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{
-    Ack, CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample, WeightsUpdate,
+    Ack, CapacitySample, ListClustersRequest, RegisterRequest, ReportRequest, RpsSample, RttSample,
+    WeightsUpdate,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
@@ -119,14 +121,17 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     w.report(futures::stream::iter(vec![m])).await.unwrap();
 
     // east is the agent under test
+    // east also measures "south", which never registers: the broker refuses samples about
+    // it, and the session must leave them out rather than lose every report
     let mut east_report = report("east");
-    east_report.rtt = vec![RttSample {
-        peer_cluster_id: "west".into(),
+    let rtt = |peer: &str| RttSample {
+        peer_cluster_id: peer.into(),
         rtt_ms: 5.0,
         loss_ratio: 0.0,
         reachable: true,
         measured_at_ms: 0,
-    }];
+    };
+    east_report.rtt = vec![rtt("south"), rtt("west")];
     east_report.rps = vec![RpsSample {
         service: "shop/web".into(),
         destination_cluster_id: "west".into(),
@@ -183,6 +188,42 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
         .await
         .unwrap();
     let first_gen = u.generation;
+
+    // east's reports are stored in spite of the unknown peer
+    let admin_tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: bundle.admin.cert_pem.clone(),
+        key_pem: bundle.admin.key_pem.clone(),
+    };
+    let ch = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(admin_tls.client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = AdminClient::new(ch);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = admin
+            .list_clusters(ListClustersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let east = list
+            .clusters
+            .iter()
+            .find(|c| c.cluster_id == "east")
+            .unwrap();
+        if east.last_report_age_ms >= 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "east's reports never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // the broker goes away; the session keeps retrying without delivering anything
     b.stop().await;
