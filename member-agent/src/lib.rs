@@ -1,11 +1,14 @@
-//! ballast member agent: discovery, RTT measurement, capacity, weight expansion, metrics,
-//! configuration. The binary (`ballast-agent`) wires them together.
+//! ballast member agent: discovery, RTT measurement, capacity, weight expansion, data-plane
+//! install, broker session, metrics, configuration. The binary (`ballast-agent`, `main.rs`)
+//! wires them into one steering loop.
 //!
 //! - [`catalog`]: the plain model every discovery source produces
 //! - [`discovery`]: the `Discovery` trait, the topology file and the Kubernetes (MCS) sources
 //! - [`probe`]: RTT to peer gateways (ICMP with surge-ping, TCP-connect fallback)
 //! - [`capacity`]: per-pod capacity × ready local endpoints
 //! - [`weights`]: broker cluster weights → per-backend integer weights (pure)
+//! - [`install`]: catalog + weights + health → `ballast-bpf` service specs; RPS from counters
+//! - [`session`]: Register / Report / WatchWeights / AckWeights over mTLS, with reconnects
 //! - [`config`]: CLI flags, environment and config file
 //! - [`metrics`]: Prometheus registry and `/metrics` server
 
