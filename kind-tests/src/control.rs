@@ -421,6 +421,37 @@ pub fn wait_installed(
     after: u64,
     timeout: Duration,
 ) -> Result<BrokerView> {
+    wait_published(cp, state, timeout, after, |v| v.generation > after)
+}
+
+/// Waits until every (service, source) of the lab has weights computed with `policy`
+/// and every agent installed the current generation (a switch to the policy in force
+/// publishes nothing new, and that is fine).
+pub fn wait_policy(
+    cp: &ControlPlane,
+    state: &LabState,
+    policy: &str,
+    timeout: Duration,
+) -> Result<BrokerView> {
+    wait_published(cp, state, timeout, 0, |v| {
+        state.services.iter().all(|s| {
+            v.policy.get(&s.name).is_some_and(|by_src| {
+                state
+                    .clusters
+                    .iter()
+                    .all(|c| by_src.get(&c.id).is_some_and(|p| p == policy))
+            })
+        })
+    })
+}
+
+fn wait_published(
+    cp: &ControlPlane,
+    state: &LabState,
+    timeout: Duration,
+    after: u64,
+    ready: impl Fn(&BrokerView) -> bool,
+) -> Result<BrokerView> {
     let deadline = Instant::now() + timeout;
     let mut last: Option<BrokerView> = None;
     let mut last_err = None;
@@ -428,7 +459,7 @@ pub fn wait_installed(
         match broker_view(cp, &state.wan_netns) {
             Ok(v) => {
                 let g = v.generation;
-                let published = g > after
+                let published = ready(&v)
                     && state.services.iter().all(|s| {
                         v.weights
                             .get(&s.name)
@@ -463,8 +494,15 @@ pub fn wait_installed(
                         })
                         .collect();
                     format!(
-                        "broker generation {} (waiting for > {after}); not installed by: {}",
+                        "broker generation {} (waiting for {}); not installed by: {}",
                         v.generation,
+                        if ready(v) {
+                            "the agents".to_string()
+                        } else if after > 0 {
+                            format!("weights newer than generation {after}")
+                        } else {
+                            "the broker's weights".to_string()
+                        },
                         if missing.is_empty() {
                             "-".into()
                         } else {

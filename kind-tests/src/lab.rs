@@ -462,9 +462,8 @@ impl Lab {
                 "no broker in this lab (it was brought up with --no-control-plane)".into(),
             )
         })?;
-        let before = control::broker_view(cp, &state.wan_netns)?.generation;
         control::admin(cp, &state.wan_netns, &["policy", "set", "--policy", policy])?;
-        control::wait_installed(cp, &state, before, timeout)
+        control::wait_policy(cp, &state, policy, timeout)
     }
 
     fn up_cluster(&self, wan_ns: &str, c: &ClusterState) -> Result<()> {

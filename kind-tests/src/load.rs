@@ -298,7 +298,12 @@ pub fn render(r: &LoadReport) -> String {
         let n = r.by_cluster.get(c).copied().unwrap_or(0);
         let obs = r.observed.get(c).copied().unwrap_or(0.0);
         let start = r.weights.as_ref().and_then(|w| w.get(c));
-        let end = r.weights_end.as_ref().and_then(|w| w.get(c));
+        // A destination missing from the end weights has weight 0 there.
+        let end = r
+            .weights_end
+            .as_ref()
+            .map(|w| w.get(c).copied().unwrap_or(0.0));
+        let end = end.as_ref();
         let w = match (start, end) {
             (Some(a), Some(b)) if (a - b).abs() >= 0.0005 => {
                 format!("{:.1}->{:.1}%", 100.0 * a, 100.0 * b)
