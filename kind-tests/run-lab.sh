@@ -1,105 +1,116 @@
 #!/usr/bin/env bash
-# Main job until the multi-cluster lab lands here: the kernel data-plane demo.
-# Starts three real loopback TCP backends, steers VIP 127.96.0.10:80 to them by weight (5:3:2)
-# with ballast-dataplane for processes in a fresh cgroup, connects N times from inside the
-# cgroup, and prints the observed split next to the weights. Cleans up on exit, also on failure.
-# Nothing leaves the machine: the VIP is in 127.96.0.0/16 and the backends are on 127.0.0.1.
+# The main job: the one-host multi-cluster lab from a fresh clone.
+#
+# Installs what is missing (setup.sh), builds the release binaries, brings up three
+# "clusters" (network namespaces + cgroups, joined through an emulated WAN with delays from
+# real inter-region RTTs), the broker (SQLite, mTLS) and one agent per cluster, then runs a
+# short scenario:
+#   1. baseline: where 400 connections from c1 to demo/echo land, beside the weights
+#   2. the delay between c1 and c2 is raised: the weights and the split move away from c2
+#   3. c3's backends are stopped during a load: traffic shifts to c2, no failed connection
+#   4. optimized against round-robin: mean RTT and egress price of the observed split
+# and takes everything down again (also on failure or Ctrl-C).
+#
+# Nothing leaves this machine: clusters are namespaces with no default route, the service
+# VIP is in 127.96.0.0/16. Run as root: sudo bash kind-tests/run-lab.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${BALLAST_DEMO_CONNECTS:-10000}
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "run-lab.sh: run as root (network namespaces, cgroups, BPF): sudo bash $0" >&2
+  exit 1
+fi
 
 bash kind-tests/setup.sh
-cargo build -q -p ballast-bpf --bins
-BIN=target/debug
 
-cg_root=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-CG="$cg_root/ballast-demo-$$"
-PIN="/sys/fs/bpf/ballast-demo-$$"
-TMP=$(mktemp -d)
-BACKENDS_PID=""
+# BALLAST_LAB_PROFILE=debug reuses the debug build (quicker on a small machine).
+profile="${BALLAST_LAB_PROFILE:-release}"
+case "$profile" in
+  release) flags=(--release) ;;
+  debug) flags=() ;;
+  *) echo "run-lab.sh: BALLAST_LAB_PROFILE must be release or debug" >&2; exit 1 ;;
+esac
+echo "== building ballast-lab, ballast-broker, ballast-agent ($profile)"
+cargo build "${flags[@]}" --locked -q \
+  -p ballast-lab -p ballast-broker -p ballast-agent \
+  --bin ballast-lab --bin ballast-broker --bin ballast-agent
 
+LAB="$PWD/target/$profile/ballast-lab"
+export BALLAST_LAB_PREFIX="${BALLAST_LAB_PREFIX:-ballast}"
+tmp=$(mktemp -d)
 cleanup() {
-  set +e
-  [ -d "$CG" ] && "$BIN/ballast-dataplane" detach --cgroup "$CG" --pin-dir "$PIN" 2>/dev/null
-  if [ -d "$CG" ]; then
-    for p in $(cat "$CG/cgroup.procs" 2>/dev/null); do echo "$p" >"$cg_root/cgroup.procs"; done
-    rmdir "$CG"
-  fi
-  rm -rf "$PIN"
-  [ -n "$BACKENDS_PID" ] && kill "$BACKENDS_PID" 2>/dev/null && wait "$BACKENDS_PID" 2>/dev/null
-  rm -rf "$TMP"
+  local rc=$?
+  echo "== down"
+  "$LAB" down || true
+  rm -rf "$tmp"
+  exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-# three backends; each answers a connection with its port, then closes
-python3 -u - "$TMP/ports" <<'PY' &
-import socket, sys, threading
-ports = []
-def serve(s):
-    while True:
-        c, _ = s.accept()
-        try:
-            c.sendall(b"%d\n" % s.getsockname()[1])
-            c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        c.close()
-for _ in range(3):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(512)
-    ports.append(s.getsockname()[1])
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-open(sys.argv[1] + ".tmp", "w").write(" ".join(map(str, ports)) + "\n")
-import os; os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-threading.Event().wait()
-PY
-BACKENDS_PID=$!
-for _ in $(seq 1 100); do [ -f "$TMP/ports" ] && break; sleep 0.05; done
-read -r P1 P2 P3 <"$TMP/ports"
+"$LAB" down >/dev/null # leftovers of an earlier run
 
-mkdir "$CG"
-cat >"$TMP/services.yaml" <<YAML
-services:
-  - name: demo/web
-    vip: 127.96.0.10
-    port: 80
-    protocol: tcp
-    backends:
-      - {address: "127.0.0.1:$P1", cluster: c1, weight: 5}
-      - {address: "127.0.0.1:$P2", cluster: c2, weight: 3}
-      - {address: "127.0.0.1:$P3", cluster: c3, weight: 2}
-YAML
-echo "== services file"
-cat "$TMP/services.yaml"
-"$BIN/ballast-dataplane" apply --cgroup "$CG" --pin-dir "$PIN" "$TMP/services.yaml"
+echo "== up: 3 clusters, broker (policy optimized), one agent per cluster"
+"$LAB" up --clusters 3
 
-echo "== $N connects to 127.96.0.10:80 from inside the cgroup"
-"$BIN/ballast-probe" --cgroup "$CG" --to 127.96.0.10:80 --count "$N" >"$TMP/inside.json"
-echo "== 5 connects from outside the cgroup (not steered: refused on loopback)"
-"$BIN/ballast-probe" --to 127.96.0.10:80 --count 5 >"$TMP/outside.json"
-"$BIN/ballast-dataplane" show --pin-dir "$PIN" --json >"$TMP/show.json"
+status=$("$LAB" status --json)
+if grep -q '"installed_generation": {}' <<<"$status"; then
+  cat <<EOF
 
-python3 - "$TMP" "$P1" "$P2" "$P3" <<'PY'
-import json, sys
-tmp, ports = sys.argv[1], sys.argv[2:]
-inside = json.load(open(tmp + "/inside.json"))
-outside = json.load(open(tmp + "/outside.json"))
-show = json.load(open(tmp + "/show.json"))
-weights = {b["address"].split(":")[1]: (b["weight"], b["connects"], b["cluster"])
-           for b in show["services"][0]["backends"]}
-total_w = sum(w for w, _, _ in weights.values())
-print(f"{'backend':<18}{'cluster':<9}{'weight':>7}{'expected':>10}{'observed':>10}{'kernel count':>14}")
-for p in ports:
-    w, kc, cl = weights[p]
-    got = inside["by_backend"].get(p, 0)
-    print(f"{'127.0.0.1:' + p:<18}{cl:<9}{w:>7}{100 * w / total_w:>9.1f}%{100 * got / max(inside['ok'], 1):>9.1f}%{kc:>14}")
-print(f"inside: {inside['ok']} ok, errors {inside['errors'] or 'none'}, getpeername showed the VIP {inside['peer_is_target']} times")
-print(f"outside: {outside['ok']} ok, errors {outside['errors']}")
-ok = inside["ok"] > 0 and not inside["errors"] and outside["ok"] == 0
-for p in ports:
-    w = weights[p][0]
-    ok = ok and abs(inside["by_backend"].get(p, 0) / inside["ok"] - w / total_w) < 0.03
-print("demo:", "OK, traffic follows the weights" if ok else "FAILED")
-sys.exit(0 if ok else 1)
-PY
+!! The agents did not install weights, so connections to the service VIP are not steered.
+!! Showing what works without them: the emulated WAN, the backends and the load generator
+!! (aimed at backends directly). See the agents' logs in /run/$BALLAST_LAB_PREFIX-lab/logs/.
+
+EOF
+  echo "== RTT from c1 (ICMP through the WAN emulator)"
+  "$LAB" ping --from c1 10.77.2.2 --count 5
+  "$LAB" ping --from c1 10.77.3.2 --count 5
+  echo "== load from c1 to a c2 backend"
+  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 100
+  echo "== delay c1 <-> c2 raised to 150 ms one way"
+  "$LAB" delay c1 c2 150
+  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 50
+  echo "== c2's backends stopped: connections to them fail"
+  "$LAB" backends c2 demo/echo stop
+  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 20 || true
+  "$LAB" backends c2 demo/echo start
+  echo
+  echo "DEGRADED: no steering (agents installed no weights)."
+  exit 0
+fi
+
+echo
+echo "== 1. baseline: 400 connections from c1 (the weights are c1's, from the broker)"
+"$LAB" settle --from c1 --wait-secs 120
+"$LAB" load --from c1 --service demo/echo --connections 400
+
+echo
+echo "== 2. the delay c1 <-> c2 is raised to 150 ms one way; the agents measure it and the"
+echo "      broker moves c1's weight, in damped steps"
+"$LAB" delay c1 c2 150
+"$LAB" settle --from c1 --wait-secs 120
+"$LAB" load --from c1 --service demo/echo --connections 400
+echo "-- back to the default delay (the RTT average needs a few probes to come down)"
+"$LAB" delay c1 c2 --default
+"$LAB" settle --from c1 --stable-secs 8 --wait-secs 120
+
+echo
+echo "== 3. c2's backends are stopped while c1 opens 1200 connections: the agents drain c2"
+echo "      (readiness first), the traffic shifts to c3, no connection fails"
+"$LAB" load --from c1 --service demo/echo --connections 1200 >"$tmp/during.txt" &
+load_pid=$!
+sleep 1
+"$LAB" backends c2 demo/echo stop
+wait "$load_pid"
+cat "$tmp/during.txt"
+echo "-- after"
+"$LAB" load --from c1 --service demo/echo --connections 200
+"$LAB" backends c2 demo/echo start
+"$LAB" settle --from c1 --wait-secs 120 >/dev/null
+
+echo
+echo "== 4. optimized against round-robin from c1 (egress priced with broker/data's list prices)"
+"$LAB" compare --from c1 --service demo/echo --policies optimized,round-robin --connections 400
+"$LAB" policy optimized >/dev/null
+echo
+echo "run-lab.sh: done"
