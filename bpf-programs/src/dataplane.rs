@@ -144,9 +144,16 @@ impl Dataplane {
                 "cannot create it ({e}); is bpffs mounted (mount -t bpf bpf /sys/fs/bpf)?"
             ),
         })?;
+        // One loader at a time per pin dir: a second process creating the same pinned maps
+        // concurrently would fail its BPF_OBJ_PIN with EEXIST.
+        let lock = crate::sys::DirLock::acquire(&pin_dir).map_err(|e| Error::PinDir {
+            path: pin_dir.clone(),
+            reason: format!("cannot lock it ({e})"),
+        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .load(BPF_OBJECT)?;
+        drop(lock);
         let svc = take!(ebpf, "blst_svc");
         let state = take!(ebpf, "blst_state");
         let sel = take!(ebpf, "blst_sel");
@@ -213,6 +220,11 @@ impl Dataplane {
     pub fn attach(&mut self, cgroup: impl AsRef<Path>) -> Result<()> {
         let cgroup = cgroup.as_ref();
         let dir = self.link_dir(cgroup)?;
+        // Two processes attaching at once would both see "no pinned link" and race.
+        let _lock = crate::sys::DirLock::acquire(&self.pin_dir).map_err(|e| Error::PinDir {
+            path: self.pin_dir.clone(),
+            reason: format!("cannot lock it ({e})"),
+        })?;
         fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         for name in PROGRAMS {
             let path = dir.join(name);

@@ -41,3 +41,35 @@ pub fn linger_zero(sock: &impl std::os::fd::AsRawFd) {
         );
     }
 }
+
+/// An exclusive `flock(2)` on a directory, released on drop (the fd closes).
+///
+/// Serializes data-plane loaders across processes: two loaders creating the pinned maps of
+/// one pin dir at once would race between "not pinned yet" and `BPF_OBJ_PIN` (EEXIST).
+#[derive(Debug)]
+pub struct DirLock {
+    _dir: std::fs::File,
+}
+
+impl DirLock {
+    /// Blocks until the lock on `dir` is held.
+    ///
+    /// # Errors
+    /// The directory cannot be opened or locked.
+    pub fn acquire(dir: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(dir)?;
+        loop {
+            #[allow(unsafe_code)]
+            // SAFETY: flock on a valid, owned fd; no memory is passed.
+            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(Self { _dir: f });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}

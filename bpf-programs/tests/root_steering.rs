@@ -410,3 +410,39 @@ fn root_api_rejects_bad_input() {
     let r = probe(Some(&env.cgroup), vip("127.96.8.3:80"), &["--count", "20"]);
     assert_eq!(r.count(&a), 20);
 }
+
+#[test]
+fn root_concurrent_loaders_share_one_set_of_pins() {
+    if !can_run("root_concurrent_loaders_share_one_set_of_pins") {
+        return;
+    }
+    // Eight loaders open a fresh pin dir at the same moment (as an agent and a CLI or a
+    // test's observer may): every one must succeed and all must see the same maps.
+    let bpffs = ballast_bpf::sys::bpffs_mount().expect("bpffs mounted");
+    let pin_dir = bpffs.join(format!("ballast-test-concurrent-{}", std::process::id()));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (dir, barrier) = (pin_dir.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                ballast_bpf::Dataplane::open(&dir).map(|_| ())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("loader thread"))
+        .collect();
+    let mut dp = ballast_bpf::Dataplane::open(&pin_dir).expect("open after the race");
+    let s = service("t/race", "127.96.9.1", 80, vec![Backend::tcp().spec(1)]);
+    dp.upsert_service(&s).expect("upsert");
+    let other = ballast_bpf::Dataplane::open(&pin_dir).expect("second view");
+    let seen = other.service("t/race").is_ok();
+    drop((dp, other));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    for r in &results {
+        assert!(r.is_ok(), "a concurrent loader failed: {r:?}");
+    }
+    assert!(seen, "a second loader does not see the first one's service");
+}
