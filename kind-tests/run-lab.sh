@@ -50,8 +50,11 @@ trap 'exit 130' INT TERM
 
 "$LAB" down >/dev/null # leftovers of an earlier run
 
-echo "== up: 3 clusters, broker (policy optimized), one agent per cluster"
-"$LAB" up --clusters 3
+# c3 on another provider (Azure West Europe), so that egress price, not only RTT, tells the
+# policies apart (AWS bills every inter-region transfer from us-east-1 at the same $0.02/GB).
+REGIONS="${BALLAST_LAB_REGIONS:-us-east-1,us-west-2,westeurope}"
+echo "== up: 3 clusters ($REGIONS), broker (policy optimized), one agent per cluster"
+"$LAB" up --clusters 3 --regions "$REGIONS"
 
 status=$("$LAB" status --json)
 if grep -q '"installed_generation": {}' <<<"$status"; then

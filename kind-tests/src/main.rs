@@ -385,6 +385,9 @@ fn real_main(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
+                let same_price = rows
+                    .windows(2)
+                    .all(|w| (w[0].egress_usd_per_gb - w[1].egress_usd_per_gb).abs() < 1e-9);
                 for r in &rows {
                     println!(
                         "{:<21} mean RTT {:6.1} ms  egress ${:.4}/GB  failed {}  split {}",
@@ -393,6 +396,13 @@ fn real_main(cli: Cli) -> Result<()> {
                         r.egress_usd_per_gb,
                         r.failed,
                         ballast_lab::control::fmt_weights(&r.observed)
+                    );
+                }
+                if same_price && rows.len() > 1 {
+                    println!(
+                        "(every destination from {from} has the same egress list price, so the \
+                         policies differ in RTT only; give clusters other providers with \
+                         `up --regions` to see the price matter)"
                     );
                 }
             }
