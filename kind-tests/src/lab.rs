@@ -535,6 +535,21 @@ impl Lab {
         sys::sysctl_in(&wan_ns, &format!("net.ipv4.conf.{TUN_IN}.rp_filter"), "0")?;
         sys::ip_in(&wan_ns, &["link", "set", TUN_IN, "up"])?;
         sys::ip_in(&wan_ns, &["link", "set", TUN_OUT, "up"])?;
+        // Fail closed: without the forwarder (its TUN gone, and with it the route below)
+        // cluster traffic must not bypass the emulator through the main table.
+        sys::ip_in(
+            &wan_ns,
+            &[
+                "route",
+                "replace",
+                "unreachable",
+                LAB_SUBNET,
+                "table",
+                config::WAN_TABLE,
+                "metric",
+                "4096",
+            ],
+        )?;
         // Only lab destinations go through the emulator; anything else has no route.
         sys::ip_in(
             &wan_ns,

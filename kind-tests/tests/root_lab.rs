@@ -210,6 +210,46 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     let latency = f(&l, "mean_latency_ms");
     assert!((98.0..160.0).contains(&latency), "request {latency} ms");
 
+    // Without the forwarder the WAN is cut, never bypassed; `up` brings it back.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.state_dir().join("state.json")).expect("state"),
+    )
+    .expect("state json");
+    let fwd = state["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .find(|p| p["role"] == "wan-forwarder")
+        .and_then(|p| p["pid"].as_i64())
+        .expect("forwarder pid");
+    // SAFETY: kill on a pid this test's lab started.
+    unsafe { libc::kill(fwd as i32, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let p = lab.run(&[
+        "ping",
+        "--from",
+        "c1",
+        "10.77.2.2",
+        "--count",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        !p.status.success(),
+        "ping crossed a WAN without its forwarder"
+    );
+    lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
+    let p = lab.json(&[
+        "ping",
+        "--from",
+        "c1",
+        "10.77.2.2",
+        "--count",
+        "2",
+        "--json",
+    ]);
+    assert!(f(&p, "avg_ms") > 45.0, "{p}");
+
     // Live change, no restart.
     lab.ok(&["delay", "c1", "c2", "5"]);
     let l = lab.load_to("c1", "10.77.2.2:8081", 20);
