@@ -78,8 +78,8 @@ EOF
   "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 20 || true
   "$LAB" backends c2 demo/echo start
   echo
-  echo "DEGRADED: no steering (agents installed no weights)."
-  exit 0
+  echo "FAILED: no steering (agents installed no weights); see the logs above." >&2
+  exit 1
 fi
 
 echo
