@@ -48,20 +48,17 @@ impl ControlPlane {
             ),
         }
     }
-    fn cert(&self, name: &str) -> (String, String) {
-        (
-            self.certs_dir
-                .join(format!("{name}.pem"))
-                .display()
-                .to_string(),
-            self.certs_dir
-                .join(format!("{name}-key.pem"))
-                .display()
-                .to_string(),
-        )
-    }
-    fn ca(&self) -> String {
-        self.certs_dir.join("ca.pem").display().to_string()
+    /// `--ca CA --cert NAME.pem --key NAME-key.pem`: the TLS flags every ballast binary takes.
+    fn tls_args(&self, name: &str) -> Vec<String> {
+        let path = |file: String| self.certs_dir.join(file).display().to_string();
+        vec![
+            "--ca".to_string(),
+            path("ca.pem".to_string()),
+            "--cert".to_string(),
+            path(format!("{name}.pem")),
+            "--key".to_string(),
+            path(format!("{name}-key.pem")),
+        ]
     }
 }
 
@@ -217,8 +214,7 @@ pub fn ensure_certs(cp: &ControlPlane, state: &LabState) -> Result<()> {
 
 /// The broker's command line.
 pub fn broker_args(cp: &ControlPlane, policy: &str) -> Vec<String> {
-    let (cert, key) = cp.cert("server");
-    [
+    let mut args: Vec<String> = [
         "serve",
         "--listen",
         &format!("{BROKER_ADDR}:{BROKER_PORT}"),
@@ -226,24 +222,26 @@ pub fn broker_args(cp: &ControlPlane, policy: &str) -> Vec<String> {
         &format!("{BROKER_ADDR}:{BROKER_METRICS_PORT}"),
         "--database",
         &cp.database,
-        "--ca",
-        &cp.ca(),
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-        "--policy",
-        policy,
-        "--report-interval",
-        "1s",
-        "--solve-interval",
-        "5s",
-        "--stale-after",
-        "30s",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    args.extend(cp.tls_args("server"));
+    args.extend(
+        [
+            "--policy",
+            policy,
+            "--report-interval",
+            "1s",
+            "--solve-interval",
+            "5s",
+            "--stale-after",
+            "30s",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
 }
 
 /// One agent's command line (it runs in the cluster's netns; BPF on the cluster's cgroup).
@@ -252,40 +250,41 @@ pub fn agent_args(
     state_dir: &Path,
     c: &crate::lab::ClusterState,
 ) -> Vec<String> {
-    let (cert, key) = cp.cert(&format!("cluster-{}", c.id));
-    [
+    let mut args: Vec<String> = [
         "--cluster-id",
         &c.id,
         "--node-name",
         &format!("{}-node", c.id),
         "--broker",
         &cp.broker_url,
-        "--ca",
-        &cp.ca(),
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-        "--discovery",
-        "topology",
-        "--topology",
-        &topology_path(state_dir, &c.id).display().to_string(),
-        "--topology-poll-interval",
-        "500ms",
-        "--cgroup",
-        &c.cgroup.display().to_string(),
-        "--pin-dir",
-        &c.bpf_dir.display().to_string(),
-        "--metrics-addr",
-        AGENT_METRICS,
-        "--probe-interval",
-        "1s",
-        "--report-interval",
-        "1s",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    args.extend(cp.tls_args(&format!("cluster-{}", c.id)));
+    args.extend(
+        [
+            "--discovery",
+            "topology",
+            "--topology",
+            &topology_path(state_dir, &c.id).display().to_string(),
+            "--topology-poll-interval",
+            "500ms",
+            "--cgroup",
+            &c.cgroup.display().to_string(),
+            "--pin-dir",
+            &c.bpf_dir.display().to_string(),
+            "--metrics-addr",
+            AGENT_METRICS,
+            "--probe-interval",
+            "1s",
+            "--report-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
 }
 
 /// Waits until something accepts TCP on `addr` inside `netns`.
@@ -312,22 +311,11 @@ pub fn broker_socket() -> SocketAddr {
 
 /// Runs `ballast-broker admin ARGS` (admin certificate) in the wan namespace.
 pub fn admin(cp: &ControlPlane, wan_netns: &str, args: &[&str]) -> Result<String> {
-    let (cert, key) = cp.cert("admin");
-    let ca = cp.ca();
     let mut cmd = Command::new(&cp.broker_bin);
-    cmd.args([
-        "admin",
-        "--broker",
-        &cp.broker_url,
-        "--ca",
-        &ca,
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-    ])
-    .args(args)
-    .stdin(Stdio::null());
+    cmd.args(["admin", "--broker", &cp.broker_url])
+        .args(cp.tls_args("admin"))
+        .args(args)
+        .stdin(Stdio::null());
     Placement::netns(wan_netns).apply(&mut cmd)?;
     let out = cmd.output().ctx(|| "running ballast-broker admin".into())?;
     if !out.status.success() {
@@ -589,6 +577,50 @@ mod tests {
         }
         let e = validate_policy("fastest").unwrap_err().to_string();
         assert!(e.contains("policy") && e.contains("fastest"), "{e}");
+    }
+
+    #[test]
+    fn command_lines_carry_each_binarys_certificate() {
+        let cp = ControlPlane::new(Path::new("/s"), "b".into(), "a".into());
+        let tls = |name: &str| {
+            vec![
+                "--ca".to_string(),
+                "/s/certs/ca.pem".to_string(),
+                "--cert".to_string(),
+                format!("/s/certs/{name}.pem"),
+                "--key".to_string(),
+                format!("/s/certs/{name}-key.pem"),
+            ]
+        };
+        let broker = broker_args(&cp, "optimized");
+        assert_eq!(broker[..7].join(" "), format!("serve --listen {BROKER_ADDR}:{BROKER_PORT} --metrics-addr {BROKER_ADDR}:{BROKER_METRICS_PORT} --database {}", cp.database));
+        assert_eq!(broker[7..13], tls("server")[..]);
+        assert_eq!(
+            broker[13..].join(" "),
+            "--policy optimized --report-interval 1s --solve-interval 5s --stale-after 30s"
+        );
+        let c = crate::lab::ClusterState {
+            id: "c1".into(),
+            index: 0,
+            region: "r".into(),
+            provider: "p".into(),
+            netns: "n".into(),
+            cgroup: "/cg".into(),
+            address: std::net::Ipv4Addr::LOCALHOST,
+            wan_address: std::net::Ipv4Addr::LOCALHOST,
+            bpf_dir: "/bpf".into(),
+        };
+        let agent = agent_args(&cp, Path::new("/s"), &c);
+        assert_eq!(
+            agent[..6].join(" "),
+            format!(
+                "--cluster-id c1 --node-name c1-node --broker {}",
+                cp.broker_url
+            )
+        );
+        assert_eq!(agent[6..12], tls("cluster-c1")[..]);
+        assert_eq!(agent[12], "--discovery");
+        assert_eq!(agent.len(), 12 + 16);
     }
 
     #[test]
