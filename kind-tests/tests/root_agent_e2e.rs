@@ -17,16 +17,16 @@
 //! on every changed report (debounced 20 ms). Nothing leaves the machine: the cluster
 //! namespaces have no default route.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::{require_root, TestLab};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ballast-lab");
 const SERVICE: &str = "demo/echo";
 /// Connections per load run; at a 10 % share the binomial sd is 1.7 pp, far inside the
 /// +-10 pp tolerance.
@@ -44,105 +44,32 @@ const MIN_DROP: f64 = 0.6;
 /// The agent's metrics, on each cluster's loopback (see `ballast_lab::control`).
 const AGENT_METRICS: &str = "127.0.0.1:9464";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+const WHY_ROOT: &str = "network namespaces, cgroups, TUN devices, BPF for the agents";
 
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!(
-                "skipped: needs root (network namespaces, cgroups, TUN devices, BPF for the agents)"
-            );
-            return;
-        }
-    };
-}
-
-/// A lab under a test prefix; `down` on drop, even when the test fails.
-struct TestLab {
-    prefix: String,
-    state: tempfile::TempDir,
-    started: Instant,
-}
-
+/// The calls these tests make on top of the shared lab.
 impl TestLab {
-    fn new(tag: &str) -> TestLab {
-        TestLab {
-            prefix: format!("bae{tag}{}", std::process::id() % 100_000),
-            state: tempfile::tempdir().expect("tempdir"),
-            started: Instant::now(),
-        }
-    }
-    fn state_dir(&self) -> PathBuf {
-        self.state.path().join("lab")
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        let state_dir = self.state_dir();
-        let mut all: Vec<&str> = vec![
-            "--prefix",
-            &self.prefix,
-            "--state-dir",
-            state_dir.to_str().expect("utf8 path"),
-        ];
-        all.extend_from_slice(args);
-        Command::new(BIN)
-            .args(&all)
-            .output()
-            .expect("run ballast-lab")
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "ballast-lab {args:?} failed: {}\n{}{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout),
-            self.logs()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-    /// The last lines of the broker's and agents' logs, for failure messages.
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for name in ["broker", "agent-c1", "agent-c2", "agent-c3"] {
-            let path = self.state_dir().join("logs").join(format!("{name}.log"));
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(8)..];
-                s.push_str(&format!("\n--- {name}.log (tail) ---\n{}", tail.join("\n")));
-            }
-        }
-        s
-    }
-    fn elapsed(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
-    }
-    fn status(&self) -> Value {
-        self.json(&["status", "--json"])
-    }
     /// `CONNECTIONS` real connects from c1 to the service VIP (steered by c1's agent).
     fn load_from_c1(&self) -> Value {
-        let n = CONNECTIONS.to_string();
-        self.json(&[
-            "load",
+        self.load("c1", CONNECTIONS, 32, &["--timeout-ms", "3000"])
+    }
+    /// Waits until c1's weights are stable for 3 s.
+    fn settle_c1(&self) {
+        self.ok(&[
+            "settle",
             "--from",
             "c1",
-            "--service",
-            SERVICE,
-            "--connections",
-            &n,
-            "--concurrency",
-            "32",
-            "--timeout-ms",
-            "3000",
-            "--json",
-        ])
+            "--stable-secs",
+            "3",
+            "--wait-secs",
+            "60",
+        ]);
+    }
+    /// The generation each agent (c1, c2, c3) reports installed.
+    fn agents_installed_generations(&self) -> Vec<u64> {
+        ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| self.agent_installed_generation(c))
+            .collect()
     }
     /// The lab's process `role` (pid, start time) from its state.
     fn process(&self, role: &str) -> (i32, Option<u64>) {
@@ -195,67 +122,17 @@ impl TestLab {
     }
 }
 
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
-
-/// The broker and agent binaries, next to `ballast-lab` (where `up` looks for them). In
-/// `cargo test --workspace` they are built in the same target dir; under `cargo test -p
-/// ballast-lab` they may be missing or stale, so build them (a no-op when up to date).
-fn control_plane_binaries() {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(build_control_plane_binaries);
-}
-
-fn build_control_plane_binaries() {
-    let dir = Path::new(BIN).parent().expect("bin dir");
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "--locked",
-            "-p",
-            "ballast-broker",
-            "-p",
-            "ballast-agent",
-            "--bin",
-            "ballast-broker",
-            "--bin",
-            "ballast-agent",
-        ])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output();
-    let built = match &out {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).into_owned()),
-        Err(e) => Some(e.to_string()),
-    };
-    for b in ["ballast-broker", "ballast-agent"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} is not in {} (where ballast-lab finds it) and building it failed: {}; \
-             run `cargo build -p ballast-broker -p ballast-agent` first",
-            dir.display(),
-            built.as_deref().unwrap_or("-")
-        );
-    }
-    if let Some(e) = built {
-        eprintln!(
-            "warning: building the broker and agent failed, using the binaries in place: {e}"
-        );
-    }
+/// A JSON object of weights as a map (entries that are not numbers left out).
+fn weight_map(m: &serde_json::Map<String, Value>) -> BTreeMap<String, f64> {
+    m.iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .collect()
 }
 
 fn weights_c1(st: &Value) -> BTreeMap<String, f64> {
     st["weights"][SERVICE]["c1"]
         .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-                .collect()
-        })
+        .map(weight_map)
         .unwrap_or_default()
 }
 
@@ -273,11 +150,7 @@ fn load_weights(load: &Value) -> Vec<BTreeMap<String, f64>> {
     ["weights", "weights_end"]
         .iter()
         .filter_map(|k| load[*k].as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-                .collect()
-        })
+        .map(weight_map)
         .collect()
 }
 
@@ -315,20 +188,16 @@ fn assert_split_follows(load: &Value, weights: &BTreeMap<String, f64>, what: &st
 
 /// Up with c1 <-> c3 near and c1 <-> c2 far, settled: c1 sends most to c3.
 fn settled_lab(tag: &str) -> TestLab {
-    control_plane_binaries();
-    let lab = TestLab::new(tag);
+    if let Some(e) = common::control_plane_binaries() {
+        eprintln!(
+            "warning: building the broker and agent failed, using the binaries in place: {e}"
+        );
+    }
+    let lab = TestLab::new("bae", tag);
     lab.ok(&["up", "--clusters", "3", "--wait-secs", "60"]);
     lab.ok(&["delay", "c1", "c3", NEAR_MS]);
     lab.ok(&["delay", "c1", "c2", FAR_MS]);
-    lab.ok(&[
-        "settle",
-        "--from",
-        "c1",
-        "--stable-secs",
-        "3",
-        "--wait-secs",
-        "60",
-    ]);
+    lab.settle_c1();
     lab
 }
 
@@ -356,7 +225,7 @@ fn wait_weights(
 
 #[test]
 fn root_agent_e2e_raised_delay_moves_weight_and_observed_split() {
-    require_root!();
+    require_root!(WHY_ROOT);
     let lab = settled_lab("d");
     let w0 = weights_c1(&lab.status());
     assert!(
@@ -389,15 +258,7 @@ fn root_agent_e2e_raised_delay_moves_weight_and_observed_split() {
         |ws| w(ws, "c3") <= w(&w0, "c3") - MIN_DROP,
     );
     let moved = raised.elapsed();
-    lab.ok(&[
-        "settle",
-        "--from",
-        "c1",
-        "--stable-secs",
-        "3",
-        "--wait-secs",
-        "60",
-    ]);
+    lab.settle_c1();
     let w1 = weights_c1(&lab.status());
     assert!(
         w(&w1, "c3") <= w(&w0, "c3") - MIN_DROP && w(&w1, "c2") >= 0.7,
@@ -435,7 +296,7 @@ fn root_agent_e2e_raised_delay_moves_weight_and_observed_split() {
 
 #[test]
 fn root_agent_e2e_broker_killed_steering_continues_then_agents_catch_up() {
-    require_root!();
+    require_root!(WHY_ROOT);
     let lab = settled_lab("b");
     // The broker's generation and weights, installed by every agent (read until the two
     // agree, in case a round lands between the reads).
@@ -443,10 +304,7 @@ fn root_agent_e2e_broker_killed_steering_continues_then_agents_catch_up() {
     let (w0, g0) = loop {
         let st = lab.status();
         let g = st["generation"].as_u64().expect("broker generation");
-        let installed: Vec<u64> = ["c1", "c2", "c3"]
-            .iter()
-            .map(|c| lab.agent_installed_generation(c))
-            .collect();
+        let installed = lab.agents_installed_generations();
         if installed.iter().all(|&i| i == g) {
             break (weights_c1(&st), g);
         }
@@ -534,10 +392,7 @@ fn root_agent_e2e_broker_killed_steering_continues_then_agents_catch_up() {
                     .is_some_and(|a| a >= g)
             });
             if g > g0 && acked {
-                let installed: Vec<u64> = ["c1", "c2", "c3"]
-                    .iter()
-                    .map(|c| lab.agent_installed_generation(c))
-                    .collect();
+                let installed = lab.agents_installed_generations();
                 if installed.iter().all(|&i| i >= g) {
                     break (g, back.elapsed());
                 }
@@ -560,15 +415,7 @@ fn root_agent_e2e_broker_killed_steering_continues_then_agents_catch_up() {
         "c3's weight to drop after the broker came back",
         |ws| w(ws, "c3") <= w(&w0, "c3") - MIN_DROP,
     );
-    lab.ok(&[
-        "settle",
-        "--from",
-        "c1",
-        "--stable-secs",
-        "3",
-        "--wait-secs",
-        "60",
-    ]);
+    lab.settle_c1();
     let w1 = weights_c1(&lab.status());
     let after = lab.load_from_c1();
     assert_split_follows(&after, &w1, "broker back");

@@ -3,122 +3,36 @@
 //! its own name prefix and state dir, so it never touches a running `ballast` lab.
 //! Nothing here leaves the machine: cluster namespaces have no default route.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{f, require_root, sorted_rtts, TestLab};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ballast-lab");
+const WHY_ROOT: &str = "network namespaces, cgroups, TUN devices";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+fn lab(tag: &str) -> TestLab {
+    TestLab::new("blt", tag)
 }
 
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (network namespaces, cgroups, TUN devices)");
-            return;
-        }
-    };
+/// A load run against a fixed backend (no steering needed) from a cluster.
+fn load_to(lab: &TestLab, from: &str, target: &str, n: usize) -> Value {
+    lab.load(from, n, 4, &["--target", target, "--timeout-ms", "1000"])
 }
 
-/// A lab under a test prefix; `down` on drop, even when the test fails.
-struct TestLab {
-    prefix: String,
-    state: tempfile::TempDir,
-}
-
-impl TestLab {
-    fn new(tag: &str) -> TestLab {
-        let prefix = format!("blt{tag}{}", std::process::id() % 100_000);
-        TestLab {
-            prefix,
-            state: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-    fn state_dir(&self) -> PathBuf {
-        self.state.path().join("lab")
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        let state_dir = self.state_dir();
-        let mut all: Vec<&str> = vec![
-            "--prefix",
-            &self.prefix,
-            "--state-dir",
-            state_dir.to_str().expect("utf8 path"),
-        ];
-        all.extend_from_slice(args);
-        Command::new(BIN)
-            .args(&all)
-            .output()
-            .expect("run ballast-lab")
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "ballast-lab {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-    fn json(&self, args: &[&str]) -> Value {
-        let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-    fn netns(&self) -> Vec<String> {
-        let out = Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .expect("ip");
-        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
-            .map(String::from)
-            .collect();
-        v.sort();
-        v
-    }
-    fn cgroup_root(&self) -> PathBuf {
-        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
-        let m = mounts
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() > 2 && f[2] == "cgroup2")
-            .map(|f| PathBuf::from(f[1]))
-            .expect("cgroup2 mount");
-        m.join(format!("{}-lab", self.prefix))
-    }
-    /// A load run against a fixed backend (no steering needed) from a cluster.
-    fn load_to(&self, from: &str, target: &str, n: usize) -> Value {
-        let n = n.to_string();
-        self.json(&[
-            "load",
-            "--from",
-            from,
-            "--service",
-            "demo/echo",
-            "--target",
-            target,
-            "--connections",
-            &n,
-            "--concurrency",
-            "4",
-            "--timeout-ms",
-            "1000",
-            "--json",
-        ])
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
+/// `ping` from c1 to c2's gateway, `count` echoes.
+fn ping_c2(count: &str) -> [&str; 7] {
+    [
+        "ping",
+        "--from",
+        "c1",
+        "10.77.2.2",
+        "--count",
+        count,
+        "--json",
+    ]
 }
 
 fn routes(ns: &str) -> String {
@@ -129,16 +43,10 @@ fn routes(ns: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn f(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
 #[test]
 fn root_lab_two_clusters_wan_delay_exec_backends_down() {
-    require_root!();
-    let lab = TestLab::new("a");
+    require_root!(WHY_ROOT);
+    let lab = lab("a");
     lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
     // Idempotent: a second `up` keeps what is there.
     lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
@@ -178,26 +86,12 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
 
     // 25 ms each way: ping and a TCP connect across take ~50 ms.
     lab.ok(&["delay", "c1", "c2", "25"]);
-    let p = lab.json(&[
-        "ping",
-        "--from",
-        "c1",
-        "10.77.2.2",
-        "--count",
-        "5",
-        "--json",
-    ]);
+    let p = lab.json(&ping_c2("5"));
     assert_eq!(p["received"], 5, "{p}");
-    let mut rtts: Vec<f64> = p["rtts_ms"]
-        .as_array()
-        .expect("rtts")
-        .iter()
-        .filter_map(Value::as_f64)
-        .collect();
-    rtts.sort_by(f64::total_cmp);
+    let rtts = sorted_rtts(&p);
     let median = rtts[rtts.len() / 2];
     assert!((49.0..56.0).contains(&median), "ping rtt {rtts:?} ms");
-    let l = lab.load_to("c1", "10.77.2.2:8080", 20);
+    let l = load_to(&lab, "c1", "10.77.2.2:8080", 20);
     assert_eq!(
         (l["ok"].as_u64(), l["failed"].as_u64()),
         (Some(20), Some(0)),
@@ -225,34 +119,18 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     // SAFETY: kill on a pid this test's lab started.
     unsafe { libc::kill(fwd as i32, libc::SIGKILL) };
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let p = lab.run(&[
-        "ping",
-        "--from",
-        "c1",
-        "10.77.2.2",
-        "--count",
-        "2",
-        "--json",
-    ]);
+    let p = lab.run(&ping_c2("2"));
     assert!(
         !p.status.success(),
         "ping crossed a WAN without its forwarder"
     );
     lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
-    let p = lab.json(&[
-        "ping",
-        "--from",
-        "c1",
-        "10.77.2.2",
-        "--count",
-        "2",
-        "--json",
-    ]);
+    let p = lab.json(&ping_c2("2"));
     assert!(f(&p, "avg_ms") > 45.0, "{p}");
 
     // Live change, no restart.
     lab.ok(&["delay", "c1", "c2", "5"]);
-    let l = lab.load_to("c1", "10.77.2.2:8081", 20);
+    let l = load_to(&lab, "c1", "10.77.2.2:8081", 20);
     let connect = f(&l, "p50_connect_ms");
     assert!((9.0..16.0).contains(&connect), "tcp connect {connect} ms");
     assert!(
@@ -261,7 +139,7 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     );
 
     // Backends stop and start; status counts them.
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     assert_eq!(st["clusters"][0]["id"], "c1");
     assert_eq!(st["clusters"][0]["netns"], format!("{}-c1", lab.prefix));
     assert_eq!(st["clusters"][1]["gateway"], "10.77.2.2");
@@ -269,12 +147,12 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     assert_eq!(st["services"][0]["port"], 80);
     assert_eq!(st["services"][0]["backends"]["c2"], 2);
     lab.ok(&["backends", "c2", "demo/echo", "stop"]);
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     assert_eq!(st["services"][0]["backends"]["c2"], 0);
-    let l = lab.load_to("c1", "10.77.2.2:8080", 3);
+    let l = load_to(&lab, "c1", "10.77.2.2:8080", 3);
     assert_eq!(l["failed"], 3, "{l}");
     lab.ok(&["backends", "c2", "demo/echo", "start"]);
-    let l = lab.load_to("c1", "10.77.2.2:8080", 3);
+    let l = load_to(&lab, "c1", "10.77.2.2:8080", 3);
     assert_eq!(l["ok"], 3, "{l}");
 
     // down removes everything, and again is a no-op.
@@ -287,8 +165,8 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
 
 #[test]
 fn root_down_after_crash_works_from_names() {
-    require_root!();
-    let lab = TestLab::new("b");
+    require_root!(WHY_ROOT);
+    let lab = lab("b");
     lab.ok(&["up", "--clusters", "2", "--no-control-plane"]);
     let state = std::fs::read_to_string(lab.state_dir().join("state.json")).expect("state");
     let pids: Vec<i64> = {
@@ -325,8 +203,8 @@ fn root_down_after_crash_works_from_names() {
 
 #[test]
 fn root_lab_steered_load_follows_bpf_weights() {
-    require_root!();
-    let lab = TestLab::new("c");
+    require_root!(WHY_ROOT);
+    let lab = lab("c");
     lab.ok(&["up", "--clusters", "3", "--no-control-plane"]);
     // Steer c1's cgroup with the real data plane: c2 3/4, c3 1/4.
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}-lab/c1", lab.prefix));
@@ -351,18 +229,7 @@ services:
     dp.apply(&specs).expect("apply");
     drop(dp);
 
-    let l = lab.json(&[
-        "load",
-        "--from",
-        "c1",
-        "--service",
-        "demo/echo",
-        "--connections",
-        "300",
-        "--concurrency",
-        "32",
-        "--json",
-    ]);
+    let l = lab.load("c1", 300, 32, &[]);
     assert_eq!(l["failed"], 0, "{l}");
     let c2 = f(&l["observed"], "c2");
     assert!((0.65..0.85).contains(&c2), "c2 share {c2}: {l}");
@@ -388,49 +255,25 @@ services:
     assert!(!pin.exists(), "pinned maps left behind");
 }
 
-/// Builds (or finds up to date) the broker and agent binaries next to ballast-lab, where
-/// `up` looks for them.
-fn build_control_plane_binaries() {
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "ballast-broker",
-            "-p",
-            "ballast-agent",
-            "--bin",
-            "ballast-broker",
-            "--bin",
-            "ballast-agent",
-        ])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .output()
-        .expect("run cargo");
-    assert!(
-        out.status.success(),
-        "building ballast-broker and ballast-agent: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = Path::new(BIN).parent().expect("bin dir");
-    for b in ["ballast-broker", "ballast-agent"] {
-        assert!(dir.join(b).is_file(), "{b} not in {}", dir.display());
-    }
-}
-
 fn weight(st: &Value, from: &str, to: &str) -> f64 {
     st["weights"]["demo/echo"][from][to].as_f64().unwrap_or(0.0)
 }
 
 #[test]
 fn root_lab_control_plane_installs_weights_that_follow_the_wan() {
-    require_root!();
-    build_control_plane_binaries();
-    let lab = TestLab::new("d");
+    require_root!(WHY_ROOT);
+    // Building them here must succeed (the e2e tests fall back to binaries in place).
+    let built = common::control_plane_binaries();
+    assert!(
+        built.is_none(),
+        "building ballast-broker and ballast-agent: {}",
+        built.unwrap_or_default()
+    );
+    let lab = lab("d");
     lab.ok(&["up", "--clusters", "3", "--wait-secs", "60"]);
 
     // Every agent installed the broker's generation; weights exist for every source.
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     let generation = st["generation"].as_u64().expect("generation");
     assert!(generation >= 1, "{st}");
     for c in ["c1", "c2", "c3"] {
@@ -440,43 +283,21 @@ fn root_lab_control_plane_installs_weights_that_follow_the_wan() {
     // From c1 (us-east-1), c2 (us-west-2, ~68 ms) is nearer than c3 (eu-west-1, ~85 ms)
     // at the same egress price: optimized prefers c2.
     lab.ok(&["settle", "--from", "c1", "--stable-secs", "3"]);
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     assert!(weight(&st, "c1", "c2") > weight(&st, "c1", "c3"), "{st}");
 
     // c1 <-> c2 becomes far: the agents measure it, the broker moves c1's weight to c3.
     lab.ok(&["delay", "c1", "c2", "150"]);
     lab.ok(&["settle", "--from", "c1", "--stable-secs", "3"]);
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     assert!(weight(&st, "c1", "c3") > 0.7, "{st}");
-    let l = lab.json(&[
-        "load",
-        "--from",
-        "c1",
-        "--service",
-        "demo/echo",
-        "--connections",
-        "200",
-        "--concurrency",
-        "32",
-        "--json",
-    ]);
+    let l = lab.load("c1", 200, 32, &[]);
     assert_eq!(l["failed"], 0, "{l}");
     assert!(f(&l["observed"], "c3") > 0.6, "{l}");
 
     // c3's backends stop: drained through readiness first, so nothing fails.
     lab.ok(&["backends", "c3", "demo/echo", "stop"]);
-    let l = lab.json(&[
-        "load",
-        "--from",
-        "c1",
-        "--service",
-        "demo/echo",
-        "--connections",
-        "50",
-        "--concurrency",
-        "16",
-        "--json",
-    ]);
+    let l = lab.load("c1", 50, 16, &[]);
     assert_eq!(l["failed"], 0, "{l}");
     assert_eq!(l["by_cluster"]["c2"], 50, "{l}");
 
@@ -484,7 +305,7 @@ fn root_lab_control_plane_installs_weights_that_follow_the_wan() {
     lab.ok(&["backends", "c3", "demo/echo", "start"]);
     lab.ok(&["policy", "round-robin"]);
     lab.ok(&["settle", "--from", "c1", "--stable-secs", "2"]);
-    let st = lab.json(&["status", "--json"]);
+    let st = lab.status();
     let (w2, w3) = (weight(&st, "c1", "c2"), weight(&st, "c1", "c3"));
     assert!((w2 - 0.5).abs() < 0.01 && (w3 - 0.5).abs() < 0.01, "{st}");
 
