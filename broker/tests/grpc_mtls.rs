@@ -9,12 +9,13 @@ use std::time::Duration;
 use ballast_broker::certs::generate;
 use ballast_broker::store::sqlite_url;
 use ballast_proto::v1::{
-    Ack, GetWeightsRequest, ListClustersRequest, LoadBalancing, SetPolicyRequest, WatchRequest,
-    WeightsStatus, WeightsUpdate,
+    Ack, GetWeightsRequest, ListClustersRequest, LoadBalancing, SetPolicyRequest, WeightsStatus,
+    WeightsUpdate,
 };
 use support::{
-    admin, agent, cap, cluster_pair, register_req, report, rps, rtt, send_reports, start_broker,
-    test_config, tls_of,
+    admin, admin_as, agent, cap, capacity_report, cluster_agent, cluster_pair, open_watch,
+    register_req, registered_agent, report, rps, rtt, send_reports, sqlite_test_config,
+    start_broker, test_config, tls_of, watch_req,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -49,16 +50,10 @@ async fn until_generation(
 async fn agent_registers_reports_and_receives_weights() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1", "c2", "c3"]), &[]).unwrap();
-    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
-    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
-        .await
-        .unwrap();
-    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
-        .await
-        .unwrap();
-    let mut a3 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c3")))
-        .await
-        .unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
+    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
+    let mut a3 = cluster_agent(b.addr, &bundle, "c3").await;
     let r = a1
         .register(register_req("c1", "n1"))
         .await
@@ -74,23 +69,15 @@ async fn agent_registers_reports_and_receives_weights() {
         .into_inner();
     assert_eq!(r3.known_cluster_ids, vec!["c1", "c2", "c3"]);
 
-    let mut watch = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = open_watch(&mut a1, "c1", 0).await;
 
     // c2 and c3 serve ns/web; c1 is 5 ms from c2 and 80 ms from c3 and sends 100 RPS.
-    let mut m2 = report("c2", "n1");
-    m2.capacity = vec![cap("ns/web", 1000.0)];
-    send_reports(&mut a2, vec![m2]).await.unwrap();
-    let mut m3 = report("c3", "n1");
-    m3.capacity = vec![cap("ns/web", 1000.0)];
-    send_reports(&mut a3, vec![m3]).await.unwrap();
+    send_reports(&mut a2, vec![capacity_report("c2", "ns/web", 1000.0)])
+        .await
+        .unwrap();
+    send_reports(&mut a3, vec![capacity_report("c3", "ns/web", 1000.0)])
+        .await
+        .unwrap();
     let mut m1 = report("c1", "n1");
     m1.rtt = vec![rtt("c2", 5.0), rtt("c3", 80.0)];
     m1.rps = vec![rps("ns/web", "c2", 60.0), rps("ns/web", "c3", 40.0)];
@@ -204,7 +191,7 @@ async fn certificate_from_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
     let other = generate(&clusters(&["c1"]), &[]).unwrap();
-    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
     // Trusts the right server CA but presents a client certificate of another CA.
     let mut bad = tls_of(&bundle, cluster_pair(&other, "c1"));
     bad.ca_pem.clone_from(&bundle.ca.cert_pem);
@@ -238,31 +225,20 @@ async fn certificate_from_another_ca_is_refused() {
 async fn cluster_cannot_act_as_another() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
-    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
-    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
-        .await
-        .unwrap();
-    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
-        .await
-        .unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
+    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
     a1.register(register_req("c1", "n1")).await.unwrap();
     a2.register(register_req("c2", "n1")).await.unwrap();
 
     let e = a1.register(register_req("c2", "n1")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let mut m = report("c2", "n1");
-    m.capacity = vec![cap("ns/web", 10.0)];
-    let e = send_reports(&mut a1, vec![m]).await.unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("cluster_id"), "{e:?}");
-    let e = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c2".into(),
-            node_name: "n1".into(),
-            last_generation: 0,
-        })
+    let e = send_reports(&mut a1, vec![capacity_report("c2", "ns/web", 10.0)])
         .await
         .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("cluster_id"), "{e:?}");
+    let e = a1.watch_weights(watch_req("c2", 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = a1
         .ack_weights(Ack {
@@ -277,15 +253,7 @@ async fn cluster_cannot_act_as_another() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     // A cluster certificate may not use the Admin service.
-    let mut not_admin = ballast_proto::v1::admin_client::AdminClient::new(
-        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", b.addr.port()))
-            .unwrap()
-            .tls_config(tls_of(&bundle, cluster_pair(&bundle, "c1")).client_config("localhost"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut not_admin = admin_as(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1"))).await;
     let e = not_admin
         .list_clusters(ListClustersRequest {})
         .await
@@ -300,12 +268,10 @@ async fn cluster_cannot_act_as_another() {
 async fn invalid_reports_are_rejected_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
-    let mut cfg = test_config(&bundle, &sqlite_url(&dir.path().join("b.db")));
+    let mut cfg = sqlite_test_config(&bundle, dir.path());
     cfg.max_message_bytes = 16 * 1024;
     let b = start_broker(cfg).await;
-    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
-        .await
-        .unwrap();
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
 
     // Not registered yet.
     let e = send_reports(&mut a1, vec![report("c1", "n1")])
@@ -313,9 +279,7 @@ async fn invalid_reports_are_rejected_naming_the_field() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     a1.register(register_req("c1", "n1")).await.unwrap();
-    let mut a2 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c2")))
-        .await
-        .unwrap();
+    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
     a2.register(register_req("c2", "n1")).await.unwrap();
 
     let cases: Vec<(ballast_proto::v1::ReportRequest, &str)> = vec![
@@ -419,26 +383,16 @@ async fn restart_on_the_same_sqlite_file_continues_the_generation_sequence() {
     let t2 = tls_of(&bundle, cluster_pair(&bundle, "c2"));
 
     let b = start_broker(test_config(&bundle, &db)).await;
-    let mut a1 = agent(b.addr, &t1).await.unwrap();
-    let mut a2 = agent(b.addr, &t2).await.unwrap();
-    a1.register(register_req("c1", "n1")).await.unwrap();
-    a2.register(register_req("c2", "n1")).await.unwrap();
-    let mut watch = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: 0,
-        })
+    let mut a1 = registered_agent(b.addr, &t1, "c1").await;
+    let mut a2 = registered_agent(b.addr, &t2, "c2").await;
+    let mut watch = open_watch(&mut a1, "c1", 0).await;
+    send_reports(&mut a2, vec![capacity_report("c2", "ns/web", 500.0)])
         .await
-        .unwrap()
-        .into_inner();
-    let mut m = report("c2", "n1");
-    m.capacity = vec![cap("ns/web", 500.0)];
-    send_reports(&mut a2, vec![m]).await.unwrap();
+        .unwrap();
     let first = until_generation(&mut watch, "ns/web", 1).await;
-    let mut m = report("c1", "n1");
-    m.capacity = vec![cap("ns/web", 500.0)];
-    send_reports(&mut a1, vec![m]).await.unwrap();
+    send_reports(&mut a1, vec![capacity_report("c1", "ns/web", 500.0)])
+        .await
+        .unwrap();
     let second = until_generation(&mut watch, "ns/web", first.generation + 1).await;
     let before = b.engine().current().generation;
     assert_eq!(before, second.generation);
@@ -450,22 +404,14 @@ async fn restart_on_the_same_sqlite_file_continues_the_generation_sequence() {
     assert_eq!(b.engine().current().generation, before);
     let mut a1 = agent(b.addr, &t1).await.unwrap();
     let mut a2 = agent(b.addr, &t2).await.unwrap();
-    let mut watch = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: before,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = open_watch(&mut a1, "c1", before).await;
     let u = next_update(&mut watch).await;
     assert_eq!(u.generation, before);
     assert_eq!(u.weights, second.weights);
     // The next change continues the sequence.
-    let mut m = report("c2", "n1");
-    m.capacity = vec![cap("ns/web", 0.0)];
-    send_reports(&mut a2, vec![m]).await.unwrap();
+    send_reports(&mut a2, vec![capacity_report("c2", "ns/web", 0.0)])
+        .await
+        .unwrap();
     let next = until_generation(&mut watch, "ns/web", before + 1).await;
     assert_eq!(next.generation, before + 1);
     assert!(
@@ -481,7 +427,7 @@ async fn restart_on_the_same_sqlite_file_continues_the_generation_sequence() {
 async fn plain_text_only_with_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
-    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
     // A plain-text client cannot talk to the default (mTLS) server.
     let plain =
         tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", b.addr.port()))
@@ -502,7 +448,7 @@ async fn plain_text_only_with_insecure() {
 async fn insecure_mode_serves_plain_text_and_trusts_the_claimed_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
-    let mut cfg = test_config(&bundle, &sqlite_url(&dir.path().join("b.db")));
+    let mut cfg = sqlite_test_config(&bundle, dir.path());
     cfg.tls = None;
     let b = start_broker(cfg).await;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", b.addr.port()))
@@ -531,22 +477,12 @@ async fn postgres_backed_broker_serves_and_survives_a_restart() {
     let t1 = tls_of(&bundle, cluster_pair(&bundle, "c1"));
     let t2 = tls_of(&bundle, cluster_pair(&bundle, "c2"));
     let b = start_broker(test_config(&bundle, &pg.url)).await;
-    let mut a1 = agent(b.addr, &t1).await.unwrap();
-    let mut a2 = agent(b.addr, &t2).await.unwrap();
-    a1.register(register_req("c1", "n1")).await.unwrap();
-    a2.register(register_req("c2", "n1")).await.unwrap();
-    let mut watch = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: 0,
-        })
+    let mut a1 = registered_agent(b.addr, &t1, "c1").await;
+    let mut a2 = registered_agent(b.addr, &t2, "c2").await;
+    let mut watch = open_watch(&mut a1, "c1", 0).await;
+    send_reports(&mut a2, vec![capacity_report("c2", "ns/api", 200.0)])
         .await
-        .unwrap()
-        .into_inner();
-    let mut m = report("c2", "n1");
-    m.capacity = vec![cap("ns/api", 200.0)];
-    send_reports(&mut a2, vec![m]).await.unwrap();
+        .unwrap();
     let u = until_generation(&mut watch, "ns/api", 1).await;
     assert!((u.weights["c2"] - 1.0).abs() < 1e-9, "{:?}", u.weights);
     let before = b.engine().current().generation;
@@ -556,18 +492,10 @@ async fn postgres_backed_broker_serves_and_survives_a_restart() {
     let b = start_broker(test_config(&bundle, &pg.url)).await;
     assert_eq!(b.engine().current().generation, before);
     let mut a1 = agent(b.addr, &t1).await.unwrap();
-    let mut m = report("c1", "n1");
-    m.capacity = vec![cap("ns/api", 200.0)];
-    send_reports(&mut a1, vec![m]).await.unwrap();
-    let mut watch = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: before,
-        })
+    send_reports(&mut a1, vec![capacity_report("c1", "ns/api", 200.0)])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let mut watch = open_watch(&mut a1, "c1", before).await;
     let next = until_generation(&mut watch, "ns/api", before + 1).await;
     assert_eq!(next.generation, before + 1);
     assert!(next.weights.contains_key("c1"), "{:?}", next.weights);
@@ -580,10 +508,8 @@ async fn postgres_backed_broker_serves_and_survives_a_restart() {
 async fn register_rejects_bad_fields() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
-    let b = start_broker(test_config(&bundle, &sqlite_url(&dir.path().join("b.db")))).await;
-    let mut a1 = agent(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1")))
-        .await
-        .unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
     let mut r = register_req("c1", "n1");
     r.zone = String::new();
     let e = a1.register(r).await.unwrap_err();
@@ -594,14 +520,7 @@ async fn register_rejects_bad_fields() {
     let e = a1.register(r).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("cluster_id"), "{e:?}");
-    let e = a1
-        .watch_weights(WatchRequest {
-            cluster_id: "c1".into(),
-            node_name: "n1".into(),
-            last_generation: 0,
-        })
-        .await
-        .unwrap_err();
+    let e = a1.watch_weights(watch_req("c1", 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "watching before registering");
     b.stop().await;
 }

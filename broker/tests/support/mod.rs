@@ -11,7 +11,10 @@ use ballast_broker::server::{start, Running, ServeConfig};
 use ballast_broker::tls::TlsFiles;
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::broker_client::BrokerClient;
-use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample};
+use ballast_proto::v1::{
+    CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample, WatchRequest,
+    WeightsUpdate,
+};
 use sqlx::Connection;
 use tonic::transport::{Channel, Endpoint};
 
@@ -98,6 +101,14 @@ pub fn test_config(bundle: &Bundle, db_url: &str) -> ServeConfig {
     c
 }
 
+/// [`test_config`] on a SQLite file `b.db` in `dir`.
+pub fn sqlite_test_config(bundle: &Bundle, dir: &std::path::Path) -> ServeConfig {
+    test_config(
+        bundle,
+        &ballast_broker::store::sqlite_url(&dir.join("b.db")),
+    )
+}
+
 pub async fn start_broker(cfg: ServeConfig) -> Running {
     start(cfg).await.expect("broker starts")
 }
@@ -118,8 +129,49 @@ pub async fn agent(
     Ok(BrokerClient::new(channel(addr, tls).await?))
 }
 
+/// An agent client with cluster `id`'s certificate from `bundle`.
+pub async fn cluster_agent(addr: SocketAddr, bundle: &Bundle, id: &str) -> BrokerClient<Channel> {
+    agent(addr, &tls_of(bundle, cluster_pair(bundle, id)))
+        .await
+        .unwrap()
+}
+
+/// An agent client registered as node `n1` of cluster `id`.
+pub async fn registered_agent(addr: SocketAddr, tls: &TlsFiles, id: &str) -> BrokerClient<Channel> {
+    let mut c = agent(addr, tls).await.unwrap();
+    c.register(register_req(id, "n1")).await.unwrap();
+    c
+}
+
+/// A Watch of node `n1` of `cluster`, from `last_generation`.
+pub fn watch_req(cluster: &str, last_generation: u64) -> WatchRequest {
+    WatchRequest {
+        cluster_id: cluster.into(),
+        node_name: "n1".into(),
+        last_generation,
+    }
+}
+
+/// Opens [`watch_req`]'s stream.
+pub async fn open_watch(
+    client: &mut BrokerClient<Channel>,
+    cluster: &str,
+    last_generation: u64,
+) -> tonic::Streaming<WeightsUpdate> {
+    client
+        .watch_weights(watch_req(cluster, last_generation))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// An admin client on a channel with `tls` (any certificate, for identity checks).
+pub async fn admin_as(addr: SocketAddr, tls: &TlsFiles) -> AdminClient<Channel> {
+    AdminClient::new(channel(addr, tls).await.unwrap())
+}
+
 pub async fn admin(addr: SocketAddr, bundle: &Bundle) -> AdminClient<Channel> {
-    AdminClient::new(channel(addr, &tls_of(bundle, &bundle.admin)).await.unwrap())
+    admin_as(addr, &tls_of(bundle, &bundle.admin)).await
 }
 
 pub fn now_ms() -> i64 {
@@ -175,6 +227,13 @@ pub fn cap(service: &str, v: f64) -> CapacitySample {
         capacity_rps: v,
         measured_at_ms: 0,
     }
+}
+
+/// A report of node `n1` of `cluster` declaring `capacity_rps` for `service`.
+pub fn capacity_report(cluster: &str, service: &str, capacity_rps: f64) -> ReportRequest {
+    let mut m = report(cluster, "n1");
+    m.capacity = vec![cap(service, capacity_rps)];
+    m
 }
 
 /// Sends `msgs` on one Report stream and returns the summary (or the error status).
