@@ -66,6 +66,17 @@ fn weight(svc: &str, src: &str, dst: &str, w: f64) -> WeightRecord {
     }
 }
 
+/// The agent record of node n1 of c1.
+async fn c1_n1(store: &Store) -> AgentRecord {
+    store
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
+        .unwrap()
+}
+
 /// Every store operation, with values that a wrong query would get wrong.
 async fn store_roundtrip(url: &str) {
     let store = Store::connect(url).await.unwrap();
@@ -92,34 +103,17 @@ async fn store_roundtrip(url: &str) {
     assert!(store.cluster_exists("c2").await.unwrap());
     assert!(!store.cluster_exists("c9").await.unwrap());
 
-    let rep = |rtt: f64, at: i64| ReportRecord {
-        cluster_id: "c1".into(),
-        node_name: "n1".into(),
-        received_at_ms: at,
-        rtt: vec![RttRecord {
-            src: "c1".into(),
-            dst: "c2".into(),
-            node_name: "n1".into(),
-            rtt_ms: rtt,
-            loss_ratio: 0.25,
-            reachable: true,
-            measured_at_ms: at,
-        }],
-        rps: vec![RpsRecord {
-            src: "c1".into(),
-            service: "ns/web".into(),
-            dst: "c2".into(),
-            node_name: "n1".into(),
-            rps: rtt * 2.0,
-            measured_at_ms: at,
-        }],
-        capacity: vec![CapacityRecord {
-            cluster_id: "c1".into(),
-            service: "ns/web".into(),
-            node_name: "n1".into(),
-            capacity_rps: 300.0,
-            measured_at_ms: at,
-        }],
+    let rep = |rtt: f64, at: i64| {
+        let mut r = report_of(
+            "c1",
+            "n1",
+            at,
+            &[("c2", rtt)],
+            &[("ns/web", "c2", rtt * 2.0)],
+            &[("ns/web", 300.0)],
+        );
+        r.rtt[0].loss_ratio = 0.25;
+        r
     };
     store.store_report(&rep(12.5, 100)).await.unwrap();
     store.store_report(&rep(20.0, 200)).await.unwrap();
@@ -137,12 +131,7 @@ async fn store_roundtrip(url: &str) {
     assert_eq!((rps.len(), rps[0].rps), (1, 40.0));
     let cap = store.capacity().await.unwrap();
     assert_eq!((cap.len(), cap[0].capacity_rps), (1, 300.0));
-    let agents = store.agents().await.unwrap();
-    let n1 = agents
-        .iter()
-        .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
-        .unwrap();
-    assert_eq!(n1.last_report_ms, 200);
+    assert_eq!(c1_n1(&store).await.last_report_ms, 200);
 
     store.set_price("cross_zone", 0.01, 1).await.unwrap();
     store.set_price("cross_zone", 0.03, 2).await.unwrap();
@@ -229,24 +218,13 @@ async fn store_roundtrip(url: &str) {
     };
     store.ack(&ack(1, true)).await.unwrap();
     store.ack(&ack(2, false)).await.unwrap();
-    let a = store.agents().await.unwrap();
-    let n1 = a
-        .iter()
-        .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
-        .unwrap();
     assert_eq!(
-        n1.acked_generation, 0,
+        c1_n1(&store).await.acked_generation,
+        0,
         "a failed ack replaces the applied one"
     );
     store.ack(&ack(2, true)).await.unwrap();
-    let a = store.agents().await.unwrap();
-    assert_eq!(
-        a.iter()
-            .find(|a| a.cluster_id == "c1" && a.node_name == "n1")
-            .unwrap()
-            .acked_generation,
-        2
-    );
+    assert_eq!(c1_n1(&store).await.acked_generation, 2);
     store.close().await;
 }
 
@@ -313,8 +291,8 @@ fn report_of(
     }
 }
 
-/// Aggregation across the agents of one cluster, generations, staleness, restart.
-async fn engine_scenario(url: &str) {
+/// A store on `url` with c1, c2, c3 (us-east-1) registered, one agent `n1` each.
+async fn store_with_three_clusters(url: &str) -> Store {
     let store = Store::connect(url).await.unwrap();
     for c in ["c1", "c2", "c3"] {
         store
@@ -322,6 +300,17 @@ async fn engine_scenario(url: &str) {
             .await
             .unwrap();
     }
+    store
+}
+
+/// ns/web's entry for source c1 in a published generation's key.
+fn web_c1() -> (String, String) {
+    ("ns/web".to_string(), "c1".to_string())
+}
+
+/// Aggregation across the agents of one cluster, generations, staleness, restart.
+async fn engine_scenario(url: &str) {
+    let store = store_with_three_clusters(url).await;
     let cfg = EngineConfig {
         stale_after: Duration::from_secs(30),
         max_step: None,
@@ -372,7 +361,7 @@ async fn engine_scenario(url: &str) {
     let g1 = engine.run_round().await.unwrap();
     assert_eq!(g1, 1);
     let p = engine.current();
-    let e = &p.entries[&("ns/web".to_string(), "c1".to_string())];
+    let e = &p.entries[&web_c1()];
     assert_eq!(e.status, WeightsState::Optimal);
     assert!((e.weights.values().sum::<f64>() - 1.0).abs() < 1e-9);
     // Unchanged inputs: no new generation.
@@ -393,7 +382,7 @@ async fn engine_scenario(url: &str) {
     let g2 = engine.run_round().await.unwrap();
     assert_eq!(g2, 2);
     let p2 = engine.current();
-    let e2 = &p2.entries[&("ns/web".to_string(), "c1".to_string())];
+    let e2 = &p2.entries[&web_c1()];
     assert_eq!(e2.status, WeightsState::Stale);
     assert!(
         e2.reason.contains("capacity of ns/web in c3"),
@@ -408,7 +397,7 @@ async fn engine_scenario(url: &str) {
         .unwrap();
     assert_eq!(engine2.current().generation, 2);
     assert_eq!(
-        engine2.current().entries[&("ns/web".to_string(), "c1".to_string())].status,
+        engine2.current().entries[&web_c1()].status,
         WeightsState::Stale
     );
     store
@@ -424,7 +413,7 @@ async fn engine_scenario(url: &str) {
         .unwrap();
     assert_eq!(engine2.run_round().await.unwrap(), 3);
     assert_eq!(
-        engine2.current().entries[&("ns/web".to_string(), "c1".to_string())].status,
+        engine2.current().entries[&web_c1()].status,
         WeightsState::Optimal
     );
     assert_eq!(store.last_generation().await.unwrap(), 3);
@@ -451,15 +440,7 @@ async fn engine_postgres_scenario() {
 #[tokio::test]
 async fn engine_damps_weight_moves() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&sqlite_url(&dir.path().join("b.db")))
-        .await
-        .unwrap();
-    for c in ["c1", "c2", "c3"] {
-        store
-            .register(&cluster(c, "us-east-1"), &agent(c, "n1"))
-            .await
-            .unwrap();
-    }
+    let store = store_with_three_clusters(&sqlite_url(&dir.path().join("b.db"))).await;
     let cfg = EngineConfig {
         max_step: Some(0.2),
         ..EngineConfig::default()
@@ -485,7 +466,7 @@ async fn engine_damps_weight_moves() {
             .await
             .unwrap();
     }
-    let key = ("ns/web".to_string(), "c1".to_string());
+    let key = web_c1();
     // Converge on c2 first.
     for _ in 0..10 {
         engine.run_round().await.unwrap();
