@@ -65,105 +65,108 @@ pub const FIELD_PARAMS: &str = "spec.optimizedLoadBalancingParams";
 /// See [`FIELD_POLICY`].
 pub const FIELD_SERVICE_IMPORT: &str = "spec.serviceImportName";
 
-/// Cluster-wide load-balancing setting. Cluster-scoped singleton: only the object named
-/// `default` is used.
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-// Each printcolumn repeats `type_ = "string"`; clippy reads them as one attribute list.
-#[allow(clippy::duplicated_attributes)]
-#[kube(
-    group = "ballast.io",
-    version = "v1alpha1",
-    kind = "LoadBalancingPolicy",
-    plural = "loadbalancingpolicies",
-    shortname = "lbp",
-    category = "ballast",
-    doc = "Cluster-wide load-balancing setting for ServiceImports (singleton named `default`).",
-    status = "PolicyStatus",
-    printcolumn(
-        name = "Policy",
-        type_ = "string",
-        json_path = ".spec.serviceDiscoveryLoadBalancing"
-    ),
-    printcolumn(
-        name = "Params",
-        type_ = "string",
-        json_path = ".spec.optimizedLoadBalancingParams"
-    ),
-    printcolumn(name = "Accepted", type_ = "boolean", json_path = ".status.accepted"),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.message",
-        priority = 1
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct LoadBalancingPolicySpec {
-    /// How traffic to a ServiceImport is split across clusters. Left out: the broker's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
-    pub service_discovery_load_balancing: Option<String>,
-    /// What `optimized` (and `weighted-round-robin`) minimise: egress cost, latency, or both.
-    /// Left out: the broker's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
-    pub optimized_load_balancing_params: Option<String>,
+/// Declares one of the two policy kinds: the derives, group [`GROUP`] version `v1alpha1`
+/// (category `ballast`, status [`PolicyStatus`]), and the printer columns both show after the
+/// kind's own `columns(...)`: Policy, Params, Accepted, and Message (with `-o wide`).
+macro_rules! policy_resource {
+    (
+        kube($($kube:tt)*),
+        columns($($column:tt)*),
+        $(#[$attr:meta])*
+        pub struct $name:ident { $($fields:tt)* }
+    ) => {
+        $(#[$attr])*
+        #[derive(
+            CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema,
+        )]
+        // Each printcolumn repeats `type_ = "string"`; clippy reads them as one attribute list.
+        #[allow(clippy::duplicated_attributes)]
+        #[kube(
+            group = "ballast.io",
+            version = "v1alpha1",
+            category = "ballast",
+            status = "PolicyStatus",
+            $($kube)*
+            $($column)*
+            printcolumn(
+                name = "Policy",
+                type_ = "string",
+                json_path = ".spec.serviceDiscoveryLoadBalancing"
+            ),
+            printcolumn(
+                name = "Params",
+                type_ = "string",
+                json_path = ".spec.optimizedLoadBalancingParams"
+            ),
+            printcolumn(name = "Accepted", type_ = "boolean", json_path = ".status.accepted"),
+            printcolumn(
+                name = "Message",
+                type_ = "string",
+                json_path = ".status.message",
+                priority = 1
+            )
+        )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $name { $($fields)* }
+    };
 }
 
-/// Per-service override of the cluster-wide `LoadBalancingPolicy`, for the ServiceImport
-/// named in `serviceImportName` in the same namespace.
-#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-// Each printcolumn repeats `type_ = "string"`; clippy reads them as one attribute list.
-#[allow(clippy::duplicated_attributes)]
-#[kube(
-    group = "ballast.io",
-    version = "v1alpha1",
-    kind = "ServiceLoadBalancingPolicy",
-    plural = "serviceloadbalancingpolicies",
-    shortname = "slbp",
-    category = "ballast",
-    namespaced,
-    doc = "Per-ServiceImport override of the cluster-wide LoadBalancingPolicy.",
-    status = "PolicyStatus",
-    printcolumn(
-        name = "ServiceImport",
-        type_ = "string",
-        json_path = ".spec.serviceImportName"
+policy_resource! {
+    kube(
+        kind = "LoadBalancingPolicy",
+        plural = "loadbalancingpolicies",
+        shortname = "lbp",
+        doc = "Cluster-wide load-balancing setting for ServiceImports (singleton named `default`).",
     ),
-    printcolumn(
-        name = "Policy",
-        type_ = "string",
-        json_path = ".spec.serviceDiscoveryLoadBalancing"
+    columns(),
+    /// Cluster-wide load-balancing setting. Cluster-scoped singleton: only the object named
+    /// `default` is used.
+    pub struct LoadBalancingPolicySpec {
+        /// How traffic to a ServiceImport is split across clusters. Left out: the broker's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
+        pub service_discovery_load_balancing: Option<String>,
+        /// What `optimized` (and `weighted-round-robin`) minimise: egress cost, latency, or both.
+        /// Left out: the broker's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
+        pub optimized_load_balancing_params: Option<String>,
+    }
+}
+
+policy_resource! {
+    kube(
+        kind = "ServiceLoadBalancingPolicy",
+        plural = "serviceloadbalancingpolicies",
+        shortname = "slbp",
+        namespaced,
+        doc = "Per-ServiceImport override of the cluster-wide LoadBalancingPolicy.",
     ),
-    printcolumn(
-        name = "Params",
-        type_ = "string",
-        json_path = ".spec.optimizedLoadBalancingParams"
+    columns(
+        printcolumn(
+            name = "ServiceImport",
+            type_ = "string",
+            json_path = ".spec.serviceImportName"
+        ),
     ),
-    printcolumn(name = "Accepted", type_ = "boolean", json_path = ".status.accepted"),
-    printcolumn(
-        name = "Message",
-        type_ = "string",
-        json_path = ".status.message",
-        priority = 1
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceLoadBalancingPolicySpec {
-    /// Name of the ServiceImport (same namespace) this override applies to.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
-    pub service_import_name: String,
-    /// Override of the cluster-wide `serviceDiscoveryLoadBalancing`. Left out: inherited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
-    pub service_discovery_load_balancing: Option<String>,
-    /// Override of the cluster-wide `optimizedLoadBalancingParams`. Left out: inherited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
-    pub optimized_load_balancing_params: Option<String>,
+    /// Per-service override of the cluster-wide `LoadBalancingPolicy`, for the ServiceImport
+    /// named in `serviceImportName` in the same namespace.
+    pub struct ServiceLoadBalancingPolicySpec {
+        /// Name of the ServiceImport (same namespace) this override applies to.
+        #[schemars(
+            length(min = 1, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        )]
+        pub service_import_name: String,
+        /// Override of the cluster-wide `serviceDiscoveryLoadBalancing`. Left out: inherited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
+        pub service_discovery_load_balancing: Option<String>,
+        /// Override of the cluster-wide `optimizedLoadBalancingParams`. Left out: inherited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
+        pub optimized_load_balancing_params: Option<String>,
+    }
 }
 
 /// What the broker made of an object, written back to its `status` (`kubectl get lbp,slbp`
