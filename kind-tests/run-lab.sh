@@ -54,33 +54,9 @@ trap 'exit 130' INT TERM
 # policies apart (AWS bills every inter-region transfer from us-east-1 at the same $0.02/GB).
 REGIONS="${BALLAST_LAB_REGIONS:-us-east-1,us-west-2,westeurope}"
 echo "== up: 3 clusters ($REGIONS), broker (policy optimized), one agent per cluster"
+# `up` fails (the trap then takes the lab down) when the agents install no weights in time,
+# naming the directory with the broker's and agents' logs.
 "$LAB" up --clusters 3 --regions "$REGIONS"
-
-status=$("$LAB" status --json)
-if grep -q '"installed_generation": {}' <<<"$status"; then
-  cat <<EOF
-
-!! The agents did not install weights, so connections to the service VIP are not steered.
-!! Showing what works without them: the emulated WAN, the backends and the load generator
-!! (aimed at backends directly). See the agents' logs in /run/$BALLAST_LAB_PREFIX-lab/logs/.
-
-EOF
-  echo "== RTT from c1 (ICMP through the WAN emulator)"
-  "$LAB" ping --from c1 10.77.2.2 --count 5
-  "$LAB" ping --from c1 10.77.3.2 --count 5
-  echo "== load from c1 to a c2 backend"
-  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 100
-  echo "== delay c1 <-> c2 raised to 150 ms one way"
-  "$LAB" delay c1 c2 150
-  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 50
-  echo "== c2's backends stopped: connections to them fail"
-  "$LAB" backends c2 demo/echo stop
-  "$LAB" load --from c1 --service demo/echo --target 10.77.2.2:8080 --connections 20 || true
-  "$LAB" backends c2 demo/echo start
-  echo
-  echo "FAILED: no steering (agents installed no weights); see the logs above." >&2
-  exit 1
-fi
 
 echo
 echo "== 1. baseline: 400 connections from c1 (the weights are c1's, from the broker)"

@@ -215,13 +215,22 @@ fn real_main(cli: Cli) -> Result<()> {
                 control_plane: !no_control_plane,
                 policy,
             })?;
-            if state.control.is_some() {
-                if let Err(e) = lab.wait_installed(0, Duration::from_secs(wait_secs)) {
-                    eprintln!("ballast-lab up: warning: {e}");
-                }
-            }
+            // `up` returns once every agent has installed weights; when they do not within
+            // --wait-secs, the table is still printed (it shows who is missing) and `up` fails.
+            let installed = if state.control.is_some() {
+                lab.wait_installed(0, Duration::from_secs(wait_secs))
+                    .map(|_| ())
+            } else {
+                Ok(())
+            };
             let status = lab.status()?;
             print!("{}", lab::render_up(&state, &status));
+            installed.map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; the agents' and broker's logs are in {}",
+                    lab.state_dir.join("logs").display()
+                )
+            })?;
         }
         Cmd::Policy { policy, wait_secs } => {
             init_tracing("warn");
