@@ -1,6 +1,7 @@
 //! `ballast-probe`: a client for tests, the benchmark and the demo. Optionally joins a cgroup
-//! (writes its pid to `cgroup.procs`, so the BPF programs attached there see its sockets),
-//! then connects to (or sends UDP datagrams to) one address many times and prints JSON:
+//! (writes its pid to `cgroup.procs`, so the BPF programs attached there see its sockets)
+//! and then a network namespace (`--netns NAME`, `/run/netns/NAME`: the cgroup first, since
+//! `ip netns exec` would remount /sys and hide the cgroup mount), then connects to (or sends UDP datagrams to) one address many times and prints JSON:
 //! which backend answered (each backend replies with its own id), errors by kind, whether
 //! `getpeername()` / the reply's source showed the address dialled, and the slowest failure.
 
@@ -26,6 +27,9 @@ struct Cli {
     /// join this cgroup v2 directory first
     #[arg(long, env = "BALLAST_PROBE_CGROUP")]
     cgroup: Option<PathBuf>,
+    /// then enter this network namespace (a name under /run/netns, as `ip netns add` makes)
+    #[arg(long, env = "BALLAST_PROBE_NETNS", value_parser = netns_name)]
+    netns: Option<String>,
     /// address to dial (a service VIP:port)
     #[arg(long, env = "BALLAST_PROBE_TO")]
     to: SocketAddr,
@@ -41,6 +45,32 @@ struct Cli {
     /// keep going until this file exists (instead of --count)
     #[arg(long, env = "BALLAST_PROBE_UNTIL")]
     until: Option<PathBuf>,
+}
+
+/// A namespace name as `ip netns` accepts it: one path component under /run/netns.
+fn netns_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+        return Err(format!(
+            "{s:?} is not a network namespace name (one component under /run/netns)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Moves the calling thread into `/run/netns/NAME`; threads started afterwards inherit it.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("--netns: opening {}", path.display()))?;
+    #[allow(unsafe_code)]
+    // SAFETY: setns on an open nsfs fd; it only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("--netns: entering {}", path.display()));
+    }
+    Ok(())
 }
 
 #[derive(Default, Serialize)]
@@ -159,6 +189,9 @@ fn main() -> Result<()> {
     if let Some(cg) = &cli.cgroup {
         std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    if let Some(ns) = &cli.netns {
+        enter_netns(ns)?;
     }
     let report = Arc::new(Mutex::new(Report::default()));
     let mut handles = Vec::new();

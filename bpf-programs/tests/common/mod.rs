@@ -102,6 +102,10 @@ pub struct Backend {
     pub id: String,
     pub accepted: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Set for backends in a network namespace: drop shuts this listener down to wake the
+    /// accept loop (a wake-up connect from the test's own namespace could leave the machine).
+    netns_listener: Option<TcpListener>,
+    in_netns: bool,
 }
 
 impl Backend {
@@ -130,6 +134,8 @@ impl Backend {
             id,
             accepted,
             stop,
+            netns_listener: None,
+            in_netns: false,
         }
     }
 
@@ -156,6 +162,73 @@ impl Backend {
             id,
             accepted,
             stop,
+            netns_listener: None,
+            in_netns: false,
+        }
+    }
+
+    /// A TCP backend listening on `ip` (port picked by the kernel) inside `ns`; its id is its
+    /// full address, so backends on different addresses never share an id.
+    pub fn tcp_in(ns: &Netns, ip: &str) -> Self {
+        let bind = SocketAddr::new(ip.parse().unwrap(), 0);
+        let l = ns.run(move || TcpListener::bind(bind)).unwrap();
+        let addr = l.local_addr().unwrap();
+        let id = addr.to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let waker = l.try_clone().unwrap();
+        let (a, reply) = (accepted.clone(), format!("{id}\n"));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(mut c) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                        let _ = c.write_all(reply.as_bytes());
+                        let _ = c.shutdown(std::net::Shutdown::Write);
+                    }
+                    // shutdown(2) on the listener (drop) makes accept fail with EINVAL
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(_) => {}
+                }
+            }
+        });
+        Self {
+            addr,
+            id,
+            accepted,
+            stop,
+            netns_listener: Some(waker),
+            in_netns: true,
+        }
+    }
+
+    /// A UDP backend on `ip` inside `ns`, replying to every datagram with its id.
+    pub fn udp_in(ns: &Netns, ip: &str) -> Self {
+        let bind = SocketAddr::new(ip.parse().unwrap(), 0);
+        let s = ns.run(move || UdpSocket::bind(bind)).unwrap();
+        let addr = s.local_addr().unwrap();
+        let id = addr.to_string();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, st, reply) = (accepted.clone(), stop.clone(), id.clone());
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    a.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.send_to(reply.as_bytes(), from);
+                }
+            }
+        });
+        Self {
+            addr,
+            id,
+            accepted,
+            stop,
+            netns_listener: None,
+            in_netns: true,
         }
     }
 
@@ -172,8 +245,95 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(l) = &self.netns_listener {
+            use std::os::fd::AsRawFd;
+            // SAFETY: shutdown on a valid, owned socket fd.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if self.in_netns {
+            return;
+        }
         // wake the accept loop
         let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
+    }
+}
+
+/// A network namespace of the test's own (`ip netns add`), `lo` up with the given addresses
+/// and no other interface or route: nothing sent in it can leave the machine, and a
+/// destination that is not on `lo` fails at once (ENETUNREACH). Deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str, addrs: &[&str]) -> Self {
+        let name = format!("blst-{name}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {name}");
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        for a in addrs {
+            ns.ip(&["addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        ns
+    }
+
+    /// `ip -n NAME ARGS`, asserting success; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether the namespace has a route to `dst` (`ip route get`).
+    pub fn routes_to(&self, dst: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "route", "get", dst])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    /// Runs `f` on a thread that entered the namespace (sockets made there stay in it).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on a valid nsfs fd; affects only this (scoped) thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {}", self.name);
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

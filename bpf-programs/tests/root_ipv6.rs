@@ -1,0 +1,167 @@
+//! IPv6 steering, for real: the client and the backends live in a network namespace of the
+//! test's own with only `lo` (the backends' addresses on it) and no other route, so an
+//! unsteered connect to the VIP fails locally with ENETUNREACH and nothing can leave the
+//! machine. The client (`ballast-probe --cgroup .. --netns ..`) joins the test cgroup first,
+//! then the namespace.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{can_run, probe, service, Backend, Env, Netns, Report};
+
+/// The service VIP: no route to it in the namespace.
+const VIP: &str = "fd00:ba11:a57:96::10";
+const B1: &str = "fd00:ba11:a57::1";
+const B2: &str = "fd00:ba11:a57::2";
+/// Not a service: a plain listener the steering must leave alone.
+const OTHER: &str = "fd00:ba11:a57::3";
+
+fn ns_with_backends(name: &str) -> Netns {
+    let ns = Netns::new(
+        name,
+        &[
+            &format!("{B1}/128"),
+            &format!("{B2}/128"),
+            &format!("{OTHER}/128"),
+        ],
+    );
+    // network safety, checked rather than assumed: no default route, none to the VIP
+    assert!(ns.ip(&["-6", "route", "show", "default"]).trim().is_empty());
+    assert!(ns.ip(&["-4", "route", "show", "default"]).trim().is_empty());
+    assert!(!ns.routes_to(VIP), "the namespace must not route the VIP");
+    assert!(
+        ns.routes_to(B1),
+        "backend address must be local in the namespace"
+    );
+    ns
+}
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), port)
+}
+
+/// Runs the probe in the test cgroup (when given) and the namespace.
+fn probe_in(env: Option<&Env>, ns: &Netns, to: SocketAddr, extra: &[&str]) -> Report {
+    let mut args = vec!["--netns", ns.name.as_str()];
+    args.extend_from_slice(extra);
+    probe(env.map(|e| e.cgroup.as_path()), to, &args)
+}
+
+fn all_errno(r: &Report, errno: u32) -> bool {
+    let tag = format!("errno {errno})");
+    !r.errors.is_empty() && r.errors.keys().all(|k| k.contains(&tag))
+}
+
+#[test]
+fn root_ipv6_tcp_steering_in_netns() {
+    if !can_run("root_ipv6_tcp_steering_in_netns") {
+        return;
+    }
+    let mut env = Env::new("ipv6-tcp");
+    let ns = ns_with_backends("v6tcp");
+    let (b1, b2, other) = (
+        Backend::tcp_in(&ns, B1),
+        Backend::tcp_in(&ns, B2),
+        Backend::tcp_in(&ns, OTHER),
+    );
+
+    // before any service: the VIP is unreachable from the client's place
+    let r = probe_in(Some(&env), &ns, vip(80), &["--count", "20"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
+
+    env.dp()
+        .upsert_service(&service("v6/web", VIP, 80, vec![b1.spec(3), b2.spec(1)]))
+        .unwrap();
+    let n = 4000;
+    let r = probe_in(Some(&env), &ns, vip(80), &["--count", &n.to_string()]);
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    assert_eq!(r.ok, n);
+    assert_eq!(r.count(&b1) + r.count(&b2), n, "{:?}", r.by_backend);
+    let share = r.share(&b1);
+    println!(
+        "ipv6 3:1 over {n} connects: b1 {share:.4}, b2 {:.4}",
+        r.share(&b2)
+    );
+    assert!(
+        (share - 0.75).abs() <= 0.03,
+        "weights 3:1 gave b1 {share:.4} over {n} connects"
+    );
+    assert_eq!(r.peer_is_target, n, "getpeername must return the VIP");
+    // the kernel's own counters agree with what the backends saw
+    let c = env.dp().counters().unwrap();
+    let of = |b: &Backend| {
+        c.iter()
+            .filter(|c| c.backend == b.addr)
+            .map(|c| c.connects)
+            .sum::<u64>()
+    };
+    assert_eq!((of(&b1), of(&b2)), (r.count(&b1), r.count(&b2)), "{c:?}");
+    // every client socket is closed: sock_release removed each per-connection record
+    let conn = aya::maps::MapData::from_pin(env.pin_dir.join("blst_conn")).unwrap();
+    let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
+    assert_eq!(
+        conn.keys().count(),
+        0,
+        "records of closed sockets left behind"
+    );
+
+    // an unrelated IPv6 destination from inside the cgroup: reached as dialled
+    let r = probe_in(Some(&env), &ns, other.addr, &["--count", "200"]);
+    assert_eq!(r.count(&other), 200, "{:?} {:?}", r.by_backend, r.errors);
+    assert_eq!(r.peer_is_target, 200);
+    // the VIP on a port that is not a service: untouched, so unreachable
+    let r = probe_in(Some(&env), &ns, vip(81), &["--count", "20"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
+    // a process in the namespace but outside the cgroup: not steered
+    let r = probe_in(None, &ns, vip(80), &["--count", "20"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
+    let total: u64 = env
+        .dp()
+        .counters()
+        .unwrap()
+        .iter()
+        .map(|c| c.connects)
+        .sum();
+    assert_eq!(total, n, "unsteered connects must not be counted");
+
+    // fast-fail: every backend unhealthy -> EPERM at once, not a hang on a dead address
+    env.dp()
+        .set_backend_health("v6/web", b1.addr, false)
+        .unwrap();
+    env.dp()
+        .set_backend_health("v6/web", b2.addr, false)
+        .unwrap();
+    assert!(env.dp().service("v6/web").unwrap().all_down);
+    let r = probe_in(Some(&env), &ns, vip(80), &["--count", "200"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert_eq!(r.errors_total(), 200);
+    assert!(all_errno(&r, 1), "want EPERM: {:?}", r.errors);
+    println!(
+        "ipv6 fast-fail: median {} us, max {} us",
+        r.median_fail_us, r.max_fail_us
+    );
+    assert!(
+        r.median_fail_us < 1000,
+        "median failing connect took {} us",
+        r.median_fail_us
+    );
+    assert!(
+        r.max_fail_us < 100_000,
+        "slowest failing connect took {} us",
+        r.max_fail_us
+    );
+    // one healthy again -> all traffic goes there
+    env.dp()
+        .set_backend_health("v6/web", b2.addr, true)
+        .unwrap();
+    let r = probe_in(Some(&env), &ns, vip(80), &["--count", "500"]);
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    assert_eq!(r.count(&b2), 500);
+    assert_eq!(r.peer_is_target, 500);
+}
