@@ -2,8 +2,8 @@
 /*
  * ballast: connect-time steering of service VIPs to weighted backends.
  *
- * connect4/6 and sendmsg4 rewrite a known (vip, port, proto) to a picked backend and remember
- * backend -> VIP per socket; getpeername4/6 and recvmsg4 show the VIP to the application.
+ * connect4/6 and sendmsg4/6 rewrite a known (vip, port, proto) to a picked backend and remember
+ * backend -> VIP per socket; getpeername4/6 and recvmsg4/6 show the VIP to the application.
  * Anything else passes untouched. sock_release forgets a connected socket's record.
  */
 #include <linux/bpf.h>
@@ -67,8 +67,7 @@ int blst_sendmsg4(struct bpf_sock_addr *ctx)
 	return steer4(ctx, 0);
 }
 
-SEC("cgroup/connect6")
-int blst_connect6(struct bpf_sock_addr *ctx)
+static __always_inline int steer6(struct bpf_sock_addr *ctx, int connected)
 {
 	__u32 proto = ctx->protocol;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -79,7 +78,7 @@ int blst_connect6(struct bpf_sock_addr *ctx)
 	key.addr[2] = ctx->user_ip6[2];
 	key.addr[3] = ctx->user_ip6[3];
 	struct backend be;
-	int v = steer(ctx, &key, &be, 1);
+	int v = steer(ctx, &key, &be, connected);
 	if (v != 1)
 		return v == 0 ? 0 : 1;
 	ctx->user_ip6[0] = be.addr[0];
@@ -88,6 +87,18 @@ int blst_connect6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[3] = be.addr[3];
 	ctx->user_port = be.port;
 	return 1;
+}
+
+SEC("cgroup/connect6")
+int blst_connect6(struct bpf_sock_addr *ctx)
+{
+	return steer6(ctx, 1);
+}
+
+SEC("cgroup/sendmsg6")
+int blst_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return steer6(ctx, 0);
 }
 
 /* the socket's own record: connected sockets */
@@ -134,8 +145,8 @@ int blst_recvmsg4(struct bpf_sock_addr *ctx)
 	return unsteer4(ctx);
 }
 
-SEC("cgroup/getpeername6")
-int blst_getpeername6(struct bpf_sock_addr *ctx)
+/* backend -> VIP for this socket, if it was steered */
+static __always_inline int unsteer6(struct bpf_sock_addr *ctx)
 {
 	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
 	struct sock_rev *sr = sock_rev_of(ctx, a);
@@ -148,10 +159,10 @@ int blst_getpeername6(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 	struct rev_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
-	rk.addr[0] = ctx->user_ip6[0];
-	rk.addr[1] = ctx->user_ip6[1];
-	rk.addr[2] = ctx->user_ip6[2];
-	rk.addr[3] = ctx->user_ip6[3];
+	rk.addr[0] = a[0];
+	rk.addr[1] = a[1];
+	rk.addr[2] = a[2];
+	rk.addr[3] = a[3];
 	struct rev_value *rv = bpf_map_lookup_elem(&blst_rev, &rk);
 	if (rv) {
 		ctx->user_ip6[0] = rv->addr[0];
@@ -161,6 +172,18 @@ int blst_getpeername6(struct bpf_sock_addr *ctx)
 		ctx->user_port = rv->port;
 	}
 	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int blst_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return unsteer6(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int blst_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return unsteer6(ctx);
 }
 
 SEC("cgroup/sock_release")

@@ -40,11 +40,13 @@ pub static BPF_OBJECT: &[u8] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ballast";
 
 /// The programs and the hooks they attach to.
-pub const PROGRAMS: [&str; 7] = [
+pub const PROGRAMS: [&str; 9] = [
     "blst_connect4",
     "blst_connect6",
     "blst_sendmsg4",
     "blst_recvmsg4",
+    "blst_sendmsg6",
+    "blst_recvmsg6",
     "blst_getpeername4",
     "blst_getpeername6",
     "blst_sock_release",

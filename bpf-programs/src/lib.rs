@@ -1,8 +1,8 @@
 //! ballast data plane: connect-time steering of service VIPs in eBPF.
 //!
 //! The C programs in `c/` (compiled by build.rs, embedded in every binary) hook
-//! `cgroup/connect4|6`, `sendmsg4`, `recvmsg4` and `getpeername4|6`. This crate loads them with
-//! aya, pins maps and links under a bpffs directory, and gives a typed API over the maps:
+//! `cgroup/connect4|6`, `sendmsg4|6`, `recvmsg4|6` and `getpeername4|6`. This crate loads them
+//! with aya, pins maps and links under a bpffs directory, and gives a typed API over the maps:
 //!
 //! ```no_run
 //! # fn main() -> Result<(), ballast_bpf::Error> {

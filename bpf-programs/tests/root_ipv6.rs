@@ -7,7 +7,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::atomic::Ordering};
+
+use ballast_bpf::Protocol;
 
 use common::{can_run, probe, service, Backend, Env, Netns, Report};
 
@@ -164,4 +166,52 @@ fn root_ipv6_tcp_steering_in_netns() {
     assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
     assert_eq!(r.count(&b2), 500);
     assert_eq!(r.peer_is_target, 500);
+}
+
+#[test]
+fn root_ipv6_udp_reply_comes_from_vip() {
+    if !can_run("root_ipv6_udp_reply_comes_from_vip") {
+        return;
+    }
+    let mut env = Env::new("ipv6-udp");
+    let ns = ns_with_backends("v6udp");
+    let (b1, b2) = (Backend::udp_in(&ns, B1), Backend::udp_in(&ns, B2));
+    let mut s = service("v6/dns", VIP, 53, vec![b1.spec(1), b2.spec(1)]);
+    s.protocol = Protocol::Udp;
+    env.dp().upsert_service(&s).unwrap();
+    let n = 2000;
+    let r = probe_in(
+        Some(&env),
+        &ns,
+        vip(53),
+        &["--udp", "--count", &n.to_string()],
+    );
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    assert_eq!(r.ok, n);
+    assert_eq!(r.peer_is_target, n, "reply source must be the VIP");
+    let share = r.share(&b1);
+    println!("ipv6 udp 1:1 over {n} datagrams: b1 {share:.4}");
+    assert!((share - 0.5).abs() <= 0.05, "udp split {share:.4}");
+    assert_eq!(
+        b1.accepted.load(Ordering::Relaxed) + b2.accepted.load(Ordering::Relaxed),
+        n
+    );
+    // TCP to the same VIP:port is another service (none): not steered, unreachable
+    let r = probe_in(Some(&env), &ns, vip(53), &["--count", "5"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
+    // UDP from outside the cgroup: not steered, the send fails locally
+    let r = probe_in(None, &ns, vip(53), &["--udp", "--count", "5"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
+    // all unhealthy: the send fails at once with EPERM
+    env.dp()
+        .set_backend_health("v6/dns", b1.addr, false)
+        .unwrap();
+    env.dp()
+        .set_backend_health("v6/dns", b2.addr, false)
+        .unwrap();
+    let r = probe_in(Some(&env), &ns, vip(53), &["--udp", "--count", "20"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 1), "want EPERM: {:?}", r.errors);
 }
