@@ -1,12 +1,15 @@
 //! Command-line configuration of `serve` and `certs` (clap derive, every flag with `env =`).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::engine::{parse_params, parse_policy, EngineConfig, DEFAULT_PRICES};
+use crate::engine::{
+    parse_params, parse_policy, EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES,
+};
 use crate::server::ServeConfig;
 use crate::tls::TlsFiles;
 
@@ -40,6 +43,12 @@ fn positive(s: &str) -> Result<f64, String> {
         return Err(format!("{v} is not a finite positive number"));
     }
     Ok(v)
+}
+
+fn keep_generations(s: &str) -> Result<NonZeroU64, String> {
+    let v: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    NonZeroU64::new(v)
+        .ok_or_else(|| "must be at least 1 (the current generation is always kept)".into())
 }
 
 fn policy(s: &str) -> Result<String, String> {
@@ -137,6 +146,10 @@ pub struct ServeArgs {
     /// Demand (RPS) assumed for a source that has reported no RPS for a service yet.
     #[arg(long, env = "BALLAST_DEFAULT_DEMAND_RPS", default_value = "10", value_parser = positive)]
     pub default_demand_rps: f64,
+    /// Retention: how many published weights generations the store keeps (the newest
+    /// ones, >= 1); older generations, and their solver runs, are deleted after each publish.
+    #[arg(long, env = "BALLAST_KEEP_GENERATIONS", value_name = "N", value_parser = keep_generations, default_value_t = DEFAULT_KEEP_GENERATIONS)]
+    pub keep_generations: NonZeroU64,
     /// Cluster-wide policy until one is set with `admin policy set`.
     #[arg(long, env = "BALLAST_POLICY", default_value = "optimized", value_parser = policy)]
     pub policy: String,
@@ -186,6 +199,7 @@ impl ServeArgs {
                 cross_region: self.price_cross_region,
                 internet: self.price_internet,
             },
+            keep_generations: self.keep_generations,
         };
         Ok(c)
     }
@@ -208,4 +222,44 @@ pub struct CertsArgs {
     /// Extra DNS names or IPs for the server certificate (besides localhost and 127.0.0.1).
     #[arg(long, env = "BALLAST_CERTS_SERVER_SAN", value_delimiter = ',')]
     pub server_san: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn keep_generations_defaults_parses_and_rejects_zero_naming_the_flag() {
+        let cli = Cli::try_parse_from(["serve", "--insecure"]).unwrap();
+        assert_eq!(cli.serve.keep_generations, DEFAULT_KEEP_GENERATIONS);
+        let c = cli.serve.to_config().unwrap();
+        assert_eq!(c.engine.keep_generations.get(), 1000);
+
+        let cli = Cli::try_parse_from(["serve", "--insecure", "--keep-generations", "7"]).unwrap();
+        assert_eq!(
+            cli.serve.to_config().unwrap().engine.keep_generations.get(),
+            7
+        );
+
+        for bad in ["0", "-1", "x", ""] {
+            let flag = format!("--keep-generations={bad}");
+            let e = Cli::try_parse_from(["serve", "--insecure", flag.as_str()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--keep-generations"), "{bad:?}: {e}");
+        }
+        let e = Cli::try_parse_from(["serve", "--insecure", "--keep-generations", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 1"), "{e}");
+    }
 }

@@ -11,6 +11,10 @@
 //! - sources are every registered cluster (every cluster imports every service);
 //! - RTT(s, t) = the median over the nodes of `s` of their fresh, reachable samples to `t`.
 //!
+//! Retention: after every publish the store keeps the newest `keep_generations` generations
+//! and prunes older ones ([`Store::prune_generations`]); the in-memory current generation
+//! and the sequence after a restart do not depend on the pruned rows.
+//!
 //! Stale inputs: a sample older than the stale-after age is never used. When a service's
 //! capacity at some cluster, or an RTT between a source and a (possibly) serving cluster, has
 //! only stale samples, the service keeps its previous weights, flagged `stale` with a reason
@@ -18,6 +22,7 @@
 //! that never had weights gets none until its inputs are fresh.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -49,7 +54,16 @@ pub struct EngineConfig {
     pub params: Params,
     /// Egress prices when none are stored.
     pub prices: PriceTable,
+    /// Retention: how many published generations the store keeps (the newest ones); older
+    /// ones are pruned after every publish.
+    pub keep_generations: NonZeroU64,
 }
+
+/// Default of [`EngineConfig::keep_generations`] (and `--keep-generations`).
+pub const DEFAULT_KEEP_GENERATIONS: NonZeroU64 = match NonZeroU64::new(1000) {
+    Some(n) => n,
+    None => NonZeroU64::MIN,
+};
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -60,6 +74,7 @@ impl Default for EngineConfig {
             policy: Policy::Optimized,
             params: Params::Mixed,
             prices: DEFAULT_PRICES,
+            keep_generations: DEFAULT_KEEP_GENERATIONS,
         }
     }
 }
@@ -746,6 +761,26 @@ impl Engine {
                 ms = run.duration_ms,
                 "published a new generation"
             );
+            // Retention. A failure leaves the old rows for the next publish's prune (which
+            // computes what to delete from the table, not from this round); the generation
+            // is already published.
+            match self
+                .store
+                .prune_generations(self.cfg.keep_generations)
+                .await
+            {
+                Ok(p) if p.generations > 0 => debug!(
+                    up_to = p.up_to_generation,
+                    generations = p.generations,
+                    weights = p.weights,
+                    solver_runs = p.solver_runs,
+                    "pruned old generations"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "pruning old generations failed; retried after the next publish")
+                }
+            }
         } else {
             self.store.record_run(&run).await?;
         }

@@ -2,9 +2,16 @@
 //! through sqlx's `Any` driver and one set of portable migrations (`migrations/`).
 //!
 //! The store keeps clusters and their agents, egress prices, the latest measurements (RTT, RPS,
-//! capacity, each with the time it was measured), policies, every published weights
-//! generation (a full snapshot per generation) and a record of each solver run.
+//! capacity, each with the time it was measured), policies, the published weights
+//! generations (a full snapshot per generation) and a record of each solver run.
+//!
+//! Retention: [`Store::prune_generations`] keeps the newest K generations (their weights,
+//! their `generations` rows and the solver runs that produced them) and deletes the older
+//! ones; the engine calls it after every publish. The newest generation is always kept, so
+//! [`Store::last_generation`] (and the sequence after a restart) is unaffected. Acks are one
+//! row per (cluster, node, service), bounded already, and are never pruned.
 
+use std::num::NonZeroU64;
 use std::path::Path;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -148,6 +155,19 @@ pub struct AckRecord {
     pub applied: bool,
     pub error: String,
     pub acked_at_ms: i64,
+}
+
+/// What one [`Store::prune_generations`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    /// The newest generation deleted (0 = nothing was deleted).
+    pub up_to_generation: i64,
+    /// `generations` rows deleted.
+    pub generations: u64,
+    /// `weights` rows deleted.
+    pub weights: u64,
+    /// `solver_runs` rows deleted.
+    pub solver_runs: u64,
 }
 
 /// The store (cheap to clone: a connection pool).
@@ -607,6 +627,64 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<Option<i64>, _>("g")?.unwrap_or(0))
+    }
+
+    /// Every stored generation number, ascending (after pruning: the newest K).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn generations(&self) -> Result<Vec<i64>> {
+        let rows = sqlx::query("SELECT generation FROM generations ORDER BY generation")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("generation")?)).collect()
+    }
+
+    /// Keeps the newest `keep` generations and deletes everything older, in one transaction:
+    /// the `weights` and `generations` rows of every generation up to the newest deleted one,
+    /// and the solver runs whose generation is up to that one (including runs from before
+    /// the first publish, generation 0). With `keep` or fewer generations stored, deletes
+    /// nothing. The newest generation is never deleted (`keep` >= 1), so
+    /// [`Store::last_generation`] and [`Store::last_run_id`] are unchanged.
+    ///
+    /// # Errors
+    /// A database error (then nothing is deleted).
+    pub async fn prune_generations(&self, keep: NonZeroU64) -> Result<PruneStats> {
+        let keep = i64::try_from(keep.get()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        // The newest generation to delete: the (keep + 1)-th newest, if there is one.
+        let cut: Option<i64> = sqlx::query(
+            "SELECT generation FROM generations ORDER BY generation DESC LIMIT 1 OFFSET $1",
+        )
+        .bind(keep)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get("generation"))
+        .transpose()?;
+        let Some(cut) = cut else {
+            return Ok(PruneStats::default());
+        };
+        let mut stats = PruneStats {
+            up_to_generation: cut,
+            ..PruneStats::default()
+        };
+        stats.weights = sqlx::query("DELETE FROM weights WHERE generation <= $1")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        stats.solver_runs = sqlx::query("DELETE FROM solver_runs WHERE generation <= $1")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        stats.generations = sqlx::query("DELETE FROM generations WHERE generation <= $1")
+            .bind(cut)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(stats)
     }
 
     /// The weights of one generation, sorted by service, source, destination.

@@ -4,14 +4,17 @@
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_broker::engine::{Engine, EngineConfig, WeightsState};
 use ballast_broker::metrics::Metrics;
+use ballast_broker::model::Params;
 use ballast_broker::store::{
-    sqlite_url, AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, ReportRecord,
-    RpsRecord, RttRecord, SolverRunRecord, Store, WeightRecord,
+    sqlite_url, AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, PruneStats,
+    ReportRecord, RpsRecord, RttRecord, SolverRunRecord, Store, WeightRecord,
 };
 use support::{now_ms, PgSchema};
 
@@ -492,4 +495,190 @@ async fn engine_damps_weight_moves() {
     let end = engine.current().entries[&key].weights.clone();
     assert!(end["c3"] > 0.9, "{end:?}");
     store.close().await;
+}
+
+/// Retention with `keep_generations` = K: after K + 5 published generations only the newest K
+/// remain (weights, generation rows and their solver runs), the kept snapshots and the latest
+/// weights are intact, acks are untouched, and an engine restarted on a reconnected store
+/// continues the generation and run sequences.
+async fn retention_scenario(url: &str) {
+    const K: i64 = 3;
+    let keep = NonZeroU64::new(3).unwrap();
+    let store = store_with_three_clusters(url).await;
+    assert_eq!(
+        store.prune_generations(keep).await.unwrap(),
+        PruneStats::default(),
+        "empty store: nothing to prune"
+    );
+    let cfg = EngineConfig {
+        max_step: None,
+        params: Params::Performance,
+        keep_generations: keep,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::load(store.clone(), cfg.clone(), Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    for c in ["c2", "c3"] {
+        store
+            .store_report(&report_of(
+                c,
+                "n1",
+                now_ms(),
+                &[],
+                &[],
+                &[("ns/web", 1000.0)],
+            ))
+            .await
+            .unwrap();
+    }
+    // Round i makes c2 (even i) or c3 (odd i) the near one, so every round publishes.
+    let flip = |i: i64| {
+        let (a, b) = if i % 2 == 0 { (5.0, 80.0) } else { (80.0, 5.0) };
+        report_of(
+            "c1",
+            "n1",
+            now_ms(),
+            &[("c2", a), ("c3", b)],
+            &[("ns/web", "c2", 100.0)],
+            &[],
+        )
+    };
+    let ack1 = AckRecord {
+        cluster_id: "c1".into(),
+        node_name: "n1".into(),
+        service: "ns/web".into(),
+        generation: 1,
+        applied: true,
+        error: String::new(),
+        acked_at_ms: 1,
+    };
+    let mut snapshots: BTreeMap<i64, Vec<WeightRecord>> = BTreeMap::new();
+    for i in 0..K + 5 {
+        store.store_report(&flip(i)).await.unwrap();
+        let g = i64::try_from(engine.run_round().await.unwrap()).unwrap();
+        assert_eq!(g, i + 1, "every round publishes");
+        if g == 1 {
+            store.ack(&ack1).await.unwrap();
+        }
+        let w = store.weights_of(g).await.unwrap();
+        assert!(!w.is_empty());
+        snapshots.insert(g, w);
+        let oldest = (g - K + 1).max(1);
+        assert_eq!(
+            store.generations().await.unwrap(),
+            (oldest..=g).collect::<Vec<_>>(),
+            "after publishing {g}: the newest {K} at most"
+        );
+    }
+    let last = K + 5;
+    let oldest = last - K + 1;
+    for g in 1..=last {
+        let w = store.weights_of(g).await.unwrap();
+        if g < oldest {
+            assert!(w.is_empty(), "generation {g} was pruned: {w:?}");
+        } else {
+            assert_eq!(w, snapshots[&g], "kept generation {g} is intact");
+        }
+    }
+    // The latest weights in the store are the engine's current ones (what `admin weights`
+    // and watchers are served) and flipped from the previous generation.
+    let current = engine.current();
+    assert_eq!(current.generation, u64::try_from(last).unwrap());
+    let stored: BTreeMap<(String, String, String), f64> = snapshots[&last]
+        .iter()
+        .map(|w| ((w.service.clone(), w.src.clone(), w.dst.clone()), w.weight))
+        .collect();
+    let served: BTreeMap<(String, String, String), f64> = current
+        .entries
+        .iter()
+        .flat_map(|((svc, src), e)| {
+            e.weights
+                .iter()
+                .map(move |(dst, w)| ((svc.clone(), src.clone(), dst.clone()), *w))
+        })
+        .collect();
+    assert_eq!(stored, served);
+    let c1 = &current.entries[&web_c1()].weights;
+    assert!(
+        c1["c3"] > 0.9,
+        "round {} made c3 the near one: {c1:?}",
+        last - 1
+    );
+    assert_ne!(snapshots[&last], snapshots[&(last - 1)]);
+    // One solver run per round; the runs of pruned generations are gone.
+    let runs = store.solver_runs(100).await.unwrap();
+    assert_eq!(
+        runs.iter()
+            .map(|r| (r.id, r.generation))
+            .collect::<Vec<_>>(),
+        (oldest..=last).rev().map(|g| (g, g)).collect::<Vec<_>>()
+    );
+    assert_eq!(store.last_run_id().await.unwrap(), last);
+    assert_eq!(store.last_generation().await.unwrap(), last);
+    assert_eq!(
+        c1_n1(&store).await.acked_generation,
+        1,
+        "acks are not pruned (one row per agent and service)"
+    );
+    assert_eq!(
+        store.prune_generations(keep).await.unwrap(),
+        PruneStats::default(),
+        "already pruned"
+    );
+
+    // Restart: a new store connection and engine continue both sequences.
+    drop(engine);
+    store.close().await;
+    let store = Store::connect(url).await.unwrap();
+    let engine = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    assert_eq!(engine.current().generation, u64::try_from(last).unwrap());
+    assert_eq!(engine.current().entries, current.entries);
+    store.store_report(&flip(last)).await.unwrap();
+    assert_eq!(
+        engine.run_round().await.unwrap(),
+        u64::try_from(last + 1).unwrap()
+    );
+    assert_eq!(
+        store.generations().await.unwrap(),
+        (oldest + 1..=last + 1).collect::<Vec<_>>()
+    );
+    assert_eq!(store.solver_runs(1).await.unwrap()[0].id, last + 1);
+
+    // Pruning to one generation: the counts of what went, and the newest stays whole.
+    let newest = store.weights_of(last + 1).await.unwrap();
+    let stats = store
+        .prune_generations(NonZeroU64::new(1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stats,
+        PruneStats {
+            up_to_generation: last,
+            generations: 2,
+            weights: u64::try_from(snapshots[&(last - 1)].len() + snapshots[&last].len()).unwrap(),
+            solver_runs: 2,
+        }
+    );
+    assert_eq!(store.generations().await.unwrap(), vec![last + 1]);
+    assert_eq!(store.weights_of(last + 1).await.unwrap(), newest);
+    assert_eq!(store.last_generation().await.unwrap(), last + 1);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn retention_sqlite_keeps_newest_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    retention_scenario(&sqlite_url(&dir.path().join("b.db"))).await;
+}
+
+#[tokio::test]
+async fn retention_postgres_keeps_newest_generations() {
+    let Some(pg) = PgSchema::create("retention_postgres_keeps_newest_generations").await else {
+        return;
+    };
+    retention_scenario(&pg.url).await;
+    pg.drop_schema().await;
 }
