@@ -145,6 +145,29 @@ impl PartialOrd for Entry {
     }
 }
 
+/// Dijkstra's relaxation of the arc `u -> v`: when `nd` is shorter than `v`'s known distance,
+/// record it with `u` as `v`'s predecessor (and `v` as touched on its first distance) and queue
+/// `v`.
+#[inline]
+fn relax(
+    dist: &mut [f64],
+    pred: &mut [u32],
+    touched: &mut Vec<u32>,
+    heap: &mut BinaryHeap<Entry>,
+    v: usize,
+    nd: f64,
+    u: usize,
+) {
+    if nd < dist[v] {
+        if dist[v].is_infinite() {
+            touched.push(v as u32);
+        }
+        dist[v] = nd;
+        pred[v] = u as u32;
+        heap.push(Entry(nd, v as u32));
+    }
+}
+
 /// Solves the instance exactly (see the module doc).
 ///
 /// # Errors
@@ -229,28 +252,14 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
                             continue;
                         }
                         let nd = d + (c + pu - pot[v]).max(0.0);
-                        if nd < dist[v] {
-                            if dist[v].is_infinite() {
-                                touched.push(v as u32);
-                            }
-                            dist[v] = nd;
-                            pred[v] = u as u32;
-                            heap.push(Entry(nd, v as u32));
-                        }
+                        relax(&mut dist, &mut pred, &mut touched, &mut heap, v, nd, u);
                     }
                 } else {
                     let t = u - ns;
                     let pu = pot[u];
                     if spare[t] > eps {
                         let nd = d + (pu - pot[sink]).max(0.0);
-                        if nd < dist[sink] {
-                            if dist[sink].is_infinite() {
-                                touched.push(sink as u32);
-                            }
-                            dist[sink] = nd;
-                            pred[sink] = u as u32;
-                            heap.push(Entry(nd, sink as u32));
-                        }
+                        relax(&mut dist, &mut pred, &mut touched, &mut heap, sink, nd, u);
                     }
                     let list = &mut users[t];
                     let mut i = 0;
@@ -266,14 +275,7 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
                             continue;
                         }
                         let nd = d + (pu - p.cost[s * nt + t] - pot[s]).max(0.0);
-                        if nd < dist[s] {
-                            if dist[s].is_infinite() {
-                                touched.push(s as u32);
-                            }
-                            dist[s] = nd;
-                            pred[s] = u as u32;
-                            heap.push(Entry(nd, s as u32));
-                        }
+                        relax(&mut dist, &mut pred, &mut touched, &mut heap, s, nd, u);
                     }
                 }
             }
