@@ -215,3 +215,51 @@ fn root_ipv6_udp_reply_comes_from_vip() {
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);
     assert!(all_errno(&r, 1), "want EPERM: {:?}", r.errors);
 }
+
+/// Dual-stack sockets: an IPv6 socket dialling an IPv4 VIP as `::ffff:a.b.c.d` (what many
+/// runtimes do) runs the IPv6 hooks with a v4-mapped address. On the host: the VIP is in
+/// 127.96.0.0/16, so an unsteered connect is refused locally.
+#[test]
+fn root_ipv6_dual_stack_socket_to_v4_vip() {
+    if !can_run("root_ipv6_dual_stack_socket_to_v4_vip") {
+        return;
+    }
+    let mut env = Env::new("ipv6-dual");
+    let (a, b) = (Backend::tcp(), Backend::tcp());
+    env.dp()
+        .upsert_service(&service(
+            "v4/web",
+            "127.96.7.1",
+            80,
+            vec![a.spec(1), b.spec(3)],
+        ))
+        .unwrap();
+    let mapped: SocketAddr = "[::ffff:127.96.7.1]:80".parse().unwrap();
+    let r = probe(Some(&env.cgroup), mapped, &["--count", "2000"]);
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    let share = r.share(&b);
+    println!("dual-stack tcp 1:3 over 2000 connects: b {share:.4}");
+    assert!((share - 0.75).abs() <= 0.03, "1:3 gave b {share:.4}");
+    assert_eq!(
+        r.peer_is_target, 2000,
+        "getpeername must return the mapped VIP"
+    );
+    // outside the cgroup: refused on loopback
+    let r = probe(None, mapped, &["--count", "5"]);
+    assert_eq!(r.ok, 0, "{:?}", r.by_backend);
+    assert!(all_errno(&r, 111), "want ECONNREFUSED: {:?}", r.errors);
+
+    // UDP: the send takes the IPv4 path (sendmsg4), the reply the IPv6 one (recvmsg6)
+    let (ua, ub) = (Backend::udp(), Backend::udp());
+    let mut s = service("v4/dns", "127.96.7.2", 53, vec![ua.spec(1), ub.spec(1)]);
+    s.protocol = Protocol::Udp;
+    env.dp().upsert_service(&s).unwrap();
+    let mapped: SocketAddr = "[::ffff:127.96.7.2]:53".parse().unwrap();
+    let r = probe(Some(&env.cgroup), mapped, &["--udp", "--count", "1000"]);
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    assert_eq!(r.count(&ua) + r.count(&ub), 1000, "{:?}", r.by_backend);
+    assert_eq!(
+        r.peer_is_target, 1000,
+        "reply source must be the mapped VIP"
+    );
+}

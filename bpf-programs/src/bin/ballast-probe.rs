@@ -125,10 +125,12 @@ fn one_udp(sock: &UdpSocket, to: SocketAddr) -> std::io::Result<(String, bool)> 
 
 fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
     let udp = if cli.udp {
+        // an IPv6 target gets a dual-stack socket bound to the wildcard, so a v4-mapped VIP
+        // (::ffff:a.b.c.d) works too and the source follows the (steered) destination
         let bind: SocketAddr = if cli.to.is_ipv4() {
             "127.0.0.1:0"
         } else {
-            "[::1]:0"
+            "[::]:0"
         }
         .parse()?;
         let s = UdpSocket::bind(bind)?;
