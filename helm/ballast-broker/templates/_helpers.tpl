@@ -94,6 +94,14 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - {{ .Values.serviceDiscoveryLoadBalancing | quote }}
 - --params
 - {{ .Values.optimizedLoadBalancingParams | quote }}
+- --solve-interval
+- {{ .Values.solver.interval | quote }}
+- --stale-after
+- {{ .Values.solver.staleAfter | quote }}
+- --max-step
+- {{ .Values.solver.maxStep | quote }}
+- --keep-generations
+- {{ .Values.solver.keepGenerations | quote }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
