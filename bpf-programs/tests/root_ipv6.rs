@@ -196,6 +196,28 @@ fn root_ipv6_udp_reply_comes_from_vip() {
         b1.accepted.load(Ordering::Relaxed) + b2.accepted.load(Ordering::Relaxed),
         n
     );
+    // connected UDP sockets (as resolvers use): connect6 steers, getpeername6 and recvmsg6
+    // show the VIP, and sock_release drops each socket's record
+    let r = probe_in(
+        Some(&env),
+        &ns,
+        vip(53),
+        &["--udp", "--connected", "--count", "1000"],
+    );
+    assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
+    assert_eq!(r.count(&b1) + r.count(&b2), 1000, "{:?}", r.by_backend);
+    assert_eq!(
+        r.peer_is_target, 1000,
+        "connected: peer and reply source must be the VIP"
+    );
+    let conn = aya::maps::MapData::from_pin(env.pin_dir.join("blst_conn")).unwrap();
+    let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
+    assert_eq!(
+        conn.keys().count(),
+        0,
+        "records of closed sockets left behind"
+    );
     // TCP to the same VIP:port is another service (none): not steered, unreachable
     let r = probe_in(Some(&env), &ns, vip(53), &["--count", "5"]);
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);

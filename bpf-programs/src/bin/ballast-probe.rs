@@ -42,6 +42,10 @@ struct Cli {
     /// UDP request/reply instead of TCP connect
     #[arg(long, env = "BALLAST_PROBE_UDP")]
     udp: bool,
+    /// with --udp: each request on a fresh socket `connect()`ed to the target (as resolvers
+    /// do), so the connect hook steers it and `getpeername` / the reply's source are checked
+    #[arg(long, env = "BALLAST_PROBE_CONNECTED", requires = "udp")]
+    connected: bool,
     /// keep going until this file exists (instead of --count)
     #[arg(long, env = "BALLAST_PROBE_UNTIL")]
     until: Option<PathBuf>,
@@ -123,19 +127,36 @@ fn one_udp(sock: &UdpSocket, to: SocketAddr) -> std::io::Result<(String, bool)> 
     ))
 }
 
+/// A UDP socket for requests to `to`, with a 2 s read timeout.
+fn udp_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    // an IPv6 target gets a dual-stack socket bound to the wildcard, so a v4-mapped VIP
+    // (::ffff:a.b.c.d) works too and the source follows the (steered) destination
+    let bind = if to.is_ipv4() {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+fn one_udp_connected(to: SocketAddr) -> std::io::Result<(String, bool)> {
+    let s = udp_socket(to)?;
+    s.connect(to)?;
+    let peer_ok = s.peer_addr()? == to;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 64];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((
+        String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+        peer_ok && from == to,
+    ))
+}
+
 fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
-    let udp = if cli.udp {
-        // an IPv6 target gets a dual-stack socket bound to the wildcard, so a v4-mapped VIP
-        // (::ffff:a.b.c.d) works too and the source follows the (steered) destination
-        let bind: SocketAddr = if cli.to.is_ipv4() {
-            "127.0.0.1:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()?;
-        let s = UdpSocket::bind(bind)?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        Some(s)
+    let udp = if cli.udp && !cli.connected {
+        Some(udp_socket(cli.to)?)
     } else {
         None
     };
@@ -157,6 +178,7 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
         let t = Instant::now();
         let r = match &udp {
             Some(s) => one_udp(s, cli.to),
+            None if cli.connected => one_udp_connected(cli.to),
             None => one_tcp(cli.to),
         };
         let mut rep = report
@@ -212,4 +234,27 @@ fn main() -> Result<()> {
     rep.median_fail_us = rep.fail_us.get(rep.fail_us.len() / 2).copied().unwrap_or(0);
     println!("{}", serde_json::to_string(&*rep)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_names_are_one_component() {
+        assert!(netns_name("blst-v6-1").is_ok());
+        for bad in ["", ".", "..", "a/b", "../etc", "/run/netns/x"] {
+            assert!(netns_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn connected_requires_udp() {
+        let e = Cli::try_parse_from(["ballast-probe", "--to", "[::1]:53", "--connected"]);
+        assert!(e.is_err());
+        let ok = Cli::try_parse_from(["ballast-probe", "--to", "[::1]:53", "--udp", "--connected"]);
+        assert!(ok.is_ok());
+        let e = Cli::try_parse_from(["ballast-probe", "--to", "[::1]:53", "--netns", "a/b"]);
+        assert!(e.is_err());
+    }
 }
