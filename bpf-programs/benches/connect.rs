@@ -3,7 +3,8 @@
 //! kube-proxy-style iptables DNAT chains with 10 / 1,000 / 10,000 services (inside a
 //! dedicated network namespace, so the host's rules are never touched); and the O(1) slot
 //! table against the O(log n) binary search at 2 / 64 / 1,024 backends, with the kernel's
-//! own per-run time of `cgroup/connect4` (BPF stats).
+//! own per-run time of `cgroup/connect4` (BPF stats); and IPv6 (`cgroup/connect6`) in a
+//! network namespace with the backend's address on `lo` and no route off the machine.
 //!
 //! Run as root: `cargo bench -p ballast-bpf --bench connect` (BALLAST_BENCH_SAMPLES=N to change
 //! the number of connects per row, default 20000; BALLAST_BENCH_NO_IPTABLES=1 skips those rows).
@@ -78,7 +79,10 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         assert!(Command::new("ip")
             .args(["netns", "add", name])
             .status()
@@ -202,14 +206,15 @@ fn main() {
     dp.attach(&cg).unwrap();
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-    let bpf_ns = |dp: &Dataplane, before: Option<(Duration, u64)>| -> String {
-        match (before, dp.program_stats("blst_connect4")) {
+    let bpf_ns_of = |dp: &Dataplane, prog: &str, before: Option<(Duration, u64)>| -> String {
+        match (before, dp.program_stats(prog)) {
             (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => {
                 format!("{:.0} ns", (t1 - t0).as_nanos() as f64 / (c1 - c0) as f64)
             }
             _ => "-".into(),
         }
     };
+    let bpf_ns = |dp: &Dataplane, before| bpf_ns_of(dp, "blst_connect4", before);
     let b0 = dp.program_stats("blst_connect4");
     let (m, p) = measure(&l, backend, n);
     rows.push((
@@ -252,6 +257,53 @@ fn main() {
             ));
         }
     }
+    // IPv6: loopback is only ::1, so the backend lives on lo of a namespace of its own (no
+    // other interface, no route) and this thread enters it; the process stays in the cgroup
+    {
+        const V6_BACKEND: &str = "fd00:ba11:a57::1";
+        const V6_VIP: &str = "fd00:ba11:a57:96::10";
+        let ns = Netns::new(&format!("ballast-bench6-{}", std::process::id()));
+        assert!(Command::new("ip")
+            .args(["-n", &ns.0, "addr", "add", &format!("{V6_BACKEND}/128")])
+            .args(["dev", "lo", "nodad"])
+            .status()
+            .unwrap()
+            .success());
+        let out = std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter();
+                let l = TcpListener::bind((V6_BACKEND.parse::<std::net::Ipv6Addr>().unwrap(), 0))
+                    .unwrap();
+                let be = l.local_addr().unwrap();
+                let mut out = vec![];
+                let b0 = dp.program_stats("blst_connect6");
+                let (m, p) = measure(&l, be, n);
+                out.push((
+                    "IPv6 direct in netns, in cgroup (hook miss)".to_string(),
+                    m,
+                    p,
+                    bpf_ns_of(&dp, "blst_connect6", b0),
+                ));
+                let mut spec = svc(0, be, 2, SelectMode::Slots);
+                spec.name = "bench/v6".into();
+                spec.vip = V6_VIP.parse().unwrap();
+                dp.upsert_service(&spec).unwrap();
+                let to = SocketAddr::new(spec.vip, 80);
+                let b0 = dp.program_stats("blst_connect6");
+                let (m, p) = measure(&l, to, n);
+                out.push((
+                    "ballast IPv6 VIP in netns, 2 backends".to_string(),
+                    m,
+                    p,
+                    bpf_ns_of(&dp, "blst_connect6", b0),
+                ));
+                out
+            })
+            .join()
+            .unwrap()
+        });
+        rows.extend(out);
+    }
     std::fs::write(root.join("cgroup.procs"), std::process::id().to_string()).unwrap();
     dp.detach(&cg).unwrap();
     let _ = std::fs::remove_dir(&cg);
@@ -260,7 +312,7 @@ fn main() {
         "\nconnect()+accept() round trip on loopback, {n} connects per row (kernel {})",
         kernel()
     );
-    println!("| case | median µs | p99 µs | connect4 BPF run time |");
+    println!("| case | median µs | p99 µs | connect4/6 BPF run time |");
     println!("|---|---:|---:|---:|");
     for (name, m, p, b) in rows {
         println!("| {name} | {m:.1} | {p:.1} | {b} |");
