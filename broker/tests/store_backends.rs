@@ -18,6 +18,27 @@ use ballast_broker::store::{
 };
 use support::{now_ms, PgSchema};
 
+/// Runs `scenario(url)` as two tests: `sqlite` on a file in a temp dir, `postgres` in a fresh
+/// schema (skipped with a printed reason when `BALLAST_TEST_PG_URL` is unset).
+macro_rules! on_both_backends {
+    ($scenario:ident: $sqlite:ident, $postgres:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            let dir = tempfile::tempdir().unwrap();
+            $scenario(&sqlite_url(&dir.path().join("b.db"))).await;
+        }
+
+        #[tokio::test]
+        async fn $postgres() {
+            let Some(pg) = PgSchema::create(stringify!($postgres)).await else {
+                return;
+            };
+            $scenario(&pg.url).await;
+            pg.drop_schema().await;
+        }
+    };
+}
+
 fn cluster(id: &str, region: &str) -> ClusterRecord {
     ClusterRecord {
         cluster_id: id.into(),
@@ -231,20 +252,7 @@ async fn store_roundtrip(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn store_sqlite_roundtrip() {
-    let dir = tempfile::tempdir().unwrap();
-    store_roundtrip(&sqlite_url(&dir.path().join("b.db"))).await;
-}
-
-#[tokio::test]
-async fn store_postgres_roundtrip() {
-    let Some(pg) = PgSchema::create("store_postgres_roundtrip").await else {
-        return;
-    };
-    store_roundtrip(&pg.url).await;
-    pg.drop_schema().await;
-}
+on_both_backends!(store_roundtrip: store_sqlite_roundtrip, store_postgres_roundtrip);
 
 fn report_of(
     c: &str,
@@ -423,20 +431,7 @@ async fn engine_scenario(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn engine_sqlite_scenario() {
-    let dir = tempfile::tempdir().unwrap();
-    engine_scenario(&sqlite_url(&dir.path().join("b.db"))).await;
-}
-
-#[tokio::test]
-async fn engine_postgres_scenario() {
-    let Some(pg) = PgSchema::create("engine_postgres_scenario").await else {
-        return;
-    };
-    engine_scenario(&pg.url).await;
-    pg.drop_schema().await;
-}
+on_both_backends!(engine_scenario: engine_sqlite_scenario, engine_postgres_scenario);
 
 /// Herd damping in the server: one round moves no weight by more than `max_step`, and
 /// further rounds converge to the undamped answer.
@@ -668,17 +663,7 @@ async fn retention_scenario(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn retention_sqlite_keeps_newest_generations() {
-    let dir = tempfile::tempdir().unwrap();
-    retention_scenario(&sqlite_url(&dir.path().join("b.db"))).await;
-}
-
-#[tokio::test]
-async fn retention_postgres_keeps_newest_generations() {
-    let Some(pg) = PgSchema::create("retention_postgres_keeps_newest_generations").await else {
-        return;
-    };
-    retention_scenario(&pg.url).await;
-    pg.drop_schema().await;
-}
+on_both_backends!(
+    retention_scenario: retention_sqlite_keeps_newest_generations,
+    retention_postgres_keeps_newest_generations
+);
