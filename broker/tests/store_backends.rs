@@ -302,6 +302,18 @@ fn report_of(
     }
 }
 
+/// An engine on `store` with its own metrics.
+async fn engine_on(store: &Store, cfg: EngineConfig) -> Engine {
+    Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
+        .await
+        .unwrap()
+}
+
+/// A report of node n1 of `c` with only its capacity for ns/web.
+fn web_capacity(c: &str, at: i64, capacity_rps: f64) -> ReportRecord {
+    report_of(c, "n1", at, &[], &[], &[("ns/web", capacity_rps)])
+}
+
 /// A store on `url` with c1, c2, c3 (us-east-1) registered, one agent `n1` each.
 async fn store_with_three_clusters(url: &str) -> Store {
     let store = Store::connect(url).await.unwrap();
@@ -327,9 +339,7 @@ async fn engine_scenario(url: &str) {
         max_step: None,
         ..EngineConfig::default()
     };
-    let engine = Engine::load(store.clone(), cfg.clone(), Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let engine = engine_on(&store, cfg.clone()).await;
     let now = now_ms();
     // Three agents of c1: RTT to c2 is their median (20), RPS is their sum (60).
     for (node, r) in [("n1", 10.0), ("n2", 30.0), ("n3", 20.0)] {
@@ -346,11 +356,11 @@ async fn engine_scenario(url: &str) {
             .unwrap();
     }
     store
-        .store_report(&report_of("c2", "n1", now, &[], &[], &[("ns/web", 100.0)]))
+        .store_report(&web_capacity("c2", now, 100.0))
         .await
         .unwrap();
     store
-        .store_report(&report_of("c3", "n1", now, &[], &[], &[("ns/web", 50.0)]))
+        .store_report(&web_capacity("c3", now, 50.0))
         .await
         .unwrap();
     let inputs = engine.inputs(now_ms()).await.unwrap();
@@ -380,14 +390,7 @@ async fn engine_scenario(url: &str) {
 
     // c3's capacity goes stale: the service keeps its weights, flagged stale.
     store
-        .store_report(&report_of(
-            "c3",
-            "n1",
-            now - 120_000,
-            &[],
-            &[],
-            &[("ns/web", 50.0)],
-        ))
+        .store_report(&web_capacity("c3", now - 120_000, 50.0))
         .await
         .unwrap();
     let g2 = engine.run_round().await.unwrap();
@@ -403,23 +406,14 @@ async fn engine_scenario(url: &str) {
     assert_eq!(e2.weights, e.weights, "previous good weights kept");
 
     // A new engine on the same store continues the sequence.
-    let engine2 = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let engine2 = engine_on(&store, cfg).await;
     assert_eq!(engine2.current().generation, 2);
     assert_eq!(
         engine2.current().entries[&web_c1()].status,
         WeightsState::Stale
     );
     store
-        .store_report(&report_of(
-            "c3",
-            "n1",
-            now_ms(),
-            &[],
-            &[],
-            &[("ns/web", 50.0)],
-        ))
+        .store_report(&web_capacity("c3", now_ms(), 50.0))
         .await
         .unwrap();
     assert_eq!(engine2.run_round().await.unwrap(), 3);
@@ -443,9 +437,7 @@ async fn engine_damps_weight_moves() {
         max_step: Some(0.2),
         ..EngineConfig::default()
     };
-    let engine = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let engine = engine_on(&store, cfg).await;
     let now = now_ms();
     let rtts = |a: f64, b: f64| {
         report_of(
@@ -460,7 +452,7 @@ async fn engine_damps_weight_moves() {
     store.store_report(&rtts(5.0, 80.0)).await.unwrap();
     for c in ["c2", "c3"] {
         store
-            .store_report(&report_of(c, "n1", now, &[], &[], &[("ns/web", 1000.0)]))
+            .store_report(&web_capacity(c, now, 1000.0))
             .await
             .unwrap();
     }
@@ -511,19 +503,10 @@ async fn retention_scenario(url: &str) {
         keep_generations: keep,
         ..EngineConfig::default()
     };
-    let engine = Engine::load(store.clone(), cfg.clone(), Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let engine = engine_on(&store, cfg.clone()).await;
     for c in ["c2", "c3"] {
         store
-            .store_report(&report_of(
-                c,
-                "n1",
-                now_ms(),
-                &[],
-                &[],
-                &[("ns/web", 1000.0)],
-            ))
+            .store_report(&web_capacity(c, now_ms(), 1000.0))
             .await
             .unwrap();
     }
@@ -626,9 +609,7 @@ async fn retention_scenario(url: &str) {
     drop(engine);
     store.close().await;
     let store = Store::connect(url).await.unwrap();
-    let engine = Engine::load(store.clone(), cfg, Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let engine = engine_on(&store, cfg).await;
     assert_eq!(engine.current().generation, u64::try_from(last).unwrap());
     assert_eq!(engine.current().entries, current.entries);
     store.store_report(&flip(last)).await.unwrap();
