@@ -227,6 +227,11 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
 
     // the broker goes away; the session keeps retrying without delivering anything
     b.stop().await;
+    // Batches the live broker published before it stopped (a report can start a new round
+    // after the first batch) may still be on their way or sit in the channel: let them land,
+    // then take them out.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    while updates_rx.try_recv().is_ok() {}
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         updates_rx.try_recv().is_err(),
