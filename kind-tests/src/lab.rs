@@ -713,7 +713,15 @@ impl Lab {
                 }
             }
             self.save_state(&state)?;
-            note = self.publish_readiness(&state, generation, timeout)?;
+            let published = self.publish_readiness(&state, generation, timeout)?;
+            // A new generation acknowledged by every agent does not prove each agent has
+            // re-read its topology file (the generation may have been made for another
+            // reason): wait until no data plane steers to these backends any more.
+            let drained = self.wait_drained(&state, service, cluster, timeout);
+            note = match (published, drained) {
+                (None, None) => None,
+                (a, b) => Some(a.into_iter().chain(b).collect::<Vec<_>>().join("; ")),
+            };
             for svc in state.services.iter_mut().filter(|s| s.name == service) {
                 for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
                     if let Some(p) = b.process.take() {
@@ -724,6 +732,58 @@ impl Lab {
             self.save_state(&state)?;
         }
         Ok((n, note))
+    }
+
+    /// Waits until no cluster's data plane (read from its pinned maps) sends new connections
+    /// of `service` to a backend of `cluster`; `Some(note)` when that did not happen in time.
+    fn wait_drained(
+        &self,
+        state: &LabState,
+        service: &str,
+        cluster: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        state.control.as_ref()?;
+        let addrs: Vec<SocketAddr> = state
+            .services
+            .iter()
+            .filter(|s| s.name == service)
+            .flat_map(|s| s.backends.iter())
+            .filter(|b| b.cluster == cluster)
+            .map(|b| b.addr)
+            .collect();
+        let steers_to_them = |c: &ClusterState| -> bool {
+            let Ok(dp) = ballast_bpf::Dataplane::open(&c.bpf_dir) else {
+                return true;
+            };
+            match dp.service(service) {
+                Ok(s) => s
+                    .spec
+                    .backends
+                    .iter()
+                    .any(|b| addrs.contains(&b.addr) && b.healthy && b.weight > 0),
+                Err(_) => false,
+            }
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let pending: Vec<&str> = state
+                .clusters
+                .iter()
+                .filter(|c| steers_to_them(c))
+                .map(|c| c.id.as_str())
+                .collect();
+            if pending.is_empty() {
+                return None;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Some(format!(
+                    "the data planes of {} still steer {service} to {cluster} after {timeout:?}",
+                    pending.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Rewrites the topology files and waits for the agents to install the result.
