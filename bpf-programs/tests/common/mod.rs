@@ -7,7 +7,7 @@ use std::{
     io::Write,
     net::{SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -141,8 +141,13 @@ impl Backend {
 
     pub fn udp() -> Self {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let id = s.local_addr().unwrap().port().to_string();
+        Self::serve_udp(s, id, false)
+    }
+
+    /// Answers every datagram on `s` with `id` until dropped.
+    fn serve_udp(s: UdpSocket, id: String, in_netns: bool) -> Self {
         let addr = s.local_addr().unwrap();
-        let id = addr.port().to_string();
         let accepted = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, st, reply) = (accepted.clone(), stop.clone(), id.clone());
@@ -163,7 +168,7 @@ impl Backend {
             accepted,
             stop,
             netns_listener: None,
-            in_netns: false,
+            in_netns,
         }
     }
 
@@ -206,30 +211,8 @@ impl Backend {
     pub fn udp_in(ns: &Netns, ip: &str) -> Self {
         let bind = SocketAddr::new(ip.parse().unwrap(), 0);
         let s = ns.run(move || UdpSocket::bind(bind)).unwrap();
-        let addr = s.local_addr().unwrap();
-        let id = addr.to_string();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, st, reply) = (accepted.clone(), stop.clone(), id.clone());
-        s.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !st.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = s.recv_from(&mut buf) {
-                    a.fetch_add(1, Ordering::Relaxed);
-                    let _ = s.send_to(reply.as_bytes(), from);
-                }
-            }
-        });
-        Self {
-            addr,
-            id,
-            accepted,
-            stop,
-            netns_listener: None,
-            in_netns: true,
-        }
+        let id = s.local_addr().unwrap().to_string();
+        Self::serve_udp(s, id, true)
     }
 
     pub fn spec(&self, weight: u32) -> BackendSpec {
@@ -385,13 +368,7 @@ pub fn probe_cmd(cgroup: Option<&Path>, to: SocketAddr, extra: &[&str]) -> Comma
 
 /// Runs the probe to completion and parses its report.
 pub fn probe(cgroup: Option<&Path>, to: SocketAddr, extra: &[&str]) -> Report {
-    let out = probe_cmd(cgroup, to, extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "probe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    report(probe_cmd(cgroup, to, extra).output().unwrap())
 }
 
 pub fn spawn_probe(cgroup: &Path, to: SocketAddr, extra: &[&str]) -> Child {
@@ -399,7 +376,11 @@ pub fn spawn_probe(cgroup: &Path, to: SocketAddr, extra: &[&str]) -> Child {
 }
 
 pub fn finish(child: Child) -> Report {
-    let out = child.wait_with_output().unwrap();
+    report(child.wait_with_output().unwrap())
+}
+
+/// A finished probe's report; asserts the probe succeeded.
+fn report(out: Output) -> Report {
     assert!(
         out.status.success(),
         "probe failed: {}",
