@@ -101,15 +101,7 @@ fn root_ipv6_tcp_steering_in_netns() {
             .sum::<u64>()
     };
     assert_eq!((of(&b1), of(&b2)), (r.count(&b1), r.count(&b2)), "{c:?}");
-    // every client socket is closed: sock_release removed each per-connection record
-    let conn = aya::maps::MapData::from_pin(env.pin_dir.join("blst_conn")).unwrap();
-    let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
-    assert_eq!(
-        conn.keys().count(),
-        0,
-        "records of closed sockets left behind"
-    );
+    env.assert_no_conn_records();
 
     // an unrelated IPv6 destination from inside the cgroup: reached as dialled
     let r = probe_in(Some(&env), &ns, other.addr, &["--count", "200"]);
@@ -133,12 +125,7 @@ fn root_ipv6_tcp_steering_in_netns() {
     assert_eq!(total, n, "unsteered connects must not be counted");
 
     // fast-fail: every backend unhealthy -> EPERM at once, not a hang on a dead address
-    env.dp()
-        .set_backend_health("v6/web", b1.addr, false)
-        .unwrap();
-    env.dp()
-        .set_backend_health("v6/web", b2.addr, false)
-        .unwrap();
+    env.set_health("v6/web", &[&b1, &b2], false);
     assert!(env.dp().service("v6/web").unwrap().all_down);
     let r = probe_in(Some(&env), &ns, vip(80), &["--count", "200"]);
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);
@@ -159,9 +146,7 @@ fn root_ipv6_tcp_steering_in_netns() {
         r.max_fail_us
     );
     // one healthy again -> all traffic goes there
-    env.dp()
-        .set_backend_health("v6/web", b2.addr, true)
-        .unwrap();
+    env.set_health("v6/web", &[&b2], true);
     let r = probe_in(Some(&env), &ns, vip(80), &["--count", "500"]);
     assert_eq!(r.errors_total(), 0, "{:?}", r.errors);
     assert_eq!(r.count(&b2), 500);
@@ -210,14 +195,7 @@ fn root_ipv6_udp_reply_comes_from_vip() {
         r.peer_is_target, 1000,
         "connected: peer and reply source must be the VIP"
     );
-    let conn = aya::maps::MapData::from_pin(env.pin_dir.join("blst_conn")).unwrap();
-    let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
-    assert_eq!(
-        conn.keys().count(),
-        0,
-        "records of closed sockets left behind"
-    );
+    env.assert_no_conn_records();
     // TCP to the same VIP:port is another service (none): not steered, unreachable
     let r = probe_in(Some(&env), &ns, vip(53), &["--count", "5"]);
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);
@@ -227,12 +205,7 @@ fn root_ipv6_udp_reply_comes_from_vip() {
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);
     assert!(all_errno(&r, 101), "want ENETUNREACH: {:?}", r.errors);
     // all unhealthy: the send fails at once with EPERM
-    env.dp()
-        .set_backend_health("v6/dns", b1.addr, false)
-        .unwrap();
-    env.dp()
-        .set_backend_health("v6/dns", b2.addr, false)
-        .unwrap();
+    env.set_health("v6/dns", &[&b1, &b2], false);
     let r = probe_in(Some(&env), &ns, vip(53), &["--udp", "--count", "20"]);
     assert_eq!(r.ok, 0, "{:?}", r.by_backend);
     assert!(all_errno(&r, 1), "want EPERM: {:?}", r.errors);

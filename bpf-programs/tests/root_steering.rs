@@ -66,15 +66,7 @@ fn root_weights_3_to_1_then_change_then_zero() {
     let c = env.dp().counters().unwrap();
     let total: u64 = c.iter().map(|c| c.connects).sum();
     assert_eq!(total, 2 * (20_000 + 5000 + 3000), "{c:?}");
-    // every client socket is closed: sock_release removed each per-connection record
-    let conn = aya::maps::MapData::from_pin(env.pin_dir.join("blst_conn")).unwrap();
-    let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
-    assert_eq!(
-        conn.keys().count(),
-        0,
-        "records of closed sockets left behind"
-    );
+    env.assert_no_conn_records();
 }
 
 #[test]

@@ -72,6 +72,28 @@ impl Env {
     pub fn dp(&mut self) -> &mut Dataplane {
         self.dp.as_mut().unwrap()
     }
+
+    /// Marks each of `backends` of `service` healthy or not.
+    pub fn set_health(&mut self, service: &str, backends: &[&Backend], healthy: bool) {
+        for b in backends {
+            self.dp()
+                .set_backend_health(service, b.addr, healthy)
+                .unwrap();
+        }
+    }
+
+    /// Asserts every client socket is closed: sock_release removed each per-connection record
+    /// from the pinned `blst_conn` map.
+    pub fn assert_no_conn_records(&self) {
+        let conn = aya::maps::MapData::from_pin(self.pin_dir.join("blst_conn")).unwrap();
+        let conn: aya::maps::HashMap<_, u64, ballast_bpf::layout::SockRev> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(conn)).unwrap();
+        assert_eq!(
+            conn.keys().count(),
+            0,
+            "records of closed sockets left behind"
+        );
+    }
 }
 
 impl Drop for Env {
