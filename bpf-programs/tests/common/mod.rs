@@ -131,13 +131,28 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The backend's fields, nothing served yet; the constructors below start the server.
+    fn new(
+        addr: SocketAddr,
+        id: String,
+        netns_listener: Option<TcpListener>,
+        in_netns: bool,
+    ) -> Self {
+        Self {
+            addr,
+            id,
+            accepted: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            netns_listener,
+            in_netns,
+        }
+    }
+
     pub fn tcp() -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let id = addr.port().to_string();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, s, reply) = (accepted.clone(), stop.clone(), format!("{id}\n"));
+        let b = Self::new(addr, addr.port().to_string(), None, false);
+        let (a, s, reply) = (b.accepted.clone(), b.stop.clone(), format!("{}\n", b.id));
         std::thread::spawn(move || {
             for c in l.incoming() {
                 if s.load(Ordering::Relaxed) {
@@ -151,14 +166,7 @@ impl Backend {
                 }
             }
         });
-        Self {
-            addr,
-            id,
-            accepted,
-            stop,
-            netns_listener: None,
-            in_netns: false,
-        }
+        b
     }
 
     pub fn udp() -> Self {
@@ -169,10 +177,8 @@ impl Backend {
 
     /// Answers every datagram on `s` with `id` until dropped.
     fn serve_udp(s: UdpSocket, id: String, in_netns: bool) -> Self {
-        let addr = s.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, st, reply) = (accepted.clone(), stop.clone(), id.clone());
+        let b = Self::new(s.local_addr().unwrap(), id, None, in_netns);
+        let (a, st, reply) = (b.accepted.clone(), b.stop.clone(), b.id.clone());
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         std::thread::spawn(move || {
@@ -184,14 +190,7 @@ impl Backend {
                 }
             }
         });
-        Self {
-            addr,
-            id,
-            accepted,
-            stop,
-            netns_listener: None,
-            in_netns,
-        }
+        b
     }
 
     /// A TCP backend listening on `ip` (port picked by the kernel) inside `ns`; its id is its
@@ -200,11 +199,9 @@ impl Backend {
         let bind = SocketAddr::new(ip.parse().unwrap(), 0);
         let l = ns.run(move || TcpListener::bind(bind)).unwrap();
         let addr = l.local_addr().unwrap();
-        let id = addr.to_string();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
         let waker = l.try_clone().unwrap();
-        let (a, reply) = (accepted.clone(), format!("{id}\n"));
+        let b = Self::new(addr, addr.to_string(), Some(waker), true);
+        let (a, reply) = (b.accepted.clone(), format!("{}\n", b.id));
         std::thread::spawn(move || {
             for c in l.incoming() {
                 match c {
@@ -219,14 +216,7 @@ impl Backend {
                 }
             }
         });
-        Self {
-            addr,
-            id,
-            accepted,
-            stop,
-            netns_listener: Some(waker),
-            in_netns: true,
-        }
+        b
     }
 
     /// A UDP backend on `ip` inside `ns`, replying to every datagram with its id.
