@@ -11,7 +11,7 @@ use std::{net::SocketAddr, sync::atomic::Ordering};
 
 use ballast_bpf::Protocol;
 
-use common::{can_run, probe, service, Backend, Env, Netns, Report};
+use common::{probe, service, Backend, Env, Netns, Report};
 
 /// The service VIP: no route to it in the namespace.
 const VIP: &str = "fd00:ba11:a57:96::10";
@@ -58,10 +58,9 @@ fn all_errno(r: &Report, errno: u32) -> bool {
 
 #[test]
 fn root_ipv6_tcp_steering_in_netns() {
-    if !can_run("root_ipv6_tcp_steering_in_netns") {
+    let Some(mut env) = Env::for_test("root_ipv6_tcp_steering_in_netns", "ipv6-tcp") else {
         return;
-    }
-    let mut env = Env::new("ipv6-tcp");
+    };
     let ns = ns_with_backends("v6tcp");
     let (b1, b2, other) = (
         Backend::tcp_in(&ns, B1),
@@ -155,10 +154,9 @@ fn root_ipv6_tcp_steering_in_netns() {
 
 #[test]
 fn root_ipv6_udp_reply_comes_from_vip() {
-    if !can_run("root_ipv6_udp_reply_comes_from_vip") {
+    let Some(mut env) = Env::for_test("root_ipv6_udp_reply_comes_from_vip", "ipv6-udp") else {
         return;
-    }
-    let mut env = Env::new("ipv6-udp");
+    };
     let ns = ns_with_backends("v6udp");
     let (b1, b2) = (Backend::udp_in(&ns, B1), Backend::udp_in(&ns, B2));
     let mut s = service("v6/dns", VIP, 53, vec![b1.spec(1), b2.spec(1)]);
@@ -216,10 +214,9 @@ fn root_ipv6_udp_reply_comes_from_vip() {
 /// 127.96.0.0/16, so an unsteered connect is refused locally.
 #[test]
 fn root_ipv6_dual_stack_socket_to_v4_vip() {
-    if !can_run("root_ipv6_dual_stack_socket_to_v4_vip") {
+    let Some(mut env) = Env::for_test("root_ipv6_dual_stack_socket_to_v4_vip", "ipv6-dual") else {
         return;
-    }
-    let mut env = Env::new("ipv6-dual");
+    };
     let (a, b) = (Backend::tcp(), Backend::tcp());
     env.dp()
         .upsert_service(&service(

@@ -24,10 +24,10 @@ fn within(share: f64, want: f64, pp: f64) -> bool {
 
 #[test]
 fn root_weights_3_to_1_then_change_then_zero() {
-    if !can_run("root_weights_3_to_1_then_change_then_zero") {
+    let Some(mut env) = Env::for_test("root_weights_3_to_1_then_change_then_zero", "weights")
+    else {
         return;
-    }
-    let mut env = Env::new("weights");
+    };
     let (a, b) = (Backend::tcp(), Backend::tcp());
     let to = vip("127.96.1.1:80");
     for mode in [SelectMode::Slots, SelectMode::BinarySearch] {
@@ -71,10 +71,9 @@ fn root_weights_3_to_1_then_change_then_zero() {
 
 #[test]
 fn root_canary_uses_target_backend_count() {
-    if !can_run("root_canary_uses_target_backend_count") {
+    let Some(mut env) = Env::for_test("root_canary_uses_target_backend_count", "canary") else {
         return;
-    }
-    let mut env = Env::new("canary");
+    };
     let old: Vec<Backend> = (0..2).map(|_| Backend::tcp()).collect();
     let new: Vec<Backend> = (0..5).map(|_| Backend::tcp()).collect();
     let v2 = service(
@@ -127,10 +126,9 @@ fn root_canary_uses_target_backend_count() {
 
 #[test]
 fn root_fast_fail_and_single_healthy() {
-    if !can_run("root_fast_fail_and_single_healthy") {
+    let Some(mut env) = Env::for_test("root_fast_fail_and_single_healthy", "health") else {
         return;
-    }
-    let mut env = Env::new("health");
+    };
     let (a, b) = (Backend::tcp(), Backend::tcp());
     let mut s = service("t/db", "127.96.3.1", 5432, vec![a.spec(1), b.spec(1)]);
     s.backends[0].healthy = false;
@@ -176,10 +174,9 @@ fn root_fast_fail_and_single_healthy() {
 
 #[test]
 fn root_udp_reply_comes_from_vip() {
-    if !can_run("root_udp_reply_comes_from_vip") {
+    let Some(mut env) = Env::for_test("root_udp_reply_comes_from_vip", "udp") else {
         return;
-    }
-    let mut env = Env::new("udp");
+    };
     let (a, b) = (Backend::udp(), Backend::udp());
     let mut s = service("t/dns", "127.96.4.1", 53, vec![a.spec(1), b.spec(1)]);
     s.protocol = Protocol::Udp;
@@ -203,10 +200,9 @@ fn root_udp_reply_comes_from_vip() {
 
 #[test]
 fn root_unrelated_and_outside_untouched() {
-    if !can_run("root_unrelated_and_outside_untouched") {
+    let Some(mut env) = Env::for_test("root_unrelated_and_outside_untouched", "untouched") else {
         return;
-    }
-    let mut env = Env::new("untouched");
+    };
     let (a, direct) = (Backend::tcp(), Backend::tcp());
     env.dp()
         .upsert_service(&service("t/web", "127.96.5.1", 80, vec![a.spec(1)]))
@@ -232,10 +228,9 @@ fn root_unrelated_and_outside_untouched() {
 
 #[test]
 fn root_rewrite_1000_times_under_8_threads() {
-    if !can_run("root_rewrite_1000_times_under_8_threads") {
+    let Some(mut env) = Env::for_test("root_rewrite_1000_times_under_8_threads", "rewrite") else {
         return;
-    }
-    let mut env = Env::new("rewrite");
+    };
     let bs: Vec<Backend> = (0..4).map(|_| Backend::tcp()).collect();
     let never = Backend::tcp(); // in no set
     let sets = [
@@ -292,10 +287,9 @@ fn root_rewrite_1000_times_under_8_threads() {
 
 #[test]
 fn root_loader_recreated_without_gap() {
-    if !can_run("root_loader_recreated_without_gap") {
+    let Some(mut env) = Env::for_test("root_loader_recreated_without_gap", "reload") else {
         return;
-    }
-    let mut env = Env::new("reload");
+    };
     let (a, b) = (Backend::tcp(), Backend::tcp());
     env.dp()
         .upsert_service(&service(
@@ -351,10 +345,9 @@ fn root_loader_recreated_without_gap() {
 
 #[test]
 fn root_api_rejects_bad_input() {
-    if !can_run("root_api_rejects_bad_input") {
+    let Some(mut env) = Env::for_test("root_api_rejects_bad_input", "errors") else {
         return;
-    }
-    let mut env = Env::new("errors");
+    };
     let a = Backend::tcp();
     env.dp()
         .upsert_service(&service("t/one", "127.96.8.1", 80, vec![a.spec(1)]))

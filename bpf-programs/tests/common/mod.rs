@@ -69,6 +69,12 @@ impl Env {
         env
     }
 
+    /// The test's `Env::new(name)`, or None (with the reason printed) when `test` cannot run
+    /// here (see `can_run`).
+    pub fn for_test(test: &str, name: &str) -> Option<Self> {
+        can_run(test).then(|| Self::new(name))
+    }
+
     pub fn dp(&mut self) -> &mut Dataplane {
         self.dp.as_mut().unwrap()
     }
