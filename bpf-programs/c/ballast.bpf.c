@@ -101,34 +101,15 @@ int blst_sendmsg6(struct bpf_sock_addr *ctx)
 	return steer6(ctx, 0);
 }
 
-/* the socket's own record: connected sockets */
-static __always_inline struct sock_rev *sock_rev_of(struct bpf_sock_addr *ctx, const __u32 addr[4])
-{
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct sock_rev *sr = bpf_map_lookup_elem(&blst_conn, &cookie);
-	if (!sr || sr->backend_port != (__u16)ctx->user_port || sr->backend[0] != addr[0] ||
-	    sr->backend[1] != addr[1] || sr->backend[2] != addr[2] || sr->backend[3] != addr[3])
-		return 0;
-	return sr;
-}
-
 /* backend -> VIP for this socket, if it was steered */
 static __always_inline int unsteer4(struct bpf_sock_addr *ctx)
 {
-	__u32 a[4];
+	__u32 a[4], vip[4];
+	__u16 port;
 	ballast_map4(a, ctx->user_ip4);
-	struct sock_rev *sr = sock_rev_of(ctx, a);
-	if (sr) {
-		ctx->user_ip4 = sr->vip[3];
-		ctx->user_port = sr->vip_port;
-		return 1;
-	}
-	struct rev_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
-	ballast_map4(rk.addr, ctx->user_ip4);
-	struct rev_value *rv = bpf_map_lookup_elem(&blst_rev, &rk);
-	if (rv) {
-		ctx->user_ip4 = rv->addr[3];
-		ctx->user_port = rv->port;
+	if (ballast_recall(bpf_get_socket_cookie(ctx), a, (__u16)ctx->user_port, vip, &port)) {
+		ctx->user_ip4 = vip[3];
+		ctx->user_port = port;
 	}
 	return 1;
 }
@@ -149,27 +130,14 @@ int blst_recvmsg4(struct bpf_sock_addr *ctx)
 static __always_inline int unsteer6(struct bpf_sock_addr *ctx)
 {
 	__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
-	struct sock_rev *sr = sock_rev_of(ctx, a);
-	if (sr) {
-		ctx->user_ip6[0] = sr->vip[0];
-		ctx->user_ip6[1] = sr->vip[1];
-		ctx->user_ip6[2] = sr->vip[2];
-		ctx->user_ip6[3] = sr->vip[3];
-		ctx->user_port = sr->vip_port;
-		return 1;
-	}
-	struct rev_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
-	rk.addr[0] = a[0];
-	rk.addr[1] = a[1];
-	rk.addr[2] = a[2];
-	rk.addr[3] = a[3];
-	struct rev_value *rv = bpf_map_lookup_elem(&blst_rev, &rk);
-	if (rv) {
-		ctx->user_ip6[0] = rv->addr[0];
-		ctx->user_ip6[1] = rv->addr[1];
-		ctx->user_ip6[2] = rv->addr[2];
-		ctx->user_ip6[3] = rv->addr[3];
-		ctx->user_port = rv->port;
+	__u32 vip[4];
+	__u16 port;
+	if (ballast_recall(bpf_get_socket_cookie(ctx), a, (__u16)ctx->user_port, vip, &port)) {
+		ctx->user_ip6[0] = vip[0];
+		ctx->user_ip6[1] = vip[1];
+		ctx->user_ip6[2] = vip[2];
+		ctx->user_ip6[3] = vip[3];
+		ctx->user_port = port;
 	}
 	return 1;
 }

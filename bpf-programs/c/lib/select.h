@@ -143,4 +143,27 @@ static __always_inline void ballast_remember(__u64 cookie, const struct backend 
 	bpf_map_update_elem(&blst_rev, &rk, &rv, BPF_ANY);
 }
 
+/* getpeername()/recvmsg(): the VIP this socket was steered from to backend addr:port (network
+ * order), from its connected record (ballast_remember_conn) or else its per-peer entry
+ * (ballast_remember). Returns 1 and fills vip/vip_port, or 0 if the socket was not steered. */
+static __always_inline int ballast_recall(__u64 cookie, const __u32 addr[4], __u16 port,
+					  __u32 vip[4], __u16 *vip_port)
+{
+	struct sock_rev *sr = bpf_map_lookup_elem(&blst_conn, &cookie);
+	if (sr && sr->backend_port == port && sr->backend[0] == addr[0] &&
+	    sr->backend[1] == addr[1] && sr->backend[2] == addr[2] && sr->backend[3] == addr[3]) {
+		__builtin_memcpy(vip, sr->vip, sizeof(sr->vip));
+		*vip_port = sr->vip_port;
+		return 1;
+	}
+	struct rev_key rk = { .cookie = cookie, .port = port };
+	__builtin_memcpy(rk.addr, addr, sizeof(rk.addr));
+	struct rev_value *rv = bpf_map_lookup_elem(&blst_rev, &rk);
+	if (!rv)
+		return 0;
+	__builtin_memcpy(vip, rv->addr, sizeof(rv->addr));
+	*vip_port = rv->port;
+	return 1;
+}
+
 #endif
