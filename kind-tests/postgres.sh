@@ -4,6 +4,9 @@
 # Idempotent.
 set -euo pipefail
 
+# Only the URL goes to stdout (callers capture it); everything the tools print goes to stderr.
+exec 3>&1 1>&2
+
 ver=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$ver" ]; then
   echo "postgres.sh: PostgreSQL is not installed (run kind-tests/setup.sh)" >&2
@@ -13,10 +16,14 @@ if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -q "^$ver main$"; then
   pg_createcluster "$ver" main >/dev/null
 fi
 conf=/etc/postgresql/$ver/main/postgresql.conf
-grep -q "^listen_addresses = '127.0.0.1'" "$conf" || echo "listen_addresses = '127.0.0.1'" >>"$conf"
-grep -q "^max_connections = 300" "$conf" || echo "max_connections = 300" >>"$conf"
+changed=0
+grep -q "^listen_addresses = '127.0.0.1'" "$conf" || { echo "listen_addresses = '127.0.0.1'" >>"$conf"; changed=1; }
+grep -q "^max_connections = 300" "$conf" || { echo "max_connections = 300" >>"$conf"; changed=1; }
 if ! pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
   pg_ctlcluster "$ver" main start
+elif [ "$changed" = 1 ]; then
+  # Started before our settings were written (apt's postinst starts a new cluster).
+  pg_ctlcluster "$ver" main restart
 fi
 for _ in $(seq 1 50); do
   su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break
@@ -26,4 +33,4 @@ su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='ballast'\"" |
   su postgres -c "psql -qc \"create role ballast login superuser password 'ballast'\"" >/dev/null
 su postgres -c "psql -qAtc \"select 1 from pg_database where datname='ballast_test'\"" | grep -q 1 ||
   su postgres -c "psql -qc 'create database ballast_test owner ballast'" >/dev/null
-echo "postgres://ballast:ballast@127.0.0.1:5432/ballast_test"
+echo "postgres://ballast:ballast@127.0.0.1:5432/ballast_test" >&3

@@ -47,7 +47,7 @@ impl PgSchema {
         );
         let mut c = sqlx::PgConnection::connect(&base)
             .await
-            .expect("connect to BALLAST_TEST_PG_URL");
+            .unwrap_or_else(|e| panic!("connect to BALLAST_TEST_PG_URL={base:?}: {e:?}"));
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
             .execute(&mut c)
             .await
