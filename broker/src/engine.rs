@@ -12,8 +12,9 @@
 //! - RTT(s, t) = the median over the nodes of `s` of their fresh, reachable samples to `t`.
 //!
 //! Retention: after every publish the store keeps the newest `keep_generations` generations
-//! and prunes older ones ([`Store::prune_generations`]); the in-memory current generation
-//! and the sequence after a restart do not depend on the pruned rows.
+//! and prunes older ones ([`Store::prune_generations`]), and at most that many solver runs
+//! ([`Store::prune_solver_runs`], also after rounds that publish nothing); the in-memory
+//! current generation and the sequence after a restart do not depend on the pruned rows.
 //!
 //! Stale inputs: a sample older than the stale-after age is never used. When a service's
 //! capacity at some cluster, or an RTT between a source and a (possibly) serving cluster, has
@@ -783,6 +784,14 @@ impl Engine {
             }
         } else {
             self.store.record_run(&run).await?;
+            // Runs that published nothing all carry the current generation: bound them too.
+            if let Err(e) = self
+                .store
+                .prune_solver_runs(self.cfg.keep_generations)
+                .await
+            {
+                warn!(error = %e, "pruning old solver runs failed; retried after the next round");
+            }
         }
         rs.next_run_id += 1;
         rs.last_digest = digest;

@@ -39,6 +39,20 @@ fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {msg}"))
 }
 
+/// Metadata key of an `INVALID_ARGUMENT` that refuses a sample about a cluster the broker
+/// does not know (yet); its value is that cluster's id, so an agent can leave the peer out
+/// of its reports without parsing the message.
+pub const UNKNOWN_CLUSTER_METADATA: &str = "ballast-unknown-cluster";
+
+fn unknown_cluster(field: &str, id: &str) -> Status {
+    let mut status = invalid(field, format!("unknown cluster {id:?}"));
+    // ids passed check_cluster_id (ASCII), so this only fails on a bug; the message still names it
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(id) {
+        status.metadata_mut().insert(UNKNOWN_CLUSTER_METADATA, v);
+    }
+    status
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -200,9 +214,9 @@ pub fn validate_report(
             ));
         }
         if !engine.is_known(&s.peer_cluster_id) {
-            return Err(invalid(
+            return Err(unknown_cluster(
                 &format!("{f}.peer_cluster_id"),
-                format!("unknown cluster {:?}", s.peer_cluster_id),
+                &s.peer_cluster_id,
             ));
         }
         if !seen.insert(s.peer_cluster_id.clone()) {
@@ -238,9 +252,9 @@ pub fn validate_report(
             &s.destination_cluster_id,
         )?;
         if !engine.is_known(&s.destination_cluster_id) {
-            return Err(invalid(
+            return Err(unknown_cluster(
                 &format!("{f}.destination_cluster_id"),
-                format!("unknown cluster {:?}", s.destination_cluster_id),
+                &s.destination_cluster_id,
             ));
         }
         if !seen.insert((s.service.clone(), s.destination_cluster_id.clone())) {

@@ -618,6 +618,22 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps the newest `keep` solver runs and deletes the older ones. Rounds whose inputs
+    /// changed but whose weights did not publish nothing, so their runs all carry the current
+    /// generation and [`Store::prune_generations`] (which follows generations) would never
+    /// reach them; the engine calls this after such a round. The newest run is never deleted,
+    /// so [`Store::last_run_id`] is unchanged. Returns the number of runs deleted.
+    ///
+    /// # Errors
+    /// A database error (then nothing is deleted).
+    pub async fn prune_solver_runs(&self, keep: NonZeroU64) -> Result<u64> {
+        let keep = i64::try_from(keep.get()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        let n = delete_runs_beyond(&mut tx, keep).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// The highest generation stored (0 = none).
     ///
     /// # Errors
@@ -678,6 +694,7 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        stats.solver_runs += delete_runs_beyond(&mut tx, keep).await?;
         stats.generations = sqlx::query("DELETE FROM generations WHERE generation <= $1")
             .bind(cut)
             .execute(&mut *tx)
@@ -779,6 +796,25 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Deletes every solver run older than the newest `keep` (by id); the count deleted.
+async fn delete_runs_beyond(tx: &mut sqlx::Transaction<'_, sqlx::Any>, keep: i64) -> Result<u64> {
+    let cut: Option<i64> =
+        sqlx::query("SELECT id FROM solver_runs ORDER BY id DESC LIMIT 1 OFFSET $1")
+            .bind(keep)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| r.try_get("id"))
+            .transpose()?;
+    let Some(cut) = cut else {
+        return Ok(0);
+    };
+    Ok(sqlx::query("DELETE FROM solver_runs WHERE id <= $1")
+        .bind(cut)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
 }
 
 async fn insert_run(

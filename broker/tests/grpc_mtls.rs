@@ -354,7 +354,25 @@ async fn invalid_reports_are_rejected_naming_the_field() {
         let e = send_reports(&mut a1, vec![m]).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().starts_with(field), "{field}: {}", e.message());
+        // only a refusal about an unknown cluster names one in the metadata agents read
+        let named = e
+            .metadata()
+            .get(ballast_broker::grpc::UNKNOWN_CLUSTER_METADATA)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let expected = (field == "rtt[0].peer_cluster_id").then(|| "c9".to_owned());
+        assert_eq!(named, expected, "{field}: {e:?}");
     }
+    // an RPS sample toward an unknown destination is named the same way
+    let mut m = report("c1", "n1");
+    m.rps = vec![rps("ns/web", "c7", 1.0)];
+    let e = send_reports(&mut a1, vec![m]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        e.metadata()
+            .get(ballast_broker::grpc::UNKNOWN_CLUSTER_METADATA)
+            .map(|v| v.to_str().unwrap()),
+        Some("c7")
+    );
     // Nothing of the rejected reports was stored (the valid first rps sample included).
     let s = b.engine().store();
     assert!(s.rtt().await.unwrap().is_empty());

@@ -641,6 +641,29 @@ async fn retention_scenario(url: &str) {
     assert_eq!(store.generations().await.unwrap(), vec![last + 1]);
     assert_eq!(store.weights_of(last + 1).await.unwrap(), newest);
     assert_eq!(store.last_generation().await.unwrap(), last + 1);
+
+    // Rounds that publish nothing record runs of the current generation, which generation
+    // pruning never reaches: they are bounded to the newest K runs too.
+    let first = store.last_run_id().await.unwrap() + 1;
+    for id in first..first + 5 {
+        store.record_run(&run(id, last + 1)).await.unwrap();
+    }
+    assert_eq!(store.solver_runs(100).await.unwrap().len(), 6);
+    assert_eq!(store.prune_solver_runs(keep).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .solver_runs(100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        vec![first + 4, first + 3, first + 2],
+        "the newest {K} runs stay"
+    );
+    assert_eq!(store.last_run_id().await.unwrap(), first + 4);
+    assert_eq!(store.prune_solver_runs(keep).await.unwrap(), 0);
+    assert_eq!(store.generations().await.unwrap(), vec![last + 1]);
     store.close().await;
 }
 

@@ -275,15 +275,22 @@ pub fn without_peers(mut r: ReportRequest, excluded: &BTreeSet<String>) -> Repor
     r
 }
 
-/// The cluster a broker refusal names as unknown (`... unknown cluster "west"`): a peer
-/// that has not registered yet. Its samples are left out of reports for a while instead of
-/// having every report refused.
+/// Metadata key the broker sets on a refusal of a sample about a cluster it does not know
+/// (`ballast_broker::grpc::UNKNOWN_CLUSTER_METADATA`; the agent does not link the broker).
+pub const UNKNOWN_CLUSTER_METADATA: &str = "ballast-unknown-cluster";
+
+/// The cluster a broker refusal names as unknown (an `INVALID_ARGUMENT` carrying the
+/// `ballast-unknown-cluster` metadata): a peer that has not registered yet. Its samples are
+/// left out of reports for a while instead of having every report refused.
 pub fn unknown_peer(status: &tonic::Status) -> Option<String> {
     if status.code() != tonic::Code::InvalidArgument {
         return None;
     }
-    let rest = status.message().split("unknown cluster \"").nth(1)?;
-    let id = rest.split('"').next()?;
+    let id = status
+        .metadata()
+        .get(UNKNOWN_CLUSTER_METADATA)?
+        .to_str()
+        .ok()?;
     (!id.is_empty()).then(|| id.to_owned())
 }
 
@@ -330,11 +337,29 @@ mod tests {
 
     #[test]
     fn unknown_peer_is_read_from_the_refusal_and_left_out() {
-        let st =
-            tonic::Status::invalid_argument("rtt[0].peer_cluster_id: unknown cluster \"west\"");
+        let refusal = |code: tonic::Code, msg: &str| {
+            let mut st = tonic::Status::new(code, msg);
+            st.metadata_mut()
+                .insert(UNKNOWN_CLUSTER_METADATA, "west".parse().expect("ascii"));
+            st
+        };
+        let st = refusal(
+            tonic::Code::InvalidArgument,
+            "rtt[0].peer_cluster_id: unknown cluster \"west\"",
+        );
         assert_eq!(unknown_peer(&st).as_deref(), Some("west"));
+        // another code, or the words without the metadata, name no peer
         assert_eq!(
-            unknown_peer(&tonic::Status::unavailable("unknown cluster \"west\"")),
+            unknown_peer(&refusal(
+                tonic::Code::Unavailable,
+                "unknown cluster \"west\""
+            )),
+            None
+        );
+        assert_eq!(
+            unknown_peer(&tonic::Status::invalid_argument(
+                "rtt[0].peer_cluster_id: unknown cluster \"west\""
+            )),
             None
         );
         assert_eq!(
