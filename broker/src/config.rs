@@ -75,7 +75,9 @@ pub struct TlsArgs {
     /// This side's private key (PEM).
     #[arg(long, env = "BALLAST_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Plain text, no TLS, no client identity: only for local experiments.
+    /// Plain text, no TLS, no client identity (any caller may act as any cluster and use
+    /// the admin service): only for local experiments, so `serve` accepts it only on a
+    /// loopback `--listen` address.
     #[arg(long, env = "BALLAST_INSECURE")]
     pub insecure: bool,
 }
@@ -177,6 +179,13 @@ impl ServeArgs {
     /// Missing or unreadable TLS material, named.
     pub fn to_config(&self) -> Result<ServeConfig, String> {
         let tls = self.tls.load()?;
+        if tls.is_none() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--insecure: plain text with no client identity is served on loopback only; \
+                 --listen {} is not a loopback address (use mutual TLS: --ca/--cert/--key)",
+                self.listen
+            ));
+        }
         let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
         c.metrics_addr = Some(self.metrics_addr);
         c.solve_interval = self.solve_interval;
@@ -235,6 +244,19 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeArgs,
+    }
+
+    #[test]
+    fn insecure_is_refused_off_loopback_naming_the_flags() {
+        for listen in ["0.0.0.0:7443", "10.1.2.3:7443", "[::]:7443"] {
+            let cli = Cli::try_parse_from(["serve", "--insecure", "--listen", listen]).unwrap();
+            let e = cli.serve.to_config().unwrap_err();
+            assert!(e.contains("--insecure") && e.contains(listen), "{e}");
+        }
+        for listen in ["127.0.0.1:7443", "127.9.0.1:1", "[::1]:7443"] {
+            let cli = Cli::try_parse_from(["serve", "--insecure", "--listen", listen]).unwrap();
+            assert!(cli.serve.to_config().unwrap().tls.is_none(), "{listen}");
+        }
     }
 
     #[test]
