@@ -175,6 +175,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                             "provider": c.provider, "gateway_address": c.gateway_address,
                             "last_report_ms": c.last_report_ms,
                             "last_report_age_ms": c.last_report_age_ms, "stale": c.stale,
+                            "expired": c.expired,
                             "nodes": c.nodes.iter().map(|n| serde_json::json!({
                                 "node_name": n.node_name, "agent_version": n.agent_version,
                                 "last_report_ms": n.last_report_ms,
@@ -186,7 +187,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
             } else {
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} STALE",
+                    "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} STATE",
                     "CLUSTER", "REGION", "ZONE", "PROVIDER", "NODES", "LAST_REPORT"
                 );
                 for c in &r.clusters {
@@ -204,7 +205,13 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                         c.provider,
                         c.nodes.len(),
                         age,
-                        if c.stale { "yes" } else { "no" }
+                        if c.expired {
+                            "expired"
+                        } else if c.stale {
+                            "stale"
+                        } else {
+                            "fresh"
+                        }
                     );
                 }
             }

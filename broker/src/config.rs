@@ -13,8 +13,12 @@ use crate::engine::{
 use crate::server::ServeConfig;
 use crate::tls::TlsFiles;
 
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 500ms, 2m)"))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 500ms, 2m)"))?;
+    let d = duration_or_zero(s)?;
     if d.is_zero() {
         return Err("must be greater than 0".into());
     }
@@ -152,6 +156,11 @@ pub struct ServeArgs {
     /// ones, >= 1); older generations, and their solver runs, are deleted after each publish.
     #[arg(long, env = "BALLAST_KEEP_GENERATIONS", value_name = "N", value_parser = keep_generations, default_value_t = DEFAULT_KEEP_GENERATIONS)]
     pub keep_generations: NonZeroU64,
+    /// A cluster not heard from (registration or report) for this long is left out of the
+    /// solve, as source and destination, until it registers again; `0s` = never.
+    /// At least `--stale-after`.
+    #[arg(long, env = "BALLAST_CLUSTER_EXPIRY", default_value = "10m", value_parser = duration_or_zero)]
+    pub cluster_expiry: Duration,
     /// Cluster-wide policy until one is set with `admin policy set`.
     #[arg(long, env = "BALLAST_POLICY", default_value = "optimized", value_parser = policy)]
     pub policy: String,
@@ -186,6 +195,13 @@ impl ServeArgs {
                 self.listen
             ));
         }
+        if !self.cluster_expiry.is_zero() && self.cluster_expiry < self.stale_after {
+            return Err(format!(
+                "--cluster-expiry {} is shorter than --stale-after {}: use 0s (never) or at least the stale age",
+                humantime::format_duration(self.cluster_expiry),
+                humantime::format_duration(self.stale_after)
+            ));
+        }
         let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
         c.metrics_addr = Some(self.metrics_addr);
         c.solve_interval = self.solve_interval;
@@ -209,6 +225,7 @@ impl ServeArgs {
                 internet: self.price_internet,
             },
             keep_generations: self.keep_generations,
+            cluster_expiry: (!self.cluster_expiry.is_zero()).then_some(self.cluster_expiry),
         };
         Ok(c)
     }
@@ -257,6 +274,38 @@ mod tests {
             let cli = Cli::try_parse_from(["serve", "--insecure", "--listen", listen]).unwrap();
             assert!(cli.serve.to_config().unwrap().tls.is_none(), "{listen}");
         }
+    }
+
+    #[test]
+    fn cluster_expiry_defaults_disables_with_zero_and_rejects_below_stale_after() {
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["serve", "--insecure"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().serve.to_config()
+        };
+        assert_eq!(
+            cfg(&[]).unwrap().engine.cluster_expiry,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            cfg(&["--cluster-expiry", "0s"])
+                .unwrap()
+                .engine
+                .cluster_expiry,
+            None
+        );
+        assert_eq!(
+            cfg(&["--cluster-expiry", "2m", "--stale-after", "2m"])
+                .unwrap()
+                .engine
+                .cluster_expiry,
+            Some(Duration::from_secs(120))
+        );
+        let e = cfg(&["--cluster-expiry", "30s"]).unwrap_err();
+        assert!(
+            e.contains("--cluster-expiry 30s") && e.contains("--stale-after 1m"),
+            "{e}"
+        );
     }
 
     #[test]

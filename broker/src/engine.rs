@@ -58,7 +58,14 @@ pub struct EngineConfig {
     /// Retention: how many published generations the store keeps (the newest ones); older
     /// ones are pruned after every publish.
     pub keep_generations: NonZeroU64,
+    /// A cluster heard from (registration or report) longer ago than this is treated as gone:
+    /// neither a source nor a destination, its samples unused, so the other clusters'
+    /// weights are solved again without it instead of staying stale. `None` = never.
+    pub cluster_expiry: Option<Duration>,
 }
+
+/// Default of [`EngineConfig::cluster_expiry`] (and `--cluster-expiry`).
+pub const DEFAULT_CLUSTER_EXPIRY: Duration = Duration::from_secs(600);
 
 /// Default of [`EngineConfig::keep_generations`] (and `--keep-generations`).
 pub const DEFAULT_KEEP_GENERATIONS: NonZeroU64 = match NonZeroU64::new(1000) {
@@ -76,6 +83,7 @@ impl Default for EngineConfig {
             params: Params::Mixed,
             prices: DEFAULT_PRICES,
             keep_generations: DEFAULT_KEEP_GENERATIONS,
+            cluster_expiry: Some(DEFAULT_CLUSTER_EXPIRY),
         }
     }
 }
@@ -154,7 +162,10 @@ pub struct Inputs {
     pub services: BTreeMap<String, ServicePlan>,
     /// Count of stale inputs (capacity per (cluster, service), RTT pairs).
     pub stale_inputs: usize,
+    /// Registered clusters taken into account (not expired).
     pub clusters: usize,
+    /// Registered clusters not heard from within the cluster expiry, left out.
+    pub expired: BTreeSet<String>,
 }
 
 /// Engine failures.
@@ -438,7 +449,14 @@ impl Engine {
     /// A store error.
     #[allow(clippy::too_many_lines)]
     pub async fn inputs(&self, now_ms: i64) -> Result<Inputs, EngineError> {
-        let clusters = self.store.clusters().await?;
+        let expired = self.expired_clusters(now_ms).await?;
+        let clusters: Vec<_> = self
+            .store
+            .clusters()
+            .await?
+            .into_iter()
+            .filter(|c| !expired.contains(&c.cluster_id))
+            .collect();
         let known: BTreeSet<&str> = clusters.iter().map(|c| c.cluster_id.as_str()).collect();
         let stale_ms = i64::try_from(self.cfg.stale_after.as_millis()).unwrap_or(i64::MAX);
         let cut = now_ms.saturating_sub(stale_ms);
@@ -515,6 +533,7 @@ impl Engine {
         let mut out = Inputs {
             clusters: clusters.len(),
             stale_inputs: stale_rtt.len(),
+            expired: expired.clone(),
             ..Inputs::default()
         };
         for svc in services {
@@ -574,6 +593,49 @@ impl Engine {
         Ok(out)
     }
 
+    /// When each registered cluster was last heard from: its latest registration (or
+    /// re-registration) or the latest report of any of its agents, whichever is newer.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn last_heard(&self) -> Result<BTreeMap<String, i64>, EngineError> {
+        let mut heard: BTreeMap<String, i64> = self
+            .store
+            .clusters()
+            .await?
+            .into_iter()
+            .map(|c| {
+                let t = c.updated_at_ms.max(c.registered_at_ms);
+                (c.cluster_id, t)
+            })
+            .collect();
+        for a in self.store.agents().await? {
+            if let Some(t) = heard.get_mut(&a.cluster_id) {
+                *t = (*t).max(a.last_report_ms).max(a.registered_at_ms);
+            }
+        }
+        Ok(heard)
+    }
+
+    /// The registered clusters not heard from within [`EngineConfig::cluster_expiry`] as of
+    /// `now_ms` (none when expiry is off).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn expired_clusters(&self, now_ms: i64) -> Result<BTreeSet<String>, EngineError> {
+        let Some(expiry) = self.cfg.cluster_expiry else {
+            return Ok(BTreeSet::new());
+        };
+        let expiry_ms = i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX);
+        Ok(self
+            .last_heard()
+            .await?
+            .into_iter()
+            .filter(|(_, t)| now_ms.saturating_sub(*t) > expiry_ms)
+            .map(|(c, _)| c)
+            .collect())
+    }
+
     /// One solver round: builds the inputs, solves every service whose inputs are fresh,
     /// keeps the previous weights of stale ones, and publishes a new generation when anything
     /// changed. Returns the generation in force afterwards.
@@ -591,6 +653,9 @@ impl Engine {
             .clusters
             .set(i64::try_from(inputs.clusters).unwrap_or(0));
         self.metrics
+            .expired_clusters
+            .set(i64::try_from(inputs.expired.len()).unwrap_or(0));
+        self.metrics
             .stale_inputs
             .set(i64::try_from(inputs.stale_inputs).unwrap_or(0));
 
@@ -603,6 +668,9 @@ impl Engine {
         if digest == rs.last_digest {
             debug!("inputs unchanged, round skipped");
             return Ok(current.generation);
+        }
+        if !inputs.expired.is_empty() {
+            info!(expired = ?inputs.expired, "clusters not heard from within the expiry are left out");
         }
 
         let mut entries: BTreeMap<(String, String), Entry> = BTreeMap::new();

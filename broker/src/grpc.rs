@@ -570,6 +570,7 @@ impl Admin for AdminService {
         let now = now_ms();
         let stale_ms =
             i64::try_from(self.engine.config().stale_after.as_millis()).unwrap_or(i64::MAX);
+        let expired = self.engine.expired_clusters(now).await.map_err(internal)?;
         let out = clusters
             .into_iter()
             .map(|c| {
@@ -590,6 +591,7 @@ impl Admin for AdminService {
                     .unwrap_or(0)
                     .max(if received > 0 { received.min(now) } else { 0 });
                 let age = if last > 0 { now - last } else { -1 };
+                let expired = expired.contains(&c.cluster_id);
                 ClusterInfo {
                     cluster_id: c.cluster_id,
                     region: c.region,
@@ -600,6 +602,7 @@ impl Admin for AdminService {
                     last_report_ms: last,
                     last_report_age_ms: age,
                     stale: last == 0 || age > stale_ms,
+                    expired,
                     nodes,
                 }
             })
@@ -607,6 +610,11 @@ impl Admin for AdminService {
         Ok(Response::new(ListClustersResponse {
             clusters: out,
             stale_after_ms: stale_ms,
+            cluster_expiry_ms: self
+                .engine
+                .config()
+                .cluster_expiry
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         }))
     }
 

@@ -15,8 +15,10 @@ pub struct Metrics {
     registry: Registry,
     /// Seconds per solver round (all services).
     pub solve_duration: Histogram,
-    /// Registered clusters.
+    /// Registered clusters taken into account (not expired).
     pub clusters: Gauge,
+    /// Registered clusters left out because they were not heard from within the expiry.
+    pub expired_clusters: Gauge,
     /// Inputs (capacity or RTT pairs) currently older than the stale-after age.
     pub stale_inputs: Gauge,
     /// Services currently served with their previous (stale-flagged) weights.
@@ -44,6 +46,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ballast_broker");
         let solve_duration = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
         let clusters = Gauge::default();
+        let expired_clusters = Gauge::default();
         let stale_inputs = Gauge::default();
         let stale_services = Gauge::default();
         let generation = Gauge::default();
@@ -55,7 +58,16 @@ impl Metrics {
             "Duration of one solver round (all services)",
             solve_duration.clone(),
         );
-        registry.register("clusters", "Registered clusters", clusters.clone());
+        registry.register(
+            "clusters",
+            "Registered clusters taken into account (not expired)",
+            clusters.clone(),
+        );
+        registry.register(
+            "expired_clusters",
+            "Registered clusters left out: not heard from within the cluster expiry",
+            expired_clusters.clone(),
+        );
         registry.register(
             "stale_inputs",
             "Inputs (capacity, RTT pairs) older than the stale-after age",
@@ -82,6 +94,7 @@ impl Metrics {
             registry,
             solve_duration,
             clusters,
+            expired_clusters,
             stale_inputs,
             stale_services,
             generation,

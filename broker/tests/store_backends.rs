@@ -427,6 +427,101 @@ async fn engine_scenario(url: &str) {
 
 on_both_backends!(engine_scenario: engine_sqlite_scenario, engine_postgres_scenario);
 
+/// Cluster expiry: a cluster not heard from within the expiry is left out as source and
+/// destination, so the others are solved again (fresh, not stale), while with expiry off the
+/// same inputs leave the service stale; registering again brings the cluster back.
+async fn expiry_scenario(url: &str) {
+    let store = store_with_three_clusters(url).await;
+    let now = now_ms();
+    let long_ago = now - 20 * 60_000;
+    store
+        .store_report(&report_of(
+            "c1",
+            "n1",
+            now,
+            &[("c2", 10.0), ("c3", 5.0)],
+            &[("ns/web", "c2", 20.0)],
+            &[],
+        ))
+        .await
+        .unwrap();
+    store
+        .store_report(&web_capacity("c2", now, 100.0))
+        .await
+        .unwrap();
+    // c3 (the nearest for c1) last reported 20 minutes ago.
+    store
+        .store_report(&web_capacity("c3", long_ago, 100.0))
+        .await
+        .unwrap();
+    let cfg = |cluster_expiry| EngineConfig {
+        stale_after: Duration::from_secs(30),
+        max_step: None,
+        cluster_expiry,
+        ..EngineConfig::default()
+    };
+
+    // Expiry off: c3's capacity is only stale, so ns/web cannot be solved.
+    let never = engine_on(&store, cfg(None)).await;
+    let inputs = never.inputs(now_ms()).await.unwrap();
+    assert!(inputs.expired.is_empty());
+    assert!(
+        inputs.services["ns/web"]
+            .stale
+            .iter()
+            .any(|r| r.contains("capacity of ns/web in c3")),
+        "{:?}",
+        inputs.services["ns/web"].stale
+    );
+    never.run_round().await.unwrap();
+    assert!(!never.current().entries.contains_key(&web_c1()));
+    drop(never);
+
+    // Expiry 10 min: c3 is gone, ns/web is solved over c1 and c2.
+    let engine = engine_on(&store, cfg(Some(Duration::from_secs(600)))).await;
+    let inputs = engine.inputs(now_ms()).await.unwrap();
+    assert_eq!(
+        inputs
+            .expired
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        vec!["c3"]
+    );
+    assert_eq!(inputs.clusters, 2);
+    let plan = &inputs.services["ns/web"];
+    assert!(plan.stale.is_empty(), "{:?}", plan.stale);
+    assert!(plan.problem.clusters.iter().all(|c| c.id != "c3"));
+    assert!(!plan.problem.services[0].demand_rps.contains_key("c3"));
+    engine.run_round().await.unwrap();
+    let p = engine.current();
+    let e = &p.entries[&web_c1()];
+    assert_eq!(e.status, WeightsState::Optimal);
+    assert_eq!(e.weights.keys().collect::<Vec<_>>(), vec!["c2"]);
+    assert!(!p.entries.keys().any(|(_, src)| src == "c3"));
+
+    // c3 registers again and reports: it is a destination again, and the near one.
+    let mut c3 = cluster("c3", "us-east-1");
+    c3.updated_at_ms = now_ms();
+    let mut a3 = agent("c3", "n1");
+    a3.registered_at_ms = now_ms();
+    store.register(&c3, &a3).await.unwrap();
+    store
+        .store_report(&web_capacity("c3", now_ms(), 100.0))
+        .await
+        .unwrap();
+    assert!(engine.expired_clusters(now_ms()).await.unwrap().is_empty());
+    engine.run_round().await.unwrap();
+    let w = engine.current().entries[&web_c1()].weights.clone();
+    assert!(w.get("c3").copied().unwrap_or(0.0) > 0.5, "{w:?}");
+    store.close().await;
+}
+
+on_both_backends!(
+    expiry_scenario: expiry_sqlite_drops_silent_clusters,
+    expiry_postgres_drops_silent_clusters
+);
+
 /// Herd damping in the server: one round moves no weight by more than `max_step`, and
 /// further rounds converge to the undamped answer.
 #[tokio::test]

@@ -98,6 +98,8 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - {{ .Values.solver.interval | quote }}
 - --stale-after
 - {{ .Values.solver.staleAfter | quote }}
+- --cluster-expiry
+- {{ .Values.solver.clusterExpiry | quote }}
 - --max-step
 - {{ .Values.solver.maxStep | quote }}
 - --keep-generations
