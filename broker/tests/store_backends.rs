@@ -314,6 +314,13 @@ fn web_capacity(c: &str, at: i64, capacity_rps: f64) -> ReportRecord {
     report_of(c, "n1", at, &[], &[], &[("ns/web", capacity_rps)])
 }
 
+/// Stores each report, in order.
+async fn store_reports(store: &Store, reports: &[ReportRecord]) {
+    for r in reports {
+        store.store_report(r).await.unwrap();
+    }
+}
+
 /// A store on `url` with c1, c2, c3 (us-east-1) registered, one agent `n1` each.
 async fn store_with_three_clusters(url: &str) -> Store {
     let store = Store::connect(url).await.unwrap();
@@ -342,27 +349,27 @@ async fn engine_scenario(url: &str) {
     let engine = engine_on(&store, cfg.clone()).await;
     let now = now_ms();
     // Three agents of c1: RTT to c2 is their median (20), RPS is their sum (60).
-    for (node, r) in [("n1", 10.0), ("n2", 30.0), ("n3", 20.0)] {
-        store
-            .store_report(&report_of(
-                "c1",
-                node,
-                now,
-                &[("c2", r)],
-                &[("ns/web", "c2", 20.0)],
-                &[],
-            ))
-            .await
-            .unwrap();
-    }
-    store
-        .store_report(&web_capacity("c2", now, 100.0))
-        .await
-        .unwrap();
-    store
-        .store_report(&web_capacity("c3", now, 50.0))
-        .await
-        .unwrap();
+    let c1 = |node, r| {
+        report_of(
+            "c1",
+            node,
+            now,
+            &[("c2", r)],
+            &[("ns/web", "c2", 20.0)],
+            &[],
+        )
+    };
+    store_reports(
+        &store,
+        &[
+            c1("n1", 10.0),
+            c1("n2", 30.0),
+            c1("n3", 20.0),
+            web_capacity("c2", now, 100.0),
+            web_capacity("c3", now, 50.0),
+        ],
+    )
+    .await;
     let inputs = engine.inputs(now_ms()).await.unwrap();
     let plan = &inputs.services["ns/web"];
     assert!(plan.stale.is_empty());
@@ -434,26 +441,23 @@ async fn expiry_scenario(url: &str) {
     let store = store_with_three_clusters(url).await;
     let now = now_ms();
     let long_ago = now - 20 * 60_000;
-    store
-        .store_report(&report_of(
-            "c1",
-            "n1",
-            now,
-            &[("c2", 10.0), ("c3", 5.0)],
-            &[("ns/web", "c2", 20.0)],
-            &[],
-        ))
-        .await
-        .unwrap();
-    store
-        .store_report(&web_capacity("c2", now, 100.0))
-        .await
-        .unwrap();
     // c3 (the nearest for c1) last reported 20 minutes ago.
-    store
-        .store_report(&web_capacity("c3", long_ago, 100.0))
-        .await
-        .unwrap();
+    store_reports(
+        &store,
+        &[
+            report_of(
+                "c1",
+                "n1",
+                now,
+                &[("c2", 10.0), ("c3", 5.0)],
+                &[("ns/web", "c2", 20.0)],
+                &[],
+            ),
+            web_capacity("c2", now, 100.0),
+            web_capacity("c3", long_ago, 100.0),
+        ],
+    )
+    .await;
     let cfg = |cluster_expiry| EngineConfig {
         stale_after: Duration::from_secs(30),
         max_step: None,
