@@ -138,6 +138,19 @@ pub struct Entry {
     pub computed_at_ms: i64,
 }
 
+impl Entry {
+    /// The same weights (within 1e-9), status, reason, policy and params; when the entry
+    /// was computed does not count.
+    #[must_use]
+    pub fn same_as(&self, other: &Entry) -> bool {
+        same_weights(&self.weights, &other.weights)
+            && self.status == other.status
+            && self.reason == other.reason
+            && self.policy == other.policy
+            && self.params == other.params
+    }
+}
+
 /// One published generation: every (service, source) entry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Published {
@@ -255,14 +268,9 @@ fn same_entries(
     b: &BTreeMap<(String, String), Entry>,
 ) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|((ka, ea), (kb, eb))| {
-            ka == kb
-                && same_weights(&ea.weights, &eb.weights)
-                && ea.status == eb.status
-                && ea.reason == eb.reason
-                && ea.policy == eb.policy
-                && ea.params == eb.params
-        })
+        && a.iter()
+            .zip(b)
+            .all(|((ka, ea), (kb, eb))| ka == kb && ea.same_as(eb))
 }
 
 struct RoundState {
