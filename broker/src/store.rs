@@ -157,6 +157,29 @@ pub struct AckRecord {
     pub acked_at_ms: i64,
 }
 
+/// Rows of `weights` per INSERT statement in [`Store::publish`].
+const WEIGHT_ROWS_PER_INSERT: usize = 1000;
+
+/// The VALUES list of a multi-row INSERT of `rows` rows of `cols` placeholders, bound in
+/// order: `($1, …, $cols), ($cols+1, …), …` for PostgreSQL, `(?, …), …` for SQLite, where
+/// numbered (named) placeholders are looked up one by one and made a 10,000-row publish
+/// several times slower than plain positional ones. (sqlx's `QueryBuilder` writes `?` for the
+/// Any driver whatever the database, which PostgreSQL refuses.)
+fn values_list(backend: Backend, rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=cols)
+                .map(|c| match backend {
+                    Backend::Postgres => format!("${}", r * cols + c),
+                    Backend::Sqlite => "?".to_string(),
+                })
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What one [`Store::prune_generations`] deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
@@ -582,25 +605,31 @@ impl Store {
         .bind(run.id)
         .execute(&mut *tx)
         .await?;
-        for w in weights {
-            sqlx::query(
+        // Multi-row INSERTs: one statement per WEIGHT_ROWS_PER_INSERT rows (11 parameters
+        // each, under SQLite's 32,766 and PostgreSQL's 65,535 bind limits). Row by row,
+        // 20,000 rows took ~130 ms on SQLite.
+        for chunk in weights.chunks(WEIGHT_ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO weights (generation, service, src, dst, weight, status, reason, \
-                 policy, params, computed_at_ms, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(generation)
-            .bind(&w.service)
-            .bind(&w.src)
-            .bind(&w.dst)
-            .bind(w.weight)
-            .bind(&w.status)
-            .bind(&w.reason)
-            .bind(&w.policy)
-            .bind(&w.params)
-            .bind(w.computed_at_ms)
-            .bind(created_at_ms)
-            .execute(&mut *tx)
-            .await?;
+                 policy, params, computed_at_ms, created_at_ms) VALUES {}",
+                values_list(self.backend, chunk.len(), 11)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for w in chunk {
+                q = q
+                    .bind(generation)
+                    .bind(&w.service)
+                    .bind(&w.src)
+                    .bind(&w.dst)
+                    .bind(w.weight)
+                    .bind(&w.status)
+                    .bind(&w.reason)
+                    .bind(&w.policy)
+                    .bind(&w.params)
+                    .bind(w.computed_at_ms)
+                    .bind(created_at_ms);
+            }
+            q.execute(&mut *tx).await?;
         }
         insert_run(&mut tx, run).await?;
         tx.commit().await?;
@@ -837,4 +866,20 @@ async fn insert_run(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{values_list, Backend};
+
+    #[test]
+    fn values_list_numbers_every_postgres_cell_once_in_order() {
+        assert_eq!(values_list(Backend::Postgres, 1, 2), "($1, $2)");
+        assert_eq!(
+            values_list(Backend::Postgres, 2, 3),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(values_list(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(values_list(Backend::Postgres, 0, 3), "");
+    }
 }

@@ -254,6 +254,34 @@ async fn store_roundtrip(url: &str) {
 
 on_both_backends!(store_roundtrip: store_sqlite_roundtrip, store_postgres_roundtrip);
 
+/// A generation of more rows than one INSERT statement carries is stored whole, in order.
+async fn bulk_publish_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let rows: Vec<WeightRecord> = (0..1234)
+        .flat_map(|i| {
+            let svc = format!("ns/svc-{i:04}");
+            [
+                weight(&svc, "c1", "c2", 0.25),
+                weight(&svc, "c1", "c3", 0.75),
+            ]
+        })
+        .collect();
+    store.publish(1, 10, &rows, &run(1, 1)).await.unwrap();
+    let back = store.weights_of(1).await.unwrap();
+    assert_eq!(back.len(), 2468);
+    assert_eq!(back, rows);
+    // a failing publish (generation 1 again) leaves nothing of itself behind
+    assert!(store.publish(1, 11, &rows[..10], &run(2, 1)).await.is_err());
+    assert_eq!(store.weights_of(1).await.unwrap().len(), 2468);
+    assert_eq!(store.last_run_id().await.unwrap(), 1);
+    store.close().await;
+}
+
+on_both_backends!(
+    bulk_publish_scenario: bulk_publish_sqlite_in_chunks,
+    bulk_publish_postgres_in_chunks
+);
+
 fn report_of(
     c: &str,
     node: &str,
