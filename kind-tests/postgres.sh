@@ -7,7 +7,7 @@ set -euo pipefail
 # Only the URL goes to stdout (callers capture it); everything the tools print goes to stderr.
 exec 3>&1 1>&2
 
-ver=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+ver=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$ver" ]; then
   echo "postgres.sh: PostgreSQL is not installed (run kind-tests/setup.sh)" >&2
   exit 1
