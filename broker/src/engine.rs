@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 use crate::model::{
     self, Cluster, Explanation, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
-    SolveOptions, Status,
+    ServiceSolution, SolveOptions, Status,
 };
 use crate::store::{SolverRunRecord, Store, StoreError, WeightRecord};
 
@@ -276,6 +276,9 @@ fn same_entries(
 struct RoundState {
     last_digest: String,
     next_run_id: i64,
+    /// Service -> (digest of its plan and previous weights, its last solutions): a service
+    /// whose inputs did not change since the last round is not solved again.
+    solved: BTreeMap<String, (String, Vec<ServiceSolution>)>,
 }
 
 /// The engine (shared by the gRPC services and the solve loop).
@@ -359,6 +362,7 @@ impl Engine {
             round: tokio::sync::Mutex::new(RoundState {
                 last_digest: String::new(),
                 next_run_id,
+                solved: BTreeMap::new(),
             }),
             known: RwLock::new(known),
         })
@@ -667,9 +671,23 @@ impl Engine {
             .stale_inputs
             .set(i64::try_from(inputs.stale_inputs).unwrap_or(0));
 
+        // One digest per service plan (reused to skip solving unchanged services), and the
+        // round's over all of them.
+        let plan_digests: BTreeMap<&String, String> = inputs
+            .services
+            .iter()
+            .map(|(svc, plan)| {
+                let mut h = Sha256::new();
+                h.update(svc.as_bytes());
+                h.update(serde_json::to_vec(plan).unwrap_or_default());
+                (svc, hex::encode(h.finalize()))
+            })
+            .collect();
         let digest = {
             let mut h = Sha256::new();
-            h.update(serde_json::to_vec(&inputs.services).unwrap_or_default());
+            for d in plan_digests.values() {
+                h.update(d.as_bytes());
+            }
             h.update(format!("{:?}|{}", self.cfg.max_step, current.generation));
             hex::encode(h.finalize())
         };
@@ -686,6 +704,7 @@ impl Engine {
         let mut errors = Vec::new();
         let mut degraded = Vec::new();
         let mut stale_services: usize = 0;
+        let mut solved = BTreeMap::new();
         for (svc, plan) in &inputs.services {
             let prev: Vec<(&(String, String), &Entry)> = current
                 .entries
@@ -727,7 +746,22 @@ impl Engine {
                     .collect();
                 opts.previous.insert(svc.clone(), m);
             }
-            match model::solve(&plan.problem, &opts) {
+            // Same plan, same previous weights, same damping: the same solutions.
+            let key = {
+                let mut h = Sha256::new();
+                h.update(plan_digests.get(svc).map_or("", String::as_str).as_bytes());
+                h.update(format!("{:?}", opts.max_step));
+                h.update(serde_json::to_vec(&opts.previous).unwrap_or_default());
+                hex::encode(h.finalize())
+            };
+            let result = match rs.solved.get(svc) {
+                Some((k, sols)) if *k == key => Ok(sols.clone()),
+                _ => model::solve(&plan.problem, &opts),
+            };
+            if let Ok(sols) = &result {
+                solved.insert(svc.clone(), (key, sols.clone()));
+            }
+            match result {
                 Ok(solutions) => {
                     for sol in solutions {
                         objective += sol.objective;
@@ -775,6 +809,15 @@ impl Engine {
         let duration = started.elapsed();
         self.metrics.solve_duration.observe(duration.as_secs_f64());
 
+        // A pair whose weights did not change keeps its entry as published before (with its
+        // computation time), so the entries in memory are what the store holds and reloads.
+        for (k, e) in &mut entries {
+            if let Some(old) = current.entries.get(k) {
+                if old.same_as(e) {
+                    e.clone_from(old);
+                }
+            }
+        }
         let changed = !same_entries(&current.entries, &entries);
         let generation = if changed {
             current.generation + 1
@@ -805,8 +848,10 @@ impl Engine {
                 .join("; "),
         };
         if changed {
+            // Only what changed is written; the store carries every other pair over.
             let rows: Vec<WeightRecord> = entries
                 .iter()
+                .filter(|(k, e)| current.entries.get(*k).is_none_or(|old| !old.same_as(e)))
                 .flat_map(|((svc, src), e)| {
                     e.weights.iter().map(move |(dst, w)| WeightRecord {
                         service: svc.clone(),
@@ -821,8 +866,20 @@ impl Engine {
                     })
                 })
                 .collect();
+            let removed: Vec<(String, String)> = current
+                .entries
+                .keys()
+                .filter(|k| !entries.contains_key(*k))
+                .cloned()
+                .collect();
             self.store
-                .publish(i64::try_from(generation).unwrap_or(0), now, &rows, &run)
+                .publish(
+                    i64::try_from(generation).unwrap_or(0),
+                    now,
+                    &rows,
+                    &removed,
+                    &run,
+                )
                 .await?;
             self.published.send_replace(Arc::new(Published {
                 generation,
@@ -871,6 +928,7 @@ impl Engine {
         }
         rs.next_run_id += 1;
         rs.last_digest = digest;
+        rs.solved = solved;
         Ok(generation)
     }
 

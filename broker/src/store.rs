@@ -584,7 +584,13 @@ impl Store {
             .collect()
     }
 
-    /// Stores a published generation (its full snapshot) and its solver run, atomically.
+    /// Stores a published generation and its solver run, atomically. A generation stores
+    /// what changed: `weights` holds every row of each (service, source) whose weights are
+    /// new or changed (they replace that pair's rows), `removed` the pairs that no longer
+    /// have weights; every other pair keeps its rows from an earlier generation
+    /// ([`Store::weights_of`] reads the newest rows of each pair). Stored row by row as whole
+    /// snapshots, a generation cost services × sources × destinations rows however little
+    /// moved.
     ///
     /// # Errors
     /// A database error (then nothing is stored), e.g. a generation that already exists.
@@ -593,6 +599,7 @@ impl Store {
         generation: i64,
         created_at_ms: i64,
         weights: &[WeightRecord],
+        removed: &[(String, String)],
         run: &SolverRunRecord,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
@@ -630,6 +637,20 @@ impl Store {
                     .bind(created_at_ms);
             }
             q.execute(&mut *tx).await?;
+        }
+        for (service, src) in removed {
+            // A tombstone: destination "" (never a cluster id), read as "no weights".
+            sqlx::query(
+                "INSERT INTO weights (generation, service, src, dst, weight, status, reason, \
+                 policy, params, computed_at_ms, created_at_ms) \
+                 VALUES ($1, $2, $3, '', 0, 'removed', '', '', '', $4, $4)",
+            )
+            .bind(generation)
+            .bind(service)
+            .bind(src)
+            .bind(created_at_ms)
+            .execute(&mut *tx)
+            .await?;
         }
         insert_run(&mut tx, run).await?;
         tx.commit().await?;
@@ -686,10 +707,12 @@ impl Store {
     }
 
     /// Keeps the newest `keep` generations and deletes everything older, in one transaction:
-    /// the `weights` and `generations` rows of every generation up to the newest deleted one,
-    /// and the solver runs whose generation is up to that one (including runs from before
-    /// the first publish, generation 0). With `keep` or fewer generations stored, deletes
-    /// nothing. The newest generation is never deleted (`keep` >= 1), so
+    /// the `generations` rows up to the newest deleted one (the cut); the `weights` rows up to
+    /// the cut that no kept generation reads (a pair's rows superseded by a newer row of that
+    /// pair at or before the cut or at the oldest kept generation, and removal tombstones: a
+    /// pair unchanged since long before the cut keeps its rows); and the solver runs whose generation is up to the cut
+    /// (including runs from before the first publish, generation 0), and beyond the newest
+    /// `keep` runs. With `keep` or fewer generations stored, deletes nothing. The newest generation is never deleted (`keep` >= 1), so
     /// [`Store::last_generation`] and [`Store::last_run_id`] are unchanged.
     ///
     /// # Errors
@@ -713,7 +736,30 @@ impl Store {
             up_to_generation: cut,
             ..PruneStats::default()
         };
-        stats.weights = sqlx::query("DELETE FROM weights WHERE generation <= $1")
+        // Rows no kept generation reads: a pair's rows superseded at or before the cut ...
+        stats.weights = sqlx::query(
+            "DELETE FROM weights WHERE generation <= $1 AND generation < \
+             (SELECT MAX(x.generation) FROM weights x WHERE x.service = weights.service \
+              AND x.src = weights.src AND x.generation <= $1)",
+        )
+        .bind(cut)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // ... and the pair's newest rows at or before the cut when the oldest kept generation
+        // rewrote the pair (no kept generation reads them) ...
+        stats.weights += sqlx::query(
+            "DELETE FROM weights WHERE generation <= $1 AND EXISTS \
+             (SELECT 1 FROM weights x WHERE x.service = weights.service \
+              AND x.src = weights.src AND x.generation > $1 AND x.generation <= \
+              (SELECT MIN(g.generation) FROM generations g WHERE g.generation > $1))",
+        )
+        .bind(cut)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // ... and removal tombstones (nothing older of their pair is left).
+        stats.weights += sqlx::query("DELETE FROM weights WHERE generation <= $1 AND dst = ''")
             .bind(cut)
             .execute(&mut *tx)
             .await?
@@ -733,14 +779,21 @@ impl Store {
         Ok(stats)
     }
 
-    /// The weights of one generation, sorted by service, source, destination.
+    /// The weights in force at one generation, sorted by service, source, destination: for
+    /// each (service, source), its rows of the newest generation up to `generation` that
+    /// wrote it, unless that was a removal. Empty for a generation that is not stored
+    /// (never published, or pruned).
     ///
     /// # Errors
     /// A database error.
     pub async fn weights_of(&self, generation: i64) -> Result<Vec<WeightRecord>> {
         let rows = sqlx::query(
             "SELECT service, src, dst, weight, status, reason, policy, params, computed_at_ms \
-             FROM weights WHERE generation = $1 ORDER BY service, src, dst",
+             FROM weights w WHERE w.dst <> '' \
+             AND EXISTS (SELECT 1 FROM generations g WHERE g.generation = $1) \
+             AND w.generation = (SELECT MAX(x.generation) FROM weights x \
+                 WHERE x.service = w.service AND x.src = w.src AND x.generation <= $1) \
+             ORDER BY service, src, dst",
         )
         .bind(generation)
         .fetch_all(&self.pool)
@@ -760,6 +813,17 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Rows in the `weights` table (all generations, tombstones included).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn weight_rows(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM weights")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// The highest solver-run id (0 = none).

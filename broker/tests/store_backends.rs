@@ -201,18 +201,19 @@ async fn store_roundtrip(url: &str) {
                 weight("ns/web", "c1", "c1", 0.25),
                 weight("ns/web", "c1", "c2", 0.75),
             ],
+            &[],
             &run(1, 1),
         )
         .await
         .unwrap();
     store
-        .publish(2, 20, &[weight("ns/web", "c1", "c2", 1.0)], &run(2, 2))
+        .publish(2, 20, &[weight("ns/web", "c1", "c2", 1.0)], &[], &run(2, 2))
         .await
         .unwrap();
     store.record_run(&run(3, 2)).await.unwrap();
     // A generation cannot be published twice, and the failed publish leaves nothing behind.
     assert!(store
-        .publish(2, 30, &[weight("ns/web", "c2", "c2", 1.0)], &run(4, 2))
+        .publish(2, 30, &[weight("ns/web", "c2", "c2", 1.0)], &[], &run(4, 2))
         .await
         .is_err());
     assert_eq!(store.last_run_id().await.unwrap(), 3);
@@ -254,6 +255,73 @@ async fn store_roundtrip(url: &str) {
 
 on_both_backends!(store_roundtrip: store_sqlite_roundtrip, store_postgres_roundtrip);
 
+/// Generations store what changed: a pair not written keeps its rows, a written pair's rows
+/// are replaced, a removed pair reads as absent until written again; pruning keeps exactly
+/// the rows the kept generations read.
+async fn changes_only_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let a = |w: &[(&str, f64)]| -> Vec<WeightRecord> {
+        w.iter().map(|(d, v)| weight("ns/a", "c1", d, *v)).collect()
+    };
+    let b = |w: &[(&str, f64)]| -> Vec<WeightRecord> {
+        w.iter().map(|(d, v)| weight("ns/b", "c1", d, *v)).collect()
+    };
+    let b_pair = [("ns/b".to_string(), "c1".to_string())];
+    let g1 = [a(&[("c2", 0.5), ("c3", 0.5)]), b(&[("c2", 1.0)])].concat();
+    store.publish(1, 10, &g1, &[], &run(1, 1)).await.unwrap();
+    // 2: a changes, b is carried over
+    store
+        .publish(2, 20, &a(&[("c2", 1.0)]), &[], &run(2, 2))
+        .await
+        .unwrap();
+    // 3: b removed
+    store
+        .publish(3, 30, &[], &b_pair, &run(3, 3))
+        .await
+        .unwrap();
+    // 4: b back, elsewhere
+    store
+        .publish(4, 40, &b(&[("c3", 1.0)]), &[], &run(4, 4))
+        .await
+        .unwrap();
+    let g2 = [a(&[("c2", 1.0)]), b(&[("c2", 1.0)])].concat();
+    let g3 = a(&[("c2", 1.0)]);
+    let g4 = [a(&[("c2", 1.0)]), b(&[("c3", 1.0)])].concat();
+    for (g, want) in [(1, &g1), (2, &g2), (3, &g3), (4, &g4)] {
+        assert_eq!(&store.weights_of(g).await.unwrap(), want, "generation {g}");
+    }
+    assert!(
+        store.weights_of(5).await.unwrap().is_empty(),
+        "never published"
+    );
+    assert_eq!(store.weight_rows().await.unwrap(), 3 + 1 + 1 + 1);
+
+    // keep 3 and 4: a's row of 2 is read by both; b's rows of 1 are not (3 rewrote b)
+    let s = store
+        .prune_generations(NonZeroU64::new(2).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((s.up_to_generation, s.generations, s.weights), (2, 2, 3));
+    assert!(store.weights_of(2).await.unwrap().is_empty(), "pruned");
+    assert_eq!(store.weights_of(3).await.unwrap(), g3);
+    assert_eq!(store.weights_of(4).await.unwrap(), g4);
+    assert_eq!(store.weight_rows().await.unwrap(), 3);
+    // keep 4: the tombstone goes, a's row of 2 stays (4 did not rewrite a)
+    let s = store
+        .prune_generations(NonZeroU64::new(1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((s.up_to_generation, s.weights), (3, 1));
+    assert_eq!(store.weights_of(4).await.unwrap(), g4);
+    assert_eq!(store.weight_rows().await.unwrap(), 2);
+    store.close().await;
+}
+
+on_both_backends!(
+    changes_only_scenario: changes_only_sqlite_carries_unwritten_pairs,
+    changes_only_postgres_carries_unwritten_pairs
+);
+
 /// A generation of more rows than one INSERT statement carries is stored whole, in order.
 async fn bulk_publish_scenario(url: &str) {
     let store = Store::connect(url).await.unwrap();
@@ -266,12 +334,15 @@ async fn bulk_publish_scenario(url: &str) {
             ]
         })
         .collect();
-    store.publish(1, 10, &rows, &run(1, 1)).await.unwrap();
+    store.publish(1, 10, &rows, &[], &run(1, 1)).await.unwrap();
     let back = store.weights_of(1).await.unwrap();
     assert_eq!(back.len(), 2468);
     assert_eq!(back, rows);
     // a failing publish (generation 1 again) leaves nothing of itself behind
-    assert!(store.publish(1, 11, &rows[..10], &run(2, 1)).await.is_err());
+    assert!(store
+        .publish(1, 11, &rows[..10], &[], &run(2, 1))
+        .await
+        .is_err());
     assert_eq!(store.weights_of(1).await.unwrap().len(), 2468);
     assert_eq!(store.last_run_id().await.unwrap(), 1);
     store.close().await;
@@ -750,21 +821,32 @@ async fn retention_scenario(url: &str) {
     );
     assert_eq!(store.solver_runs(1).await.unwrap()[0].id, last + 1);
 
-    // Pruning to one generation: the counts of what went, and the newest stays whole.
+    // Generations store only the pairs that changed: fewer rows than whole snapshots.
+    let rows_before = store.weight_rows().await.unwrap();
+    let snapshot_rows: usize = (oldest + 1..=last).map(|g| snapshots[&g].len()).sum();
+    assert!(
+        rows_before < i64::try_from(snapshot_rows).unwrap() + 6,
+        "{rows_before} rows for {K} generations of 6"
+    );
+    // Pruning to one generation: the counts of what went, and the newest stays whole, with
+    // nothing else left in the table.
     let newest = store.weights_of(last + 1).await.unwrap();
     let stats = store
         .prune_generations(NonZeroU64::new(1).unwrap())
         .await
         .unwrap();
+    let rows_after = store.weight_rows().await.unwrap();
+    assert_eq!(rows_after, i64::try_from(newest.len()).unwrap());
     assert_eq!(
         stats,
         PruneStats {
             up_to_generation: last,
             generations: 2,
-            weights: u64::try_from(snapshots[&(last - 1)].len() + snapshots[&last].len()).unwrap(),
+            weights: u64::try_from(rows_before - rows_after).unwrap(),
             solver_runs: 2,
         }
     );
+    assert!(stats.weights > 0);
     assert_eq!(store.generations().await.unwrap(), vec![last + 1]);
     assert_eq!(store.weights_of(last + 1).await.unwrap(), newest);
     assert_eq!(store.last_generation().await.unwrap(), last + 1);

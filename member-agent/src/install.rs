@@ -45,6 +45,21 @@ pub struct ServiceWeights {
     pub weights: BTreeMap<ClusterId, f64>,
 }
 
+impl ServiceWeights {
+    /// True when `weights` (an update's) are these, cluster for cluster, within 1e-9.
+    #[must_use]
+    pub fn same_weights<S: std::hash::BuildHasher>(
+        &self,
+        weights: &std::collections::HashMap<String, f64, S>,
+    ) -> bool {
+        self.weights.len() == weights.len()
+            && self
+                .weights
+                .iter()
+                .all(|(c, w)| weights.get(c).is_some_and(|v| (v - w).abs() <= 1e-9))
+    }
+}
+
 /// The data-plane name of one (VIP, port) of a service.
 pub fn spec_name(svc: &Service, vip: std::net::IpAddr, port: u16, proto: Protocol) -> String {
     if svc.vips.len() == 1 && svc.ports.len() == 1 {
@@ -415,6 +430,23 @@ mod tests {
                 .collect(),
             services: [(s.name.clone(), s)].into(),
         }
+    }
+
+    #[test]
+    fn same_weights_compares_cluster_for_cluster() {
+        let sw = ServiceWeights {
+            generation: 3,
+            weights: [("a".to_string(), 0.25), ("b".to_string(), 0.75)]
+                .into_iter()
+                .collect(),
+        };
+        let upd = |w: &[(&str, f64)]| -> std::collections::HashMap<String, f64> {
+            w.iter().map(|(c, v)| ((*c).to_string(), *v)).collect()
+        };
+        assert!(sw.same_weights(&upd(&[("b", 0.75), ("a", 0.25 + 1e-12)])));
+        assert!(!sw.same_weights(&upd(&[("a", 0.25), ("b", 0.7)])));
+        assert!(!sw.same_weights(&upd(&[("a", 0.25), ("c", 0.75)])));
+        assert!(!sw.same_weights(&upd(&[("a", 0.25)])));
     }
 
     #[test]

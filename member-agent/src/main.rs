@@ -174,13 +174,20 @@ impl Steer {
         let catalog = self.catalog.borrow().clone();
         let unhealthy = probe::unhealthy(&self.peers.borrow());
         let before = self.steering.clone();
+        // The update lag is observed for weights that changed what is installed: an unchanged
+        // service the broker re-sends to mark a new generation carries its old computation
+        // time.
         let mut verdicts: Vec<(Verdict, i64)> = batch
             .iter()
             .map(|u| {
+                let unchanged = ServiceName::parse(&u.service)
+                    .ok()
+                    .and_then(|n| before.weights.get(&n))
+                    .is_some_and(|old| old.same_weights(&u.weights));
                 (
                     self.steering
                         .accept(&catalog, &unhealthy, self.cfg.weight_scale, u),
-                    u.computed_at_ms,
+                    if unchanged { 0 } else { u.computed_at_ms },
                 )
             })
             .collect();
