@@ -144,6 +144,10 @@ struct Steer {
     acks: mpsc::Sender<Ack>,
     reports: watch::Sender<Option<ReportRequest>>,
     installed_generation: watch::Sender<u64>,
+    /// The newest refused update per service, tried again when discovery changes: the
+    /// broker sends a service's weights again only when they change, so weights that came
+    /// before discovery knew the service would otherwise wait for the next change.
+    pending: BTreeMap<String, WeightsUpdate>,
 }
 
 impl Steer {
@@ -201,6 +205,19 @@ impl Steer {
                 }
             }
         }
+        for (u, (v, _)) in batch.iter().zip(&verdicts) {
+            if v.result.is_ok() {
+                self.pending.remove(&u.service);
+            } else if self
+                .pending
+                .get(&u.service)
+                .is_none_or(|p| p.generation <= u.generation)
+            {
+                let mut retry = u.clone();
+                retry.last_in_batch = false;
+                self.pending.insert(u.service.clone(), retry);
+            }
+        }
         let now = now_ms();
         for (v, computed_at) in verdicts {
             let (applied, error) = match &v.result {
@@ -221,6 +238,12 @@ impl Steer {
                     (true, String::new())
                 }
                 Err(e) => {
+                    self.metrics
+                        .updates_refused
+                        .get_or_create(&ServiceLabels {
+                            service: v.service.clone(),
+                        })
+                        .inc();
                     tracing::warn!(service = %v.service, generation = v.generation, error = %e, "weights refused");
                     (false, e.clone())
                 }
@@ -254,6 +277,12 @@ impl Steer {
                     if r.is_err() { return self.installer; }
                     if let Err(e) = self.install() {
                         tracing::error!(error = %e, "install after discovery change failed");
+                    }
+                    if !self.pending.is_empty() {
+                        let retry: Vec<WeightsUpdate> =
+                            std::mem::take(&mut self.pending).into_values().collect();
+                        tracing::info!(services = retry.len(), "discovery changed: trying refused weights again");
+                        self.on_batch(retry).await;
                     }
                 }
                 r = self.peers.changed() => {
@@ -416,6 +445,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         acks: acks_tx,
         reports: reports_tx,
         installed_generation: gen_tx,
+        pending: BTreeMap::new(),
     };
     let steer_task = tokio::spawn(steer.run(stop_rx.clone()));
 

@@ -9,6 +9,7 @@
 //! | `ballast_agent_service_rps` | service, destination | connects per second from this cluster |
 //! | `ballast_agent_service_capacity_rps` | service | local capacity |
 //! | `ballast_agent_installed_generation` | service | weights generation installed |
+//! | `ballast_agent_updates_refused_total` | service | weights updates refused (unknown service, bad weights, data plane) |
 //! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
 
@@ -54,6 +55,7 @@ pub struct Metrics {
     pub service_rps: Family<FlowLabels, FGauge>,
     pub service_capacity_rps: Family<ServiceLabels, FGauge>,
     pub installed_generation: Family<ServiceLabels, Gauge>,
+    pub updates_refused: Family<ServiceLabels, Counter>,
     pub update_lag_seconds: Histogram,
     pub discovery_failures: Counter,
 }
@@ -76,6 +78,7 @@ impl Metrics {
             service_rps: Family::default(),
             service_capacity_rps: Family::default(),
             installed_generation: Family::default(),
+            updates_refused: Family::default(),
             update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             discovery_failures: Counter::default(),
         };
@@ -113,6 +116,11 @@ impl Metrics {
             "installed_generation",
             "Weights generation installed in the data plane",
             m.installed_generation.clone(),
+        );
+        r.register(
+            "updates_refused",
+            "Weights updates refused (unknown service, bad weights, data plane failure)",
+            m.updates_refused.clone(),
         );
         r.register(
             "update_lag_seconds",

@@ -5,6 +5,8 @@
 //! where nothing listens, and fails). While it runs the agent is killed with SIGKILL and
 //! started again, then west's backend is marked not ready in the topology file and stopped.
 //! No connect may fail, and the split must follow: both backends before, east only after.
+//! A second test runs the agent against a real broker and checks that weights sent before
+//! discovery knew their service are installed once it does.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -247,4 +249,206 @@ done",
         0,
         "no connection to the drained backend"
     );
+}
+
+/// The agent's `/metrics` text (plain HTTP on loopback).
+fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Polls the agent's metrics until a line starts with `prefix`; panics after 20 s.
+fn wait_metric(addr: std::net::SocketAddr, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics_text(addr);
+        if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no {prefix} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The broker sends a service's weights again only when they change, so weights that arrive
+/// before discovery knows the service are kept and installed once the service appears: the
+/// real agent binary, a real broker over mTLS, a topology file that gains the service later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_agent_installs_weights_that_came_before_discovery() {
+    use ballast_broker::certs::generate;
+    use ballast_broker::server::{start, ServeConfig};
+    use ballast_broker::store::sqlite_url;
+    use ballast_broker::tls::TlsFiles;
+    use ballast_proto::v1::broker_client::BrokerClient;
+    use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest};
+
+    if !is_root() {
+        println!("skipped root_agent_installs_weights_that_came_before_discovery: needs root (BPF, cgroups)");
+        return;
+    }
+    let (Some(cg_root), Some(bpffs)) = (
+        ballast_bpf::sys::cgroup2_mount(),
+        ballast_bpf::sys::bpffs_mount(),
+    ) else {
+        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
+    };
+    let unique = format!("ballast-agent-pending-{}", std::process::id());
+    let mut env = Cleanup {
+        cgroup: cg_root.join(&unique),
+        pin_dir: bpffs.join(&unique),
+        agent: None,
+    };
+    std::fs::create_dir_all(&env.cgroup).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // broker with mTLS; west serves t/web and t/late
+    let bundle = generate(&["east".to_string(), "west".to_string()], &[]).unwrap();
+    let certs = dir.path().join("certs");
+    bundle.write_to(&certs).unwrap();
+    let mut cfg = ServeConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        sqlite_url(&dir.path().join("broker.db")),
+        Some(TlsFiles {
+            ca_pem: bundle.ca.cert_pem.clone(),
+            cert_pem: bundle.server.cert_pem.clone(),
+            key_pem: bundle.server.key_pem.clone(),
+        }),
+    );
+    cfg.solve_interval = Duration::from_secs(3600);
+    cfg.debounce = Duration::from_millis(5);
+    cfg.metrics_addr = None;
+    let broker = start(cfg).await.unwrap();
+    let west = bundle.clusters.iter().find(|(c, _)| c == "west").unwrap();
+    let west_tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: west.1.cert_pem.clone(),
+        key_pem: west.1.key_pem.clone(),
+    };
+    let ch = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        broker.addr.port()
+    ))
+    .unwrap()
+    .tls_config(west_tls.client_config("localhost"))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut w = BrokerClient::new(ch);
+    w.register(RegisterRequest {
+        cluster_id: "west".into(),
+        region: "eu-west-1".into(),
+        zone: "eu-west-1a".into(),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.2".into(),
+        agent_version: "test".into(),
+        node_name: "n1".into(),
+    })
+    .await
+    .unwrap();
+    let cap = |service: &str| CapacitySample {
+        service: service.into(),
+        capacity_rps: 1000.0,
+        measured_at_ms: 0,
+    };
+    w.report(futures::stream::iter(vec![ReportRequest {
+        cluster_id: "west".into(),
+        node_name: "n1".into(),
+        measured_at_ms: ballast_broker::engine::now_ms(),
+        capacity: vec![cap("t/web"), cap("t/late")],
+        ..ReportRequest::default()
+    }]))
+    .await
+    .unwrap();
+
+    // east's agent knows t/web only
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pa, ha) = backend("A", stop.clone());
+    let (pb, hb) = backend("B", stop.clone());
+    let topo = dir.path().join("topology.yaml");
+    let late = format!(
+        "  - name: t/late
+    vips: [127.96.0.78]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 127.0.0.1:{pb}, cluster: west }}
+"
+    );
+    write_atomic(&topo, &topology(pa, pb, true));
+    let metrics_addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let pem = |name: &str| certs.join(name).display().to_string();
+    env.agent = Some(
+        Command::new(env!("CARGO_BIN_EXE_ballast-agent"))
+            .args(["--cluster-id", "east", "--node-name", "test"])
+            .args([
+                "--region",
+                "us-east-1",
+                "--zone",
+                "us-east-1a",
+                "--provider",
+                "aws",
+            ])
+            .args([
+                "--broker",
+                &format!("https://localhost:{}", broker.addr.port()),
+            ])
+            .args(["--ca", &pem("ca.pem")])
+            .args(["--cert", &pem("cluster-east.pem")])
+            .args(["--key", &pem("cluster-east-key.pem")])
+            .args(["--discovery", "topology", "--topology"])
+            .arg(&topo)
+            .args(["--topology-poll-interval", "50ms", "--cgroup"])
+            .arg(&env.cgroup)
+            .arg("--pin-dir")
+            .arg(&env.pin_dir)
+            .args(["--metrics-addr", &metrics_addr.to_string()])
+            .args(["--report-interval", "1s"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // the first batch: t/web installed, t/late refused (unknown to discovery)
+    wait_metric(
+        metrics_addr,
+        "ballast_agent_installed_generation{service=\"t/web\"}",
+    );
+    wait_metric(
+        metrics_addr,
+        "ballast_agent_updates_refused_total{service=\"t/late\"}",
+    );
+    assert!(
+        !metrics_text(metrics_addr)
+            .contains("ballast_agent_installed_generation{service=\"t/late\"}"),
+        "t/late cannot be installed before discovery knows it"
+    );
+    let generation = broker.engine().current().generation;
+
+    // discovery learns t/late: its weights are installed with no new generation
+    write_atomic(&topo, &format!("{}{late}", topology(pa, pb, true)));
+    let line = wait_metric(
+        metrics_addr,
+        "ballast_agent_installed_generation{service=\"t/late\"}",
+    );
+    assert!(line.ends_with(&format!(" {generation}")), "{line}");
+    assert_eq!(broker.engine().current().generation, generation);
+    let dp = ballast_bpf::Dataplane::open(&env.pin_dir).unwrap();
+    let s = dp.service("t/late").unwrap();
+    assert_eq!(s.spec.backends.len(), 1, "{:?}", s.spec.backends);
+
+    stop.store(true, Ordering::Relaxed);
+    ha.join().unwrap();
+    hb.join().unwrap();
+    drop(env);
+    broker.stop().await;
 }
