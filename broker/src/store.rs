@@ -3,11 +3,13 @@
 //!
 //! The store keeps clusters and their agents, egress prices, the latest measurements (RTT, RPS,
 //! capacity, each with the time it was measured), policies, the published weights
-//! generations (a full snapshot per generation) and a record of each solver run.
+//! generations (each stores the (service, source) pairs whose weights changed; the weights in
+//! force at a generation are each pair's newest rows up to it) and a record of each solver
+//! run.
 //!
-//! Retention: [`Store::prune_generations`] keeps the newest K generations (their weights,
-//! their `generations` rows and the solver runs that produced them) and deletes the older
-//! ones; the engine calls it after every publish. The newest generation is always kept, so
+//! Retention: [`Store::prune_generations`] keeps the newest K generations (the weight rows
+//! they read, their `generations` rows and the solver runs that produced them) and deletes
+//! the older ones; the engine calls it after every publish. The newest generation is always kept, so
 //! [`Store::last_generation`] (and the sequence after a restart) is unaffected. Acks are one
 //! row per (cluster, node, service), bounded already, and are never pruned.
 
