@@ -132,6 +132,10 @@ fn build_report(
     }
 }
 
+/// How often refused weights updates are offered to the data plane again (besides every
+/// discovery change).
+const PENDING_RETRY: Duration = Duration::from_secs(30);
+
 /// Everything the steering loop reads and writes.
 struct Steer {
     cfg: AgentConfig,
@@ -144,9 +148,10 @@ struct Steer {
     acks: mpsc::Sender<Ack>,
     reports: watch::Sender<Option<ReportRequest>>,
     installed_generation: watch::Sender<u64>,
-    /// The newest refused update per service, tried again when discovery changes: the
-    /// broker sends a service's weights again only when they change, so weights that came
-    /// before discovery knew the service would otherwise wait for the next change.
+    /// The newest refused update per service, tried again when discovery changes and every
+    /// PENDING_RETRY (a data plane that failed may take it now): the broker sends a
+    /// service's weights again only when they change, so weights that came before discovery
+    /// knew the service would otherwise wait for the next change.
     pending: BTreeMap<String, WeightsUpdate>,
 }
 
@@ -259,6 +264,12 @@ impl Steer {
         }
     }
 
+    /// Offers every pending (refused) update again, as one batch.
+    async fn retry_pending(&mut self) {
+        let retry: Vec<WeightsUpdate> = std::mem::take(&mut self.pending).into_values().collect();
+        self.on_batch(retry).await;
+    }
+
     /// Runs until `stop` flips; returns the installer (for --detach-on-exit).
     async fn run(mut self, mut stop: watch::Receiver<bool>) -> Installer {
         if let Err(e) = self.install() {
@@ -270,6 +281,7 @@ impl Steer {
         let mut rps = BTreeMap::new();
         let mut prev_peers = Arc::new(PeerTable::new());
         let mut prev_unhealthy = BTreeSet::new();
+        let mut last_retry = std::time::Instant::now();
         loop {
             tokio::select! {
                 () = async { let _ = stop.wait_for(|s| *s).await; } => return self.installer,
@@ -279,10 +291,9 @@ impl Steer {
                         tracing::error!(error = %e, "install after discovery change failed");
                     }
                     if !self.pending.is_empty() {
-                        let retry: Vec<WeightsUpdate> =
-                            std::mem::take(&mut self.pending).into_values().collect();
-                        tracing::info!(services = retry.len(), "discovery changed: trying refused weights again");
-                        self.on_batch(retry).await;
+                        tracing::info!(services = self.pending.len(), "discovery changed: trying refused weights again");
+                        self.retry_pending().await;
+                        last_retry = std::time::Instant::now();
                     }
                 }
                 r = self.peers.changed() => {
@@ -301,6 +312,11 @@ impl Steer {
                 }
                 Some(batch) = self.updates.recv() => self.on_batch(batch).await,
                 _ = tick.tick() => {
+                    if !self.pending.is_empty() && last_retry.elapsed() >= PENDING_RETRY {
+                        tracing::info!(services = self.pending.len(), "trying refused weights again");
+                        self.retry_pending().await;
+                        last_retry = std::time::Instant::now();
+                    }
                     let catalog = self.catalog.borrow().clone();
                     match self.installer.dataplane().counters() {
                         Ok(now) => {
