@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+step() { echo "run-tests: $(date -u +%H:%M:%S) $*" >&2; }
+
+step "installing what is missing"
 bash kind-tests/setup.sh
+step "starting PostgreSQL on loopback"
 BALLAST_TEST_PG_URL=$(bash kind-tests/postgres.sh)
 case "$BALLAST_TEST_PG_URL" in
   postgres://*) ;;
@@ -17,6 +21,12 @@ export BALLAST_TEST_PG_URL
 export CARGO_INCREMENTAL=0
 echo "run-tests: free disk before the build: $(df -h --output=avail . | tail -1 | tr -d ' ')"
 
+# CI stops a run after 90 minutes and shows little of it; a hang here should instead fail
+# with its step named. A clean run takes about 5 minutes.
+step "cargo fmt"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked --no-fail-fast
+step "cargo clippy"
+timeout 30m cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo test"
+timeout 50m cargo test --workspace --locked --no-fail-fast
+step "done"
