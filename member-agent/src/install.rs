@@ -235,7 +235,31 @@ pub struct Verdict {
     pub service: String,
     pub generation: u64,
     /// `Err` names why it was refused.
-    pub result: Result<(), String>,
+    pub result: Result<(), Refusal>,
+}
+
+/// Why an update was refused. The kind decides when the agent offers it again: what only
+/// discovery can change waits for discovery; a data plane that failed is also retried on a
+/// timer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The service is not imported here (yet).
+    #[error("{0}")]
+    NotImported(String),
+    /// The update does not fit what this cluster knows (bad weights, wrong source, an older
+    /// generation, weights on clusters with no backend).
+    #[error("{0}")]
+    Invalid(String),
+    /// The update was good but the data plane failed to take it.
+    #[error("data plane: {0}")]
+    DataPlane(String),
+}
+
+impl Refusal {
+    /// Whether the same update may succeed later without discovery changing.
+    pub fn retry_on_timer(&self) -> bool {
+        matches!(self, Self::DataPlane(_))
+    }
 }
 
 /// The broker weights in force, per service. Updates are checked here before they reach
@@ -301,40 +325,44 @@ impl Steering {
             result,
         };
         let Ok(name) = ServiceName::parse(service) else {
-            return verdict(Err(format!("service {service:?} is not namespace/name")));
+            return verdict(Err(Refusal::Invalid(format!(
+                "service {service:?} is not namespace/name"
+            ))));
         };
         let Some(svc) = catalog.services.get(&name) else {
-            return verdict(Err(format!("service {service} is unknown to discovery")));
+            return verdict(Err(Refusal::NotImported(format!(
+                "service {service} is unknown to discovery"
+            ))));
         };
         if source_cluster != catalog.local {
-            return verdict(Err(format!(
+            return verdict(Err(Refusal::Invalid(format!(
                 "weights are for source cluster {source_cluster:?}, this is {:?}",
                 catalog.local
-            )));
+            ))));
         }
         for (c, w) in weights {
             if !(w.is_finite() && (0.0..=1.0).contains(w)) {
-                return verdict(Err(format!(
+                return verdict(Err(Refusal::Invalid(format!(
                     "weight of cluster {c:?} is {w}: not in [0, 1]"
-                )));
+                ))));
             }
         }
         if weights.values().sum::<f64>() <= 0.0 {
-            return verdict(Err("weights sum to 0".into()));
+            return verdict(Err(Refusal::Invalid("weights sum to 0".into())));
         }
         let new = ServiceWeights {
             generation,
             weights: weights.iter().map(|(c, w)| (c.clone(), *w)).collect(),
         };
         if let Err(e) = service_specs(svc, Some(&new), unhealthy, scale) {
-            return verdict(Err(e.to_string()));
+            return verdict(Err(Refusal::Invalid(e.to_string())));
         }
         if let Some(old) = self.weights.get(&name) {
             if old.generation > generation {
-                return verdict(Err(format!(
+                return verdict(Err(Refusal::Invalid(format!(
                     "generation {generation} is older than the installed {}",
                     old.generation
-                )));
+                ))));
             }
         }
         self.weights.insert(name, new);
@@ -579,8 +607,16 @@ mod tests {
         );
         assert_eq!(v.result, Ok(()));
         let key = ServiceName::parse("shop/web").expect("name");
+        let v = st.accept(
+            &c,
+            &none,
+            4096,
+            &upd("shop/nope", "east", 6, &[("east", 1.0)]),
+        );
+        let err = v.result.expect_err("refused");
+        assert!(matches!(err, Refusal::NotImported(_)), "{err:?}");
+        assert!(!err.retry_on_timer(), "only discovery can change it");
         for (bad, why) in [
-            (upd("shop/nope", "east", 6, &[("east", 1.0)]), "unknown"),
             (
                 upd("shop/web", "west", 6, &[("east", 1.0)]),
                 "source cluster",
@@ -598,7 +634,9 @@ mod tests {
         ] {
             let v = st.accept(&c, &none, 4096, &bad);
             let err = v.result.expect_err("refused");
-            assert!(err.contains(why), "{err} should say {why}");
+            assert!(matches!(err, Refusal::Invalid(_)), "{err:?}");
+            assert!(!err.retry_on_timer(), "{err:?}");
+            assert!(err.to_string().contains(why), "{err} should say {why}");
             assert_eq!(st.weights[&key].generation, 5, "previous weights stay");
         }
     }

@@ -11,7 +11,7 @@ use ballast_agent::config::{AgentConfig, Cli, DiscoveryConfig};
 use ballast_agent::discovery::kubernetes::KubernetesDiscovery;
 use ballast_agent::discovery::topology::TopologyDiscovery;
 use ballast_agent::discovery::{CatalogWatch, Discovery};
-use ballast_agent::install::{desired_specs, rps_between, Installer, Steering, Verdict};
+use ballast_agent::install::{desired_specs, rps_between, Installer, Refusal, Steering, Verdict};
 use ballast_agent::metrics::{FlowLabels, Metrics, ServiceLabels};
 use ballast_agent::probe::{self, PeerTable, Prober, Reachability};
 use ballast_agent::session::{self, SessionConfig, SessionIo};
@@ -132,8 +132,8 @@ fn build_report(
     }
 }
 
-/// How often refused weights updates are offered to the data plane again (besides every
-/// discovery change).
+/// How often updates the data plane failed to take are offered to it again (every refused
+/// update is also offered again when discovery changes).
 const PENDING_RETRY: Duration = Duration::from_secs(30);
 
 /// Everything the steering loop reads and writes.
@@ -148,11 +148,17 @@ struct Steer {
     acks: mpsc::Sender<Ack>,
     reports: watch::Sender<Option<ReportRequest>>,
     installed_generation: watch::Sender<u64>,
-    /// The newest refused update per service, tried again when discovery changes and every
-    /// PENDING_RETRY (a data plane that failed may take it now): the broker sends a
-    /// service's weights again only when they change, so weights that came before discovery
-    /// knew the service would otherwise wait for the next change.
-    pending: BTreeMap<String, WeightsUpdate>,
+    /// The newest refused update per service with why it was refused, tried again when
+    /// discovery changes, and every PENDING_RETRY when the data plane failed (it may take it
+    /// now): the broker sends a service's weights again only when they change, so weights
+    /// that came before discovery knew the service would otherwise wait for the next change.
+    pending: BTreeMap<String, Pending>,
+}
+
+/// A refused update kept for another try.
+struct Pending {
+    update: WeightsUpdate,
+    refusal: Refusal,
 }
 
 impl Steer {
@@ -179,7 +185,10 @@ impl Steer {
         }
     }
 
-    async fn on_batch(&mut self, batch: Vec<WeightsUpdate>) {
+    /// Judges and installs one batch from the broker. `retried` holds, for updates offered
+    /// again, why each was refused before: the same refusal again is not logged, counted or
+    /// acknowledged a second time.
+    async fn on_batch(&mut self, batch: Vec<WeightsUpdate>, retried: &BTreeMap<String, Refusal>) {
         let catalog = self.catalog.borrow().clone();
         let unhealthy = probe::unhealthy(&self.peers.borrow());
         let before = self.steering.clone();
@@ -206,21 +215,32 @@ impl Steer {
             let _ = self.install();
             for (v, _) in &mut verdicts {
                 if v.result.is_ok() {
-                    v.result = Err(format!("data plane: {e}"));
+                    v.result = Err(Refusal::DataPlane(e.clone()));
                 }
             }
         }
         for (u, (v, _)) in batch.iter().zip(&verdicts) {
-            if v.result.is_ok() {
-                self.pending.remove(&u.service);
-            } else if self
-                .pending
-                .get(&u.service)
-                .is_none_or(|p| p.generation <= u.generation)
-            {
-                let mut retry = u.clone();
-                retry.last_in_batch = false;
-                self.pending.insert(u.service.clone(), retry);
+            match &v.result {
+                Ok(()) => {
+                    self.pending.remove(&u.service);
+                }
+                Err(refusal)
+                    if self
+                        .pending
+                        .get(&u.service)
+                        .is_none_or(|p| p.update.generation <= u.generation) =>
+                {
+                    let mut update = u.clone();
+                    update.last_in_batch = false;
+                    self.pending.insert(
+                        u.service.clone(),
+                        Pending {
+                            update,
+                            refusal: refusal.clone(),
+                        },
+                    );
+                }
+                Err(_) => {}
             }
         }
         let now = now_ms();
@@ -242,6 +262,11 @@ impl Steer {
                         .send_if_modified(|g| std::mem::replace(g, (*g).max(v.generation)) != *g);
                     (true, String::new())
                 }
+                Err(e) if retried.get(&v.service) == Some(e) => {
+                    // refused as before: the broker and the metrics already know
+                    tracing::debug!(service = %v.service, generation = v.generation, error = %e, "weights still refused");
+                    continue;
+                }
                 Err(e) => {
                     self.metrics
                         .updates_refused
@@ -250,7 +275,7 @@ impl Steer {
                         })
                         .inc();
                     tracing::warn!(service = %v.service, generation = v.generation, error = %e, "weights refused");
-                    (false, e.clone())
+                    (false, e.to_string())
                 }
             };
             let _ = self.acks.try_send(Ack {
@@ -264,10 +289,26 @@ impl Steer {
         }
     }
 
-    /// Offers every pending (refused) update again, as one batch.
-    async fn retry_pending(&mut self) {
-        let retry: Vec<WeightsUpdate> = std::mem::take(&mut self.pending).into_values().collect();
-        self.on_batch(retry).await;
+    /// Offers pending (refused) updates again, as one batch: all of them after a discovery
+    /// change, only those the data plane failed on when `timer_only`.
+    async fn retry_pending(&mut self, timer_only: bool) {
+        let (retry, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(_, p)| !timer_only || p.refusal.retry_on_timer());
+        self.pending = keep;
+        if retry.is_empty() {
+            return;
+        }
+        tracing::info!(
+            services = retry.len(),
+            timer_only,
+            "trying refused weights again"
+        );
+        let (batch, before): (Vec<_>, BTreeMap<_, _>) = retry
+            .into_iter()
+            .map(|(service, p)| (p.update, (service, p.refusal)))
+            .unzip();
+        self.on_batch(batch, &before).await;
     }
 
     /// Runs until `stop` flips; returns the installer (for --detach-on-exit).
@@ -290,11 +331,8 @@ impl Steer {
                     if let Err(e) = self.install() {
                         tracing::error!(error = %e, "install after discovery change failed");
                     }
-                    if !self.pending.is_empty() {
-                        tracing::info!(services = self.pending.len(), "discovery changed: trying refused weights again");
-                        self.retry_pending().await;
-                        last_retry = std::time::Instant::now();
-                    }
+                    self.retry_pending(false).await;
+                    last_retry = std::time::Instant::now();
                 }
                 r = self.peers.changed() => {
                     if r.is_err() { return self.installer; }
@@ -310,11 +348,10 @@ impl Steer {
                         }
                     }
                 }
-                Some(batch) = self.updates.recv() => self.on_batch(batch).await,
+                Some(batch) = self.updates.recv() => self.on_batch(batch, &BTreeMap::new()).await,
                 _ = tick.tick() => {
-                    if !self.pending.is_empty() && last_retry.elapsed() >= PENDING_RETRY {
-                        tracing::info!(services = self.pending.len(), "trying refused weights again");
-                        self.retry_pending().await;
+                    if last_retry.elapsed() >= PENDING_RETRY {
+                        self.retry_pending(true).await;
                         last_retry = std::time::Instant::now();
                     }
                     let catalog = self.catalog.borrow().clone();

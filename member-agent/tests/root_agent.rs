@@ -433,6 +433,39 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
         "t/late cannot be installed before discovery knows it"
     );
     let generation = broker.engine().current().generation;
+    let refused = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("ballast_agent_updates_refused_total{service=\"t/late\"}"))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(refused(&metrics_text(metrics_addr)).as_deref(), Some("1"));
+
+    // discovery changes without t/late: the update is offered again, refused the same way,
+    // and neither counted nor logged nor acknowledged a second time
+    let other = format!(
+        "  - name: t/other
+    vips: [127.96.0.79]
+    ports: [{{ port: 80 }}]
+    endpoints:
+      - {{ address: 127.0.0.1:{pa}, cluster: east }}
+"
+    );
+    write_atomic(&topo, &format!("{}{other}", topology(pa, pb, true)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // a fresh handle each time: a handle knows the service names of when it was opened
+    while ballast_bpf::Dataplane::open(&env.pin_dir)
+        .and_then(|dp| dp.service("t/other"))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "t/other never installed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        refused(&metrics_text(metrics_addr)).as_deref(),
+        Some("1"),
+        "a repeated refusal must not be counted again"
+    );
 
     // discovery learns t/late: its weights are installed with no new generation
     write_atomic(&topo, &format!("{}{late}", topology(pa, pb, true)));
