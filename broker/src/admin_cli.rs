@@ -176,6 +176,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                             "last_report_ms": c.last_report_ms,
                             "last_report_age_ms": c.last_report_age_ms, "stale": c.stale,
                             "expired": c.expired,
+                            "imports": c.imports.as_ref().map(|i| &i.services),
                             "nodes": c.nodes.iter().map(|n| serde_json::json!({
                                 "node_name": n.node_name, "agent_version": n.agent_version,
                                 "last_report_ms": n.last_report_ms,
@@ -187,8 +188,8 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
             } else {
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} STATE",
-                    "CLUSTER", "REGION", "ZONE", "PROVIDER", "NODES", "LAST_REPORT"
+                    "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} {:>8} STATE",
+                    "CLUSTER", "REGION", "ZONE", "PROVIDER", "NODES", "LAST_REPORT", "IMPORTS"
                 );
                 for c in &r.clusters {
                     let age = if c.last_report_age_ms < 0 {
@@ -196,15 +197,20 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                     } else {
                         format!("{:.1}s ago", c.last_report_age_ms as f64 / 1000.0)
                     };
+                    let imports = c
+                        .imports
+                        .as_ref()
+                        .map_or_else(|| "all".to_string(), |i| i.services.len().to_string());
                     let _ = writeln!(
                         out,
-                        "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} {}",
+                        "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} {:>8} {}",
                         c.cluster_id,
                         c.region,
                         c.zone,
                         c.provider,
                         c.nodes.len(),
                         age,
+                        imports,
                         if c.expired {
                             "expired"
                         } else if c.stale {

@@ -8,7 +8,12 @@
 //!   when a source has no RPS yet (or 0), it gets a small default demand,
 //!   `max(--default-demand-rps, number of serving clusters)`, so that weights exist from the
 //!   start and the liveness floor (1 RPS per serving destination) is feasible;
-//! - sources are every registered cluster (every cluster imports every service);
+//! - sources are the clusters that import the service, as their agents declare
+//!   (`ReportRequest.imports`, sent when they change): per cluster, the union of the latest
+//!   declarations of its nodes heard from within the stale-after age, or of all its nodes'
+//!   declarations when none was (imports are configuration, kept while the agents are quiet);
+//!   a cluster none of whose nodes ever declared imports every service. A service no cluster
+//!   imports gets no weights;
 //! - RTT(s, t) = the median over the nodes of `s` of their fresh, reachable samples to `t`.
 //!
 //! Retention: after every publish the store keeps the newest `keep_generations` generations
@@ -38,7 +43,7 @@ use crate::model::{
     self, Cluster, Explanation, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
     ServiceSolution, SolveOptions, Status,
 };
-use crate::store::{SolverRunRecord, Store, StoreError, WeightRecord};
+use crate::store::{ImportDeclaration, SolverRunRecord, Store, StoreError, WeightRecord};
 
 /// How the engine turns measurements into weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +246,28 @@ pub fn parse_params(s: &str) -> Option<Params> {
         "mixed" => Some(Params::Mixed),
         _ => None,
     }
+}
+
+/// The services each declaring cluster imports: per cluster, the union of the declarations of
+/// its nodes heard from at or after `cut`, or of all of them when none was. Clusters none of
+/// whose nodes declared are absent (they import every service).
+fn import_sets(decls: Vec<ImportDeclaration>, cut: i64) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by_cluster: BTreeMap<String, Vec<ImportDeclaration>> = BTreeMap::new();
+    for d in decls {
+        by_cluster.entry(d.cluster_id.clone()).or_default().push(d);
+    }
+    by_cluster
+        .into_iter()
+        .map(|(cluster, decls)| {
+            let any_fresh = decls.iter().any(|d| d.heard_at_ms >= cut);
+            let services = decls
+                .into_iter()
+                .filter(|d| !any_fresh || d.heard_at_ms >= cut)
+                .flat_map(|d| d.services)
+                .collect();
+            (cluster, services)
+        })
+        .collect()
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -516,6 +543,13 @@ impl Engine {
                 e.1 = true;
             }
         }
+        // Imports: which services each declaring cluster is a source of.
+        let imports = self.imports(now_ms).await?;
+        let imports_of = |cluster: &str, svc: &str| {
+            imports
+                .get(cluster)
+                .is_none_or(|services| services.contains(svc))
+        };
         // Demand: sum of fresh RPS per (service, source).
         let mut demand: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
         for r in self.store.rps().await? {
@@ -549,6 +583,15 @@ impl Engine {
             ..Inputs::default()
         };
         for svc in services {
+            let sources: Vec<&str> = known
+                .iter()
+                .copied()
+                .filter(|c| imports_of(c, svc))
+                .collect();
+            if sources.is_empty() {
+                debug!(service = %svc, "imported by no cluster: no weights");
+                continue;
+            }
             let caps = cap.get(svc).cloned().unwrap_or_default();
             let mut stale = Vec::new();
             let mut capacity_rps = BTreeMap::new();
@@ -562,7 +605,7 @@ impl Engine {
                     capacity_rps.insert(t.clone(), *c);
                 }
             }
-            for s in &known {
+            for s in &sources {
                 for t in caps.keys() {
                     if stale_rtt.contains(&((*s).to_string(), t.clone())) {
                         stale.push(format!("rtt {s} -> {t} is older than {stale_txt}"));
@@ -572,7 +615,7 @@ impl Engine {
             #[allow(clippy::cast_precision_loss)]
             let floor = self.cfg.default_demand_rps.max(capacity_rps.len() as f64);
             let reported = demand.get(svc);
-            let demand_rps: BTreeMap<String, f64> = known
+            let demand_rps: BTreeMap<String, f64> = sources
                 .iter()
                 .map(|s| {
                     let d = reported.and_then(|m| m.get(*s)).copied().unwrap_or(0.0);
@@ -603,6 +646,22 @@ impl Engine {
             );
         }
         Ok(out)
+    }
+
+    /// The services each declaring cluster imports as of `now_ms` (clusters that never
+    /// declared are absent: they import every service).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn imports(
+        &self,
+        now_ms: i64,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, EngineError> {
+        let stale_ms = i64::try_from(self.cfg.stale_after.as_millis()).unwrap_or(i64::MAX);
+        Ok(import_sets(
+            self.store.imports().await?,
+            now_ms.saturating_sub(stale_ms),
+        ))
     }
 
     /// When each registered cluster was last heard from: its latest registration (or
@@ -706,10 +765,18 @@ impl Engine {
         let mut stale_services: usize = 0;
         let mut solved = BTreeMap::new();
         for (svc, plan) in &inputs.services {
+            // The previous weights of the sources this plan still has (a cluster that stopped
+            // importing the service loses them).
             let prev: Vec<(&(String, String), &Entry)> = current
                 .entries
                 .range((svc.clone(), String::new())..)
                 .take_while(|((s, _), _)| s == svc)
+                .filter(|((_, src), _)| {
+                    plan.problem
+                        .services
+                        .iter()
+                        .any(|si| si.demand_rps.contains_key(src))
+                })
                 .collect();
             let (policy, params) = (plan.problem.policy, plan.problem.params);
             if !plan.stale.is_empty() {
@@ -948,8 +1015,21 @@ impl Engine {
         }
         let mut inputs = self.inputs(now_ms()).await?;
         let plan = inputs.services.remove(service).ok_or_else(|| {
-            EngineError::NotFound(format!("service: unknown service {service:?}"))
+            EngineError::NotFound(format!(
+                "service: no plan for {service:?} (unknown, or imported by no cluster)"
+            ))
         })?;
+        if !plan
+            .problem
+            .services
+            .iter()
+            .any(|s| s.demand_rps.contains_key(source))
+        {
+            return Err(EngineError::NotFound(format!(
+                "source_cluster_id: {source:?} does not import {service:?} (its agents' \
+                 declared imports leave it out)"
+            )));
+        }
         let ex = model::explain(&plan.problem, service, source)?;
         Ok((ex, plan))
     }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use ballast_proto::v1::{
     admin_server::Admin, broker_server::Broker, Ack, AckResponse, ClusterInfo, ExplainDestination,
-    ExplainRequest, ExplainResponse, GetWeightsRequest, GetWeightsResponse, ListClustersRequest,
-    ListClustersResponse, LoadBalancing, NodeInfo, OptimizedParams, RegisterRequest,
-    RegisterResponse, ReportRequest, ReportSummary, SetPolicyRequest, SetPolicyResponse,
-    WatchRequest, WeightsStatus, WeightsUpdate,
+    ExplainRequest, ExplainResponse, GetWeightsRequest, GetWeightsResponse, ImportedServices,
+    ListClustersRequest, ListClustersResponse, LoadBalancing, NodeInfo, OptimizedParams,
+    RegisterRequest, RegisterResponse, ReportRequest, ReportSummary, SetPolicyRequest,
+    SetPolicyResponse, WatchRequest, WeightsStatus, WeightsUpdate,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -328,8 +328,31 @@ pub fn validate_report(
             measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
         });
     }
+    if let Some(imports) = &m.imports {
+        if imports.services.len() > MAX_IMPORTS {
+            return Err(invalid(
+                "imports.services",
+                format!(
+                    "{} services, more than the {MAX_IMPORTS} allowed",
+                    imports.services.len()
+                ),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, service) in imports.services.iter().enumerate() {
+            let f = format!("imports.services[{i}]");
+            check_service(&f, service)?;
+            if !seen.insert(service) {
+                return Err(invalid(&f, format!("duplicate service {service:?}")));
+            }
+        }
+        rec.imports = Some(imports.services.clone());
+    }
     Ok(rec)
 }
+
+/// The most services one node may declare it imports.
+pub const MAX_IMPORTS: usize = 100_000;
 
 /// `ballast.v1.Broker`.
 #[derive(Debug, Clone)]
@@ -614,6 +637,7 @@ impl Admin for AdminService {
         let stale_ms =
             i64::try_from(self.engine.config().stale_after.as_millis()).unwrap_or(i64::MAX);
         let expired = self.engine.expired_clusters(now).await.map_err(internal)?;
+        let mut imports = self.engine.imports(now).await.map_err(internal)?;
         let out = clusters
             .into_iter()
             .map(|c| {
@@ -635,6 +659,11 @@ impl Admin for AdminService {
                     .max(if received > 0 { received.min(now) } else { 0 });
                 let age = if last > 0 { now - last } else { -1 };
                 let expired = expired.contains(&c.cluster_id);
+                let imports = imports
+                    .remove(&c.cluster_id)
+                    .map(|services| ImportedServices {
+                        services: services.into_iter().collect(),
+                    });
                 ClusterInfo {
                     cluster_id: c.cluster_id,
                     region: c.region,
@@ -647,6 +676,7 @@ impl Admin for AdminService {
                     stale: last == 0 || age > stale_ms,
                     expired,
                     nodes,
+                    imports,
                 }
             })
             .collect();

@@ -13,6 +13,7 @@
 //! [`Store::last_generation`] (and the sequence after a restart) is unaffected. Acks are one
 //! row per (cluster, node, service), bounded already, and are never pruned.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU64;
 use std::path::Path;
 
@@ -109,6 +110,22 @@ pub struct ReportRecord {
     pub rtt: Vec<RttRecord>,
     pub rps: Vec<RpsRecord>,
     pub capacity: Vec<CapacityRecord>,
+    /// The node's full list of imported services, when the report says it (`None`: not
+    /// said; the previous declaration, if any, stays).
+    pub imports: Option<Vec<String>>,
+}
+
+/// What one node last said its cluster imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportDeclaration {
+    pub cluster_id: String,
+    pub node_name: String,
+    /// When the node said it.
+    pub declared_at_ms: i64,
+    /// When the node was last heard from (its declaration or a later report without one:
+    /// agents send their imports only when they change).
+    pub heard_at_ms: i64,
+    pub services: BTreeSet<String>,
 }
 
 /// A policy row: `scope` is `""` for the cluster-wide policy or a service name.
@@ -416,6 +433,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(services) = &report.imports {
+            self.replace_imports(&mut tx, report, services).await?;
+        }
         sqlx::query(
             "INSERT INTO agents (cluster_id, node_name, agent_version, registered_at_ms, \
              last_report_ms) VALUES ($1, $2, '', $3, $3) ON CONFLICT (cluster_id, node_name) \
@@ -428,6 +448,88 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Replaces one node's import declaration (inside the report's transaction).
+    async fn replace_imports(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        report: &ReportRecord,
+        services: &[String],
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO import_declarations (cluster_id, node_name, declared_at_ms) \
+             VALUES ($1, $2, $3) ON CONFLICT (cluster_id, node_name) \
+             DO UPDATE SET declared_at_ms = excluded.declared_at_ms",
+        )
+        .bind(&report.cluster_id)
+        .bind(&report.node_name)
+        .bind(report.received_at_ms)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM imports WHERE cluster_id = $1 AND node_name = $2")
+            .bind(&report.cluster_id)
+            .bind(&report.node_name)
+            .execute(&mut **tx)
+            .await?;
+        for chunk in services.chunks(WEIGHT_ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO imports (cluster_id, node_name, service) VALUES {}",
+                values_list(self.backend, chunk.len(), 3)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for service in chunk {
+                q = q
+                    .bind(&report.cluster_id)
+                    .bind(&report.node_name)
+                    .bind(service);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Every node's import declaration (nodes that never declared have none).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn imports(&self) -> Result<Vec<ImportDeclaration>> {
+        let decls = sqlx::query(
+            "SELECT d.cluster_id, d.node_name, d.declared_at_ms, \
+             COALESCE(a.last_report_ms, d.declared_at_ms) AS last_report_ms \
+             FROM import_declarations d LEFT JOIN agents a \
+             ON a.cluster_id = d.cluster_id AND a.node_name = d.node_name \
+             ORDER BY d.cluster_id, d.node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<(String, String), ImportDeclaration> = BTreeMap::new();
+        for r in &decls {
+            let (cluster_id, node_name): (String, String) =
+                (r.try_get("cluster_id")?, r.try_get("node_name")?);
+            let declared_at_ms: i64 = r.try_get("declared_at_ms")?;
+            let last_report_ms: i64 = r.try_get("last_report_ms")?;
+            out.insert(
+                (cluster_id.clone(), node_name.clone()),
+                ImportDeclaration {
+                    cluster_id,
+                    node_name,
+                    declared_at_ms,
+                    heard_at_ms: declared_at_ms.max(last_report_ms),
+                    services: BTreeSet::new(),
+                },
+            );
+        }
+        let rows = sqlx::query("SELECT cluster_id, node_name, service FROM imports")
+            .fetch_all(&self.pool)
+            .await?;
+        for r in &rows {
+            let key: (String, String) = (r.try_get("cluster_id")?, r.try_get("node_name")?);
+            if let Some(d) = out.get_mut(&key) {
+                d.services.insert(r.try_get("service")?);
+            }
+        }
+        Ok(out.into_values().collect())
     }
 
     /// Every stored RTT sample.

@@ -186,6 +186,80 @@ async fn agent_registers_reports_and_receives_weights() {
     b.stop().await;
 }
 
+/// A cluster whose agent declares its imports is sent weights for those services only, and
+/// for a service as soon as it declares it.
+#[tokio::test]
+async fn declared_imports_limit_what_a_cluster_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
+    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+    let declare = |services: &[&str]| {
+        let mut m = report("c1", "n1");
+        m.rtt = vec![rtt("c2", 5.0)];
+        m.imports = Some(ballast_proto::v1::ImportedServices {
+            services: services.iter().map(|s| (*s).to_string()).collect(),
+        });
+        m
+    };
+    send_reports(&mut a1, vec![declare(&["ns/web"])])
+        .await
+        .unwrap();
+    let mut caps = capacity_report("c2", "ns/web", 1000.0);
+    caps.capacity
+        .extend(capacity_report("c2", "ns/api", 1000.0).capacity);
+    send_reports(&mut a2, vec![caps]).await.unwrap();
+
+    let mut watch = open_watch(&mut a1, "c1", 0).await;
+    let web = until_generation(&mut watch, "ns/web", 1).await;
+    assert_eq!(web.source_cluster_id, "c1");
+    // c2 is a source of both (it never declared), c1 of ns/web only
+    let published = b.engine().current();
+    let pairs: Vec<(&str, &str)> = published
+        .entries
+        .keys()
+        .map(|(s, c)| (s.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![("ns/api", "c2"), ("ns/web", "c1"), ("ns/web", "c2")]
+    );
+    let mut op = admin(b.addr, &bundle).await;
+    let e = op
+        .explain(ballast_proto::v1::ExplainRequest {
+            service: "ns/api".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("does not import"), "{}", e.message());
+    let list = op
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let imports: Vec<Option<Vec<String>>> = list
+        .clusters
+        .iter()
+        .map(|c| c.imports.as_ref().map(|i| i.services.clone()))
+        .collect();
+    assert_eq!(imports, vec![Some(vec!["ns/web".to_string()]), None]);
+
+    // c1 imports ns/api too: its weights arrive
+    send_reports(&mut a1, vec![declare(&["ns/web", "ns/api"])])
+        .await
+        .unwrap();
+    let api = until_generation(&mut watch, "ns/api", web.generation + 1).await;
+    assert_eq!(api.source_cluster_id, "c1");
+    assert!((api.weights["c2"] - 1.0).abs() < 1e-9, "{:?}", api.weights);
+    drop(watch);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn certificate_from_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,6 +406,26 @@ async fn invalid_reports_are_rejected_naming_the_field() {
                 m
             },
             "capacity[0].service",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.imports = Some(ballast_proto::v1::ImportedServices {
+                    services: vec!["ns/web".into(), String::new()],
+                });
+                m
+            },
+            "imports.services[1]",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.imports = Some(ballast_proto::v1::ImportedServices {
+                    services: vec!["ns/web".into(), "ns/web".into()],
+                });
+                m
+            },
+            "imports.services[1]",
         ),
         (
             {

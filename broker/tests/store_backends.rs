@@ -398,6 +398,7 @@ fn report_of(
                 measured_at_ms: at,
             })
             .collect(),
+        imports: None,
     }
 }
 
@@ -623,6 +624,159 @@ async fn expiry_scenario(url: &str) {
 on_both_backends!(
     expiry_scenario: expiry_sqlite_drops_silent_clusters,
     expiry_postgres_drops_silent_clusters
+);
+
+/// A report of node `node` of `c` received at `at` that only declares its imports.
+fn imports_of(c: &str, node: &str, at: i64, services: &[&str]) -> ReportRecord {
+    ReportRecord {
+        imports: Some(services.iter().map(|s| (*s).to_string()).collect()),
+        ..report_of(c, node, at, &[], &[], &[])
+    }
+}
+
+/// The sources of `svc` in the engine's current inputs (None: no plan for it).
+async fn sources_of(engine: &Engine, svc: &str) -> Option<Vec<String>> {
+    let inputs = engine.inputs(now_ms()).await.unwrap();
+    inputs
+        .services
+        .get(svc)
+        .map(|p| p.problem.services[0].demand_rps.keys().cloned().collect())
+}
+
+/// Imports: a cluster is a source only of the services its agents say it imports; one that
+/// never said is a source of every service; stale declarations give way to fresh ones of
+/// other nodes; a cluster that stops importing a service loses its weights (a tombstone).
+async fn imports_scenario(url: &str) {
+    let store = store_with_three_clusters(url).await;
+    let now = now_ms();
+    let mut reports = Vec::new();
+    for (c, peers) in [
+        ("c1", [("c2", 10.0), ("c3", 5.0)]),
+        ("c2", [("c1", 10.0), ("c3", 7.0)]),
+        ("c3", [("c1", 5.0), ("c2", 7.0)]),
+    ] {
+        reports.push(report_of(c, "n1", now, &peers, &[], &[]));
+    }
+    reports.push(report_of("c2", "n1", now, &[], &[], &[("ns/web", 1000.0)]));
+    reports.push(report_of(
+        "c3",
+        "n1",
+        now,
+        &[],
+        &[],
+        &[("ns/web", 1000.0), ("ns/api", 1000.0)],
+    ));
+    store_reports(&store, &reports).await;
+    let engine = engine_on(
+        &store,
+        EngineConfig {
+            stale_after: Duration::from_secs(30),
+            max_step: None,
+            ..EngineConfig::default()
+        },
+    )
+    .await;
+    let all = Some(vec!["c1".to_string(), "c2".into(), "c3".into()]);
+    assert_eq!(sources_of(&engine, "ns/web").await, all, "nobody declared");
+
+    // c1 imports ns/web only, c2 nothing, c3 does not say
+    store_reports(
+        &store,
+        &[
+            imports_of("c1", "n1", now_ms(), &["ns/web"]),
+            imports_of("c2", "n1", now_ms(), &[]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        sources_of(&engine, "ns/web").await,
+        Some(vec!["c1".to_string(), "c3".into()])
+    );
+    assert_eq!(
+        sources_of(&engine, "ns/api").await,
+        Some(vec!["c3".to_string()])
+    );
+    engine.run_round().await.unwrap();
+    let p = engine.current();
+    let sources: Vec<(&str, &str)> = p
+        .entries
+        .keys()
+        .map(|(s, c)| (s.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![("ns/api", "c3"), ("ns/web", "c1"), ("ns/web", "c3")]
+    );
+    let generation = p.generation;
+
+    // nobody imports ns/api: no plan, its weights are removed
+    store_reports(&store, &[imports_of("c3", "n1", now_ms(), &["ns/web"])]).await;
+    assert_eq!(sources_of(&engine, "ns/api").await, None);
+
+    // a second node of c1 declares ns/api while n1's declaration is stale: only the fresh
+    // one counts; when both are stale, their union does
+    let old = now_ms() - 60_000;
+    store_reports(
+        &store,
+        &[
+            imports_of("c1", "n1", old, &["ns/web"]),
+            imports_of("c1", "n2", now_ms(), &["ns/api"]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        sources_of(&engine, "ns/api").await,
+        Some(vec!["c1".to_string()])
+    );
+    assert_eq!(
+        sources_of(&engine, "ns/web").await,
+        Some(vec!["c3".to_string()])
+    );
+    store_reports(&store, &[imports_of("c1", "n2", old, &["ns/api"])]).await;
+    assert_eq!(
+        sources_of(&engine, "ns/web").await,
+        Some(vec!["c1".to_string(), "c3".into()])
+    );
+    // agents send imports only when they change: a later report without them keeps n2's
+    // declaration fresh
+    store_reports(&store, &[report_of("c1", "n2", now_ms(), &[], &[], &[])]).await;
+    assert_eq!(
+        sources_of(&engine, "ns/web").await,
+        Some(vec!["c3".to_string()])
+    );
+    assert_eq!(
+        sources_of(&engine, "ns/api").await,
+        Some(vec!["c1".to_string()])
+    );
+
+    // c1 stops importing anything: its ns/web weights go, in memory and in the store
+    store_reports(
+        &store,
+        &[
+            imports_of("c1", "n1", now_ms(), &[]),
+            imports_of("c1", "n2", now_ms(), &[]),
+        ],
+    )
+    .await;
+    engine.run_round().await.unwrap();
+    let p = engine.current();
+    assert!(p.generation > generation);
+    assert_eq!(
+        p.entries.keys().cloned().collect::<Vec<_>>(),
+        vec![("ns/web".to_string(), "c3".to_string())]
+    );
+    let stored = store
+        .weights_of(i64::try_from(p.generation).unwrap())
+        .await
+        .unwrap();
+    assert!(stored.iter().all(|w| w.src == "c3"), "{stored:?}");
+    assert!(!stored.is_empty());
+    store.close().await;
+}
+
+on_both_backends!(
+    imports_scenario: imports_sqlite_limit_sources,
+    imports_postgres_limit_sources
 );
 
 /// Herd damping in the server: one round moves no weight by more than `max_step`, and

@@ -15,7 +15,9 @@ use ballast_agent::install::{desired_specs, rps_between, Installer, Refusal, Ste
 use ballast_agent::metrics::{FlowLabels, Metrics, ServiceLabels};
 use ballast_agent::probe::{self, PeerTable, Prober, Reachability};
 use ballast_agent::session::{self, SessionConfig, SessionIo};
-use ballast_proto::v1::{Ack, CapacitySample, ReportRequest, RpsSample, RttSample, WeightsUpdate};
+use ballast_proto::v1::{
+    Ack, CapacitySample, ImportedServices, ReportRequest, RpsSample, RttSample, WeightsUpdate,
+};
 use clap::Parser;
 use tokio::sync::{mpsc, watch};
 use tracing_subscriber::EnvFilter;
@@ -129,6 +131,11 @@ fn build_report(
                 measured_at_ms: 0,
             })
             .collect(),
+        // every service discovery knows is one this cluster imports (steers): the broker
+        // computes and sends weights for these only
+        imports: Some(ImportedServices {
+            services: catalog.services.keys().map(ToString::to_string).collect(),
+        }),
     }
 }
 

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ballast_proto::v1::broker_client::BrokerClient;
-use ballast_proto::v1::{Ack, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate};
+use ballast_proto::v1::{
+    Ack, ImportedServices, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate,
+};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -258,13 +260,31 @@ fn async_stream_reports(
 ) -> impl futures::Stream<Item = ReportRequest> + Send + 'static {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_imports = None;
     tokio_stream::wrappers::IntervalStream::new(tick).filter_map(move |_| {
         let r = reports
             .borrow()
             .clone()
-            .map(|r| without_peers(r, &excluded));
+            .map(|r| imports_when_changed(without_peers(r, &excluded), &mut sent_imports));
         async move { r }
     })
+}
+
+/// Keeps the report's imports only when they differ from those last sent on this stream
+/// (`sent`, updated): the broker keeps a node's declaration until the next one, so a stream
+/// carries the list on its first report and after each change, not every interval.
+pub fn imports_when_changed(
+    mut r: ReportRequest,
+    sent: &mut Option<ImportedServices>,
+) -> ReportRequest {
+    if r.imports.is_some() {
+        if r.imports == *sent {
+            r.imports = None;
+        } else {
+            sent.clone_from(&r.imports);
+        }
+    }
+    r
 }
 
 /// Drops RTT and RPS samples about `excluded` clusters.
@@ -334,6 +354,42 @@ pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imports_go_on_the_first_report_and_after_each_change() {
+        let report = |services: &[&str]| ReportRequest {
+            cluster_id: "east".into(),
+            imports: Some(ImportedServices {
+                services: services.iter().map(|s| (*s).to_owned()).collect(),
+            }),
+            ..ReportRequest::default()
+        };
+        let mut sent = None;
+        let sent_now = |r: ReportRequest| r.imports.map(|i| i.services);
+        assert_eq!(
+            sent_now(imports_when_changed(report(&["a/x"]), &mut sent)),
+            Some(vec!["a/x".to_owned()])
+        );
+        assert_eq!(
+            sent_now(imports_when_changed(report(&["a/x"]), &mut sent)),
+            None
+        );
+        assert_eq!(
+            sent_now(imports_when_changed(report(&["a/x", "a/y"]), &mut sent)),
+            Some(vec!["a/x".to_owned(), "a/y".to_owned()])
+        );
+        // an empty list is a declaration too (imports nothing), sent once
+        assert_eq!(
+            sent_now(imports_when_changed(report(&[]), &mut sent)),
+            Some(vec![])
+        );
+        assert_eq!(sent_now(imports_when_changed(report(&[]), &mut sent)), None);
+        // a new stream starts with nothing sent
+        let mut fresh = None;
+        assert!(imports_when_changed(report(&[]), &mut fresh)
+            .imports
+            .is_some());
+    }
 
     #[test]
     fn unknown_peer_is_read_from_the_refusal_and_left_out() {

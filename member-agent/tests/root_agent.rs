@@ -277,8 +277,9 @@ fn wait_metric(addr: std::net::SocketAddr, prefix: &str) -> String {
 }
 
 /// The broker sends a service's weights again only when they change, so weights that arrive
-/// before discovery knows the service are kept and installed once the service appears: the
-/// real agent binary, a real broker over mTLS, a topology file that gains the service later.
+/// before discovery knows the service (another node of the cluster imports it already) are
+/// kept and installed once the service appears: the real agent binary, a real broker over
+/// mTLS, a topology file that gains the service later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_agent_installs_weights_that_came_before_discovery() {
     use ballast_broker::certs::generate;
@@ -367,7 +368,49 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     .await
     .unwrap();
 
-    // east's agent knows t/web only
+    // another node of east already imports t/late (its discovery is ahead): the broker
+    // computes t/late's weights for east, and sends them to every east agent
+    let east = bundle.clusters.iter().find(|(c, _)| c == "east").unwrap();
+    let east_tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: east.1.cert_pem.clone(),
+        key_pem: east.1.key_pem.clone(),
+    };
+    let ch = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        broker.addr.port()
+    ))
+    .unwrap()
+    .tls_config(east_tls.client_config("localhost"))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut e0 = BrokerClient::new(ch);
+    e0.register(RegisterRequest {
+        cluster_id: "east".into(),
+        region: "us-east-1".into(),
+        zone: "us-east-1a".into(),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.1".into(),
+        agent_version: "test".into(),
+        node_name: "n0".into(),
+    })
+    .await
+    .unwrap();
+    e0.report(futures::stream::iter(vec![ReportRequest {
+        cluster_id: "east".into(),
+        node_name: "n0".into(),
+        measured_at_ms: ballast_broker::engine::now_ms(),
+        imports: Some(ballast_proto::v1::ImportedServices {
+            services: vec!["t/late".into(), "t/web".into()],
+        }),
+        ..ReportRequest::default()
+    }]))
+    .await
+    .unwrap();
+
+    // this node's agent knows t/web only
     let stop = Arc::new(AtomicBool::new(false));
     let (pa, ha) = backend("A", stop.clone());
     let (pb, hb) = backend("B", stop.clone());
