@@ -276,6 +276,44 @@ fn wait_metric(addr: std::net::SocketAddr, prefix: &str) -> String {
     }
 }
 
+/// A broker client over mTLS with `cluster`'s certificate from `bundle`, registered as `node`.
+async fn registered_client(
+    bundle: &ballast_broker::certs::Bundle,
+    port: u16,
+    cluster: &str,
+    node: &str,
+    region: &str,
+) -> ballast_proto::v1::broker_client::BrokerClient<tonic::transport::Channel> {
+    use ballast_broker::tls::TlsFiles;
+    let creds = bundle.clusters.iter().find(|(c, _)| c == cluster).unwrap();
+    let tls = TlsFiles {
+        ca_pem: bundle.ca.cert_pem.clone(),
+        cert_pem: creds.1.cert_pem.clone(),
+        key_pem: creds.1.key_pem.clone(),
+    };
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls.client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ballast_proto::v1::broker_client::BrokerClient::new(ch);
+    client
+        .register(ballast_proto::v1::RegisterRequest {
+            cluster_id: cluster.into(),
+            region: region.into(),
+            zone: format!("{region}a"),
+            provider: "aws".into(),
+            gateway_address: "127.0.0.2".into(),
+            agent_version: "test".into(),
+            node_name: node.into(),
+        })
+        .await
+        .unwrap();
+    client
+}
+
 /// The broker sends a service's weights again only when they change, so weights that arrive
 /// before discovery knows the service (another node of the cluster imports it already) are
 /// kept and installed once the service appears: the real agent binary, a real broker over
@@ -286,8 +324,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     use ballast_broker::server::{start, ServeConfig};
     use ballast_broker::store::sqlite_url;
     use ballast_broker::tls::TlsFiles;
-    use ballast_proto::v1::broker_client::BrokerClient;
-    use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest};
+    use ballast_proto::v1::{CapacitySample, ReportRequest};
 
     if !is_root() {
         println!("skipped root_agent_installs_weights_that_came_before_discovery: needs root (BPF, cgroups)");
@@ -325,34 +362,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     cfg.debounce = Duration::from_millis(5);
     cfg.metrics_addr = None;
     let broker = start(cfg).await.unwrap();
-    let west = bundle.clusters.iter().find(|(c, _)| c == "west").unwrap();
-    let west_tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: west.1.cert_pem.clone(),
-        key_pem: west.1.key_pem.clone(),
-    };
-    let ch = tonic::transport::Endpoint::from_shared(format!(
-        "https://localhost:{}",
-        broker.addr.port()
-    ))
-    .unwrap()
-    .tls_config(west_tls.client_config("localhost"))
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
-    let mut w = BrokerClient::new(ch);
-    w.register(RegisterRequest {
-        cluster_id: "west".into(),
-        region: "eu-west-1".into(),
-        zone: "eu-west-1a".into(),
-        provider: "aws".into(),
-        gateway_address: "127.0.0.2".into(),
-        agent_version: "test".into(),
-        node_name: "n1".into(),
-    })
-    .await
-    .unwrap();
+    let mut w = registered_client(&bundle, broker.addr.port(), "west", "n1", "eu-west-1").await;
     let cap = |service: &str| CapacitySample {
         service: service.into(),
         capacity_rps: 1000.0,
@@ -370,34 +380,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
 
     // another node of east already imports t/late (its discovery is ahead): the broker
     // computes t/late's weights for east, and sends them to every east agent
-    let east = bundle.clusters.iter().find(|(c, _)| c == "east").unwrap();
-    let east_tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: east.1.cert_pem.clone(),
-        key_pem: east.1.key_pem.clone(),
-    };
-    let ch = tonic::transport::Endpoint::from_shared(format!(
-        "https://localhost:{}",
-        broker.addr.port()
-    ))
-    .unwrap()
-    .tls_config(east_tls.client_config("localhost"))
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
-    let mut e0 = BrokerClient::new(ch);
-    e0.register(RegisterRequest {
-        cluster_id: "east".into(),
-        region: "us-east-1".into(),
-        zone: "us-east-1a".into(),
-        provider: "aws".into(),
-        gateway_address: "127.0.0.1".into(),
-        agent_version: "test".into(),
-        node_name: "n0".into(),
-    })
-    .await
-    .unwrap();
+    let mut e0 = registered_client(&bundle, broker.addr.port(), "east", "n0", "us-east-1").await;
     e0.report(futures::stream::iter(vec![ReportRequest {
         cluster_id: "east".into(),
         node_name: "n0".into(),
