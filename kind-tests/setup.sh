@@ -19,6 +19,7 @@ have iptables || need_pkgs+=(iptables)
 have protoc || need_pkgs+=(protobuf-compiler)
 have pg_ctlcluster || need_pkgs+=(postgresql)
 have curl || need_pkgs+=(curl)
+have shellcheck || need_pkgs+=(shellcheck)
 [ -f /usr/include/linux/bpf.h ] || need_pkgs+=(linux-libc-dev)
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -14,6 +14,23 @@ pub fn bpffs_mount() -> Option<PathBuf> {
     mount_of("bpf")
 }
 
+/// For tests that need root: whether this process is root. They skip without it, except
+/// under CI (`CI=true`), which runs them as root: there a missing root fails the test rather
+/// than letting it pass having checked nothing.
+///
+/// # Panics
+/// When not root and `CI` is `true`.
+#[must_use]
+pub fn root_for_tests() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but not root: this test needs root and must not be skipped in CI"
+    );
+    root
+}
+
 fn mount_of(fstype: &str) -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     mounts.lines().find_map(|l| {

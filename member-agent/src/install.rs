@@ -642,8 +642,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        ballast_bpf::sys::root_for_tests()
     }
 
     #[test]

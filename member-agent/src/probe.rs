@@ -482,8 +482,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        ballast_bpf::sys::root_for_tests()
     }
 
     /// Runs `f` on a thread moved into a fresh network namespace (only `lo`, down: no

@@ -18,8 +18,7 @@ use std::{
 use ballast_bpf::{BackendSpec, Dataplane, Protocol, SelectMode, ServiceSpec};
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    ballast_bpf::sys::root_for_tests()
 }
 
 /// Returns false (and prints why) when the test cannot run here.

@@ -12,8 +12,7 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_ballast-lab");
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    ballast_bpf::sys::root_for_tests()
 }
 
 /// Returns from the test with the printed reason when not root.
