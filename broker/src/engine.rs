@@ -13,7 +13,8 @@
 //!   declarations of its nodes heard from within the stale-after age, or of all its nodes'
 //!   declarations when none was (imports are configuration, kept while the agents are quiet);
 //!   a cluster none of whose nodes ever declared imports every service. A service no cluster
-//!   imports gets no weights;
+//!   imports gets no weights. A node not heard from for the cluster expiry loses its
+//!   declaration (pruned at the start of a round);
 //! - RTT(s, t) = the median over the nodes of `s` of their fresh, reachable samples to `t`.
 //!
 //! Retention: after every publish the store keeps the newest `keep_generations` generations
@@ -718,6 +719,19 @@ impl Engine {
         let mut rs = self.round.lock().await;
         let started = Instant::now();
         let now = now_ms();
+        if let Some(expiry) = self.cfg.cluster_expiry {
+            // Nodes not heard from for the cluster expiry (gone from a DaemonSet, say) stop
+            // counting in their cluster's imports; an agent that comes back declares again
+            // on its new report stream.
+            let cut = now.saturating_sub(i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX));
+            match self.store.prune_import_declarations(cut).await {
+                Ok(0) => {}
+                Ok(n) => info!(nodes = n, "forgot the imports of nodes not heard from"),
+                Err(e) => {
+                    warn!(error = %e, "pruning import declarations failed; retried next round")
+                }
+            }
+        }
         let inputs = self.inputs(now).await?;
         let current = self.current();
         self.metrics

@@ -489,6 +489,38 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the import declarations of nodes not heard from (declaration or report) since
+    /// `cut_ms`. Returns how many nodes' declarations were deleted.
+    ///
+    /// # Errors
+    /// A database error (then nothing is deleted).
+    pub async fn prune_import_declarations(&self, cut_ms: i64) -> Result<u64> {
+        let gone: Vec<(String, String)> = self
+            .imports()
+            .await?
+            .into_iter()
+            .filter(|d| d.heard_at_ms < cut_ms)
+            .map(|d| (d.cluster_id, d.node_name))
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        for (cluster_id, node_name) in &gone {
+            for table in ["imports", "import_declarations"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE cluster_id = $1 AND node_name = $2"
+                )))
+                .bind(cluster_id)
+                .bind(node_name)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(gone.len() as u64)
+    }
+
     /// Every node's import declaration (nodes that never declared have none).
     ///
     /// # Errors

@@ -771,6 +771,21 @@ async fn imports_scenario(url: &str) {
         .unwrap();
     assert!(stored.iter().all(|w| w.src == "c3"), "{stored:?}");
     assert!(!stored.is_empty());
+
+    // a node not heard from for the cluster expiry (10 min) is forgotten at the next round
+    let long_ago = now_ms() - 20 * 60_000;
+    store_reports(&store, &[imports_of("c1", "n3", long_ago, &["ns/api"])]).await;
+    let nodes = |d: Vec<ballast_broker::store::ImportDeclaration>| {
+        d.into_iter()
+            .map(|d| format!("{}/{}", d.cluster_id, d.node_name))
+            .collect::<Vec<_>>()
+    };
+    assert!(nodes(store.imports().await.unwrap()).contains(&"c1/n3".to_string()));
+    engine.run_round().await.unwrap();
+    assert_eq!(
+        nodes(store.imports().await.unwrap()),
+        vec!["c1/n1", "c1/n2", "c2/n1", "c3/n1"]
+    );
     store.close().await;
 }
 
