@@ -5,6 +5,8 @@
 //! [`v1::admin_client::AdminClient`] (operators); servers: [`v1::broker_server`] and
 //! [`v1::admin_server`].
 
+pub mod convert;
+
 /// The `ballast.v1` package.
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
