@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use ballast_broker::certs::generate;
 use ballast_broker::server::{start, ServeConfig};
-use ballast_broker::store::sqlite_url;
 use ballast_broker::tls::TlsFiles;
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest, WatchRequest};
+use ballast_store::sqlite_url;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 

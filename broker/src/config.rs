@@ -218,7 +218,7 @@ impl ServeArgs {
             default_demand_rps: self.default_demand_rps,
             policy: parse_policy(&self.policy).ok_or("--policy: invalid")?,
             params: parse_params(&self.params).ok_or("--params: invalid")?,
-            prices: crate::model::PriceTable {
+            prices: ballast_model::PriceTable {
                 same_zone: self.price_same_zone,
                 cross_zone: self.price_cross_zone,
                 cross_region: self.price_cross_region,

@@ -51,7 +51,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::model::{Params, Policy, Problem};
+use ballast_model::{Params, Policy, Problem};
 
 /// The API group of ballast's custom resources.
 pub const GROUP: &str = "ballast.io";
@@ -566,7 +566,7 @@ pub fn watch_enabled(value: Option<&str>) -> Result<bool, WatchSetupError> {
 /// ```no_run
 /// # async fn f() -> anyhow::Result<()> {
 /// use ballast_broker::crd::{spawn_policy_watcher_from_env, ClusterPolicy};
-/// use ballast_broker::model::{Params, Policy};
+/// use ballast_model::{Params, Policy};
 /// let fallback = ClusterPolicy { policy: Policy::Optimized, params: Params::Mixed };
 /// if let Some(mut rx) = spawn_policy_watcher_from_env(fallback).await? {
 ///     while rx.changed().await.is_ok() {

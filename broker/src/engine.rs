@@ -40,11 +40,11 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::model::{
-    self, Cluster, Explanation, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
+use ballast_model::{
+    Cluster, Explanation, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
     ServiceSolution, SolveOptions, Status,
 };
-use crate::store::{ImportDeclaration, SolverRunRecord, Store, StoreError, WeightRecord};
+use ballast_store::{ImportDeclaration, SolverRunRecord, Store, StoreError, WeightRecord};
 
 /// How the engine turns measurements into weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,7 +195,7 @@ pub enum EngineError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
-    Model(#[from] model::ModelError),
+    Model(#[from] ballast_model::ModelError),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -837,7 +837,7 @@ impl Engine {
             };
             let result = match rs.solved.get(svc) {
                 Some((k, sols)) if *k == key => Ok(sols.clone()),
-                _ => model::solve(&plan.problem, &opts),
+                _ => ballast_model::solve(&plan.problem, &opts),
             };
             if let Ok(sols) = &result {
                 solved.insert(svc.clone(), (key, sols.clone()));
@@ -1044,7 +1044,7 @@ impl Engine {
                  declared imports leave it out)"
             )));
         }
-        let ex = model::explain(&plan.problem, service, source)?;
+        let ex = ballast_model::explain(&plan.problem, service, source)?;
         Ok((ex, plan))
     }
 
@@ -1086,7 +1086,7 @@ impl Engine {
 /// The effective (policy, params) of `service` given the stored policies.
 #[must_use]
 pub fn resolve_policy(
-    rows: &[crate::store::PolicyRecord],
+    rows: &[ballast_store::PolicyRecord],
     service: &str,
     cfg: &EngineConfig,
 ) -> (Policy, Params) {

@@ -21,12 +21,12 @@ use tracing::{debug, info};
 use crate::engine::{
     now_ms, params_str, policy_str, Engine, EngineError, Entry, Published, WeightsState,
 };
-use crate::model::{Params, Policy};
-use crate::store::{
+use crate::tls::{caller, require_admin, require_cluster};
+use ballast_model::{Params, Policy};
+use ballast_store::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, ReportRecord, RpsRecord,
     RttRecord,
 };
-use crate::tls::{caller, require_admin, require_cluster};
 
 /// Settings the agents are told at registration.
 #[derive(Debug, Clone)]

@@ -8,9 +8,10 @@ pub mod crd;
 pub mod engine;
 pub mod grpc;
 pub mod metrics;
-pub mod model;
 pub mod policy_sync;
 pub mod server;
 pub mod solve_cli;
-pub mod store;
 pub mod tls;
+
+/// The store crate, under the path the member agent's tests use.
+pub use ballast_store as store;

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::crd::PolicySettings;
 use crate::engine::{now_ms, params_str, policy_str, Engine};
-use crate::store::{PolicyRecord, StoreError};
+use ballast_store::{PolicyRecord, StoreError};
 
 /// Writes `settings` into the engine's store. `applied` is the set of services the previous
 /// call wrote overrides for; the set written by this call is returned (pass it to the next).

@@ -16,8 +16,8 @@ use tracing::{info, warn};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::grpc::{AdminService, AgentSettings, BrokerService};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
 use crate::tls::TlsFiles;
+use ballast_store::{Store, StoreError};
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]

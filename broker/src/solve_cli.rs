@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::model::{self, Problem, ServiceSolution, SolveOptions};
+use ballast_model::{Problem, ServiceSolution, SolveOptions};
 
 #[derive(Serialize)]
 struct Output {
@@ -42,7 +42,7 @@ pub fn run(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--input: cannot read {}", path.display()))?;
     let problem = parse(&text).with_context(|| format!("--input {}", path.display()))?;
-    let services = model::solve(&problem, &SolveOptions::default())
+    let services = ballast_model::solve(&problem, &SolveOptions::default())
         .with_context(|| format!("--input {}", path.display()))?;
     Ok(serde_json::to_string_pretty(&Output { services })?)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ballast_broker::crd::{spawn_policy_watcher, ClusterPolicy, PolicySettings};
-use ballast_broker::model::{Params, Policy};
+use ballast_model::{Params, Policy};
 use http::{Request, Response};
 use kube::client::Body;
 use kube::Client;

@@ -6,7 +6,7 @@ use ballast_broker::crd::{
     PolicySettings, ServiceLoadBalancingPolicy, ServiceLoadBalancingPolicySpec,
     ServiceOverrideSpec, FIELD_PARAMS, FIELD_POLICY, FIELD_SERVICE_IMPORT,
 };
-use ballast_broker::model::{Params, Policy, PriceTable, Problem, ServiceInput};
+use ballast_model::{Params, Policy, PriceTable, Problem, ServiceInput};
 use kube::api::ObjectMeta;
 use serde_json::Value;
 

@@ -7,11 +7,11 @@ mod support;
 use std::time::Duration;
 
 use ballast_broker::certs::generate;
-use ballast_broker::store::sqlite_url;
 use ballast_proto::v1::{
     Ack, GetWeightsRequest, ListClustersRequest, LoadBalancing, SetPolicyRequest, WeightsStatus,
     WeightsUpdate,
 };
+use ballast_store::sqlite_url;
 use support::{
     admin, admin_as, agent, cap, capacity_report, cluster_agent, cluster_pair, open_watch,
     register_req, registered_agent, report, rps, rtt, send_reports, sqlite_test_config,

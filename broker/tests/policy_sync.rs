@@ -6,9 +6,9 @@ use std::sync::Arc;
 use ballast_broker::crd::{ClusterPolicy, PolicySettings, ServiceOverride};
 use ballast_broker::engine::{Engine, EngineConfig};
 use ballast_broker::metrics::Metrics;
-use ballast_broker::model::{Params, Policy};
 use ballast_broker::policy_sync::apply_settings;
-use ballast_broker::store::Store;
+use ballast_model::{Params, Policy};
+use ballast_store::Store;
 
 async fn engine(dir: &tempfile::TempDir) -> Engine {
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ballast_broker::engine::{Engine, EngineConfig, WeightsState};
 use ballast_broker::metrics::Metrics;
-use ballast_broker::model::Params;
-use ballast_broker::store::{
+use ballast_model::Params;
+use ballast_store::{
     sqlite_url, AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, PruneStats,
     ReportRecord, RpsRecord, RttRecord, SolverRunRecord, Store, WeightRecord,
 };
@@ -775,7 +775,7 @@ async fn imports_scenario(url: &str) {
     // a node not heard from for the cluster expiry (10 min) is forgotten at the next round
     let long_ago = now_ms() - 20 * 60_000;
     store_reports(&store, &[imports_of("c1", "n3", long_ago, &["ns/api"])]).await;
-    let nodes = |d: Vec<ballast_broker::store::ImportDeclaration>| {
+    let nodes = |d: Vec<ballast_store::ImportDeclaration>| {
         d.into_iter()
             .map(|d| format!("{}/{}", d.cluster_id, d.node_name))
             .collect::<Vec<_>>()

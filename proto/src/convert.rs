@@ -96,10 +96,16 @@ mod tests {
     #[test]
     fn every_value_survives_the_wire_and_unknown_numbers_name_the_field() {
         for p in Policy::ALL {
-            assert_eq!(policy("policy", LoadBalancing::from(*p).into()), Ok(Some(*p)));
+            assert_eq!(
+                policy("policy", LoadBalancing::from(*p).into()),
+                Ok(Some(*p))
+            );
         }
         for p in Params::ALL {
-            assert_eq!(params("params", OptimizedParams::from(*p).into()), Ok(Some(*p)));
+            assert_eq!(
+                params("params", OptimizedParams::from(*p).into()),
+                Ok(Some(*p))
+            );
         }
         for s in WeightsStatus::ALL {
             assert_eq!(status("status", WireStatus::from(*s).into()), Ok(Some(*s)));

@@ -108,10 +108,7 @@ pub fn test_config(bundle: &Bundle, db_url: &str) -> ServeConfig {
 
 /// [`test_config`] on a SQLite file `b.db` in `dir`.
 pub fn sqlite_test_config(bundle: &Bundle, dir: &std::path::Path) -> ServeConfig {
-    test_config(
-        bundle,
-        &ballast_broker::store::sqlite_url(&dir.join("b.db")),
-    )
+    test_config(bundle, &ballast_store::sqlite_url(&dir.join("b.db")))
 }
 
 pub async fn start_broker(cfg: ServeConfig) -> Running {

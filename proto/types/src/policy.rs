@@ -118,7 +118,10 @@ mod tests {
             e.to_string(),
             "\"fastest\" is not one of round-robin weighted-round-robin optimized"
         );
-        assert!("Optimized".parse::<Policy>().is_err(), "spellings are exact");
+        assert!(
+            "Optimized".parse::<Policy>().is_err(),
+            "spellings are exact"
+        );
         assert!("".parse::<Params>().is_err());
     }
 }

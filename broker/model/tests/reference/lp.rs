@@ -9,12 +9,13 @@ use good_lp::{
     microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable, WithTimeLimit,
 };
 
-use super::transport::{TransportProblem, TransportSolution};
+use ballast_model::transport::{TransportProblem, TransportSolution};
 
 /// Solves `p` with the general LP library.
 ///
 /// # Errors
 /// The library's message when it finds no optimum (e.g. the instance is infeasible).
+#[allow(dead_code)] // the bench uses only solve_lp_within
 pub fn solve_lp(p: &TransportProblem) -> Result<TransportSolution, String> {
     solve_lp_within(p, None)
 }

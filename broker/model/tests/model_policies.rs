@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use ballast_broker::model::{
+use ballast_model::{
     cost_matrix, explain, solve, validate, Binding, Cluster, Matrix, ModelError, Params, Policy,
     PriceTable, Problem, ServiceInput, SolveOptions, Status,
 };

@@ -1,7 +1,7 @@
 //! Solver benchmark (a bench binary printing a table; `harness = false`):
 //!
 //! ```text
-//! cargo bench -p ballast-broker --bench solver
+//! cargo bench -p ballast-model --bench solver
 //! ```
 //!
 //! Instances are built from the real data in `broker/data/` (69 regions of AWS, Azure and
@@ -17,15 +17,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ballast_broker::model::lp::solve_lp_within;
-use ballast_broker::model::transport::{solve_transport, TransportProblem};
-use ballast_broker::model::{
+#[path = "../tests/reference/lp.rs"]
+mod lp;
+
+use ballast_model::data::RegionData;
+use ballast_model::transport::{solve_transport, TransportProblem};
+use ballast_model::{
     cost_matrix, solve, validate, Cluster, Matrix, Params, Policy, PriceTable, Problem,
     ServiceInput, SolveOptions, Status, LIVENESS_FLOOR_RPS,
 };
+use lp::solve_lp_within;
 
 /// Time limit for one LP-library solve; past it the cell says so.
 const LP_LIMIT: Duration = Duration::from_secs(60);
@@ -57,49 +60,25 @@ struct Data {
     prices: PriceTable,
 }
 
-fn read_csv(path: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    text.lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| l.split(',').map(|f| f.trim().to_owned()).collect())
-        .collect()
-}
-
 fn load() -> Data {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-    let regions = read_csv(&dir.join("regions.csv"))
-        .into_iter()
-        .map(|r| (r[0].clone(), r[1].clone()))
-        .collect();
-    let rtt = read_csv(&dir.join("region_rtt_ms.csv"))
-        .into_iter()
-        .map(|r| ((r[0].clone(), r[1].clone()), r[2].parse().expect("rtt")))
-        .collect();
-    let mut prices = PriceTable {
-        same_zone: 0.0,
-        cross_zone: 0.0,
-        cross_region: 0.0,
-        internet: 0.0,
-    };
-    for r in read_csv(&dir.join("egress_prices.csv")) {
-        if r[0] != "aws" {
-            continue;
-        }
-        let v: f64 = r[2].parse().expect("price");
-        match r[1].as_str() {
-            "same_zone" => prices.same_zone = v,
-            "cross_zone" => prices.cross_zone = v,
-            "cross_region_same_continent" => prices.cross_region = v,
-            "internet_egress_first_tier" => prices.internet = v,
-            _ => {}
+    let d = RegionData::embedded().expect("broker/data parses");
+    let regions = d
+        .regions()
+        .iter()
+        .map(|r| (r.region.clone(), r.provider.clone()))
+        .collect::<Vec<_>>();
+    let mut rtt = BTreeMap::new();
+    for a in &regions {
+        for b in &regions {
+            if let Some(ms) = d.measured_rtt_ms(&a.0, &b.0) {
+                rtt.insert((a.0.clone(), b.0.clone()), ms);
+            }
         }
     }
     Data {
         regions,
         rtt,
-        prices,
+        prices: d.price_table("aws").expect("aws prices"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The broker's model: cost, policies and solvers as pure functions over plain types.
 //!
-//! No I/O lives here (no tonic, no sqlx): the gRPC layer and the `solve` CLI translate their
+//! No I/O lives here (no tokio, tonic, sqlx or kube; `cargo tree -p ballast-model` shows it):
+//! the broker's engine and the `solve` CLI translate their
 //! inputs into a [`Problem`] and call [`solve`] / [`explain`].
 //!
 //! Shapes (the contract the server and the CLI rely on):
@@ -14,13 +15,17 @@
 //! - sources are the keys of `demand_rps`; destinations are `capacity_rps` entries > 0; a
 //!   cluster that is both may serve itself at cost(s, s) and that traffic uses its capacity.
 //! - `round-robin`, `weighted-round-robin` (`round_robin.rs`); `optimized` (`optimized.rs`)
-//!   solved exactly by [`transport`], with [`lp`] (good_lp + microlp) as the reference.
+//!   solved exactly by [`transport`], checked against a general LP library (good_lp +
+//!   microlp, `tests/reference/lp.rs`, a dev-dependency only).
 //! - infeasible or nothing serving: [`Status::Degraded`] with a reason, never an error.
 //! - [`damping`]: `SolveOptions::max_step` bounds each weight's move per round.
 //! - [`explain`]: per destination cost, flow, weight and the binding constraints.
+//! - [`data`]: the region, RTT and egress-price tables of `broker/data/` (embedded), read
+//!   once for the lab, the benches and the tests.
 
 use std::collections::BTreeMap;
 
+pub use ballast_types::{Params, Policy, WeightsStatus};
 use serde::{Deserialize, Serialize};
 
 /// `source cluster -> destination cluster -> value`.
@@ -44,24 +49,6 @@ pub struct PriceTable {
     pub cross_zone: f64,
     pub cross_region: f64,
     pub internet: f64,
-}
-
-/// Submariner-style `serviceDiscoveryLoadBalancing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    RoundRobin,
-    WeightedRoundRobin,
-    Optimized,
-}
-
-/// Submariner-style `optimizedLoadBalancingParams`: chooses (a, b) in cost = a*RTT + b*price.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Params {
-    Cost,
-    Performance,
-    Mixed,
 }
 
 /// One ServiceImport: demand per source cluster and capacity per serving cluster (RPS).
@@ -105,6 +92,15 @@ pub enum Status {
     Degraded,
 }
 
+impl From<Status> for WeightsStatus {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Optimal => WeightsStatus::Optimal,
+            Status::Degraded => WeightsStatus::Degraded,
+        }
+    }
+}
+
 /// The answer for one service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceSolution {
@@ -130,9 +126,9 @@ pub struct SolveOptions {
 
 pub mod cost;
 pub mod damping;
+pub mod data;
 mod error;
 mod explain;
-pub mod lp;
 mod optimized;
 mod round_robin;
 mod service;

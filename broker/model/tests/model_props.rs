@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use ballast_broker::model::damping::damp_row;
-use ballast_broker::model::lp::solve_lp;
-use ballast_broker::model::transport::{solve_transport, TransportProblem};
-use ballast_broker::model::{
+#[path = "reference/lp.rs"]
+mod lp;
+
+use ballast_model::damping::damp_row;
+use ballast_model::transport::{solve_transport, TransportProblem};
+use ballast_model::{
     solve, Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput, SolveOptions,
     Status, LIVENESS_FLOOR_RPS,
 };
+use lp::solve_lp;
 use proptest::prelude::*;
 
 /// A random feasible-or-not transportation instance: (supply, capacity, cost).

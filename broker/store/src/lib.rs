@@ -1,0 +1,158 @@
+//! The broker's store: SQLite (default, a file created on first start) or PostgreSQL (by URL),
+//! through sqlx's `Any` driver and one set of portable migrations (`migrations/`).
+//!
+//! The store keeps clusters and their agents, egress prices, the latest measurements (RTT, RPS,
+//! capacity, each with the time it was measured), policies, the published weights
+//! generations (each stores the (service, source) pairs whose weights changed; the weights in
+//! force at a generation are each pair's newest rows up to it) and a record of each solver
+//! run.
+//!
+//! Layout, by subject: [`registry`](crate::Store::register) (clusters, agents, acks),
+//! measurements (reports, imports), settings (prices, policies), generations (publish,
+//! weights in force, retention) and runs (solver runs); rows in `records`.
+//!
+//! Retention: [`Store::prune_generations`] keeps the newest K generations (the weight rows
+//! they read, their `generations` rows and the solver runs that produced them) and deletes
+//! the older ones; the engine calls it after every publish. The newest generation is always kept, so
+//! [`Store::last_generation`] (and the sequence after a restart) is unaffected. Acks are one
+//! row per (cluster, node, service), bounded already, and are never pruned.
+
+use std::path::Path;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+
+mod generations;
+mod measurements;
+mod records;
+mod registry;
+mod runs;
+mod settings;
+
+pub use records::{
+    AckRecord, AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord,
+    PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord, WeightRecord,
+};
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("database url {0:?}: expected sqlite://PATH or postgres://...")]
+    Url(String),
+    /// A database error.
+    #[error("database: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying the migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub(crate) type Result<T> = std::result::Result<T, StoreError>;
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Rows of `weights` per INSERT statement in [`Store::publish`].
+pub(crate) const WEIGHT_ROWS_PER_INSERT: usize = 1000;
+
+/// The VALUES list of a multi-row INSERT of `rows` rows of `cols` placeholders, bound in
+/// order: `($1, …, $cols), ($cols+1, …), …` for PostgreSQL, `(?, …), …` for SQLite, where
+/// numbered (named) placeholders are looked up one by one and made a 10,000-row publish
+/// several times slower than plain positional ones. (sqlx's `QueryBuilder` writes `?` for the
+/// Any driver whatever the database, which PostgreSQL refuses.)
+pub(crate) fn values_list(backend: Backend, rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=cols)
+                .map(|c| match backend {
+                    Backend::Postgres => format!("${}", r * cols + c),
+                    Backend::Sqlite => "?".to_string(),
+                })
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The store (cheap to clone: a connection pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// `sqlite://PATH?mode=rwc`: the URL of a SQLite file, created when missing.
+#[must_use]
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+pub(crate) fn b2i(b: bool) -> i64 {
+    i64::from(b)
+}
+
+impl Store {
+    /// Connects (creating a SQLite file when the URL says `mode=rwc`) and applies the migrations.
+    ///
+    /// # Errors
+    /// A bad URL, a connection failure or a failed migration.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        let max = match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .connect(url)
+            .await?;
+        if backend == Backend::Sqlite {
+            // Readers do not block the writer; persistent for the file.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+        }
+        sqlx::migrate!("../../migrations").run(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Which database this is.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{values_list, Backend};
+
+    #[test]
+    fn values_list_numbers_every_postgres_cell_once_in_order() {
+        assert_eq!(values_list(Backend::Postgres, 1, 2), "($1, $2)");
+        assert_eq!(
+            values_list(Backend::Postgres, 2, 3),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(values_list(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(values_list(Backend::Postgres, 0, 3), "");
+    }
+}

@@ -1,0 +1,236 @@
+//! Reports: the latest RTT, RPS and capacity samples per node, and each node's import
+//! declaration.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sqlx::Row;
+
+use crate::records::{CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord, RttRecord};
+use crate::{b2i, values_list, Result, Store, WEIGHT_ROWS_PER_INSERT};
+
+impl Store {
+    /// Stores one report atomically: every sample replaces the previous one of its key.
+    ///
+    /// # Errors
+    /// A database error (then nothing of the report is stored).
+    pub async fn store_report(&self, report: &ReportRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for s in &report.rtt {
+            sqlx::query(
+                "INSERT INTO rtt_latest (src, dst, node_name, rtt_ms, loss_ratio, reachable, \
+                 measured_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (src, dst, node_name) DO UPDATE SET rtt_ms = excluded.rtt_ms, \
+                 loss_ratio = excluded.loss_ratio, reachable = excluded.reachable, \
+                 measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.src)
+            .bind(&s.dst)
+            .bind(&s.node_name)
+            .bind(s.rtt_ms)
+            .bind(s.loss_ratio)
+            .bind(b2i(s.reachable))
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in &report.rps {
+            sqlx::query(
+                "INSERT INTO rps_latest (src, service, dst, node_name, rps, measured_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (src, service, dst, node_name) DO UPDATE SET rps = excluded.rps, \
+                 measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.src)
+            .bind(&s.service)
+            .bind(&s.dst)
+            .bind(&s.node_name)
+            .bind(s.rps)
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for s in &report.capacity {
+            sqlx::query(
+                "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
+                 measured_at_ms) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
+                 capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms",
+            )
+            .bind(&s.cluster_id)
+            .bind(&s.service)
+            .bind(&s.node_name)
+            .bind(s.capacity_rps)
+            .bind(s.measured_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(services) = &report.imports {
+            self.replace_imports(&mut tx, report, services).await?;
+        }
+        sqlx::query(
+            "INSERT INTO agents (cluster_id, node_name, agent_version, registered_at_ms, \
+             last_report_ms) VALUES ($1, $2, '', $3, $3) ON CONFLICT (cluster_id, node_name) \
+             DO UPDATE SET last_report_ms = excluded.last_report_ms",
+        )
+        .bind(&report.cluster_id)
+        .bind(&report.node_name)
+        .bind(report.received_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces one node's import declaration (inside the report's transaction).
+    async fn replace_imports(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        report: &ReportRecord,
+        services: &[String],
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO import_declarations (cluster_id, node_name, declared_at_ms) \
+             VALUES ($1, $2, $3) ON CONFLICT (cluster_id, node_name) \
+             DO UPDATE SET declared_at_ms = excluded.declared_at_ms",
+        )
+        .bind(&report.cluster_id)
+        .bind(&report.node_name)
+        .bind(report.received_at_ms)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM imports WHERE cluster_id = $1 AND node_name = $2")
+            .bind(&report.cluster_id)
+            .bind(&report.node_name)
+            .execute(&mut **tx)
+            .await?;
+        for chunk in services.chunks(WEIGHT_ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO imports (cluster_id, node_name, service) VALUES {}",
+                values_list(self.backend, chunk.len(), 3)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for service in chunk {
+                q = q
+                    .bind(&report.cluster_id)
+                    .bind(&report.node_name)
+                    .bind(service);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the import declarations of nodes not heard from (declaration or report) since
+    /// `cut_ms`. Returns how many nodes' declarations were deleted.
+    ///
+    /// # Errors
+    /// A database error (then nothing is deleted).
+    pub async fn prune_import_declarations(&self, cut_ms: i64) -> Result<u64> {
+        let gone: Vec<(String, String)> = self
+            .imports()
+            .await?
+            .into_iter()
+            .filter(|d| d.heard_at_ms < cut_ms)
+            .map(|d| (d.cluster_id, d.node_name))
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await?;
+        for (cluster_id, node_name) in &gone {
+            for table in ["imports", "import_declarations"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE cluster_id = $1 AND node_name = $2"
+                )))
+                .bind(cluster_id)
+                .bind(node_name)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(gone.len() as u64)
+    }
+
+    /// Every node's import declaration (nodes that never declared have none).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn imports(&self) -> Result<Vec<ImportDeclaration>> {
+        let decls = sqlx::query(
+            "SELECT d.cluster_id, d.node_name, d.declared_at_ms, \
+             COALESCE(a.last_report_ms, d.declared_at_ms) AS last_report_ms \
+             FROM import_declarations d LEFT JOIN agents a \
+             ON a.cluster_id = d.cluster_id AND a.node_name = d.node_name \
+             ORDER BY d.cluster_id, d.node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<(String, String), ImportDeclaration> = BTreeMap::new();
+        for r in &decls {
+            let (cluster_id, node_name): (String, String) =
+                (r.try_get("cluster_id")?, r.try_get("node_name")?);
+            let declared_at_ms: i64 = r.try_get("declared_at_ms")?;
+            let last_report_ms: i64 = r.try_get("last_report_ms")?;
+            out.insert(
+                (cluster_id.clone(), node_name.clone()),
+                ImportDeclaration {
+                    cluster_id,
+                    node_name,
+                    declared_at_ms,
+                    heard_at_ms: declared_at_ms.max(last_report_ms),
+                    services: BTreeSet::new(),
+                },
+            );
+        }
+        let rows = sqlx::query("SELECT cluster_id, node_name, service FROM imports")
+            .fetch_all(&self.pool)
+            .await?;
+        for r in &rows {
+            let key: (String, String) = (r.try_get("cluster_id")?, r.try_get("node_name")?);
+            if let Some(d) = out.get_mut(&key) {
+                d.services.insert(r.try_get("service")?);
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Every stored RTT sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn rtt(&self) -> Result<Vec<RttRecord>> {
+        Ok(sqlx::query_as::<_, RttRecord>(
+            "SELECT src, dst, node_name, rtt_ms, loss_ratio, reachable, measured_at_ms \
+             FROM rtt_latest ORDER BY src, dst, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every stored RPS sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn rps(&self) -> Result<Vec<RpsRecord>> {
+        Ok(sqlx::query_as::<_, RpsRecord>(
+            "SELECT src, service, dst, node_name, rps, measured_at_ms FROM rps_latest \
+             ORDER BY src, service, dst, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every stored capacity sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn capacity(&self) -> Result<Vec<CapacityRecord>> {
+        Ok(sqlx::query_as::<_, CapacityRecord>(
+            "SELECT cluster_id, service, node_name, capacity_rps, measured_at_ms \
+             FROM capacity_latest ORDER BY cluster_id, service, node_name",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

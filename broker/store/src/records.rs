@@ -1,0 +1,167 @@
+//! The rows the store reads and writes, one struct per kind; rows read back are mapped with
+//! `sqlx::FromRow` (column names = field names).
+
+use std::collections::BTreeSet;
+
+/// A registered cluster.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ClusterRecord {
+    pub cluster_id: String,
+    pub region: String,
+    pub zone: String,
+    pub provider: String,
+    pub gateway_address: String,
+    pub registered_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One agent (node) of a cluster.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AgentRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub agent_version: String,
+    pub registered_at_ms: i64,
+    /// When its last report was received (0 = never).
+    pub last_report_ms: i64,
+    /// The highest generation it acknowledged as applied (0 = none).
+    pub acked_generation: i64,
+}
+
+/// Latest RTT from `src` to `dst` as measured by one node of `src`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RttRecord {
+    pub src: String,
+    pub dst: String,
+    pub node_name: String,
+    pub rtt_ms: f64,
+    pub loss_ratio: f64,
+    pub reachable: bool,
+    pub measured_at_ms: i64,
+}
+
+/// Latest RPS sent by one node of `src` for `service` to `dst`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RpsRecord {
+    pub src: String,
+    pub service: String,
+    pub dst: String,
+    pub node_name: String,
+    pub rps: f64,
+    pub measured_at_ms: i64,
+}
+
+/// Latest capacity of one node's share of `service` in `cluster_id`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CapacityRecord {
+    pub cluster_id: String,
+    pub service: String,
+    pub node_name: String,
+    pub capacity_rps: f64,
+    pub measured_at_ms: i64,
+}
+
+/// One validated report of one agent, stored atomically.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReportRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub received_at_ms: i64,
+    pub rtt: Vec<RttRecord>,
+    pub rps: Vec<RpsRecord>,
+    pub capacity: Vec<CapacityRecord>,
+    /// The node's full list of imported services, when the report says it (`None`: not
+    /// said; the previous declaration, if any, stays).
+    pub imports: Option<Vec<String>>,
+}
+
+/// What one node last said its cluster imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportDeclaration {
+    pub cluster_id: String,
+    pub node_name: String,
+    /// When the node said it.
+    pub declared_at_ms: i64,
+    /// When the node was last heard from (its declaration or a later report without one:
+    /// agents send their imports only when they change).
+    pub heard_at_ms: i64,
+    pub services: BTreeSet<String>,
+}
+
+/// A policy row: `scope` is `""` for the cluster-wide policy or a service name.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PolicyRecord {
+    pub scope: String,
+    pub policy: String,
+    pub params: String,
+}
+
+/// One weight of one published generation.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct WeightRecord {
+    pub service: String,
+    pub src: String,
+    pub dst: String,
+    pub weight: f64,
+    pub status: String,
+    pub reason: String,
+    pub policy: String,
+    pub params: String,
+    pub computed_at_ms: i64,
+}
+
+/// One solver run.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SolverRunRecord {
+    pub id: i64,
+    pub started_at_ms: i64,
+    pub inputs_digest: String,
+    pub status: String,
+    pub objective: f64,
+    pub duration_ms: f64,
+    pub services: i64,
+    pub generation: i64,
+    pub detail: String,
+}
+
+/// One acknowledgement from an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub service: String,
+    pub generation: i64,
+    pub applied: bool,
+    pub error: String,
+    pub acked_at_ms: i64,
+}
+
+/// What one [`Store::prune_generations`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    /// The newest generation deleted (0 = nothing was deleted).
+    pub up_to_generation: i64,
+    /// `generations` rows deleted.
+    pub generations: u64,
+    /// `weights` rows deleted.
+    pub weights: u64,
+    /// `solver_runs` rows deleted.
+    pub solver_runs: u64,
+}
+
+/// `reachable` is stored as an integer (0/1) on both databases, which the derive cannot map
+/// to `bool`; the other columns map by name.
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for RttRecord {
+    fn from_row(r: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            src: r.try_get("src")?,
+            dst: r.try_get("dst")?,
+            node_name: r.try_get("node_name")?,
+            rtt_ms: r.try_get("rtt_ms")?,
+            loss_ratio: r.try_get("loss_ratio")?,
+            reachable: r.try_get::<i64, _>("reachable")? != 0,
+            measured_at_ms: r.try_get("measured_at_ms")?,
+        })
+    }
+}
