@@ -4,15 +4,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
+use ballast_proto::convert;
 use ballast_proto::v1::{
     admin_client::AdminClient, ExplainRequest, GetWeightsRequest, ListClustersRequest,
-    LoadBalancing, OptimizedParams, SetPolicyRequest, WeightsStatus,
+    LoadBalancing, OptimizedParams, SetPolicyRequest,
 };
 use clap::{Args, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::TlsArgs;
-use crate::engine::{parse_params, parse_policy};
+use ballast_types::{Params, Policy};
 
 /// `ballast-broker admin`.
 #[derive(Args, Debug, Clone)]
@@ -77,12 +78,12 @@ pub enum PolicyCommand {
         /// Override for this service only.
         #[arg(long)]
         service: Option<String>,
-        /// round-robin | weighted-round-robin | optimized
-        #[arg(long)]
-        policy: Option<String>,
-        /// cost | performance | mixed
-        #[arg(long)]
-        params: Option<String>,
+        /// The load-balancing policy.
+        #[arg(long, value_enum)]
+        policy: Option<Policy>,
+        /// What `optimized` and `weighted-round-robin` minimise.
+        #[arg(long, value_enum)]
+        params: Option<Params>,
     },
     /// Removes a service's override.
     Clear {
@@ -93,30 +94,24 @@ pub enum PolicyCommand {
 }
 
 fn lb_name(v: i32) -> &'static str {
-    match LoadBalancing::try_from(v) {
-        Ok(LoadBalancing::RoundRobin) => "round-robin",
-        Ok(LoadBalancing::WeightedRoundRobin) => "weighted-round-robin",
-        Ok(LoadBalancing::Optimized) => "optimized",
-        _ => "unspecified",
-    }
+    convert::policy("policy", v)
+        .ok()
+        .flatten()
+        .map_or("unspecified", Policy::as_str)
 }
 
 fn op_name(v: i32) -> &'static str {
-    match OptimizedParams::try_from(v) {
-        Ok(OptimizedParams::Cost) => "cost",
-        Ok(OptimizedParams::Performance) => "performance",
-        Ok(OptimizedParams::Mixed) => "mixed",
-        _ => "unspecified",
-    }
+    convert::params("params", v)
+        .ok()
+        .flatten()
+        .map_or("unspecified", Params::as_str)
 }
 
 fn status_name(v: i32) -> &'static str {
-    match WeightsStatus::try_from(v) {
-        Ok(WeightsStatus::Optimal) => "optimal",
-        Ok(WeightsStatus::Degraded) => "degraded",
-        Ok(WeightsStatus::Stale) => "stale",
-        _ => "unspecified",
-    }
+    convert::status("status", v)
+        .ok()
+        .flatten()
+        .map_or("unspecified", ballast_types::WeightsStatus::as_str)
 }
 
 async fn connect(a: &AdminArgs) -> anyhow::Result<AdminClient<Channel>> {
@@ -146,16 +141,6 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
         command: PolicyCommand::Set { policy, params, .. },
     } = &a.command
     {
-        if let Some(p) = policy {
-            if parse_policy(p).is_none() {
-                bail!("--policy {p:?}: expected round-robin, weighted-round-robin or optimized");
-            }
-        }
-        if let Some(p) = params {
-            if parse_params(p).is_none() {
-                bail!("--params {p:?}: expected cost, performance or mixed");
-            }
-        }
         if policy.is_none() && params.is_none() {
             bail!("policy set: give --policy, --params or both");
         }
@@ -283,18 +268,12 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                     params,
                 } => SetPolicyRequest {
                     service: service.clone().unwrap_or_default(),
-                    policy: match policy.as_deref() {
-                        Some("round-robin") => LoadBalancing::RoundRobin.into(),
-                        Some("weighted-round-robin") => LoadBalancing::WeightedRoundRobin.into(),
-                        Some("optimized") => LoadBalancing::Optimized.into(),
-                        _ => LoadBalancing::Unspecified.into(),
-                    },
-                    params: match params.as_deref() {
-                        Some("cost") => OptimizedParams::Cost.into(),
-                        Some("performance") => OptimizedParams::Performance.into(),
-                        Some("mixed") => OptimizedParams::Mixed.into(),
-                        _ => OptimizedParams::Unspecified.into(),
-                    },
+                    policy: policy
+                        .map_or(LoadBalancing::Unspecified, LoadBalancing::from)
+                        .into(),
+                    params: params
+                        .map_or(OptimizedParams::Unspecified, OptimizedParams::from)
+                        .into(),
                     clear: false,
                 },
                 PolicyCommand::Clear { service } => SetPolicyRequest {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::engine::{
-    parse_params, parse_policy, EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES,
-};
+use ballast_types::{Params, Policy};
+
+use crate::engine::{EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES};
 use crate::server::ServeConfig;
 use crate::tls::TlsFiles;
 
@@ -53,18 +53,6 @@ fn keep_generations(s: &str) -> Result<NonZeroU64, String> {
     let v: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     NonZeroU64::new(v)
         .ok_or_else(|| "must be at least 1 (the current generation is always kept)".into())
-}
-
-fn policy(s: &str) -> Result<String, String> {
-    parse_policy(s)
-        .map(|_| s.to_string())
-        .ok_or_else(|| format!("{s:?}: expected round-robin, weighted-round-robin or optimized"))
-}
-
-fn params(s: &str) -> Result<String, String> {
-    parse_params(s)
-        .map(|_| s.to_string())
-        .ok_or_else(|| format!("{s:?}: expected cost, performance or mixed"))
 }
 
 /// mTLS flags shared by `serve` and `admin`.
@@ -162,11 +150,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BALLAST_CLUSTER_EXPIRY", default_value = "10m", value_parser = duration_or_zero)]
     pub cluster_expiry: Duration,
     /// Cluster-wide policy until one is set with `admin policy set`.
-    #[arg(long, env = "BALLAST_POLICY", default_value = "optimized", value_parser = policy)]
-    pub policy: String,
+    #[arg(long, env = "BALLAST_POLICY", value_enum, default_value_t = Policy::Optimized)]
+    pub policy: Policy,
     /// Cluster-wide params until set with `admin policy set`.
-    #[arg(long, env = "BALLAST_PARAMS", default_value = "mixed", value_parser = params)]
-    pub params: String,
+    #[arg(long, env = "BALLAST_PARAMS", value_enum, default_value_t = Params::Mixed)]
+    pub params: Params,
     /// Egress price, same zone (USD/GB).
     #[arg(long, env = "BALLAST_PRICE_SAME_ZONE", value_parser = price, default_value_t = DEFAULT_PRICES.same_zone)]
     pub price_same_zone: f64,
@@ -216,8 +204,8 @@ impl ServeArgs {
                 Some(self.max_step)
             },
             default_demand_rps: self.default_demand_rps,
-            policy: parse_policy(&self.policy).ok_or("--policy: invalid")?,
-            params: parse_params(&self.params).ok_or("--params: invalid")?,
+            policy: self.policy,
+            params: self.params,
             prices: ballast_model::PriceTable {
                 same_zone: self.price_same_zone,
                 cross_zone: self.price_cross_zone,

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::crd::PolicySettings;
-use crate::engine::{now_ms, params_str, policy_str, Engine};
+use crate::engine::{now_ms, Engine};
 use ballast_store::{PolicyRecord, StoreError};
 
 /// Writes `settings` into the engine's store. `applied` is the set of services the previous
@@ -36,8 +36,8 @@ pub async fn apply_settings(
             .set_policy(
                 &PolicyRecord {
                     scope: String::new(),
-                    policy: policy_str(settings.cluster.policy).to_string(),
-                    params: params_str(settings.cluster.params).to_string(),
+                    policy: settings.cluster.policy.to_string(),
+                    params: settings.cluster.params.to_string(),
                 },
                 now,
             )
@@ -50,8 +50,8 @@ pub async fn apply_settings(
             .set_policy(
                 &PolicyRecord {
                     scope: service.clone(),
-                    policy: policy_str(policy).to_string(),
-                    params: params_str(params).to_string(),
+                    policy: policy.to_string(),
+                    params: params.to_string(),
                 },
                 now,
             )
@@ -65,8 +65,8 @@ pub async fn apply_settings(
         warn!(object = %r.object, error = %r.error, "policy object rejected; last accepted value stays");
     }
     info!(
-        policy = policy_str(settings.cluster.policy),
-        params = params_str(settings.cluster.params),
+        policy = %settings.cluster.policy,
+        params = %settings.cluster.params,
         overrides = written.len(),
         "policy CRDs applied"
     );

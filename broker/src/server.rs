@@ -9,12 +9,13 @@ use std::time::Duration;
 use ballast_proto::v1::{admin_server::AdminServer, broker_server::BrokerServer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::engine::{Engine, EngineConfig, EngineError};
-use crate::grpc::{AdminService, AgentSettings, BrokerService};
+use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService, RequireAdmin};
 use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
 use ballast_store::{Store, StoreError};
@@ -156,15 +157,27 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         report_interval_ms: i64::try_from(cfg.report_interval.as_millis()).unwrap_or(i64::MAX),
         max_message_bytes: cfg.max_message_bytes as u64,
     };
-    let broker = BrokerServer::new(BrokerService::new(
-        engine.clone(),
-        insecure,
-        settings,
-        shutdown_rx.clone(),
-    ))
-    .max_decoding_message_size(cfg.max_message_bytes);
-    let admin = AdminServer::new(AdminService::new(engine.clone(), insecure))
-        .max_decoding_message_size(cfg.max_message_bytes);
+    // Identity is established once per call, by the interceptors.
+    let broker = InterceptedService::new(
+        BrokerServer::new(BrokerService::new(
+            engine.clone(),
+            settings,
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(cfg.max_message_bytes),
+        Authenticate {
+            insecure,
+            metrics: metrics.clone(),
+        },
+    );
+    let admin = InterceptedService::new(
+        AdminServer::new(AdminService::new(engine.clone()))
+            .max_decoding_message_size(cfg.max_message_bytes),
+        RequireAdmin {
+            insecure,
+            metrics: metrics.clone(),
+        },
+    );
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)));

@@ -652,8 +652,8 @@ fn certs_writes_pems_with_private_keys_owner_only() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        ballast_broker::tls::identity_of_der(&der).unwrap(),
-        ballast_broker::tls::Caller::Cluster("c-2".into())
+        ballast_broker::grpc::identity::identity_of_der(&der).unwrap(),
+        ballast_broker::grpc::identity::Caller::Cluster("c-2".into())
     );
     assert!(generate(&clusters(&["Bad_Id"]), &[]).is_err());
     assert!(generate(&clusters(&["c1"]), &["bad name!".into()]).is_err());

@@ -9,13 +9,14 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_broker::engine::{Engine, EngineConfig, WeightsState};
+use ballast_broker::engine::{Engine, EngineConfig};
 use ballast_broker::metrics::Metrics;
 use ballast_model::Params;
 use ballast_store::{
     sqlite_url, AckRecord, AgentRecord, CapacityRecord, ClusterRecord, PolicyRecord, PruneStats,
     ReportRecord, RpsRecord, RttRecord, SolverRunRecord, Store, WeightRecord,
 };
+use ballast_types::WeightsStatus;
 use support::{now_ms, PgSchema};
 
 /// Runs `scenario(url)` as two tests: `sqlite` on a file in a temp dir, `postgres` in a fresh
@@ -490,7 +491,7 @@ async fn engine_scenario(url: &str) {
     assert_eq!(g1, 1);
     let p = engine.current();
     let e = &p.entries[&web_c1()];
-    assert_eq!(e.status, WeightsState::Optimal);
+    assert_eq!(e.status, WeightsStatus::Optimal);
     assert!((e.weights.values().sum::<f64>() - 1.0).abs() < 1e-9);
     // Unchanged inputs: no new generation.
     assert_eq!(engine.run_round().await.unwrap(), 1);
@@ -504,7 +505,7 @@ async fn engine_scenario(url: &str) {
     assert_eq!(g2, 2);
     let p2 = engine.current();
     let e2 = &p2.entries[&web_c1()];
-    assert_eq!(e2.status, WeightsState::Stale);
+    assert_eq!(e2.status, WeightsStatus::Stale);
     assert!(
         e2.reason.contains("capacity of ns/web in c3"),
         "{}",
@@ -517,7 +518,7 @@ async fn engine_scenario(url: &str) {
     assert_eq!(engine2.current().generation, 2);
     assert_eq!(
         engine2.current().entries[&web_c1()].status,
-        WeightsState::Stale
+        WeightsStatus::Stale
     );
     store
         .store_report(&web_capacity("c3", now_ms(), 50.0))
@@ -526,7 +527,7 @@ async fn engine_scenario(url: &str) {
     assert_eq!(engine2.run_round().await.unwrap(), 3);
     assert_eq!(
         engine2.current().entries[&web_c1()].status,
-        WeightsState::Optimal
+        WeightsStatus::Optimal
     );
     assert_eq!(store.last_generation().await.unwrap(), 3);
     store.close().await;
@@ -600,7 +601,7 @@ async fn expiry_scenario(url: &str) {
     engine.run_round().await.unwrap();
     let p = engine.current();
     let e = &p.entries[&web_c1()];
-    assert_eq!(e.status, WeightsState::Optimal);
+    assert_eq!(e.status, WeightsStatus::Optimal);
     assert_eq!(e.weights.keys().collect::<Vec<_>>(), vec!["c2"]);
     assert!(!p.entries.keys().any(|(_, src)| src == "c3"));
 

@@ -1,0 +1,659 @@
+//! The engine: turns the stored measurements into per-(service, source) weights and
+//! publishes them as numbered generations.
+//!
+//! A pure core inside an I/O shell:
+//! - [`plan`] (pure): a [`Snapshot`] of the store -> one problem per service ([`Inputs`]);
+//! - [`round`] (pure): inputs + what is published -> the next entries ([`RoundOutcome`]);
+//! - [`status`] (pure): a snapshot -> each cluster's status for operators;
+//! - this module (the shell): reads snapshots, persists and publishes rounds, keeps the
+//!   metrics, runs the solve loop, and offers the operations the gRPC layer calls
+//!   ([`Engine::register`], [`Engine::ingest_report`], [`Engine::ack`],
+//!   [`Engine::set_policy`], [`Engine::cluster_status`], [`Engine::explain`]).
+//!
+//! Retention: after every publish the store keeps the newest `keep_generations` generations
+//! and prunes older ones ([`Store::prune_generations`]), and at most that many solver runs
+//! ([`Store::prune_solver_runs`], also after rounds that publish nothing); the in-memory
+//! current generation and the sequence after a restart do not depend on the pruned rows.
+//! Import declarations of nodes not heard from for the cluster expiry are pruned at the
+//! start of each round.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ballast_model::{Explanation, Params, Policy, PriceTable};
+use ballast_store::{
+    AckRecord, AgentRecord, ClusterRecord, PolicyRecord, ReportRecord, SolverRunRecord, Store,
+    StoreError,
+};
+pub use ballast_types::now_ms;
+use ballast_types::WeightsStatus;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+pub mod plan;
+pub mod published;
+pub mod round;
+pub mod snapshot;
+pub mod status;
+
+pub use plan::{Inputs, ServicePlan};
+pub use published::{Entry, Published};
+pub use round::{RoundMemory, RoundOutcome};
+pub use snapshot::Snapshot;
+pub use status::{ClusterStatus, NodeStatus};
+
+/// How the engine turns measurements into weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Samples older than this are not used.
+    pub stale_after: Duration,
+    /// Herd damping: the largest move of one weight per round (`None` = undamped).
+    pub max_step: Option<f64>,
+    /// Demand (RPS) of a source that reported no RPS for a service yet.
+    pub default_demand_rps: f64,
+    /// The cluster-wide policy when none is stored.
+    pub policy: Policy,
+    /// The cluster-wide params when none are stored.
+    pub params: Params,
+    /// Egress prices when none are stored.
+    pub prices: PriceTable,
+    /// Retention: how many published generations the store keeps (the newest ones); older
+    /// ones are pruned after every publish.
+    pub keep_generations: NonZeroU64,
+    /// A cluster heard from (registration or report) longer ago than this is treated as gone:
+    /// neither a source nor a destination, its samples unused, so the other clusters'
+    /// weights are solved again without it instead of staying stale. `None` = never.
+    pub cluster_expiry: Option<Duration>,
+}
+
+/// Default of [`EngineConfig::cluster_expiry`] (and `--cluster-expiry`).
+pub const DEFAULT_CLUSTER_EXPIRY: Duration = Duration::from_secs(600);
+
+/// Default of [`EngineConfig::keep_generations`] (and `--keep-generations`).
+pub const DEFAULT_KEEP_GENERATIONS: NonZeroU64 = match NonZeroU64::new(1000) {
+    Some(n) => n,
+    None => NonZeroU64::MIN,
+};
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            stale_after: Duration::from_secs(60),
+            max_step: Some(0.2),
+            default_demand_rps: 10.0,
+            policy: Policy::Optimized,
+            params: Params::Mixed,
+            prices: DEFAULT_PRICES,
+            keep_generations: DEFAULT_KEEP_GENERATIONS,
+            cluster_expiry: Some(DEFAULT_CLUSTER_EXPIRY),
+        }
+    }
+}
+
+/// Default egress prices (USD/GB), AWS-like: same zone free, cross zone 0.01, cross region
+/// 0.02, internet / other provider 0.09.
+pub const DEFAULT_PRICES: PriceTable = PriceTable {
+    same_zone: 0.0,
+    cross_zone: 0.01,
+    cross_region: 0.02,
+    internet: 0.09,
+};
+
+/// Engine failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Model(#[from] ballast_model::ModelError),
+}
+
+/// What an agent says when it registers (already validated by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub cluster_id: String,
+    pub region: String,
+    pub zone: String,
+    pub provider: String,
+    pub gateway_address: String,
+    pub node_name: String,
+    pub agent_version: String,
+}
+
+/// What a registering agent is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub policy: Policy,
+    pub params: Params,
+    pub generation: u64,
+    /// Every registered cluster id, sorted.
+    pub known_cluster_ids: Vec<String>,
+}
+
+/// A change of the cluster-wide (`service` empty) or a per-service policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyChange {
+    /// Set either or both halves; the other keeps its effective value.
+    Set {
+        policy: Option<Policy>,
+        params: Option<Params>,
+    },
+    /// Remove a per-service override.
+    Clear,
+}
+
+/// Every cluster's status and the ages it was judged by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterReport {
+    pub clusters: Vec<ClusterStatus>,
+    pub stale_after_ms: i64,
+    /// 0 = clusters never expire.
+    pub cluster_expiry_ms: i64,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The shell's round state: what the pure round remembers, and the next run id.
+struct RoundState {
+    memory: RoundMemory,
+    next_run_id: i64,
+}
+
+/// The engine (shared by the gRPC services and the solve loop).
+pub struct Engine {
+    store: Store,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    published: watch::Sender<Arc<Published>>,
+    trigger: Notify,
+    /// Set by [`Engine::trigger`], cleared when a round starts: a permit left in `trigger`
+    /// by a trigger that an earlier round already covered does not cause another round.
+    dirty: AtomicBool,
+    round: tokio::sync::Mutex<RoundState>,
+    known: RwLock<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// The generation `generation` as stored rows: one entry per (service, source). A stored
+/// status, policy or params that does not parse reads as `degraded` / the configured value.
+fn published_of(
+    rows: Vec<ballast_store::WeightRecord>,
+    generation: u64,
+    cfg: &EngineConfig,
+) -> Published {
+    let mut entries: BTreeMap<(String, String), Entry> = BTreeMap::new();
+    let mut created = 0;
+    for w in rows {
+        created = created.max(w.computed_at_ms);
+        let e = entries
+            .entry((w.service.clone(), w.src.clone()))
+            .or_insert_with(|| Entry {
+                weights: BTreeMap::new(),
+                status: w.status.parse().unwrap_or(WeightsStatus::Degraded),
+                reason: w.reason.clone(),
+                policy: w.policy.parse().unwrap_or(cfg.policy),
+                params: w.params.parse().unwrap_or(cfg.params),
+                computed_at_ms: w.computed_at_ms,
+            });
+        e.weights.insert(w.dst, w.weight);
+    }
+    Published {
+        generation,
+        created_at_ms: created,
+        entries,
+    }
+}
+
+impl Engine {
+    /// Loads the last published generation and the known clusters from the store.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn load(
+        store: Store,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        let last = store.last_generation().await?;
+        let generation = u64::try_from(last).unwrap_or(0);
+        let published = published_of(store.weights_of(last).await?, generation, &cfg);
+        info!(
+            generation,
+            entries = published.entries.len(),
+            "loaded last published generation"
+        );
+        metrics
+            .generation
+            .set(gauge(usize::try_from(generation).unwrap_or(usize::MAX)));
+        let known: BTreeSet<String> = store
+            .clusters()
+            .await?
+            .into_iter()
+            .map(|c| c.cluster_id)
+            .collect();
+        metrics.clusters.set(gauge(known.len()));
+        let next_run_id = store.last_run_id().await? + 1;
+        let (published, _) = watch::channel(Arc::new(published));
+        Ok(Self {
+            store,
+            cfg,
+            metrics,
+            published,
+            trigger: Notify::new(),
+            dirty: AtomicBool::new(false),
+            round: tokio::sync::Mutex::new(RoundState {
+                memory: RoundMemory::default(),
+                next_run_id,
+            }),
+            known: RwLock::new(known),
+        })
+    }
+
+    /// The store.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The metrics.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The latest published generation.
+    #[must_use]
+    pub fn current(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    /// A receiver that sees every new generation.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// Asks the solve loop for a (debounced) round.
+    pub fn trigger(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.trigger.notify_one();
+    }
+
+    /// Whether a cluster is registered.
+    #[must_use]
+    pub fn is_known(&self, cluster_id: &str) -> bool {
+        self.known
+            .read()
+            .map(|k| k.contains(cluster_id))
+            .unwrap_or(false)
+    }
+
+    /// Every registered cluster id, sorted.
+    #[must_use]
+    pub fn known(&self) -> Vec<String> {
+        self.known
+            .read()
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn add_known(&self, cluster_id: &str) -> bool {
+        let Ok(mut k) = self.known.write() else {
+            return false;
+        };
+        let new = k.insert(cluster_id.to_string());
+        self.metrics.clusters.set(gauge(k.len()));
+        new
+    }
+
+    /// Registers (or re-registers) a cluster and one of its agents, and asks for a round.
+    ///
+    /// # Errors
+    /// A store error (then nothing is registered).
+    pub async fn register(&self, r: Registration) -> Result<Registered, EngineError> {
+        let now = now_ms();
+        self.store
+            .register(
+                &ClusterRecord {
+                    cluster_id: r.cluster_id.clone(),
+                    region: r.region,
+                    zone: r.zone,
+                    provider: r.provider,
+                    gateway_address: r.gateway_address,
+                    registered_at_ms: now,
+                    updated_at_ms: now,
+                },
+                &AgentRecord {
+                    cluster_id: r.cluster_id.clone(),
+                    node_name: r.node_name.clone(),
+                    agent_version: r.agent_version,
+                    registered_at_ms: now,
+                    last_report_ms: 0,
+                    acked_generation: 0,
+                },
+            )
+            .await?;
+        if self.add_known(&r.cluster_id) {
+            info!(cluster = %r.cluster_id, node = %r.node_name, "cluster registered");
+        }
+        self.trigger();
+        let (policy, params) = self.policy_of("").await?;
+        Ok(Registered {
+            policy,
+            params,
+            generation: self.current().generation,
+            known_cluster_ids: self.known(),
+        })
+    }
+
+    /// Stores one validated report (atomically) and asks for a round.
+    ///
+    /// # Errors
+    /// A store error (then nothing of the report is stored).
+    pub async fn ingest_report(&self, report: &ReportRecord) -> Result<(), EngineError> {
+        self.store.store_report(report).await?;
+        self.metrics.reports.inc();
+        debug!(cluster = %report.cluster_id, node = %report.node_name, "report stored");
+        self.trigger();
+        Ok(())
+    }
+
+    /// Stores an agent's acknowledgement.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn ack(&self, ack: &AckRecord) -> Result<(), EngineError> {
+        Ok(self.store.ack(ack).await?)
+    }
+
+    /// The effective (policy, params) of a service (`""` = cluster-wide).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn policy_of(&self, service: &str) -> Result<(Policy, Params), EngineError> {
+        let rows = self.store.policies().await?;
+        Ok(plan::resolve_policy(&rows, service, &self.cfg))
+    }
+
+    /// Changes the cluster-wide (`service` empty) or a service's policy, asks for a round
+    /// and returns the effective (policy, params) afterwards.
+    ///
+    /// # Errors
+    /// A store error (then nothing is changed).
+    pub async fn set_policy(
+        &self,
+        service: &str,
+        change: PolicyChange,
+    ) -> Result<(Policy, Params), EngineError> {
+        match change {
+            PolicyChange::Clear => {
+                self.store.delete_policy(service).await?;
+            }
+            PolicyChange::Set { policy, params } => {
+                let (cur_policy, cur_params) = self.policy_of(service).await?;
+                let row = PolicyRecord {
+                    scope: service.to_owned(),
+                    policy: policy.unwrap_or(cur_policy).to_string(),
+                    params: params.unwrap_or(cur_params).to_string(),
+                };
+                self.store.set_policy(&row, now_ms()).await?;
+            }
+        }
+        let (p, q) = self.policy_of(service).await?;
+        info!(service = %service, policy = %p, params = %q, "policy set");
+        self.trigger();
+        Ok((p, q))
+    }
+
+    /// Every registered cluster's status, as of now.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn cluster_status(&self) -> Result<ClusterReport, EngineError> {
+        let snap = Snapshot::read(&self.store).await?;
+        Ok(ClusterReport {
+            clusters: status::cluster_status(&snap, &self.cfg, now_ms()),
+            stale_after_ms: millis(self.cfg.stale_after),
+            cluster_expiry_ms: self.cfg.cluster_expiry.map_or(0, millis),
+        })
+    }
+
+    /// Builds every service's problem from the store, as of `now_ms` ([`plan::plan`]).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn inputs(&self, now_ms: i64) -> Result<Inputs, EngineError> {
+        let snap = Snapshot::read(&self.store).await?;
+        Ok(plan::plan(&snap, &self.cfg, now_ms))
+    }
+
+    /// The services each declaring cluster imports as of `now_ms` ([`plan::imports`]).
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn imports(
+        &self,
+        now_ms: i64,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>, EngineError> {
+        Ok(plan::imports(
+            &self.store.imports().await?,
+            &self.cfg,
+            now_ms,
+        ))
+    }
+
+    /// The registered clusters not heard from within the cluster expiry as of `now_ms`.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn expired_clusters(&self, now_ms: i64) -> Result<BTreeSet<String>, EngineError> {
+        let snap = Snapshot {
+            clusters: self.store.clusters().await?,
+            agents: self.store.agents().await?,
+            ..Snapshot::default()
+        };
+        Ok(plan::expired_clusters(&snap, &self.cfg, now_ms))
+    }
+
+    /// Forgets the imports of nodes not heard from for the cluster expiry (gone from a
+    /// DaemonSet, say); an agent that comes back declares again on its new report stream.
+    async fn prune_imports(&self, now: i64) {
+        let Some(expiry) = self.cfg.cluster_expiry else {
+            return;
+        };
+        match self
+            .store
+            .prune_import_declarations(now.saturating_sub(millis(expiry)))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(nodes = n, "forgot the imports of nodes not heard from"),
+            Err(e) => warn!(error = %e, "pruning import declarations failed; retried next round"),
+        }
+    }
+
+    /// One solver round: plans from the store, runs the pure round, and publishes a new
+    /// generation when anything changed. Returns the generation in force afterwards.
+    ///
+    /// # Errors
+    /// A store error (then nothing is published).
+    pub async fn run_round(&self) -> Result<u64, EngineError> {
+        let mut rs = self.round.lock().await;
+        let started = Instant::now();
+        let now = now_ms();
+        self.prune_imports(now).await;
+        let inputs = self.inputs(now).await?;
+        let current = self.current();
+        self.metrics.clusters.set(gauge(inputs.clusters));
+        self.metrics
+            .expired_clusters
+            .set(gauge(inputs.expired.len()));
+        self.metrics.stale_inputs.set(gauge(inputs.stale_inputs));
+        let RoundOutcome::Computed(out) =
+            round::round(&inputs, &current, &rs.memory, &self.cfg, now)
+        else {
+            return Ok(current.generation);
+        };
+        if !inputs.expired.is_empty() {
+            info!(expired = ?inputs.expired, "clusters not heard from within the expiry are left out");
+        }
+        self.metrics.stale_services.set(gauge(out.stale_services));
+        let duration = started.elapsed();
+        self.metrics.solve_duration.observe(duration.as_secs_f64());
+        let generation = i64::try_from(out.generation).unwrap_or(i64::MAX);
+        let run = SolverRunRecord {
+            id: rs.next_run_id,
+            started_at_ms: now,
+            inputs_digest: out.digest.clone(),
+            status: out.status.as_str().to_owned(),
+            objective: out.objective,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            services: gauge(out.services),
+            generation,
+            detail: out.detail.clone(),
+        };
+        if out.changed {
+            // Only what changed is written; the store carries every other pair over.
+            self.store
+                .publish(generation, now, &out.rows, &out.removed, &run)
+                .await?;
+            self.published.send_replace(Arc::new(Published {
+                generation: out.generation,
+                created_at_ms: now,
+                entries: out.entries,
+            }));
+            self.metrics.generation.set(generation);
+            info!(
+                generation,
+                status = out.status.as_str(),
+                ms = run.duration_ms,
+                "published a new generation"
+            );
+            self.prune_generations().await;
+        } else {
+            self.store.record_run(&run).await?;
+            // Runs that published nothing all carry the current generation: bound them too.
+            if let Err(e) = self
+                .store
+                .prune_solver_runs(self.cfg.keep_generations)
+                .await
+            {
+                warn!(error = %e, "pruning old solver runs failed; retried after the next round");
+            }
+        }
+        rs.next_run_id += 1;
+        rs.memory = out.memory;
+        Ok(out.generation)
+    }
+
+    /// Retention after a publish. A failure leaves the old rows for the next publish's
+    /// prune (which computes what to delete from the table, not from this round); the
+    /// generation is already published.
+    async fn prune_generations(&self) {
+        match self
+            .store
+            .prune_generations(self.cfg.keep_generations)
+            .await
+        {
+            Ok(p) if p.generations > 0 => debug!(
+                up_to = p.up_to_generation,
+                generations = p.generations,
+                weights = p.weights,
+                solver_runs = p.solver_runs,
+                "pruned old generations"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "pruning old generations failed; retried after the next publish");
+            }
+        }
+    }
+
+    /// Explains a service's weights for one source, with the inputs as of now.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown service or source; a model or store error.
+    pub async fn explain(
+        &self,
+        service: &str,
+        source: &str,
+    ) -> Result<(Explanation, ServicePlan), EngineError> {
+        if !self.is_known(source) {
+            return Err(EngineError::NotFound(format!(
+                "source_cluster_id: unknown cluster {source:?}"
+            )));
+        }
+        let mut inputs = self.inputs(now_ms()).await?;
+        let plan = inputs.services.remove(service).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "service: no plan for {service:?} (unknown, or imported by no cluster)"
+            ))
+        })?;
+        if !plan.has_source(source) {
+            return Err(EngineError::NotFound(format!(
+                "source_cluster_id: {source:?} does not import {service:?} (its agents' \
+                 declared imports leave it out)"
+            )));
+        }
+        let ex = ballast_model::explain(&plan.problem, service, source)?;
+        Ok((ex, plan))
+    }
+
+    /// The solve loop: a round every `interval`, and `debounce` after a trigger, until
+    /// `shutdown` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        debounce: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.trigger.notified() => {
+                    if !self.dirty.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(debounce) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            self.dirty.store(false, Ordering::SeqCst);
+            if let Err(e) = self.run_round().await {
+                warn!(error = %e, "solver round failed");
+            }
+        }
+    }
+}

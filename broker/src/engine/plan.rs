@@ -1,0 +1,377 @@
+//! The pure first half of a round: stored facts ([`Snapshot`]) -> one [`Problem`] per service
+//! ([`plan`]). No I/O; every scenario is unit-tested below without a database.
+//!
+//! How measurements become a problem (per service):
+//! - capacity `cap(t)` = sum over the nodes of `t` of their fresh capacity samples; the
+//!   serving clusters are those with `cap(t) > 0`;
+//! - demand `N(s)` = sum over the nodes of `s` and over destinations of their fresh RPS samples;
+//!   when a source has no RPS yet (or 0), it gets a small default demand,
+//!   `max(--default-demand-rps, number of serving clusters)`, so that weights exist from the
+//!   start and the liveness floor (1 RPS per serving destination) is feasible;
+//! - sources are the clusters that import the service, as their agents declare
+//!   (`ReportRequest.imports`, sent when they change): per cluster, the union of the latest
+//!   declarations of its nodes heard from within the stale-after age, or of all its nodes'
+//!   declarations when none was (imports are configuration, kept while the agents are quiet);
+//!   a cluster none of whose nodes ever declared imports every service. A service no cluster
+//!   imports gets no weights;
+//! - RTT(s, t) = the median over the nodes of `s` of their fresh, reachable samples to `t`;
+//! - clusters not heard from (registration or any agent's report) within the cluster expiry
+//!   are left out as sources and destinations.
+//!
+//! Stale inputs: a sample older than the stale-after age is never used. When a service's
+//! capacity at some cluster, or an RTT between a source and a (possibly) serving cluster, has
+//! only stale samples, the plan says so ([`ServicePlan::stale`]) and the round keeps the
+//! service's previous weights.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ballast_model::{Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput};
+use ballast_store::{ImportDeclaration, PolicyRecord};
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use super::snapshot::Snapshot;
+use super::EngineConfig;
+
+/// The solve input of one service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePlan {
+    /// A one-service problem.
+    pub problem: Problem,
+    /// Why the service's inputs are stale (empty = fresh).
+    pub stale: Vec<String>,
+}
+
+impl ServicePlan {
+    /// Whether `source` is a source of this plan (imports the service).
+    #[must_use]
+    pub fn has_source(&self, source: &str) -> bool {
+        self.problem
+            .services
+            .iter()
+            .any(|s| s.demand_rps.contains_key(source))
+    }
+}
+
+/// Every service's plan.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Inputs {
+    pub services: BTreeMap<String, ServicePlan>,
+    /// Count of stale inputs (capacity per (cluster, service), RTT pairs).
+    pub stale_inputs: usize,
+    /// Registered clusters taken into account (not expired).
+    pub clusters: usize,
+    /// Registered clusters not heard from within the cluster expiry, left out.
+    pub expired: BTreeSet<String>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// When each registered cluster was last heard from: its latest registration (or
+/// re-registration) or the latest report of any of its agents, whichever is newer.
+#[must_use]
+pub fn last_heard(snap: &Snapshot) -> BTreeMap<String, i64> {
+    let mut heard: BTreeMap<String, i64> = snap
+        .clusters
+        .iter()
+        .map(|c| {
+            (
+                c.cluster_id.clone(),
+                c.updated_at_ms.max(c.registered_at_ms),
+            )
+        })
+        .collect();
+    for a in &snap.agents {
+        if let Some(t) = heard.get_mut(&a.cluster_id) {
+            *t = (*t).max(a.last_report_ms).max(a.registered_at_ms);
+        }
+    }
+    heard
+}
+
+/// The registered clusters not heard from within [`EngineConfig::cluster_expiry`] as of
+/// `now_ms` (none when expiry is off).
+#[must_use]
+pub fn expired_clusters(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> BTreeSet<String> {
+    let Some(expiry) = cfg.cluster_expiry else {
+        return BTreeSet::new();
+    };
+    let expiry_ms = millis(expiry);
+    last_heard(snap)
+        .into_iter()
+        .filter(|(_, t)| now_ms.saturating_sub(*t) > expiry_ms)
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// The services each declaring cluster imports as of `now_ms`: per cluster, the union of
+/// the declarations of its nodes heard from within the stale-after age, or of all of them
+/// when none was. Clusters none of whose nodes declared are absent (they import every
+/// service).
+#[must_use]
+pub fn imports(
+    decls: &[ImportDeclaration],
+    cfg: &EngineConfig,
+    now_ms: i64,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let cut = now_ms.saturating_sub(millis(cfg.stale_after));
+    let mut by_cluster: BTreeMap<&str, Vec<&ImportDeclaration>> = BTreeMap::new();
+    for d in decls {
+        by_cluster.entry(&d.cluster_id).or_default().push(d);
+    }
+    by_cluster
+        .into_iter()
+        .map(|(cluster, decls)| {
+            let any_fresh = decls.iter().any(|d| d.heard_at_ms >= cut);
+            let services = decls
+                .into_iter()
+                .filter(|d| !any_fresh || d.heard_at_ms >= cut)
+                .flat_map(|d| d.services.iter().cloned())
+                .collect();
+            (cluster.to_owned(), services)
+        })
+        .collect()
+}
+
+/// The effective (policy, params) of `service` (`""` = cluster-wide) given the stored
+/// policies: the service's row over the cluster-wide row over the configuration. A stored
+/// value that does not parse is skipped (the store only holds what was validated).
+#[must_use]
+pub fn resolve_policy(
+    rows: &[PolicyRecord],
+    service: &str,
+    cfg: &EngineConfig,
+) -> (Policy, Params) {
+    let mut policy = cfg.policy;
+    let mut params = cfg.params;
+    for scope in ["", service] {
+        if let Some(r) = rows.iter().find(|r| r.scope == scope) {
+            if let Ok(p) = r.policy.parse() {
+                policy = p;
+            }
+            if let Ok(p) = r.params.parse() {
+                params = p;
+            }
+        }
+    }
+    (policy, params)
+}
+
+/// The egress prices: the stored tiers over the configured ones.
+#[must_use]
+pub fn prices(rows: &[(String, f64)], cfg: &EngineConfig) -> PriceTable {
+    let mut p = cfg.prices;
+    for (tier, v) in rows {
+        match tier.as_str() {
+            "same_zone" => p.same_zone = *v,
+            "cross_zone" => p.cross_zone = *v,
+            "cross_region" => p.cross_region = *v,
+            "internet" => p.internet = *v,
+            other => warn!(tier = other, "unknown price tier in the store, ignored"),
+        }
+    }
+    p
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    })
+}
+
+/// RTT: the median of fresh reachable samples per (src, dst) among `known` clusters, and
+/// the pairs that have only stale samples.
+fn rtt_matrix(
+    snap: &Snapshot,
+    known: &BTreeSet<&str>,
+    cut: i64,
+) -> (Matrix, BTreeSet<(String, String)>) {
+    let mut groups: BTreeMap<(&str, &str), (Vec<f64>, bool)> = BTreeMap::new();
+    for r in &snap.rtt {
+        if !known.contains(r.src.as_str()) || !known.contains(r.dst.as_str()) {
+            continue;
+        }
+        let g = groups.entry((&r.src, &r.dst)).or_default();
+        if r.measured_at_ms >= cut {
+            g.1 = true;
+            if r.reachable {
+                g.0.push(r.rtt_ms);
+            }
+        }
+    }
+    let mut rtt_ms = Matrix::new();
+    let mut stale = BTreeSet::new();
+    for ((s, d), (mut v, any_fresh)) in groups {
+        if !any_fresh {
+            stale.insert((s.to_owned(), d.to_owned()));
+        } else if let Some(m) = median(&mut v) {
+            rtt_ms
+                .entry(s.to_owned())
+                .or_default()
+                .insert(d.to_owned(), m);
+        }
+    }
+    (rtt_ms, stale)
+}
+
+/// Capacity: `service -> cluster -> (sum of fresh samples, any fresh)`.
+fn capacities(
+    snap: &Snapshot,
+    known: &BTreeSet<&str>,
+    cut: i64,
+) -> BTreeMap<String, BTreeMap<String, (f64, bool)>> {
+    let mut cap: BTreeMap<String, BTreeMap<String, (f64, bool)>> = BTreeMap::new();
+    for c in &snap.capacity {
+        if !known.contains(c.cluster_id.as_str()) {
+            continue;
+        }
+        let e = cap
+            .entry(c.service.clone())
+            .or_default()
+            .entry(c.cluster_id.clone())
+            .or_default();
+        if c.measured_at_ms >= cut {
+            e.0 += c.capacity_rps;
+            e.1 = true;
+        }
+    }
+    cap
+}
+
+/// Demand: `service -> source -> sum of fresh RPS`.
+fn demands(
+    snap: &Snapshot,
+    known: &BTreeSet<&str>,
+    cut: i64,
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut demand: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for r in &snap.rps {
+        if !known.contains(r.src.as_str()) {
+            continue;
+        }
+        let e = demand
+            .entry(r.service.clone())
+            .or_default()
+            .entry(r.src.clone())
+            .or_default();
+        if r.measured_at_ms >= cut {
+            *e += r.rps;
+        }
+    }
+    demand
+}
+
+/// Builds every service's problem from `snap` as of `now_ms`.
+#[must_use]
+pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
+    let expired = expired_clusters(snap, cfg, now_ms);
+    let clusters: Vec<_> = snap
+        .clusters
+        .iter()
+        .filter(|c| !expired.contains(&c.cluster_id))
+        .collect();
+    let known: BTreeSet<&str> = clusters.iter().map(|c| c.cluster_id.as_str()).collect();
+    let cut = now_ms.saturating_sub(millis(cfg.stale_after));
+    let stale_txt = humantime::format_duration(cfg.stale_after).to_string();
+    let prices = prices(&snap.prices, cfg);
+    let (rtt_ms, stale_rtt) = rtt_matrix(snap, &known, cut);
+    let cap = capacities(snap, &known, cut);
+    let imports = imports(&snap.imports, cfg, now_ms);
+    let imports_of = |cluster: &str, svc: &str| {
+        imports
+            .get(cluster)
+            .is_none_or(|services| services.contains(svc))
+    };
+    let demand = demands(snap, &known, cut);
+
+    let model_clusters: Vec<Cluster> = clusters
+        .iter()
+        .map(|c| Cluster {
+            id: c.cluster_id.clone(),
+            region: c.region.clone(),
+            zone: c.zone.clone(),
+            provider: c.provider.clone(),
+        })
+        .collect();
+    let services: BTreeSet<&String> = cap.keys().chain(demand.keys()).collect();
+    let mut out = Inputs {
+        clusters: clusters.len(),
+        stale_inputs: stale_rtt.len(),
+        expired: expired.clone(),
+        ..Inputs::default()
+    };
+    for svc in services {
+        let sources: Vec<&str> = known
+            .iter()
+            .copied()
+            .filter(|c| imports_of(c, svc))
+            .collect();
+        if sources.is_empty() {
+            debug!(service = %svc, "imported by no cluster: no weights");
+            continue;
+        }
+        let caps = cap.get(svc).cloned().unwrap_or_default();
+        let mut stale = Vec::new();
+        let mut capacity_rps = BTreeMap::new();
+        for (t, (c, fresh)) in &caps {
+            if !fresh {
+                out.stale_inputs += 1;
+                stale.push(format!(
+                    "capacity of {svc} in {t} is older than {stale_txt}"
+                ));
+            } else if *c > 0.0 {
+                capacity_rps.insert(t.clone(), *c);
+            }
+        }
+        for s in &sources {
+            for t in caps.keys() {
+                if stale_rtt.contains(&((*s).to_string(), t.clone())) {
+                    stale.push(format!("rtt {s} -> {t} is older than {stale_txt}"));
+                }
+            }
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let floor = cfg.default_demand_rps.max(capacity_rps.len() as f64);
+        let reported = demand.get(svc);
+        let demand_rps: BTreeMap<String, f64> = sources
+            .iter()
+            .map(|s| {
+                let d = reported.and_then(|m| m.get(*s)).copied().unwrap_or(0.0);
+                ((*s).to_string(), if d > 0.0 { d } else { floor })
+            })
+            .collect();
+        let (policy, params) = resolve_policy(&snap.policies, svc, cfg);
+        out.services.insert(
+            svc.clone(),
+            ServicePlan {
+                problem: Problem {
+                    policy,
+                    params,
+                    clusters: model_clusters.clone(),
+                    rtt_ms: rtt_ms.clone(),
+                    prices,
+                    cost: None,
+                    services: vec![ServiceInput {
+                        name: svc.clone(),
+                        demand_rps,
+                        capacity_rps,
+                        policy: None,
+                        params: None,
+                    }],
+                },
+                stale,
+            },
+        );
+    }
+    out
+}

@@ -1,0 +1,104 @@
+//! Cluster status for operators (`ListClusters`, `admin clusters`): pure, from a
+//! [`Snapshot`]. A cluster's last report is the newest sample any of its nodes measured or,
+//! if newer, when a node's report was received (not in the future); it is stale when it never
+//! reported or that is older than the stale-after age.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::plan::{expired_clusters, imports};
+use super::snapshot::Snapshot;
+use super::EngineConfig;
+
+/// One node (agent) of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node_name: String,
+    pub agent_version: String,
+    pub last_report_ms: i64,
+    pub acked_generation: u64,
+}
+
+/// One registered cluster as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub region: String,
+    pub zone: String,
+    pub provider: String,
+    pub gateway_address: String,
+    pub registered_at_ms: i64,
+    /// 0 = never.
+    pub last_report_ms: i64,
+    /// -1 = never.
+    pub last_report_age_ms: i64,
+    pub stale: bool,
+    pub expired: bool,
+    pub nodes: Vec<NodeStatus>,
+    /// The services it imports; `None` when its agents never said (it imports every one).
+    pub imports: Option<BTreeSet<String>>,
+}
+
+/// Every registered cluster's status as of `now_ms`, sorted by id.
+#[must_use]
+pub fn cluster_status(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Vec<ClusterStatus> {
+    let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
+    let samples = snap
+        .rtt
+        .iter()
+        .map(|r| (r.src.as_str(), r.measured_at_ms))
+        .chain(snap.rps.iter().map(|r| (r.src.as_str(), r.measured_at_ms)))
+        .chain(
+            snap.capacity
+                .iter()
+                .map(|r| (r.cluster_id.as_str(), r.measured_at_ms)),
+        );
+    for (cluster, at) in samples {
+        let e = newest.entry(cluster).or_default();
+        *e = (*e).max(at);
+    }
+    let stale_ms = i64::try_from(cfg.stale_after.as_millis()).unwrap_or(i64::MAX);
+    let expired = expired_clusters(snap, cfg, now_ms);
+    let mut imports = imports(&snap.imports, cfg, now_ms);
+    snap.clusters
+        .iter()
+        .map(|c| {
+            let nodes: Vec<NodeStatus> = snap
+                .agents
+                .iter()
+                .filter(|a| a.cluster_id == c.cluster_id)
+                .map(|a| NodeStatus {
+                    node_name: a.node_name.clone(),
+                    agent_version: a.agent_version.clone(),
+                    last_report_ms: a.last_report_ms,
+                    acked_generation: u64::try_from(a.acked_generation).unwrap_or(0),
+                })
+                .collect();
+            let received = nodes.iter().map(|n| n.last_report_ms).max().unwrap_or(0);
+            let last =
+                newest
+                    .get(c.cluster_id.as_str())
+                    .copied()
+                    .unwrap_or(0)
+                    .max(if received > 0 {
+                        received.min(now_ms)
+                    } else {
+                        0
+                    });
+            let age = if last > 0 { now_ms - last } else { -1 };
+            ClusterStatus {
+                cluster_id: c.cluster_id.clone(),
+                region: c.region.clone(),
+                zone: c.zone.clone(),
+                provider: c.provider.clone(),
+                gateway_address: c.gateway_address.clone(),
+                registered_at_ms: c.registered_at_ms,
+                last_report_ms: last,
+                last_report_age_ms: age,
+                stale: last == 0 || age > stale_ms,
+                expired: expired.contains(&c.cluster_id),
+                nodes,
+                imports: imports.remove(&c.cluster_id),
+            }
+        })
+        .collect()
+}

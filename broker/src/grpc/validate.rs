@@ -1,0 +1,228 @@
+//! Validation of incoming messages: each check returns `INVALID_ARGUMENT` naming the field,
+//! and [`validate_report`] turns a whole report into a store record or refuses it (nothing
+//! of an invalid message is stored). Also the mapping of engine errors to statuses.
+
+use std::collections::BTreeSet;
+
+use ballast_proto::v1::ReportRequest;
+use ballast_store::{CapacityRecord, ReportRecord, RpsRecord, RttRecord};
+use ballast_types::ClusterId;
+use tonic::Status;
+
+use crate::engine::{Engine, EngineError};
+
+pub(crate) fn invalid(field: &str, msg: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {msg}"))
+}
+
+/// Metadata key of an `INVALID_ARGUMENT` that refuses a sample about a cluster the broker
+/// does not know (yet); its value is that cluster's id, so an agent can leave the peer out
+/// of its reports without parsing the message.
+pub const UNKNOWN_CLUSTER_METADATA: &str = "ballast-unknown-cluster";
+
+pub(crate) fn unknown_cluster(field: &str, id: &str) -> Status {
+    let mut status = invalid(field, format!("unknown cluster {id:?}"));
+    // ids passed check_cluster_id (ASCII), so this only fails on a bug; the message still names it
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(id) {
+        status.metadata_mut().insert(UNKNOWN_CLUSTER_METADATA, v);
+    }
+    status
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+pub(crate) fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::NotFound(m) => Status::not_found(m),
+        EngineError::Model(m) => Status::failed_precondition(m.to_string()),
+        EngineError::Store(s) => internal(s),
+    }
+}
+
+/// Checks a cluster id field.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field`.
+pub fn check_cluster_id(field: &str, v: &str) -> Result<(), Status> {
+    ClusterId::validate(v).map_err(|e| invalid(field, e))
+}
+
+pub(crate) fn check_text(field: &str, v: &str, max: usize) -> Result<(), Status> {
+    if v.is_empty() {
+        return Err(invalid(field, "required"));
+    }
+    if v.len() > max {
+        return Err(invalid(field, format!("longer than {max} bytes")));
+    }
+    if v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid(field, "contains whitespace or control characters"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_service(field: &str, v: &str) -> Result<(), Status> {
+    check_text(field, v, 253)
+}
+
+pub(crate) fn check_num(field: &str, v: f64) -> Result<(), Status> {
+    if !v.is_finite() {
+        return Err(invalid(field, format!("{v} is not a finite number")));
+    }
+    if v < 0.0 {
+        return Err(invalid(field, format!("{v} is negative")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_time(field: &str, v: i64, now: i64) -> Result<(), Status> {
+    if v <= 0 {
+        return Err(invalid(field, "required (Unix milliseconds > 0)"));
+    }
+    if v > now + 60_000 {
+        return Err(invalid(field, "more than a minute in the future"));
+    }
+    Ok(())
+}
+
+/// Validates a report and turns it into a store record.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the first bad field, `NOT_FOUND` for an unknown cluster.
+pub fn validate_report(
+    m: &ReportRequest,
+    engine: &Engine,
+    now: i64,
+) -> Result<ReportRecord, Status> {
+    check_cluster_id("cluster_id", &m.cluster_id)?;
+    if !engine.is_known(&m.cluster_id) {
+        return Err(Status::not_found(format!(
+            "cluster_id: cluster {:?} is not registered (call Register first)",
+            m.cluster_id
+        )));
+    }
+    check_text("node_name", &m.node_name, 253)?;
+    check_time("measured_at_ms", m.measured_at_ms, now)?;
+    let at = |field: &str, v: i64| -> Result<i64, Status> {
+        if v == 0 {
+            Ok(m.measured_at_ms)
+        } else {
+            check_time(field, v, now)?;
+            Ok(v)
+        }
+    };
+    let mut rec = ReportRecord {
+        cluster_id: m.cluster_id.clone(),
+        node_name: m.node_name.clone(),
+        received_at_ms: now,
+        ..ReportRecord::default()
+    };
+    let mut seen = BTreeSet::new();
+    for (i, s) in m.rtt.iter().enumerate() {
+        let f = format!("rtt[{i}]");
+        check_cluster_id(&format!("{f}.peer_cluster_id"), &s.peer_cluster_id)?;
+        if s.peer_cluster_id == m.cluster_id {
+            return Err(invalid(
+                &format!("{f}.peer_cluster_id"),
+                "a cluster does not measure RTT to itself",
+            ));
+        }
+        if !engine.is_known(&s.peer_cluster_id) {
+            return Err(unknown_cluster(
+                &format!("{f}.peer_cluster_id"),
+                &s.peer_cluster_id,
+            ));
+        }
+        if !seen.insert(s.peer_cluster_id.clone()) {
+            return Err(invalid(&format!("{f}.peer_cluster_id"), "duplicate peer"));
+        }
+        if s.reachable {
+            check_num(&format!("{f}.rtt_ms"), s.rtt_ms)?;
+        } else if !s.rtt_ms.is_finite() {
+            return Err(invalid(&format!("{f}.rtt_ms"), "not a finite number"));
+        }
+        if !s.loss_ratio.is_finite() || !(0.0..=1.0).contains(&s.loss_ratio) {
+            return Err(invalid(
+                &format!("{f}.loss_ratio"),
+                format!("{} is outside [0, 1]", s.loss_ratio),
+            ));
+        }
+        rec.rtt.push(RttRecord {
+            src: m.cluster_id.clone(),
+            dst: s.peer_cluster_id.clone(),
+            node_name: m.node_name.clone(),
+            rtt_ms: if s.reachable { s.rtt_ms } else { 0.0 },
+            loss_ratio: s.loss_ratio,
+            reachable: s.reachable,
+            measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (i, s) in m.rps.iter().enumerate() {
+        let f = format!("rps[{i}]");
+        check_service(&format!("{f}.service"), &s.service)?;
+        check_cluster_id(
+            &format!("{f}.destination_cluster_id"),
+            &s.destination_cluster_id,
+        )?;
+        if !engine.is_known(&s.destination_cluster_id) {
+            return Err(unknown_cluster(
+                &format!("{f}.destination_cluster_id"),
+                &s.destination_cluster_id,
+            ));
+        }
+        if !seen.insert((s.service.clone(), s.destination_cluster_id.clone())) {
+            return Err(invalid(&f, "duplicate (service, destination_cluster_id)"));
+        }
+        check_num(&format!("{f}.rps"), s.rps)?;
+        rec.rps.push(RpsRecord {
+            src: m.cluster_id.clone(),
+            service: s.service.clone(),
+            dst: s.destination_cluster_id.clone(),
+            node_name: m.node_name.clone(),
+            rps: s.rps,
+            measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (i, s) in m.capacity.iter().enumerate() {
+        let f = format!("capacity[{i}]");
+        check_service(&format!("{f}.service"), &s.service)?;
+        if !seen.insert(s.service.clone()) {
+            return Err(invalid(&format!("{f}.service"), "duplicate service"));
+        }
+        check_num(&format!("{f}.capacity_rps"), s.capacity_rps)?;
+        rec.capacity.push(CapacityRecord {
+            cluster_id: m.cluster_id.clone(),
+            service: s.service.clone(),
+            node_name: m.node_name.clone(),
+            capacity_rps: s.capacity_rps,
+            measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
+        });
+    }
+    if let Some(imports) = &m.imports {
+        if imports.services.len() > MAX_IMPORTS {
+            return Err(invalid(
+                "imports.services",
+                format!(
+                    "{} services, more than the {MAX_IMPORTS} allowed",
+                    imports.services.len()
+                ),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, service) in imports.services.iter().enumerate() {
+            let f = format!("imports.services[{i}]");
+            check_service(&f, service)?;
+            if !seen.insert(service) {
+                return Err(invalid(&f, format!("duplicate service {service:?}")));
+            }
+        }
+        rec.imports = Some(imports.services.clone());
+    }
+    Ok(rec)
+}
+
+/// The most services one node may declare it imports.
+pub const MAX_IMPORTS: usize = 100_000;
