@@ -13,8 +13,8 @@ use rcgen::{
 /// What can go wrong making certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
-    /// A cluster id is not 1..=63 characters of `[a-z0-9-]`.
-    #[error("clusters: invalid cluster id {0:?} (1-63 characters of a-z, 0-9, '-')")]
+    /// A cluster id breaks the cluster-id rule (`ballast_types::ClusterId`: a DNS label).
+    #[error("clusters: invalid cluster id {0:?} (a DNS label: 1-63 characters of a-z, 0-9, '-', no '-' at either end)")]
     ClusterId(String),
     /// A `--server-san` value is neither an IP address nor a DNS name.
     #[error("server-san: invalid name {0:?}")]
@@ -47,16 +47,6 @@ pub struct Bundle {
     pub clusters: Vec<(String, CertPair)>,
 }
 
-/// Whether `id` is a valid cluster id: 1..=63 characters of `[a-z0-9-]`.
-#[must_use]
-pub fn valid_cluster_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 fn leaf_params(
     cn: &str,
     sans: Vec<SanType>,
@@ -82,7 +72,7 @@ fn uri(s: &str) -> Result<SanType, CertsError> {
 /// [`CertsError`] naming a bad cluster id or server name.
 pub fn generate(clusters: &[String], server_sans: &[String]) -> Result<Bundle, CertsError> {
     for c in clusters {
-        if !valid_cluster_id(c) {
+        if ballast_types::ClusterId::validate(c).is_err() {
             return Err(CertsError::ClusterId(c.clone()));
         }
     }
@@ -214,5 +204,25 @@ impl Bundle {
             put(format!("cluster-{c}"), pair)?;
         }
         Ok(files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One cluster-id rule: the certificate generator refuses what the gRPC layer and the
+    /// agent refuse (it once accepted a leading or trailing '-').
+    #[test]
+    fn generate_refuses_ids_outside_the_cluster_id_rule() {
+        for bad in ["-c1", "c1-", "C1", ""] {
+            assert!(
+                matches!(
+                    generate(&[bad.to_string()], &[]),
+                    Err(CertsError::ClusterId(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
     }
 }
