@@ -194,7 +194,21 @@ fn rig(services: &[&str], pending_retry: Duration) -> Rig {
     }
 }
 
+/// A rig importing shop/web that got (and acked the refusal of) an update for shop/db.
+fn rig_with_db_refused() -> Rig {
+    let mut r = rig(&["shop/web"], MINUTE);
+    r.push(update("shop/db", 3, 0.5));
+    assert_eq!(r.acks().len(), 1);
+    r
+}
+
 impl Rig {
+    /// Discovery now knows `services`; the loop hears of it.
+    fn discover(&mut self, services: &[&str]) {
+        self.catalog.send_replace(catalog(services));
+        self.steer.on_discovery_change();
+    }
+
     /// A batch of one update straight from the broker.
     fn push(&mut self, u: WeightsUpdate) {
         self.steer.on_batch(vec![u], &BTreeMap::new());
@@ -202,6 +216,13 @@ impl Rig {
 
     fn acks(&mut self) -> Vec<Ack> {
         std::iter::from_fn(|| self.acks.try_recv().ok()).collect()
+    }
+
+    /// The one ack sent since the last look.
+    fn only_ack(&mut self) -> Ack {
+        let mut acks = self.acks();
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        acks.remove(0)
     }
 
     fn refused(&self, service: &str) -> u64 {
@@ -227,10 +248,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 fn applied_update_is_installed_and_acked_with_its_generation() {
     let mut r = rig(&["shop/web"], MINUTE);
     r.push(update("shop/web", 7, 0.75));
-
-    let acks = r.acks();
-    assert_eq!(acks.len(), 1);
-    let a = &acks[0];
+    let a = r.only_ack();
     assert!(a.applied, "{a:?}");
     assert_eq!((a.generation, a.service.as_str()), (7, "shop/web"));
     assert_eq!(
@@ -258,12 +276,9 @@ fn applied_update_is_installed_and_acked_with_its_generation() {
 fn update_for_a_service_not_imported_is_refused_as_such_and_kept() {
     let mut r = rig(&["shop/web"], MINUTE);
     r.push(update("shop/db", 3, 0.5));
-
-    let acks = r.acks();
-    assert_eq!(acks.len(), 1);
-    assert!(!acks[0].applied);
-    assert_eq!(acks[0].generation, 3);
-    assert!(acks[0].error.contains("unknown to discovery"), "{acks:?}");
+    let a = r.only_ack();
+    assert!(!a.applied && a.generation == 3, "{a:?}");
+    assert!(a.error.contains("unknown to discovery"), "{a:?}");
     assert_eq!(r.refused("shop/db"), 1);
     assert!(matches!(
         r.pending().get("shop/db"),
@@ -274,16 +289,11 @@ fn update_for_a_service_not_imported_is_refused_as_such_and_kept() {
 
 #[test]
 fn refused_update_is_retried_when_discovery_changes() {
-    let mut r = rig(&["shop/web"], MINUTE);
-    r.push(update("shop/db", 3, 0.5));
-    assert_eq!(r.acks().len(), 1);
-
+    let mut r = rig_with_db_refused();
     // discovery learns the service: the kept update is installed without a new broker push
-    r.catalog.send_replace(catalog(&["shop/web", "shop/db"]));
-    r.steer.on_discovery_change();
-    let acks = r.acks();
-    assert_eq!(acks.len(), 1, "{acks:?}");
-    assert!(acks[0].applied && acks[0].generation == 3, "{acks:?}");
+    r.discover(&["shop/web", "shop/db"]);
+    let a = r.only_ack();
+    assert!(a.applied && a.generation == 3, "{a:?}");
     assert!(r.pending().is_empty());
     assert_eq!(*r.generation.borrow(), 3);
     assert_eq!(r.refused("shop/db"), 1, "counted once, when refused");
@@ -291,13 +301,9 @@ fn refused_update_is_retried_when_discovery_changes() {
 
 #[test]
 fn a_retry_refused_the_same_way_is_not_acked_or_counted_again() {
-    let mut r = rig(&["shop/web"], MINUTE);
-    r.push(update("shop/db", 3, 0.5));
-    assert_eq!(r.acks().len(), 1);
-
+    let mut r = rig_with_db_refused();
     // discovery changes, but not for shop/db: still refused, silently
-    r.catalog.send_replace(catalog(&["shop/web", "shop/api"]));
-    r.steer.on_discovery_change();
+    r.discover(&["shop/web", "shop/api"]);
     r.steer.on_discovery_change();
     assert!(r.acks().is_empty());
     assert_eq!(r.refused("shop/db"), 1);
@@ -306,16 +312,11 @@ fn a_retry_refused_the_same_way_is_not_acked_or_counted_again() {
 
 #[test]
 fn only_data_plane_failures_are_retried_on_the_timer() {
-    let mut r = rig(&["shop/web"], MINUTE);
-    r.push(update("shop/db", 3, 0.5));
+    let mut r = rig_with_db_refused();
     r.plane.state().fail = 1;
     r.push(update("shop/web", 4, 0.75));
-    let acks = r.acks();
-    assert_eq!(acks.len(), 2);
-    assert!(
-        !acks[1].applied && acks[1].error.starts_with("data plane"),
-        "{acks:?}"
-    );
+    let a = r.only_ack();
+    assert!(!a.applied && a.error.starts_with("data plane"), "{a:?}");
     assert!(matches!(
         r.pending().get("shop/web"),
         Some(Refusal::DataPlane(_))
@@ -327,9 +328,11 @@ fn only_data_plane_failures_are_retried_on_the_timer() {
     );
 
     r.steer.retry_pending(true);
-    let acks = r.acks();
-    assert_eq!(acks.len(), 1, "only the data-plane failure: {acks:?}");
-    assert!(acks[0].applied && acks[0].service == "shop/web" && acks[0].generation == 4);
+    let a = r.only_ack(); // only the data-plane failure is offered again
+    assert!(
+        a.applied && a.service == "shop/web" && a.generation == 4,
+        "{a:?}"
+    );
     assert_eq!(r.plane.web_weights().get("west"), Some(&750));
     let pending = r.pending();
     assert_eq!(pending.len(), 1);
@@ -363,8 +366,7 @@ fn an_older_pending_update_does_not_replace_a_newer_one() {
     let mut r = rig(&["shop/web"], MINUTE);
     r.push(update("shop/db", 5, 0.5));
     r.push(update("shop/db", 4, 0.5));
-    r.catalog.send_replace(catalog(&["shop/web", "shop/db"]));
-    r.steer.on_discovery_change();
+    r.discover(&["shop/web", "shop/db"]);
     let applied: Vec<u64> = r
         .acks()
         .into_iter()
