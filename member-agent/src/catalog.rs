@@ -9,36 +9,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-/// A cluster identity, e.g. `east`. Lower-case DNS label (see [`validate_cluster_id`]).
+/// A cluster identity, e.g. `east`. A lower-case DNS label: the one rule is
+/// [`ballast_types::ClusterId::validate`] (see [`validate_cluster_id`]). Kept a `String` here so
+/// maps keyed by it borrow as `&str` everywhere in the agent.
 pub type ClusterId = String;
 
-/// A service name `namespace/name`, the key of a ServiceImport.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServiceName {
-    /// Parses `ns/svc`, both parts DNS labels.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (ns, name) = s
-            .split_once('/')
-            .ok_or_else(|| format!("service name {s:?} is not of the form namespace/name"))?;
-        validate_dns_label(ns).map_err(|e| format!("namespace of {s:?}: {e}"))?;
-        validate_dns_label(name).map_err(|e| format!("name of {s:?}: {e}"))?;
-        Ok(Self {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-impl fmt::Display for ServiceName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+/// A service name `namespace/name`, the key of a ServiceImport (the vocabulary crate's).
+pub use ballast_types::ServiceName;
 
 /// A cluster taking part: this one or a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -167,26 +144,9 @@ impl Catalog {
     }
 }
 
-/// Checks a DNS label (RFC 1123): 1–63 chars of `a-z0-9-`, not starting or ending with `-`.
-pub fn validate_dns_label(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 63 {
-        return Err(format!("{s:?} must be 1 to 63 characters"));
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(format!("{s:?} may hold only a-z, 0-9 and '-'"));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err(format!("{s:?} must not start or end with '-'"));
-    }
-    Ok(())
-}
-
-/// Checks a cluster id (a DNS label).
+/// Checks a cluster id: the vocabulary's rule ([`ballast_types::ClusterId::validate`]).
 pub fn validate_cluster_id(s: &str) -> Result<(), String> {
-    validate_dns_label(s)
+    ballast_types::ClusterId::validate(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

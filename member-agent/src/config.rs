@@ -1,22 +1,30 @@
-//! Configuration: command-line flags, each with an environment variable, over an optional
-//! YAML file (`--config`), over defaults. Precedence: flag > environment > file > default.
-//! [`Cli::resolve`] validates everything into an [`AgentConfig`]; an error names the flag or
-//! file field.
+//! Configuration: command-line flags, each with an environment variable (a flag beats its
+//! variable, which beats the default), plus an optional YAML file (`--config`) for what a
+//! flag cannot say: the list of peer clusters' details.
+//!
+//! Decisions: clap parses every value into its type (durations with humantime, modes with
+//! `ValueEnum`, ranges with value parsers), so a bad value is refused naming its flag before
+//! anything starts; [`Cli::resolve`] then checks what involves several flags or the machine
+//! (TLS files with `--broker`, `--probe-timeout` < `--probe-interval`, the cgroup) and
+//! returns an [`AgentConfig`] or a [`ConfigError`] naming the flag or file field — never a
+//! half-applied configuration. The file is refused whole on any unknown field (a setting that
+//! belongs on a flag included), with serde_yaml's path and line.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ballast_runtime::LogArgs;
+use ballast_types::ClusterId as ClusterName;
 use clap::{ArgAction, Args, Parser, ValueEnum};
 use serde::Deserialize;
 
-use crate::catalog::{validate_cluster_id, Cluster};
+use crate::catalog::Cluster;
 use crate::probe::{ProbeConfig, ProbeMode};
 use crate::weights::DEFAULT_SCALE;
 
 /// Where the catalog comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DiscoveryKind {
     /// A topology YAML file (`--topology`).
     Topology,
@@ -27,11 +35,10 @@ pub enum DiscoveryKind {
 /// ballast member agent: discovers services and peers, measures RTT to every peer
 /// cluster, reports to the broker and installs the broker's weights into the BPF data plane.
 ///
-/// Every flag can also be set by the environment variable shown, or in the YAML file given
-/// with --config (keys are the flag names with '_' for '-', e.g. `probe_interval: 2s`).
-/// A flag beats its environment variable, which beats the file, which beats the default.
-/// Durations are written like `500ms`, `2s`, `1m`.
-#[derive(Debug, Parser, Default)]
+/// Every flag can also be set by the environment variable shown; a flag beats its variable.
+/// Durations are written like `500ms`, `2s`, `1m`. The YAML file given with --config holds
+/// only the peer clusters' details (`clusters:`), which no flag can say.
+#[derive(Debug, Parser)]
 #[command(
     name = "ballast-agent",
     version,
@@ -40,7 +47,8 @@ pub enum DiscoveryKind {
     max_term_width = 100
 )]
 pub struct Cli {
-    /// YAML configuration file; its values apply where no flag or variable is given.
+    /// YAML file with the peer clusters' region/zone/provider/gateway (`clusters:`, a list of
+    /// `{id, region, zone, provider, gateway}`), for the Kubernetes source.
     #[arg(long, env = "BALLAST_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 
@@ -56,21 +64,58 @@ pub struct Cli {
     pub probe: ProbeArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// A duration longer than zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("not a duration such as 500ms or 2s: {e}")),
+    }
+}
+
+fn ewma_alpha(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(a) if a > 0.0 && a <= 1.0 => Ok(a),
+        Ok(_) => Err("must be in (0, 1]".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn loss_window(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        Ok(_) => Err("must be in 1..=10000".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn absolute_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err("must be an absolute path".into())
+    }
 }
 
 /// This cluster and node.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Identity")]
 pub struct IdentityArgs {
-    /// This cluster's id (a DNS label, e.g. `east`); must match the id in --cert's URI SAN (spiffe://ballast/cluster/ID). Required.
+    /// This cluster's id (a DNS label, e.g. `east`); must match the id in --cert's URI SAN
+    /// (spiffe://ballast/cluster/ID).
     #[arg(long, env = "BALLAST_CLUSTER_ID", value_name = "ID")]
-    pub cluster_id: Option<String>,
+    pub cluster_id: ClusterName,
     /// This node's name, sent with every report (agents of one cluster are told apart by
     /// it). Default: $NODE_NAME, else the host name.
     #[arg(long, env = "BALLAST_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// This cluster's region, registered with the broker (egress pricing). With the
-    /// topology source the file's value is used when this is not given.
+    /// This cluster's region, registered with the broker (egress pricing). Without it, the
+    /// --config file's or the topology file's entry for this cluster is used.
     #[arg(long, env = "BALLAST_REGION")]
     pub region: Option<String>,
     /// This cluster's zone, registered with the broker (egress pricing).
@@ -85,7 +130,7 @@ pub struct IdentityArgs {
 }
 
 /// The broker connection (gRPC over mutual TLS).
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Broker")]
 pub struct BrokerArgs {
     /// Broker endpoint, `https://host:port`. Without it the agent measures and serves
@@ -101,13 +146,13 @@ pub struct BrokerArgs {
     /// The private key of --cert (PEM). Required with --broker.
     #[arg(long, env = "BALLAST_KEY", value_name = "PATH")]
     pub key: Option<PathBuf>,
-    /// How often measurements are reported to the broker [default: 5s].
-    #[arg(long, env = "BALLAST_REPORT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub report_interval: Option<Duration>,
+    /// How often measurements are reported to the broker.
+    #[arg(long, env = "BALLAST_REPORT_INTERVAL", value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
+    pub report_interval: Duration,
 }
 
 /// Where services and peers come from.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Discovery")]
 pub struct DiscoveryArgs {
     /// Discovery source [default: topology if --topology is given, else kubernetes].
@@ -117,13 +162,13 @@ pub struct DiscoveryArgs {
     /// --discovery topology.
     #[arg(long, env = "BALLAST_TOPOLOGY", value_name = "PATH")]
     pub topology: Option<PathBuf>,
-    /// How often the topology file is checked for changes [default: 2s].
-    #[arg(long, env = "BALLAST_TOPOLOGY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub topology_poll_interval: Option<Duration>,
+    /// How often the topology file is checked for changes.
+    #[arg(long, env = "BALLAST_TOPOLOGY_POLL_INTERVAL", value_name = "DURATION", default_value = "2s", value_parser = positive_duration)]
+    pub topology_poll_interval: Duration,
 }
 
 /// The BPF data plane.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Data plane")]
 pub struct DataplaneArgs {
     /// cgroup v2 the connect hooks attach to [default: the cgroup2 mount point found in
@@ -131,95 +176,70 @@ pub struct DataplaneArgs {
     #[arg(long, env = "BALLAST_CGROUP", value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
     /// bpffs directory the maps and links are pinned in; a restarted agent adopts what it
-    /// finds there [default: /sys/fs/bpf/ballast].
-    #[arg(long, env = "BALLAST_PIN_DIR", value_name = "PATH")]
-    pub pin_dir: Option<PathBuf>,
+    /// finds there.
+    #[arg(long, env = "BALLAST_PIN_DIR", value_name = "PATH", default_value = "/sys/fs/bpf/ballast", value_parser = absolute_path)]
+    pub pin_dir: PathBuf,
     /// On exit, detach the programs and remove the pins. Without it, steering stays in
     /// place with the last weights until the next agent adopts it.
     #[arg(long, env = "BALLAST_DETACH_ON_EXIT", action = ArgAction::SetTrue)]
     pub detach_on_exit: bool,
-    /// Sum of the integer backend weights of one service (the slot table size)
-    /// [default: 4096, the data plane's slot count].
-    #[arg(long, env = "BALLAST_WEIGHT_SCALE", value_name = "N")]
-    pub weight_scale: Option<u32>,
+    /// Sum of the integer backend weights of one service (the slot table size; the
+    /// default is the data plane's slot count).
+    #[arg(long, env = "BALLAST_WEIGHT_SCALE", value_name = "N", default_value_t = DEFAULT_SCALE, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub weight_scale: u32,
 }
 
-/// RTT probes to peer gateways.
-#[derive(Debug, Args, Default)]
+/// RTT probes to peer gateways. The defaults are [`ProbeConfig::default`]'s (a test holds
+/// them equal).
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Probes")]
 pub struct ProbeArgs {
     /// `auto`: ICMP echo when permitted (net.ipv4.ping_group_range or CAP_NET_RAW), else
-    /// TCP connect; `icmp`: ICMP only; `tcp`: TCP connect only [default: auto].
-    #[arg(long, env = "BALLAST_PROBE_MODE", value_enum)]
-    pub probe_mode: Option<ProbeMode>,
-    /// Time between probe rounds [default: 1s].
-    #[arg(long, env = "BALLAST_PROBE_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub probe_interval: Option<Duration>,
-    /// How long a probe waits for its answer; less than --probe-interval [default: 800ms].
-    #[arg(long, env = "BALLAST_PROBE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub probe_timeout: Option<Duration>,
-    /// Weight of a new RTT sample in the moving average, in (0, 1]; 1 means no smoothing
-    /// [default: 0.3].
-    #[arg(long, env = "BALLAST_PROBE_EWMA_ALPHA", value_name = "ALPHA")]
-    pub probe_ewma_alpha: Option<f64>,
-    /// Number of recent probes loss is counted over [default: 20].
-    #[arg(long, env = "BALLAST_PROBE_LOSS_WINDOW", value_name = "N")]
-    pub probe_loss_window: Option<usize>,
+    /// TCP connect; `icmp`: ICMP only; `tcp`: TCP connect only.
+    #[arg(long, env = "BALLAST_PROBE_MODE", value_enum, default_value = "auto")]
+    pub probe_mode: ProbeMode,
+    /// Time between probe rounds.
+    #[arg(long, env = "BALLAST_PROBE_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = positive_duration)]
+    pub probe_interval: Duration,
+    /// How long a probe waits for its answer; less than --probe-interval.
+    #[arg(long, env = "BALLAST_PROBE_TIMEOUT", value_name = "DURATION", default_value = "800ms", value_parser = positive_duration)]
+    pub probe_timeout: Duration,
+    /// Weight of a new RTT sample in the moving average, in (0, 1]; 1 means no smoothing.
+    #[arg(long, env = "BALLAST_PROBE_EWMA_ALPHA", value_name = "ALPHA", default_value = "0.3", value_parser = ewma_alpha)]
+    pub probe_ewma_alpha: f64,
+    /// Number of recent probes loss is counted over (1 to 10000).
+    #[arg(long, env = "BALLAST_PROBE_LOSS_WINDOW", value_name = "N", default_value = "20", value_parser = loss_window)]
+    pub probe_loss_window: usize,
     /// Consecutive failed probes after which a peer is unreachable and its backends are
-    /// marked unhealthy at once, without waiting for the broker [default: 3].
-    #[arg(long, env = "BALLAST_PROBE_UNHEALTHY_AFTER", value_name = "N")]
-    pub probe_unhealthy_after: Option<u32>,
+    /// marked unhealthy at once, without waiting for the broker.
+    #[arg(long, env = "BALLAST_PROBE_UNHEALTHY_AFTER", value_name = "N", default_value = "3", value_parser = clap::value_parser!(u32).range(1..))]
+    pub probe_unhealthy_after: u32,
     /// Port of the TCP-connect probe (an accepted or refused connection both count as an
-    /// answer) [default: 443].
-    #[arg(long, env = "BALLAST_PROBE_TCP_PORT", value_name = "PORT")]
-    pub probe_tcp_port: Option<u16>,
+    /// answer).
+    #[arg(long, env = "BALLAST_PROBE_TCP_PORT", value_name = "PORT", default_value = "443", value_parser = clap::value_parser!(u16).range(1..))]
+    pub probe_tcp_port: u16,
 }
 
 /// Observability.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 #[command(next_help_heading = "Metrics")]
 pub struct MetricsArgs {
-    /// Address of the Prometheus `/metrics` endpoint [default: 127.0.0.1:9464].
-    #[arg(long, env = "BALLAST_METRICS_ADDR", value_name = "ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
+    /// Address of the admin HTTP server: Prometheus `/metrics`, `/live` and `/ready`.
+    #[arg(
+        long,
+        env = "BALLAST_METRICS_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_addr: SocketAddr,
 }
 
-/// The configuration file: the flags' names in snake_case, plus `clusters`.
+/// The configuration file: only what flags cannot say.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub cluster_id: Option<String>,
-    pub node_name: Option<String>,
-    pub region: Option<String>,
-    pub zone: Option<String>,
-    pub provider: Option<String>,
-    pub gateway: Option<IpAddr>,
-    pub broker: Option<String>,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    #[serde(default, with = "opt_duration")]
-    pub report_interval: Option<Duration>,
-    pub discovery: Option<DiscoveryKind>,
-    pub topology: Option<PathBuf>,
-    #[serde(default, with = "opt_duration")]
-    pub topology_poll_interval: Option<Duration>,
-    pub cgroup: Option<PathBuf>,
-    pub pin_dir: Option<PathBuf>,
-    pub detach_on_exit: Option<bool>,
-    pub weight_scale: Option<u32>,
-    pub probe_mode: Option<ProbeMode>,
-    #[serde(default, with = "opt_duration")]
-    pub probe_interval: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    pub probe_timeout: Option<Duration>,
-    pub probe_ewma_alpha: Option<f64>,
-    pub probe_loss_window: Option<usize>,
-    pub probe_unhealthy_after: Option<u32>,
-    pub probe_tcp_port: Option<u16>,
-    pub metrics_addr: Option<SocketAddr>,
     /// Peer clusters' region/zone/provider/gateway for the Kubernetes source (the MCS API
-    /// does not carry them).
+    /// does not carry them); this cluster's entry fills what the identity flags leave out.
     #[serde(default)]
     pub clusters: Vec<FileCluster>,
 }
@@ -228,43 +248,11 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileCluster {
-    pub id: String,
+    pub id: ClusterName,
     pub region: Option<String>,
     pub zone: Option<String>,
     pub provider: Option<String>,
     pub gateway: Option<IpAddr>,
-}
-
-mod opt_duration {
-    use serde::de::{Error, Visitor};
-    use serde::Deserializer;
-    use std::time::Duration;
-
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<Duration>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as 500ms, 2s or 1m")
-        }
-        fn visit_str<E: Error>(self, s: &str) -> Result<Self::Value, E> {
-            humantime::parse_duration(s)
-                .map(Some)
-                .map_err(|e| E::custom(format!("{s:?} is not a duration (e.g. 2s): {e}")))
-        }
-        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_str(V)
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        d.deserialize_option(V)
-    }
 }
 
 /// A configuration that cannot be used.
@@ -359,11 +347,88 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn positive(name: &'static str, d: Duration) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(field(name, "must be longer than 0"))
-    } else {
-        Ok(d)
+/// The file's clusters, each once, as catalog clusters.
+fn file_clusters(file: FileConfig) -> Result<Vec<Cluster>, ConfigError> {
+    let mut clusters: Vec<Cluster> = Vec::new();
+    for (i, c) in file.clusters.into_iter().enumerate() {
+        if clusters.iter().any(|x| x.id == c.id.as_str()) {
+            return Err(field(
+                "clusters",
+                format!("clusters[{i}].id: {:?} is listed twice", c.id.as_str()),
+            ));
+        }
+        clusters.push(Cluster {
+            id: c.id.into(),
+            region: c.region,
+            zone: c.zone,
+            provider: c.provider,
+            gateway: c.gateway,
+        });
+    }
+    Ok(clusters)
+}
+
+impl BrokerArgs {
+    /// The broker connection: none without --broker, else all of it, checked.
+    fn resolve(self) -> Result<Option<BrokerConfig>, ConfigError> {
+        let Some(endpoint) = self.broker else {
+            return Ok(None);
+        };
+        let uri: tonic::transport::Uri = endpoint
+            .parse()
+            .map_err(|e| field("--broker", format!("{endpoint:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(field(
+                "--broker",
+                format!("{endpoint:?} must be https://host:port (mutual TLS)"),
+            ));
+        }
+        let ca = self
+            .ca
+            .ok_or_else(|| field("--ca", "is required with --broker"))?;
+        let cert = self
+            .cert
+            .ok_or_else(|| field("--cert", "is required with --broker"))?;
+        let key = self
+            .key
+            .ok_or_else(|| field("--key", "is required with --broker"))?;
+        for (name, path) in [("--ca", &ca), ("--cert", &cert), ("--key", &key)] {
+            if !path.is_file() {
+                return Err(field(
+                    name,
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        Ok(Some(BrokerConfig {
+            endpoint,
+            ca,
+            cert,
+            key,
+        }))
+    }
+}
+
+impl ProbeArgs {
+    fn resolve(self) -> Result<ProbeConfig, ConfigError> {
+        if self.probe_timeout >= self.probe_interval {
+            return Err(field(
+                "--probe-timeout",
+                format!(
+                    "{:?} must be shorter than --probe-interval {:?}",
+                    self.probe_timeout, self.probe_interval
+                ),
+            ));
+        }
+        Ok(ProbeConfig {
+            mode: self.probe_mode,
+            interval: self.probe_interval,
+            timeout: self.probe_timeout,
+            ewma_alpha: self.probe_ewma_alpha,
+            loss_window: self.probe_loss_window,
+            unhealthy_after: self.probe_unhealthy_after,
+            tcp_port: self.probe_tcp_port,
+        })
     }
 }
 
@@ -377,148 +442,63 @@ impl Cli {
         self.resolve_with(file)
     }
 
-    /// Merges flags over `file` over defaults and validates.
+    /// Checks the flags together with `file` and builds the configuration.
     pub fn resolve_with(self, file: FileConfig) -> Result<AgentConfig, ConfigError> {
         let Cli {
             config: _,
             identity: id,
-            broker: b,
+            broker,
             discovery: d,
             dataplane: dp,
-            probe: p,
-            metrics: m,
+            probe,
+            metrics,
+            log: _,
         } = self;
 
-        let cluster_id = id
-            .cluster_id
-            .or(file.cluster_id)
-            .ok_or_else(|| field("--cluster-id", "is required"))?;
-        validate_cluster_id(&cluster_id).map_err(|e| field("--cluster-id", e))?;
+        let cluster_id: String = id.cluster_id.into();
         let node_name = id
             .node_name
-            .or(file.node_name)
             .or_else(host_name)
             .ok_or_else(|| field("--node-name", "is required (no $NODE_NAME nor host name)"))?;
         if node_name.is_empty() || node_name.len() > 253 {
             return Err(field("--node-name", "must be 1 to 253 characters"));
         }
 
-        let mut clusters = Vec::new();
-        for (i, c) in file.clusters.iter().enumerate() {
-            validate_cluster_id(&c.id)
-                .map_err(|e| field("clusters", format!("clusters[{i}].id: {e}")))?;
-            if clusters.iter().any(|x: &Cluster| x.id == c.id) {
-                return Err(field(
-                    "clusters",
-                    format!("clusters[{i}].id: {:?} is listed twice", c.id),
-                ));
-            }
-            clusters.push(Cluster {
-                id: c.id.clone(),
-                region: c.region.clone(),
-                zone: c.zone.clone(),
-                provider: c.provider.clone(),
-                gateway: c.gateway,
-            });
-        }
-        let from_list = clusters.iter().find(|c| c.id == cluster_id).cloned();
+        let mut clusters = file_clusters(file)?;
+        let listed = clusters.iter().find(|c| c.id == cluster_id).cloned();
+        let from_list = |f: fn(&Cluster) -> Option<String>| listed.as_ref().and_then(f);
         let local = Cluster {
             id: cluster_id.clone(),
-            region: id
-                .region
-                .or(file.region)
-                .or_else(|| from_list.as_ref().and_then(|c| c.region.clone())),
-            zone: id
-                .zone
-                .or(file.zone)
-                .or_else(|| from_list.as_ref().and_then(|c| c.zone.clone())),
-            provider: id
-                .provider
-                .or(file.provider)
-                .or_else(|| from_list.as_ref().and_then(|c| c.provider.clone())),
+            region: id.region.or_else(|| from_list(|c| c.region.clone())),
+            zone: id.zone.or_else(|| from_list(|c| c.zone.clone())),
+            provider: id.provider.or_else(|| from_list(|c| c.provider.clone())),
             gateway: id
                 .gateway
-                .or(file.gateway)
-                .or_else(|| from_list.as_ref().and_then(|c| c.gateway)),
+                .or_else(|| listed.as_ref().and_then(|c| c.gateway)),
         };
         clusters.retain(|c| c.id != cluster_id);
         clusters.push(local.clone());
 
-        let broker = match b.broker.or(file.broker) {
-            None => None,
-            Some(endpoint) => {
-                let uri: axum::http::Uri = endpoint
-                    .parse()
-                    .map_err(|e| field("--broker", format!("{endpoint:?} is not a URL: {e}")))?;
-                if uri.scheme_str() != Some("https") || uri.host().is_none() {
-                    return Err(field(
-                        "--broker",
-                        format!("{endpoint:?} must be https://host:port (mutual TLS)"),
-                    ));
-                }
-                let ca =
-                    b.ca.or(file.ca)
-                        .ok_or_else(|| field("--ca", "is required with --broker"))?;
-                let cert = b
-                    .cert
-                    .or(file.cert)
-                    .ok_or_else(|| field("--cert", "is required with --broker"))?;
-                let key = b
-                    .key
-                    .or(file.key)
-                    .ok_or_else(|| field("--key", "is required with --broker"))?;
-                for (name, path) in [("--ca", &ca), ("--cert", &cert), ("--key", &key)] {
-                    if !path.is_file() {
-                        return Err(field(
-                            name,
-                            format!("{} is not a readable file", path.display()),
-                        ));
-                    }
-                }
-                Some(BrokerConfig {
-                    endpoint,
-                    ca,
-                    cert,
-                    key,
-                })
-            }
-        };
-        let report_interval = positive(
-            "--report-interval",
-            b.report_interval
-                .or(file.report_interval)
-                .unwrap_or(Duration::from_secs(5)),
-        )?;
+        let report_interval = broker.report_interval;
+        let broker = broker.resolve()?;
 
-        let topology = d.topology.or(file.topology);
-        let kind = d
-            .discovery
-            .or(file.discovery)
-            .unwrap_or(if topology.is_some() {
-                DiscoveryKind::Topology
-            } else {
-                DiscoveryKind::Kubernetes
-            });
+        let kind = d.discovery.unwrap_or(if d.topology.is_some() {
+            DiscoveryKind::Topology
+        } else {
+            DiscoveryKind::Kubernetes
+        });
         let discovery = match kind {
-            DiscoveryKind::Topology => {
-                let path = topology
-                    .ok_or_else(|| field("--topology", "is required with --discovery topology"))?;
-                DiscoveryConfig::Topology {
-                    path,
-                    poll_interval: positive(
-                        "--topology-poll-interval",
-                        d.topology_poll_interval
-                            .or(file.topology_poll_interval)
-                            .unwrap_or(Duration::from_secs(2)),
-                    )?,
-                }
-            }
+            DiscoveryKind::Topology => DiscoveryConfig::Topology {
+                path: d
+                    .topology
+                    .ok_or_else(|| field("--topology", "is required with --discovery topology"))?,
+                poll_interval: d.topology_poll_interval,
+            },
             DiscoveryKind::Kubernetes => DiscoveryConfig::Kubernetes { clusters },
         };
 
         let cgroup = dp
             .cgroup
-            .or(file.cgroup)
             .or_else(cgroup2_mount)
             .ok_or_else(|| field("--cgroup", "not given and no cgroup2 mount in /proc/mounts"))?;
         if !cgroup.is_dir() {
@@ -526,74 +506,6 @@ impl Cli {
                 "--cgroup",
                 format!("{} is not a directory", cgroup.display()),
             ));
-        }
-        let pin_dir = dp
-            .pin_dir
-            .or(file.pin_dir)
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ballast"));
-        if !pin_dir.is_absolute() {
-            return Err(field("--pin-dir", "must be an absolute path"));
-        }
-        let weight_scale = dp
-            .weight_scale
-            .or(file.weight_scale)
-            .unwrap_or(DEFAULT_SCALE);
-        if !(1..=65_536).contains(&weight_scale) {
-            return Err(field("--weight-scale", "must be in 1..=65536"));
-        }
-
-        let defaults = ProbeConfig::default();
-        let probe = ProbeConfig {
-            mode: p.probe_mode.or(file.probe_mode).unwrap_or(defaults.mode),
-            interval: positive(
-                "--probe-interval",
-                p.probe_interval
-                    .or(file.probe_interval)
-                    .unwrap_or(defaults.interval),
-            )?,
-            timeout: positive(
-                "--probe-timeout",
-                p.probe_timeout
-                    .or(file.probe_timeout)
-                    .unwrap_or(defaults.timeout),
-            )?,
-            ewma_alpha: p
-                .probe_ewma_alpha
-                .or(file.probe_ewma_alpha)
-                .unwrap_or(defaults.ewma_alpha),
-            loss_window: p
-                .probe_loss_window
-                .or(file.probe_loss_window)
-                .unwrap_or(defaults.loss_window),
-            unhealthy_after: p
-                .probe_unhealthy_after
-                .or(file.probe_unhealthy_after)
-                .unwrap_or(defaults.unhealthy_after),
-            tcp_port: p
-                .probe_tcp_port
-                .or(file.probe_tcp_port)
-                .unwrap_or(defaults.tcp_port),
-        };
-        if probe.timeout >= probe.interval {
-            return Err(field(
-                "--probe-timeout",
-                format!(
-                    "{:?} must be shorter than --probe-interval {:?}",
-                    probe.timeout, probe.interval
-                ),
-            ));
-        }
-        if !(probe.ewma_alpha > 0.0 && probe.ewma_alpha <= 1.0) {
-            return Err(field("--probe-ewma-alpha", "must be in (0, 1]"));
-        }
-        if probe.loss_window == 0 || probe.loss_window > 10_000 {
-            return Err(field("--probe-loss-window", "must be in 1..=10000"));
-        }
-        if probe.unhealthy_after == 0 {
-            return Err(field("--probe-unhealthy-after", "must be at least 1"));
-        }
-        if probe.tcp_port == 0 {
-            return Err(field("--probe-tcp-port", "must not be 0"));
         }
 
         Ok(AgentConfig {
@@ -603,14 +515,11 @@ impl Cli {
             report_interval,
             discovery,
             cgroup,
-            pin_dir,
-            detach_on_exit: dp.detach_on_exit || file.detach_on_exit.unwrap_or(false),
-            weight_scale,
-            probe,
-            metrics_addr: m
-                .metrics_addr
-                .or(file.metrics_addr)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464))),
+            pin_dir: dp.pin_dir,
+            detach_on_exit: dp.detach_on_exit,
+            weight_scale: dp.weight_scale,
+            probe: probe.resolve()?,
+            metrics_addr: metrics.metrics_addr,
         })
     }
 }
@@ -626,6 +535,21 @@ mod tests {
 
     fn tmp_cgroup() -> tempfile::TempDir {
         tempfile::tempdir().expect("tempdir")
+    }
+
+    /// The required flags only (a temporary directory as the cgroup), resolved with `file`.
+    fn minimal(file: FileConfig) -> Result<AgentConfig, ConfigError> {
+        let cg = tmp_cgroup();
+        parse(&[
+            "--cluster-id",
+            "east",
+            "--node-name",
+            "n",
+            "--cgroup",
+            cg.path().to_str().expect("utf8"),
+        ])
+        .expect("parses")
+        .resolve_with(file)
     }
 
     #[test]
@@ -651,42 +575,64 @@ mod tests {
         }
         assert!(help.contains("BALLAST_CLUSTER_ID"));
         assert!(help.contains("--detach-on-exit"));
+        assert!(help.contains("--log-format"));
     }
 
     #[test]
-    fn flags_beat_file_beats_defaults() {
+    fn flag_defaults_are_the_probe_defaults() {
+        let c = minimal(FileConfig::default()).expect("valid");
+        assert_eq!(c.probe, ProbeConfig::default());
+        assert_eq!(c.weight_scale, DEFAULT_SCALE);
+        assert_eq!(c.report_interval, Duration::from_secs(5));
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/ballast"));
+        assert_eq!(c.metrics_addr, SocketAddr::from(([127, 0, 0, 1], 9464)));
+        assert!(c.broker.is_none());
+        assert!(!c.detach_on_exit);
+    }
+
+    #[test]
+    fn flags_are_typed_and_the_file_fills_this_clusters_details() {
         let cg = tmp_cgroup();
         let cg_path = cg.path().to_str().expect("utf8");
         let file: FileConfig = serde_yaml::from_str(
             r#"
-cluster_id: east
-node_name: n1
-probe_interval: 3s
-probe_timeout: 1s
-topology: /etc/ballast/topology.yaml
 clusters:
-  - { id: east, region: us-east-1, gateway: 127.0.0.1 }
+  - { id: east, region: us-east-1, zone: us-east-1a, gateway: 127.0.0.1 }
   - { id: west, region: eu-west-1 }
 "#,
         )
         .expect("file");
         let cli = parse(&[
+            "--cluster-id",
+            "east",
+            "--node-name",
+            "n1",
+            "--zone",
+            "us-east-1b",
             "--probe-interval",
             "250ms",
             "--probe-timeout",
             "100ms",
+            "--probe-mode",
+            "tcp",
+            "--topology",
+            "/etc/ballast/topology.yaml",
             "--cgroup",
             cg_path,
         ])
         .expect("flags");
         let c = cli.resolve_with(file).expect("valid");
         assert_eq!(c.local.id, "east");
-        assert_eq!(c.local.region.as_deref(), Some("us-east-1"));
+        assert_eq!(
+            c.local.region.as_deref(),
+            Some("us-east-1"),
+            "from the file"
+        );
+        assert_eq!(c.local.zone.as_deref(), Some("us-east-1b"), "the flag wins");
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.probe.interval, Duration::from_millis(250));
         assert_eq!(c.probe.timeout, Duration::from_millis(100));
-        assert_eq!(c.probe.ewma_alpha, 0.3);
-        assert_eq!(c.weight_scale, 4096);
+        assert_eq!(c.probe.mode, ProbeMode::Tcp);
         assert_eq!(
             c.discovery,
             DiscoveryConfig::Topology {
@@ -694,8 +640,6 @@ clusters:
                 poll_interval: Duration::from_secs(2)
             }
         );
-        assert!(c.broker.is_none());
-        assert!(!c.detach_on_exit);
     }
 
     #[test]
@@ -710,42 +654,73 @@ clusters:
             "--cgroup",
             cg_path,
         ];
+        let args = |extra: &[&str]| -> Vec<String> {
+            base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
+        };
+        // refused by resolve (several flags, or the machine)
         let err = |extra: &[&str]| {
-            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            parse(&args)
+            let a = args(extra);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            parse(&a)
                 .expect("parses")
                 .resolve_with(FileConfig::default())
                 .expect_err("invalid")
                 .to_string()
         };
         assert!(err(&["--probe-timeout", "2s"]).starts_with("--probe-timeout"));
-        assert!(err(&["--probe-ewma-alpha", "1.5"]).starts_with("--probe-ewma-alpha"));
         assert!(err(&["--broker", "http://b:1"]).starts_with("--broker"));
         assert!(err(&["--broker", "https://b:1"]).starts_with("--ca"));
         assert!(err(&["--discovery", "topology"]).starts_with("--topology"));
-        assert!(err(&["--pin-dir", "rel"]).starts_with("--pin-dir"));
-        assert!(err(&["--probe-loss-window", "0"]).starts_with("--probe-loss-window"));
+        // refused by clap while parsing, naming the flag
+        let refused = |extra: &[&str], flag: &str| {
+            let a = args(extra);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let e = parse(&a).expect_err("refused").to_string();
+            assert!(e.contains(flag), "{e}");
+        };
+        refused(&["--probe-ewma-alpha", "1.5"], "--probe-ewma-alpha");
+        refused(&["--pin-dir", "rel"], "--pin-dir");
+        refused(&["--probe-loss-window", "0"], "--probe-loss-window");
+        refused(&["--probe-interval", "soon"], "--probe-interval");
+        refused(&["--probe-interval", "0s"], "--probe-interval");
+        refused(&["--weight-scale", "0"], "--weight-scale");
+        refused(&["--metrics-addr", "nowhere"], "--metrics-addr");
+        refused(&["--probe-mode", "udp"], "--probe-mode");
+        refused(&["--log-format", "xml"], "--log-format");
         let e = parse(&["--cluster-id", "East", "--cgroup", cg_path])
-            .expect("parses")
-            .resolve_with(FileConfig::default())
             .expect_err("bad id")
             .to_string();
-        assert!(e.starts_with("--cluster-id"), "{e}");
-        // clap itself refuses what does not parse
-        assert!(parse(&["--probe-interval", "soon"]).is_err());
-        assert!(parse(&["--metrics-addr", "nowhere"]).is_err());
+        assert!(e.contains("--cluster-id") && e.contains("a-z"), "{e}");
+        let e = parse(&["--cgroup", cg_path])
+            .expect_err("no id")
+            .to_string();
+        assert!(e.contains("--cluster-id"), "{e}");
     }
 
     #[test]
-    fn config_file_unknown_field_is_refused_with_line() {
+    fn config_file_holds_only_clusters_and_errors_name_field_and_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("agent.yaml");
-        std::fs::write(&path, "cluster_id: east\nprobe_intervl: 2s\n").expect("write");
-        let e = read_file(&path).expect_err("typo").to_string();
-        assert!(e.contains("probe_intervl") && e.contains("line 2"), "{e}");
-        std::fs::write(&path, "probe_interval: sometime\n").expect("write");
-        let e = read_file(&path).expect_err("bad duration").to_string();
-        assert!(e.contains("probe_interval") && e.contains("line 1"), "{e}");
+        std::fs::write(&path, "clusters:\n  - id: west\n    gateway: 127.0.0.2\n").expect("write");
+        let f = read_file(&path).expect("valid");
+        assert_eq!(f.clusters.len(), 1);
+        // a setting that belongs on a flag is refused, not silently ignored
+        std::fs::write(&path, "clusters: []\nprobe_interval: 2s\n").expect("write");
+        let e = read_file(&path).expect_err("a flag's setting").to_string();
+        assert!(e.contains("probe_interval") && e.contains("line 2"), "{e}");
+        std::fs::write(&path, "clusters:\n  - id: West\n").expect("write");
+        let e = read_file(&path).expect_err("bad id").to_string();
+        assert!(
+            e.contains("clusters[0]") && e.contains("\"West\"") && e.contains("line 2"),
+            "{e}"
+        );
+        std::fs::write(&path, "clusters:\n  - { id: west, gateway: nowhere }\n").expect("write");
+        let e = read_file(&path).expect_err("bad ip").to_string();
+        assert!(e.contains("gateway"), "{e}");
+        let twice: FileConfig =
+            serde_yaml::from_str("clusters: [{ id: west }, { id: west }]").expect("parses");
+        let e = minimal(twice).expect_err("twice").to_string();
+        assert!(e.starts_with("clusters") && e.contains("twice"), "{e}");
     }
 
     #[test]
@@ -758,13 +733,12 @@ clusters:
         let cg = dir.path().to_str().expect("utf8");
         let file = FileConfig {
             clusters: vec![FileCluster {
-                id: "west".into(),
+                id: ClusterName::new("west").expect("id"),
                 region: None,
                 zone: None,
                 provider: None,
                 gateway: Some("127.0.0.2".parse().expect("ip")),
             }],
-            ..FileConfig::default()
         };
         let c = parse(&[
             "--cluster-id",

@@ -1,6 +1,6 @@
 //! ballast member agent: discovery, RTT measurement, capacity, weight expansion, data-plane
-//! install, broker session, metrics, configuration. The binary (`ballast-agent`, `main.rs`)
-//! wires them into one steering loop.
+//! install, the steering loop, broker session, metrics, configuration. The binary
+//! (`ballast-agent`, `main.rs`) only wires them together.
 //!
 //! - [`catalog`]: the plain model every discovery source produces
 //! - [`discovery`]: the `Discovery` trait, the topology file and the Kubernetes (MCS) sources
@@ -8,9 +8,11 @@
 //! - [`capacity`]: per-pod capacity × ready local endpoints
 //! - [`weights`]: broker cluster weights → per-backend integer weights (pure)
 //! - [`install`]: catalog + weights + health → `ballast-bpf` service specs; RPS from counters
+//! - [`steering`]: the steering state machine (updates, refusals, retries, acks, reports)
+//!   over a [`steering::DataPlane`]
 //! - [`session`]: Register / Report / WatchWeights / AckWeights over mTLS, with reconnects
-//! - [`config`]: CLI flags, environment and config file
-//! - [`metrics`]: Prometheus registry and `/metrics` server
+//! - [`config`]: CLI flags with their environment variables, and the clusters file
+//! - [`metrics`]: the Prometheus registry (served by `ballast-runtime`'s admin server)
 
 pub mod capacity;
 pub mod catalog;
@@ -20,4 +22,5 @@ pub mod install;
 pub mod metrics;
 pub mod probe;
 pub mod session;
+pub mod steering;
 pub mod weights;

@@ -1,4 +1,5 @@
-//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint (axum).
+//! Prometheus metrics (prometheus-client). The registry is served on `/metrics` by
+//! `ballast_runtime::AdminServer` (with `/live` and `/ready`), like every ballast binary's.
 //!
 //! | metric | labels | what |
 //! |---|---|---|
@@ -13,7 +14,6 @@
 //! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -173,51 +173,32 @@ impl Metrics {
         }
     }
 
+    /// Counts the discovery source's failed refreshes into `discovery_failures`, in a task.
+    pub fn follow_discovery_status(
+        &self,
+        mut status: tokio::sync::watch::Receiver<crate::discovery::SourceStatus>,
+    ) -> tokio::task::JoinHandle<()> {
+        let counter = self.discovery_failures.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while status.changed().await.is_ok() {
+                let failed = status.borrow_and_update().refreshes_failed;
+                if failed > seen {
+                    counter.inc_by(failed - seen);
+                    seen = failed;
+                }
+            }
+        })
+    }
+
+    /// The registry, for `ballast_runtime::AdminServer`.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
-    }
-
-    /// Serves `GET /metrics` on `listener` until `shutdown` completes.
-    pub async fn serve(
-        self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        use axum::http::header::CONTENT_TYPE;
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = self.clone();
-                async move {
-                    (
-                        [(
-                            CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
-                }
-            }),
-        );
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    }
-
-    /// Binds `addr` and serves in a background task; returns the bound address.
-    pub async fn spawn_server(
-        self,
-        addr: SocketAddr,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        Ok((bound, tokio::spawn(self.serve(listener, shutdown))))
+        ballast_runtime::encode_metrics(&self.registry)
     }
 }
 
@@ -226,22 +207,9 @@ mod tests {
     use super::*;
     use crate::probe::{Method, Outcome, PeerStatus, ProbeConfig};
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
-    }
-
-    #[tokio::test]
-    async fn metrics_endpoint_serves_rtt_failures_and_generation() {
+    #[test]
+    fn exposition_holds_rtt_failures_and_generation() {
         let m = Metrics::new();
         let cfg = ProbeConfig {
             unhealthy_after: 1,
@@ -278,15 +246,8 @@ mod tests {
             .set(12.5);
         m.update_lag_seconds.observe(0.02);
 
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr, task) = m
-            .spawn_server("127.0.0.1:0".parse().expect("addr"), async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("bind");
-        let resp = get(addr, "/metrics").await;
-        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        // served on /metrics by ballast_runtime::AdminServer (tested there)
+        let resp = m.encode();
         assert!(
             resp.contains("ballast_agent_peer_rtt_seconds{peer=\"west\"} 0.04"),
             "{resp}"
@@ -317,8 +278,5 @@ mod tests {
             resp.contains("ballast_agent_update_lag_seconds_count 1"),
             "{resp}"
         );
-        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
-        tx.send(()).expect("server alive");
-        task.await.expect("join").expect("clean shutdown");
     }
 }

@@ -4,13 +4,14 @@
 //! latest report every report interval), the `WatchWeights` server stream (updates grouped
 //! into batches by `last_in_batch`, handed to the installer), and `AckWeights` for what the
 //! installer acknowledges. When any leg fails, the session reconnects with exponential
-//! backoff and jitter. The data plane is never touched here: while the broker is away the
+//! backoff and jitter (backon's, see [`Backoff`]). The data plane is never touched here: while the broker is away the
 //! last installed weights stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{
     Ack, ImportedServices, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate,
@@ -62,38 +63,41 @@ pub struct SessionConfig {
     pub backoff_max: Duration,
 }
 
-/// Exponential backoff with full jitter: the n-th wait is uniform in
-/// `[min/2, min(max, min × 2^n)]`.
-#[derive(Debug, Clone)]
+/// Reconnect waits: backon's exponential backoff with jitter (factor 2, no limit on the
+/// number of attempts). backon jitters upwards — a wait is its delay plus up to that delay
+/// again — so it is built on half the bounds: the n-th wait is in
+/// `[min/2, min(max, min × 2^n))`, never above `max`.
+#[derive(Debug)]
 pub struct Backoff {
-    min: Duration,
+    builder: ExponentialBuilder,
+    waits: ExponentialBackoff,
     max: Duration,
-    attempt: u32,
 }
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(min / 2)
+            .with_max_delay(max.max(min) / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
         Self {
-            min,
+            builder,
+            waits: builder.build(),
             max: max.max(min),
-            attempt: 0,
         }
     }
 
+    /// Starts again from the shortest wait.
     pub fn reset(&mut self) {
-        self.attempt = 0;
+        self.waits = self.builder.build();
     }
 
     /// The next wait.
     pub fn next_wait(&mut self) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let lo = (self.min / 2).min(ceiling);
-        let span = ceiling.saturating_sub(lo).as_secs_f64();
-        lo + Duration::from_secs_f64(rand::random::<f64>() * span)
+        // without_max_times: the iterator never ends; the max is the fallback all the same
+        self.waits.next().unwrap_or(self.max)
     }
 }
 

@@ -12,11 +12,13 @@ pub mod topology;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ClusterId};
+use crate::config::DiscoveryConfig;
 
 /// Errors of the discovery sources.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,8 @@ pub enum DiscoveryError {
     Topology(#[from] topology::TopologyError),
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    #[error("no Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    NoClient(kube::Error),
     #[error("kubernetes watch of {resource}: {message}")]
     Watch {
         resource: &'static str,
@@ -84,4 +88,39 @@ pub trait Discovery: Send + 'static {
     /// Loads the first catalog — failing if it cannot — then keeps it current in a
     /// background task.
     fn start(self) -> impl Future<Output = Result<CatalogWatch, DiscoveryError>> + Send;
+}
+
+/// Starts the source `cfg` names for cluster `local`.
+pub async fn start(
+    cfg: &DiscoveryConfig,
+    local: &ClusterId,
+) -> Result<CatalogWatch, DiscoveryError> {
+    match cfg {
+        DiscoveryConfig::Topology {
+            path,
+            poll_interval,
+        } => {
+            topology::TopologyDiscovery {
+                path: path.clone(),
+                local: local.clone(),
+                poll_interval: *poll_interval,
+            }
+            .start()
+            .await
+        }
+        DiscoveryConfig::Kubernetes { clusters } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(DiscoveryError::NoClient)?;
+            kubernetes::KubernetesDiscovery {
+                client,
+                local: local.clone(),
+                static_clusters: clusters.clone(),
+                init_timeout: Duration::from_secs(60),
+                debounce: Duration::from_millis(200),
+            }
+            .start()
+            .await
+        }
+    }
 }

@@ -18,6 +18,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+mod locate;
+
 use super::{CatalogWatch, Discovery, DiscoveryError, SourceStatus};
 use crate::catalog::{
     validate_cluster_id, Catalog, Cluster, ClusterId, Endpoint, Protocol, Service, ServiceName,
@@ -101,7 +103,7 @@ struct ServiceEntry {
 #[serde(deny_unknown_fields)]
 struct PortEntry {
     #[serde(default)]
-    name: Option<Label>,
+    name: Option<PortLabel>,
     port: PortNumber,
     #[serde(default = "default_protocol")]
     protocol: Proto,
@@ -115,7 +117,7 @@ struct EndpointEntry {
     #[serde(default = "default_true")]
     ready: bool,
     #[serde(default)]
-    port_name: Option<Label>,
+    port_name: Option<PortLabel>,
 }
 
 fn default_true() -> bool {
@@ -153,7 +155,12 @@ macro_rules! checked_string {
 
 checked_string!(Label, String, |s| validate_cluster_id(s)
     .map(|()| s.to_owned()));
-checked_string!(SvcName, ServiceName, ServiceName::parse);
+// a port name follows the same DNS-label rule as a cluster id; the message names it
+checked_string!(PortLabel, String, |s| validate_cluster_id(s)
+    .map(|()| s.to_owned())
+    .map_err(|e| e.replacen("cluster id", "port name", 1)));
+checked_string!(SvcName, ServiceName, |s| ServiceName::parse(s)
+    .map_err(|e| e.to_string()));
 checked_string!(Proto, Protocol, Protocol::parse);
 checked_string!(Ip, IpAddr, |s| s
     .parse::<IpAddr>()
@@ -239,20 +246,20 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
         line: e.location().map(|l| l.line()),
         message: e.to_string(),
     })?;
-    let invalid = |field: String, message: String, line: Option<usize>| TopologyError::Invalid {
+    // serde_yaml keeps no positions in the values it returns: the line of an error across
+    // items is found by walking the text again to the field's path (`locate`)
+    let invalid = |field: String, message: String| TopologyError::Invalid {
         path: path.to_owned(),
+        line: locate::line_of(text, &field),
         field,
         message,
-        line,
     };
-    let lines = Lines(text);
 
     if let Some(Label(l)) = &file.local_cluster {
         if l != local {
             return Err(invalid(
                 "local_cluster".into(),
                 format!("is {l:?} but this agent runs as cluster {local:?}"),
-                lines.find("local_cluster", l, 1),
             ));
         }
     }
@@ -263,7 +270,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
             return Err(invalid(
                 format!("clusters[{i}].id"),
                 format!("cluster {id:?} is listed twice"),
-                lines.find("id", &id, 2),
             ));
         }
         clusters.insert(
@@ -281,7 +287,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
         return Err(invalid(
             "clusters".into(),
             format!("this agent's cluster {local:?} is not listed"),
-            lines.find_key("clusters"),
         ));
     }
 
@@ -294,14 +299,12 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
             return Err(invalid(
                 format!("{at}.name"),
                 format!("service {name} is listed twice"),
-                lines.find("name", &name.to_string(), 2),
             ));
         }
         if s.vips.is_empty() {
             return Err(invalid(
                 format!("{at}.vips"),
                 "a service needs at least one VIP".into(),
-                lines.find("name", &name.to_string(), 1),
             ));
         }
         for (vi, v) in s.vips.iter().enumerate() {
@@ -309,7 +312,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                 return Err(invalid(
                     format!("{at}.vips[{vi}]"),
                     format!("VIP {} is already used by service {other}", v.0),
-                    lines.find_value(&v.0.to_string(), 2),
                 ));
             }
         }
@@ -317,7 +319,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
             return Err(invalid(
                 format!("{at}.ports"),
                 "a service needs at least one port".into(),
-                lines.find("name", &name.to_string(), 1),
             ));
         }
         let mut seen_ports = BTreeSet::new();
@@ -325,17 +326,15 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
         for (pi, p) in s.ports.iter().enumerate() {
             if !seen_ports.insert((p.port.0, p.protocol.0)) {
                 return Err(invalid(
-                    format!("{at}.ports[{pi}]"),
+                    format!("{at}.ports[{pi}].port"),
                     format!("port {}/{} is listed twice", p.port.0, p.protocol.0),
-                    lines.find("port", &p.port.0.to_string(), 2),
                 ));
             }
             match &p.name {
-                Some(Label(n)) if !port_names.insert(n.clone()) => {
+                Some(PortLabel(n)) if !port_names.insert(n.clone()) => {
                     return Err(invalid(
                         format!("{at}.ports[{pi}].name"),
                         format!("port name {n:?} is used twice"),
-                        lines.find("name", n, 2),
                     ));
                 }
                 Some(_) => {}
@@ -343,7 +342,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                     return Err(invalid(
                         format!("{at}.ports[{pi}].name"),
                         "every port of a multi-port service needs a name".into(),
-                        lines.find("port", &p.port.0.to_string(), 1),
                     ));
                 }
                 None => {}
@@ -358,7 +356,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                 return Err(invalid(
                     format!("{eat}.cluster"),
                     format!("cluster {:?} is not in clusters", e.cluster.0),
-                    lines.find("cluster", &e.cluster.0, 1),
                 ));
             }
             let port_name = e.port_name.as_ref().map(|p| p.0.clone());
@@ -367,14 +364,12 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                     return Err(invalid(
                         format!("{eat}.port_name"),
                         format!("service {name} has no port named {n:?}"),
-                        lines.find("port_name", n, 1),
                     ));
                 }
                 None if s.ports.len() > 1 => {
                     return Err(invalid(
                         format!("{eat}.port_name"),
                         "endpoints of a multi-port service must name their port".into(),
-                        lines.find_value(&addr, 1),
                     ));
                 }
                 _ => {}
@@ -383,7 +378,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                 return Err(invalid(
                     format!("{eat}.address"),
                     format!("endpoint {addr} is listed twice"),
-                    lines.find_value(&addr, 2),
                 ));
             }
             endpoints.push(Endpoint {
@@ -417,66 +411,6 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
         clusters,
         services,
     })
-}
-
-/// Finds lines for errors across items (serde_yaml keeps no positions in its values).
-struct Lines<'a>(&'a str);
-
-impl Lines<'_> {
-    /// Strips quotes, `- ` and flow punctuation around a scalar.
-    fn clean(v: &str) -> &str {
-        v.trim()
-            .trim_start_matches("- ")
-            .trim_matches(|c| c == '"' || c == '\'' || c == ',' || c == '[' || c == ']')
-    }
-
-    /// Line (1-based) of the `nth` occurrence of `key: value`.
-    fn find(&self, key: &str, value: &str, nth: usize) -> Option<usize> {
-        let mut count = 0;
-        for (i, line) in self.0.lines().enumerate() {
-            let body = line.split(" #").next().unwrap_or("");
-            // a line may hold several `key: value` pairs in flow style
-            for part in body.split([',', '{', '}']) {
-                let part = part.trim().trim_start_matches("- ");
-                if let Some((k, v)) = part.split_once(':') {
-                    if k.trim() == key && Self::clean(v) == value {
-                        count += 1;
-                        if count == nth {
-                            return Some(i + 1);
-                        }
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    /// Line of the `nth` line holding `value` as a scalar (list item or value).
-    fn find_value(&self, value: &str, nth: usize) -> Option<usize> {
-        let mut count = 0;
-        for (i, line) in self.0.lines().enumerate() {
-            let body = line.split(" #").next().unwrap_or("");
-            let hits = body
-                .split([',', '{', '}', '[', ']', ' '])
-                .map(Self::clean)
-                .filter(|t| *t == value)
-                .count();
-            for _ in 0..hits {
-                count += 1;
-                if count == nth {
-                    return Some(i + 1);
-                }
-            }
-        }
-        None
-    }
-
-    fn find_key(&self, key: &str) -> Option<usize> {
-        self.0
-            .lines()
-            .position(|l| l.trim_start().starts_with(&format!("{key}:")))
-            .map(|i| i + 1)
-    }
 }
 
 /// Reads and parses the file.
