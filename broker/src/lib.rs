@@ -4,11 +4,10 @@
 pub mod admin_cli;
 pub mod certs;
 pub mod config;
-pub mod crd;
 pub mod engine;
 pub mod grpc;
 pub mod metrics;
-pub mod policy_sync;
+pub mod policy;
 pub mod server;
 pub mod solve_cli;
 pub mod tls;

@@ -49,16 +49,16 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let mut running = ballast_broker::server::start(cfg)
         .await
         .context("starting the broker")?;
-    let fallback = ballast_broker::crd::ClusterPolicy {
+    let fallback = ballast_broker::policy::ClusterPolicy {
         policy: running.engine().config().policy,
         params: running.engine().config().params,
     };
-    if let Some(rx) = ballast_broker::crd::spawn_policy_watcher_from_env(fallback)
+    if let Some(rx) = ballast_broker::policy::spawn_policy_watcher_from_env(fallback)
         .await
         .context("starting the policy CRD watcher")?
     {
         tracing::info!("watching LoadBalancingPolicy / ServiceLoadBalancingPolicy objects");
-        tokio::spawn(ballast_broker::policy_sync::follow(
+        tokio::spawn(ballast_broker::policy::sync::follow(
             std::sync::Arc::clone(running.engine()),
             rx,
         ));

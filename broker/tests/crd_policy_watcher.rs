@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ballast_broker::crd::{spawn_policy_watcher, ClusterPolicy, PolicySettings};
+use ballast_broker::policy::{spawn_policy_watcher, ClusterPolicy, PolicySettings};
 use ballast_model::{Params, Policy};
 use http::{Request, Response};
 use kube::client::Body;

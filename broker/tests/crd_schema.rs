@@ -1,10 +1,11 @@
 //! The CRD types: schema enums agree with the model, validation names the field, and the
 //! objects -> settings rules (singleton, overrides, conflicts, last accepted value).
 
-use ballast_broker::crd::{
-    crds, ClusterPolicy, CrdError, LoadBalancingPolicy, LoadBalancingPolicySpec, PolicyChoice,
-    PolicySettings, ServiceLoadBalancingPolicy, ServiceLoadBalancingPolicySpec,
-    ServiceOverrideSpec, FIELD_PARAMS, FIELD_POLICY, FIELD_SERVICE_IMPORT,
+use ballast_broker::policy::{ClusterPolicy, PolicySettings};
+use ballast_k8s_api::policy::{
+    crds, CrdError, LoadBalancingPolicy, LoadBalancingPolicySpec, PolicyChoice,
+    ServiceLoadBalancingPolicy, ServiceLoadBalancingPolicySpec, ServiceOverrideSpec, FIELD_PARAMS,
+    FIELD_POLICY, FIELD_SERVICE_IMPORT,
 };
 use ballast_model::{Params, Policy, PriceTable, Problem, ServiceInput};
 use kube::api::ObjectMeta;
@@ -298,7 +299,7 @@ fn crd_settings_apply_to_problem_sets_overrides_per_service() {
 
 #[test]
 fn crd_watch_env_parses_and_names_the_variable() {
-    use ballast_broker::crd::{watch_enabled, WATCH_ENV};
+    use ballast_broker::policy::{watch_enabled, WATCH_ENV};
     assert!(!watch_enabled(None).expect("unset"));
     assert!(!watch_enabled(Some("")).expect("empty"));
     assert!(watch_enabled(Some("true")).expect("true"));

@@ -147,7 +147,7 @@ fn helm_every_value_a_template_reads_is_defined() {
 #[test]
 fn helm_chart_crds_equal_crdgen_output() {
     let dir = repo().join("helm/ballast-broker/crds");
-    let generated = ballast_broker::crd::crd_files().expect("crdgen output");
+    let generated = ballast_k8s_api::policy::crd_files().expect("crdgen output");
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .expect("helm/ballast-broker/crds")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -172,7 +172,7 @@ fn helm_chart_crds_equal_crdgen_output() {
 #[test]
 fn helm_broker_policy_values_are_valid_crd_values() {
     let values = &parse_all(&repo().join("helm/ballast-broker/values.yaml"))[0];
-    let spec = ballast_broker::crd::LoadBalancingPolicySpec {
+    let spec = ballast_k8s_api::policy::LoadBalancingPolicySpec {
         service_discovery_load_balancing: values["serviceDiscoveryLoadBalancing"]
             .as_str()
             .map(str::to_string),
@@ -180,7 +180,7 @@ fn helm_broker_policy_values_are_valid_crd_values() {
             .as_str()
             .map(str::to_string),
     };
-    let choice = ballast_broker::crd::PolicyChoice::try_from(&spec).expect("valid defaults");
+    let choice = ballast_k8s_api::policy::PolicyChoice::try_from(&spec).expect("valid defaults");
     assert!(choice.policy.is_some() && choice.params.is_some());
     // The render-time checks in _helpers.tpl list exactly the CRD's values.
     let helpers =

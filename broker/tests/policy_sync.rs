@@ -3,10 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use ballast_broker::crd::{ClusterPolicy, PolicySettings, ServiceOverride};
 use ballast_broker::engine::{Engine, EngineConfig};
 use ballast_broker::metrics::Metrics;
-use ballast_broker::policy_sync::apply_settings;
+use ballast_broker::policy::sync::apply_settings;
+use ballast_broker::policy::{ClusterPolicy, PolicySettings, ServiceOverride};
 use ballast_model::{Params, Policy};
 use ballast_store::Store;
 

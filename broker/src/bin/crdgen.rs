@@ -1,4 +1,4 @@
-//! `crdgen`: prints ballast's CRDs (derived from `ballast_broker::crd`) as YAML, or writes one
+//! `crdgen`: prints ballast's CRDs (derived from `ballast_k8s_api::policy`) as YAML, or writes one
 //! file per CRD into a directory (the chart's `crds/`).
 //!
 //! ```text
@@ -25,14 +25,14 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.out {
-        None => print!("{}", ballast_broker::crd::crds_yaml()?),
+        None => print!("{}", ballast_k8s_api::policy::crds_yaml()?),
         Some(dir) => {
             anyhow::ensure!(
                 dir.is_dir(),
                 "--out: {} is not an existing directory",
                 dir.display()
             );
-            for (name, yaml) in ballast_broker::crd::crd_files()? {
+            for (name, yaml) in ballast_k8s_api::policy::crd_files()? {
                 let path = dir.join(&name);
                 std::fs::write(&path, yaml)
                     .with_context(|| format!("--out: writing {}", path.display()))?;

@@ -657,3 +657,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,9 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, CustomResource, ResourceExt};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::{watch, Notify};
 
 use super::{CatalogWatch, Discovery, DiscoveryError, SourceStatus};
@@ -36,80 +34,11 @@ use crate::catalog::{
     ServicePort,
 };
 
-/// Label on an EndpointSlice: the ServiceImport it belongs to.
-pub const SERVICE_NAME_LABEL: &str = "multicluster.kubernetes.io/service-name";
-/// Label on an EndpointSlice: the cluster its endpoints run in.
-pub const SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
-/// Annotation on a ServiceExport: requests per second one pod can serve.
-pub const CAPACITY_ANNOTATION: &str = "ballast.io/capacity-rps-per-pod";
-
-/// `ServiceImport` spec (MCS API v1alpha1).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[kube(
-    group = "multicluster.x-k8s.io",
-    version = "v1alpha1",
-    kind = "ServiceImport",
-    namespaced,
-    status = "ServiceImportStatus"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceImportSpec {
-    /// `ClusterSetIP` or `Headless`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// The VIPs (ClusterSetIP).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ips: Vec<String>,
-    #[serde(default)]
-    pub ports: Vec<ServiceImportPort>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session_affinity: Option<String>,
-}
-
-/// A port of a ServiceImport.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceImportPort {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_protocol: Option<String>,
-    pub port: i32,
-}
-
-/// `ServiceImport` status: the clusters exporting the service.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct ServiceImportStatus {
-    #[serde(default)]
-    pub clusters: Vec<ClusterStatus>,
-}
-
-/// One exporting cluster.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-pub struct ClusterStatus {
-    pub cluster: String,
-}
-
-/// `ServiceExport` (MCS API v1alpha1): no spec; its name and namespace select the Service.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[kube(
-    group = "multicluster.x-k8s.io",
-    version = "v1alpha1",
-    kind = "ServiceExport",
-    namespaced,
-    no_spec,
-    status = "ServiceExportStatus"
-)]
-pub struct ServiceExportSpec {}
-
-/// `ServiceExport` status (conditions, kept opaque).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct ServiceExportStatus {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<serde_json::Value>,
-}
+pub use ballast_k8s_api::mcs::{
+    ClusterStatus, ServiceExport, ServiceExportSpec, ServiceExportStatus, ServiceImport,
+    ServiceImportPort, ServiceImportSpec, ServiceImportStatus, CAPACITY_ANNOTATION,
+    SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL,
+};
 
 /// A problem with one object, which is left out of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]

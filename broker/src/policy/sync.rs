@@ -1,4 +1,4 @@
-//! Applies the policy CRDs (see [`crate::crd`]) to a running broker.
+//! Applies the policy CRDs (see [`ballast_k8s_api::policy`]) to a running broker.
 //!
 //! When the broker runs in a cluster, the `LoadBalancingPolicy` / `ServiceLoadBalancingPolicy`
 //! objects are the source of truth: each change of the watcher's [`PolicySettings`] is
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::crd::PolicySettings;
+use super::settings::PolicySettings;
 use crate::engine::{now_ms, Engine};
 use ballast_store::{PolicyRecord, StoreError};
 

@@ -1,0 +1,396 @@
+//! The engine's scenarios on its pure core: plans and rounds from hand-built snapshots, no
+//! database (the same scenarios against SQLite and PostgreSQL are in
+//! `tests/store_backends.rs`).
+#![allow(clippy::unwrap_used, clippy::float_cmp)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ballast_store::{
+    AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, RpsRecord, RttRecord,
+};
+use ballast_types::WeightsStatus;
+
+use super::plan::{plan, Inputs};
+use super::round::{round, Computed, RoundMemory, RoundOutcome};
+use super::status::cluster_status;
+use super::{EngineConfig, Entry, Published, Snapshot};
+
+const NOW: i64 = 1_800_000_000_000;
+const SVC: &str = "ns/web";
+
+fn cluster(id: &str, region: &str) -> ClusterRecord {
+    ClusterRecord {
+        cluster_id: id.into(),
+        region: region.into(),
+        zone: format!("{region}a"),
+        provider: "aws".into(),
+        gateway_address: String::new(),
+        registered_at_ms: NOW - 1_000,
+        updated_at_ms: NOW - 1_000,
+    }
+}
+
+fn agent(c: &str, node: &str, last_report_ms: i64) -> AgentRecord {
+    AgentRecord {
+        cluster_id: c.into(),
+        node_name: node.into(),
+        agent_version: "test".into(),
+        registered_at_ms: NOW - 1_000,
+        last_report_ms,
+        acked_generation: 0,
+    }
+}
+
+fn cap(c: &str, node: &str, capacity_rps: f64, at: i64) -> CapacityRecord {
+    CapacityRecord {
+        cluster_id: c.into(),
+        service: SVC.into(),
+        node_name: node.into(),
+        capacity_rps,
+        measured_at_ms: at,
+    }
+}
+
+fn rtt(src: &str, dst: &str, node: &str, rtt_ms: f64, at: i64) -> RttRecord {
+    RttRecord {
+        src: src.into(),
+        dst: dst.into(),
+        node_name: node.into(),
+        rtt_ms,
+        loss_ratio: 0.0,
+        reachable: true,
+        measured_at_ms: at,
+    }
+}
+
+fn rps(src: &str, dst: &str, node: &str, rps: f64) -> RpsRecord {
+    RpsRecord {
+        src: src.into(),
+        service: SVC.into(),
+        dst: dst.into(),
+        node_name: node.into(),
+        rps,
+        measured_at_ms: NOW,
+    }
+}
+
+fn decl(c: &str, node: &str, heard_at_ms: i64, services: &[&str]) -> ImportDeclaration {
+    ImportDeclaration {
+        cluster_id: c.into(),
+        node_name: node.into(),
+        declared_at_ms: heard_at_ms,
+        heard_at_ms,
+        services: services.iter().map(|s| (*s).to_string()).collect(),
+    }
+}
+
+/// c1 (us-east-1) imports `ns/web`, served by c2 (us-east-2, near) and c3 (eu-west-1, far),
+/// every sample fresh.
+fn fleet() -> Snapshot {
+    let mut rtts = Vec::new();
+    for (a, b, ms) in [("c1", "c2", 12.0), ("c1", "c3", 75.0), ("c2", "c3", 80.0)] {
+        rtts.push(rtt(a, b, "n1", ms, NOW));
+        rtts.push(rtt(b, a, "n1", ms, NOW));
+    }
+    Snapshot {
+        clusters: vec![
+            cluster("c1", "us-east-1"),
+            cluster("c2", "us-east-2"),
+            cluster("c3", "eu-west-1"),
+        ],
+        agents: ["c1", "c2", "c3"]
+            .iter()
+            .map(|c| agent(c, "n1", NOW))
+            .collect(),
+        rtt: rtts,
+        capacity: vec![cap("c2", "n1", 1_000.0, NOW), cap("c3", "n1", 1_000.0, NOW)],
+        ..Snapshot::default()
+    }
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig::default()
+}
+
+fn computed(o: RoundOutcome) -> Computed {
+    match o {
+        RoundOutcome::Computed(c) => *c,
+        RoundOutcome::Unchanged => panic!("round skipped"),
+    }
+}
+
+fn first_round(inputs: &Inputs) -> Computed {
+    computed(round(
+        inputs,
+        &Published::default(),
+        &RoundMemory::default(),
+        &cfg(),
+        NOW,
+    ))
+}
+
+fn published(c: &Computed) -> Published {
+    Published {
+        generation: c.generation,
+        created_at_ms: NOW,
+        entries: c.entries.clone(),
+    }
+}
+
+fn weights(c: &Computed, src: &str) -> BTreeMap<String, f64> {
+    c.entries[&(SVC.to_string(), src.to_string())]
+        .weights
+        .clone()
+}
+
+#[test]
+fn plan_sums_capacity_over_nodes_and_takes_the_median_rtt() {
+    let mut s = fleet();
+    s.capacity.push(cap("c2", "n2", 500.0, NOW));
+    s.rtt.retain(|r| !(r.src == "c1" && r.dst == "c2"));
+    for (node, ms) in [("n1", 10.0), ("n2", 20.0), ("n3", 90.0)] {
+        s.rtt.push(rtt("c1", "c2", node, ms, NOW));
+    }
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC].problem;
+    assert_eq!(p.services[0].capacity_rps["c2"], 1_500.0);
+    assert_eq!(p.rtt_ms["c1"]["c2"], 20.0);
+    assert!(inputs.services[SVC].stale.is_empty());
+}
+
+#[test]
+fn plan_gives_sources_without_rps_a_default_demand_and_sums_reported_rps() {
+    let mut s = fleet();
+    s.rps = vec![rps("c1", "c2", "n1", 30.0), rps("c1", "c3", "n2", 12.0)];
+    let inputs = plan(&s, &cfg(), NOW);
+    let demand = &inputs.services[SVC].problem.services[0].demand_rps;
+    assert_eq!(demand["c1"], 42.0);
+    // c2 and c3 import it too (undeclared) and reported nothing: max(default 10, 2 serving)
+    assert_eq!(demand["c2"], 10.0);
+}
+
+#[test]
+fn plan_flags_stale_capacity_and_rtt_and_never_uses_stale_samples() {
+    let mut s = fleet();
+    let old = NOW - 61_000;
+    s.capacity = vec![cap("c2", "n1", 1_000.0, old), cap("c3", "n1", 1_000.0, NOW)];
+    for r in &mut s.rtt {
+        if r.src == "c1" && r.dst == "c3" {
+            r.measured_at_ms = old;
+        }
+    }
+    let inputs = plan(&s, &cfg(), NOW);
+    let plan = &inputs.services[SVC];
+    assert_eq!(
+        plan.stale,
+        vec![
+            "capacity of ns/web in c2 is older than 1m".to_string(),
+            "rtt c1 -> c3 is older than 1m".to_string(),
+        ]
+    );
+    assert!(!plan.problem.services[0].capacity_rps.contains_key("c2"));
+    assert!(!plan.problem.rtt_ms["c1"].contains_key("c3"));
+    assert_eq!(inputs.stale_inputs, 2);
+}
+
+#[test]
+fn plan_leaves_clusters_not_heard_from_within_the_expiry_out() {
+    let mut s = fleet();
+    let long_ago = NOW - 11 * 60_000;
+    s.clusters[2].registered_at_ms = long_ago;
+    s.clusters[2].updated_at_ms = long_ago;
+    s.agents[2].last_report_ms = long_ago;
+    s.agents[2].registered_at_ms = long_ago;
+    let inputs = plan(&s, &cfg(), NOW);
+    assert_eq!(inputs.expired, BTreeSet::from(["c3".to_string()]));
+    assert_eq!(inputs.clusters, 2);
+    let p = &inputs.services[SVC].problem;
+    assert!(!p.services[0].capacity_rps.contains_key("c3"));
+    assert!(!p.services[0].demand_rps.contains_key("c3"));
+    // expiry off: c3 is back
+    let never = EngineConfig {
+        cluster_expiry: None,
+        ..cfg()
+    };
+    assert!(plan(&s, &never, NOW).expired.is_empty());
+}
+
+#[test]
+fn plan_makes_sources_of_the_declared_importers_only() {
+    let mut s = fleet();
+    let stale = NOW - 120_000;
+    s.imports = vec![
+        decl("c1", "n1", NOW, &[SVC]),
+        // c2's fresh node does not import it; its stale node's old declaration is shadowed
+        decl("c2", "n1", NOW, &["ns/other"]),
+        decl("c2", "n2", stale, &[SVC]),
+        // c3's only declaration is stale: still used (imports are configuration)
+        decl("c3", "n1", stale, &[SVC]),
+    ];
+    let inputs = plan(&s, &cfg(), NOW);
+    let sources: Vec<&String> = inputs.services[SVC].problem.services[0]
+        .demand_rps
+        .keys()
+        .collect();
+    assert_eq!(sources, ["c1", "c3"]);
+    // a service nobody imports gets no plan
+    s.imports = vec![
+        decl("c1", "n1", NOW, &[]),
+        decl("c2", "n1", NOW, &[]),
+        decl("c3", "n1", NOW, &[]),
+    ];
+    assert!(plan(&s, &cfg(), NOW).services.is_empty());
+}
+
+#[test]
+fn a_round_publishes_once_and_skips_identical_inputs() {
+    let inputs = plan(&fleet(), &cfg(), NOW);
+    let first = first_round(&inputs);
+    assert!(first.changed);
+    assert_eq!(first.generation, 1);
+    let w = weights(&first, "c1");
+    assert!(w["c2"] > w["c3"], "the near cluster gets more: {w:?}");
+    assert_eq!(
+        first.entries[&(SVC.into(), "c1".into())].status,
+        WeightsStatus::Optimal
+    );
+    assert!(first.removed.is_empty());
+    // the same inputs against what the round published (generation 1): a new digest
+    // (the generation is part of it), the same weights, no new generation
+    let again = computed(round(
+        &inputs,
+        &published(&first),
+        &first.memory,
+        &cfg(),
+        NOW + 5,
+    ));
+    assert!(!again.changed);
+    assert_eq!(again.generation, 1);
+    assert!(again.rows.is_empty());
+    let e = &again.entries[&(SVC.into(), "c1".into())];
+    assert_eq!(
+        e.computed_at_ms, NOW,
+        "an unchanged entry keeps when it was computed"
+    );
+    // and then the same digest: skipped
+    assert!(matches!(
+        round(&inputs, &published(&first), &again.memory, &cfg(), NOW + 10),
+        RoundOutcome::Unchanged
+    ));
+}
+
+#[test]
+fn stale_inputs_keep_the_previous_weights_flagged_stale() {
+    let first = first_round(&plan(&fleet(), &cfg(), NOW));
+    let mut s = fleet();
+    s.capacity[1].measured_at_ms = NOW - 61_000;
+    let later = NOW + 1_000;
+    let inputs = plan(&s, &cfg(), later);
+    let out = computed(round(
+        &inputs,
+        &published(&first),
+        &first.memory,
+        &cfg(),
+        later,
+    ));
+    let e = &out.entries[&(SVC.into(), "c1".into())];
+    assert_eq!(e.status, WeightsStatus::Stale);
+    assert_eq!(e.reason, "capacity of ns/web in c3 is older than 1m");
+    assert_eq!(
+        e.weights,
+        weights(&first, "c1"),
+        "weights kept as they were"
+    );
+    assert!(out.changed, "the status changed");
+    assert_eq!(out.generation, 2);
+    assert_eq!(out.stale_services, 1);
+    assert_eq!(out.status.as_str(), "degraded");
+    // a service that never had weights gets none while stale
+    let none = first_round(&inputs);
+    assert!(none.entries.is_empty());
+}
+
+#[test]
+fn weights_move_at_most_max_step_per_round() {
+    let inputs = plan(&fleet(), &cfg(), NOW);
+    // previously everything went to the far cluster
+    let mut prev = Published {
+        generation: 7,
+        created_at_ms: NOW,
+        entries: BTreeMap::new(),
+    };
+    for src in ["c1", "c2", "c3"] {
+        prev.entries.insert(
+            (SVC.into(), src.into()),
+            Entry {
+                weights: BTreeMap::from([("c2".into(), 0.0), ("c3".into(), 1.0)]),
+                status: WeightsStatus::Optimal,
+                reason: String::new(),
+                policy: ballast_types::Policy::Optimized,
+                params: ballast_types::Params::Mixed,
+                computed_at_ms: NOW - 1,
+            },
+        );
+    }
+    let out = computed(round(&inputs, &prev, &RoundMemory::default(), &cfg(), NOW));
+    // The previous row lifted to the liveness floor (1 of c1's 10 rps: 0.1) is c2 0.1,
+    // c3 0.9; the optimum (c2 0.9, c3 0.1) is approached by one max_step (0.2).
+    let w = weights(&out, "c1");
+    assert!((w["c2"] - 0.3).abs() < 1e-9, "{w:?}");
+    assert!((w["c3"] - 0.7).abs() < 1e-9, "{w:?}");
+    assert_eq!(out.generation, 8);
+    let undamped = EngineConfig {
+        max_step: None,
+        ..cfg()
+    };
+    let free = computed(round(
+        &inputs,
+        &prev,
+        &RoundMemory::default(),
+        &undamped,
+        NOW,
+    ));
+    assert!(weights(&free, "c1")["c2"] > 0.5);
+}
+
+#[test]
+fn pairs_that_lose_their_weights_are_written_as_tombstones() {
+    let first = first_round(&plan(&fleet(), &cfg(), NOW));
+    assert!(first.entries.contains_key(&(SVC.into(), "c3".into())));
+    // c3 stops importing the service
+    let mut s = fleet();
+    s.imports = vec![decl("c3", "n1", NOW, &[])];
+    let out = computed(round(
+        &plan(&s, &cfg(), NOW),
+        &published(&first),
+        &first.memory,
+        &cfg(),
+        NOW,
+    ));
+    assert_eq!(out.removed, vec![(SVC.to_string(), "c3".to_string())]);
+    assert!(out.changed);
+    assert!(out.rows.iter().all(|r| r.src != "c3"));
+    assert!(!out.entries.contains_key(&(SVC.into(), "c3".into())));
+}
+
+#[test]
+fn cluster_status_says_stale_expired_and_imports() {
+    let mut s = fleet();
+    s.imports = vec![decl("c1", "n1", NOW, &[SVC])];
+    s.agents[1].last_report_ms = NOW - 90_000;
+    s.rtt.retain(|r| r.src != "c2");
+    s.capacity.retain(|c| c.cluster_id != "c2");
+    let long_ago = NOW - 11 * 60_000;
+    s.clusters[2].registered_at_ms = long_ago;
+    s.clusters[2].updated_at_ms = long_ago;
+    s.agents[2].registered_at_ms = long_ago;
+    s.agents[2].last_report_ms = long_ago;
+    let st = cluster_status(&s, &cfg(), NOW);
+    let by: BTreeMap<&str, _> = st.iter().map(|c| (c.cluster_id.as_str(), c)).collect();
+    assert!(!by["c1"].stale && !by["c1"].expired);
+    assert_eq!(by["c1"].imports, Some(BTreeSet::from([SVC.to_string()])));
+    assert!(by["c2"].stale && !by["c2"].expired, "{:?}", by["c2"]);
+    assert_eq!(by["c2"].last_report_age_ms, 90_000);
+    assert_eq!(by["c2"].imports, None, "never declared: imports everything");
+    assert!(by["c3"].expired);
+}
