@@ -103,10 +103,13 @@ impl TlsArgs {
 /// `ballast-broker serve`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Logs: `--log-level`, `--log-format`.
+    #[command(flatten)]
+    pub log: ballast_runtime::LogArgs,
     /// gRPC listen address.
     #[arg(long, env = "BALLAST_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
-    /// Prometheus `/metrics` listen address.
+    /// Admin HTTP listen address: Prometheus `/metrics`, `/live` and `/ready`.
     #[arg(long, env = "BALLAST_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
     /// Store: `sqlite://PATH?mode=rwc` (created on first start) or `postgres://...`.

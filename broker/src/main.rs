@@ -35,15 +35,6 @@ enum Command {
     Admin(AdminArgs),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let cfg = args.to_config().map_err(anyhow::Error::msg)?;
     let mut running = ballast_broker::server::start(cfg)
@@ -63,12 +54,9 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             rx,
         ));
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         () = running.wait() => {}
-        r = tokio::signal::ctrl_c() => { r.context("waiting for ctrl-c")?; }
-        _ = term.recv() => {}
+        () = ballast_runtime::shutdown_signal() => {}
     }
     tracing::info!("shutting down");
     running.stop().await;
@@ -112,10 +100,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Solve { input } => report(ballast_broker::solve_cli::run(&input)),
-        Command::Serve(args) => {
-            init_tracing();
-            report(runtime().and_then(|rt| rt.block_on(serve(&args)).map(|()| String::new())))
-        }
+        Command::Serve(args) => report(
+            args.log
+                .init()
+                .map_err(anyhow::Error::from)
+                .and_then(|()| runtime())
+                .and_then(|rt| rt.block_on(serve(&args)).map(|()| String::new())),
+        ),
         Command::Certs(args) => report(certs(&args)),
         Command::Admin(args) => {
             report(runtime().and_then(|rt| rt.block_on(ballast_broker::admin_cli::run(&args))))

@@ -1,9 +1,8 @@
-//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
+//! The broker's Prometheus metrics (prometheus-client). They are served, with `/live` and
+//! `/ready`, by `ballast_runtime::AdminServer` (see `server.rs`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -12,7 +11,7 @@ use prometheus_client::registry::Registry;
 /// The broker's metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    registry: Arc<Registry>,
     /// Seconds per solver round (all services).
     pub solve_duration: Histogram,
     /// Registered clusters taken into account (not expired).
@@ -91,7 +90,7 @@ impl Metrics {
             rejected.clone(),
         );
         Self {
-            registry,
+            registry: Arc::new(registry),
             solve_duration,
             clusters,
             expired_clusters,
@@ -104,49 +103,15 @@ impl Metrics {
         }
     }
 
+    /// The registry every metric is in (what the admin server exposes).
+    #[must_use]
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.registry)
+    }
+
     /// The metrics in the Prometheus text format.
     #[must_use]
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        ballast_runtime::encode_metrics(&self.registry)
     }
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-///
-/// # Errors
-/// An I/O error of the HTTP server.
-pub async fn serve(
-    metrics: Arc<Metrics>,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Binds the metrics listener.
-///
-/// # Errors
-/// The address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_proto::v1::{admin_server::AdminServer, broker_server::BrokerServer};
+use ballast_runtime::{AdminServer as HttpAdmin, Readiness};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
@@ -77,6 +78,8 @@ pub enum ServeError {
     Tls(String),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Admin(ballast_runtime::RuntimeError),
 }
 
 /// A running broker.
@@ -89,6 +92,8 @@ pub struct Running {
     engine: Arc<Engine>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    admin: Option<HttpAdmin>,
+    readiness: Readiness,
 }
 
 impl Running {
@@ -100,7 +105,13 @@ impl Running {
 
     /// Stops the servers and the solve loop, and closes the store.
     pub async fn stop(self) {
+        self.readiness.set(false);
         let _ = self.shutdown.send(true);
+        if let Some(admin) = self.admin {
+            if let Err(e) = admin.shutdown().await {
+                warn!(error = %e, "admin server stopped");
+            }
+        }
         for t in self.tasks {
             let abort = t.abort_handle();
             if tokio::time::timeout(Duration::from_secs(5), t)
@@ -199,26 +210,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     }));
 
-    let mut metrics_addr = None;
-    if let Some(maddr) = cfg.metrics_addr {
-        let l = crate::metrics::bind(maddr)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: maddr,
-                source,
-            })?;
-        metrics_addr = l.local_addr().ok();
-        let mut sd = shutdown_rx.clone();
-        let m = metrics.clone();
-        tasks.push(tokio::spawn(async move {
-            let signal = async move {
-                let _ = sd.wait_for(|v| *v).await;
-            };
-            if let Err(e) = crate::metrics::serve(m, l, signal).await {
-                warn!(error = %e, "metrics server stopped");
-            }
-        }));
-    }
+    // /metrics, /live and /ready; ready from here on (store open, generation loaded,
+    // gRPC listener bound) until stop.
+    let readiness = Readiness::default();
+    let admin = match cfg.metrics_addr {
+        Some(maddr) => Some(
+            HttpAdmin::bind(maddr, metrics.registry(), readiness.clone())
+                .await
+                .map_err(ServeError::Admin)?,
+        ),
+        None => None,
+    };
+    let metrics_addr = admin.as_ref().map(HttpAdmin::local_addr);
+    readiness.set(true);
 
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
@@ -230,6 +234,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         engine,
         shutdown,
         tasks,
+        admin,
+        readiness,
     })
 }
 

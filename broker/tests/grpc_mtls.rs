@@ -167,15 +167,24 @@ async fn agent_registers_reports_and_receives_weights() {
     assert_eq!(ex.destinations.len(), 2);
     assert_eq!(ex.demand_rps, 100.0);
 
-    // Metrics: generation and watchers.
-    let mut s = tokio::net::TcpStream::connect(b.metrics_addr.unwrap())
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
+    // Metrics: generation and watchers; the probes of the same admin port.
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(b.metrics_addr.unwrap())
+            .await
+            .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    assert!(
+        get("/ready").await.starts_with("HTTP/1.0 200"),
+        "serving: ready"
+    );
+    assert!(get("/live").await.starts_with("HTTP/1.0 200"));
+    let body = get("/metrics").await;
     assert!(
         body.contains(&format!("ballast_broker_generation {}", rr.generation)),
         "{body}"

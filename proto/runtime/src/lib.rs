@@ -129,7 +129,10 @@ impl LogArgs {
     /// A bad `--log-level`, or a subscriber already installed.
     pub fn init(&self) -> Result<(), RuntimeError> {
         let filter = self.filter()?;
-        let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        // Logs go to stderr: stdout stays for what a command prints.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
         let res = match self.log_format {
             LogFormat::Text => builder.try_init(),
             LogFormat::Json => builder.json().try_init(),
