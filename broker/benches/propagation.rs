@@ -51,7 +51,7 @@ fn services_report(cluster: &str, services: &[String], rps: f64) -> ReportReques
     ReportRequest {
         cluster_id: cluster.into(),
         node_name: "n1".into(),
-        measured_at_ms: ballast_broker::engine::now_ms(),
+        measured_at_ms: ballast_types::now_ms(),
         capacity: services
             .iter()
             .map(|s| CapacitySample {

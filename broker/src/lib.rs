@@ -1,16 +1,21 @@
-//! ballast broker: the model (cost, policies, solvers), the store, and the gRPC server that
-//! turns agents' measurements into per-ServiceImport weights.
+//! ballast broker, the service: turns agents' measurements into per-ServiceImport weights
+//! and streams them back. The model (`ballast-model`) and the store (`ballast-store`) are
+//! crates of their own; here:
+//!
+//! - [`engine`]: a pure core (plan, round, status) inside an I/O shell (store, publication,
+//!   solve loop, metrics) that offers the operations the gRPC layer calls;
+//! - [`grpc`]: the Broker and Admin services — conversion, validation, identity;
+//! - [`server`]: wiring (store, engine, gRPC over mTLS, admin HTTP port) for `serve`;
+//! - [`policy`]: the policy CRDs resolved, watched and applied;
+//! - [`tls`] and [`certs`]: mTLS material and the lab certificate generator;
+//! - [`metrics`]: the Prometheus metrics;
+//! - [`cli`]: the command line (`serve`/`certs` flags, `admin`, `solve`).
 
-pub mod admin_cli;
 pub mod certs;
-pub mod config;
+pub mod cli;
 pub mod engine;
 pub mod grpc;
 pub mod metrics;
 pub mod policy;
 pub mod server;
-pub mod solve_cli;
 pub mod tls;
-
-/// The store crate, under the path the member agent's tests use.
-pub use ballast_store as store;

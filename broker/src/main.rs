@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use ballast_broker::admin_cli::AdminArgs;
-use ballast_broker::config::{CertsArgs, ServeArgs};
+use ballast_broker::cli::admin::AdminArgs;
+use ballast_broker::cli::args::{CertsArgs, ServeArgs};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -99,7 +99,7 @@ fn report(r: anyhow::Result<String>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Solve { input } => report(ballast_broker::solve_cli::run(&input)),
+        Command::Solve { input } => report(ballast_broker::cli::solve::run(&input)),
         Command::Serve(args) => report(
             args.log
                 .init()
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         ),
         Command::Certs(args) => report(certs(&args)),
         Command::Admin(args) => {
-            report(runtime().and_then(|rt| rt.block_on(ballast_broker::admin_cli::run(&args))))
+            report(runtime().and_then(|rt| rt.block_on(ballast_broker::cli::admin::run(&args))))
         }
     }
 }

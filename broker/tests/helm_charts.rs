@@ -282,7 +282,7 @@ fn helper_body(chart: &str, helper: &str) -> String {
 #[test]
 fn helm_broker_flags_exist_in_the_serve_cli() {
     use clap::Args as _;
-    let serve = ballast_broker::config::ServeArgs::augment_args(clap::Command::new("serve"));
+    let serve = ballast_broker::cli::args::ServeArgs::augment_args(clap::Command::new("serve"));
     let known: BTreeSet<String> = serve
         .get_arguments()
         .filter_map(|a| a.get_long().map(|l| format!("--{l}")))

@@ -11,7 +11,6 @@ use ballast_agent::catalog::Cluster;
 use ballast_agent::session::{self, SessionConfig, SessionIo};
 use ballast_broker::certs::generate;
 use ballast_broker::server::{start, Running, ServeConfig};
-use ballast_broker::store::sqlite_url;
 use ballast_broker::tls::TlsFiles;
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::broker_client::BrokerClient;
@@ -19,12 +18,11 @@ use ballast_proto::v1::{
     Ack, CapacitySample, ListClustersRequest, RegisterRequest, ReportRequest, RpsSample, RttSample,
     WeightsUpdate,
 };
+use ballast_store::sqlite_url;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
 
-fn now_ms() -> i64 {
-    ballast_broker::engine::now_ms()
-}
+use ballast_types::now_ms;
 
 async fn broker(listen: SocketAddr, db: &std::path::Path, tls: TlsFiles) -> Running {
     let mut c = ServeConfig::new(listen, sqlite_url(db), Some(tls));

@@ -321,9 +321,9 @@ async fn registered_client(
 async fn root_agent_installs_weights_that_came_before_discovery() {
     use ballast_broker::certs::generate;
     use ballast_broker::server::{start, ServeConfig};
-    use ballast_broker::store::sqlite_url;
     use ballast_broker::tls::TlsFiles;
     use ballast_proto::v1::{CapacitySample, ReportRequest};
+    use ballast_store::sqlite_url;
 
     if !is_root() {
         println!("skipped root_agent_installs_weights_that_came_before_discovery: needs root (BPF, cgroups)");
@@ -370,7 +370,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     w.report(futures::stream::iter(vec![ReportRequest {
         cluster_id: "west".into(),
         node_name: "n1".into(),
-        measured_at_ms: ballast_broker::engine::now_ms(),
+        measured_at_ms: ballast_types::now_ms(),
         capacity: vec![cap("t/web"), cap("t/late")],
         ..ReportRequest::default()
     }]))
@@ -383,7 +383,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     e0.report(futures::stream::iter(vec![ReportRequest {
         cluster_id: "east".into(),
         node_name: "n0".into(),
-        measured_at_ms: ballast_broker::engine::now_ms(),
+        measured_at_ms: ballast_types::now_ms(),
         imports: Some(ballast_proto::v1::ImportedServices {
             services: vec!["t/late".into(), "t/web".into()],
         }),

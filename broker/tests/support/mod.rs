@@ -176,9 +176,7 @@ pub async fn admin(addr: SocketAddr, bundle: &Bundle) -> AdminClient<Channel> {
     admin_as(addr, &tls_of(bundle, &bundle.admin)).await
 }
 
-pub fn now_ms() -> i64 {
-    ballast_broker::engine::now_ms()
-}
+pub use ballast_types::now_ms;
 
 pub fn register_req(cluster: &str, node: &str) -> RegisterRequest {
     RegisterRequest {

@@ -12,7 +12,7 @@ use ballast_proto::v1::{
 use clap::{Args, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::TlsArgs;
+use super::args::TlsArgs;
 use ballast_types::{Params, Policy};
 
 /// `ballast-broker admin`.
