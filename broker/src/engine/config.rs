@@ -1,0 +1,64 @@
+//! How the engine turns measurements into weights: staleness, damping, default demand, the
+//! cluster-wide policy and prices when none are stored, retention and cluster expiry.
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use ballast_model::{Params, Policy, PriceTable};
+
+/// How the engine turns measurements into weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Samples older than this are not used.
+    pub stale_after: Duration,
+    /// Herd damping: the largest move of one weight per round (`None` = undamped).
+    pub max_step: Option<f64>,
+    /// Demand (RPS) of a source that reported no RPS for a service yet.
+    pub default_demand_rps: f64,
+    /// The cluster-wide policy when none is stored.
+    pub policy: Policy,
+    /// The cluster-wide params when none are stored.
+    pub params: Params,
+    /// Egress prices when none are stored.
+    pub prices: PriceTable,
+    /// Retention: how many published generations the store keeps (the newest ones); older
+    /// ones are pruned after every publish.
+    pub keep_generations: NonZeroU64,
+    /// A cluster heard from (registration or report) longer ago than this is treated as gone:
+    /// neither a source nor a destination, its samples unused, so the other clusters'
+    /// weights are solved again without it instead of staying stale. `None` = never.
+    pub cluster_expiry: Option<Duration>,
+}
+
+/// Default of [`EngineConfig::cluster_expiry`] (and `--cluster-expiry`).
+pub const DEFAULT_CLUSTER_EXPIRY: Duration = Duration::from_secs(600);
+
+/// Default of [`EngineConfig::keep_generations`] (and `--keep-generations`).
+pub const DEFAULT_KEEP_GENERATIONS: NonZeroU64 = match NonZeroU64::new(1000) {
+    Some(n) => n,
+    None => NonZeroU64::MIN,
+};
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            stale_after: Duration::from_secs(60),
+            max_step: Some(0.2),
+            default_demand_rps: 10.0,
+            policy: Policy::Optimized,
+            params: Params::Mixed,
+            prices: DEFAULT_PRICES,
+            keep_generations: DEFAULT_KEEP_GENERATIONS,
+            cluster_expiry: Some(DEFAULT_CLUSTER_EXPIRY),
+        }
+    }
+}
+
+/// Default egress prices (USD/GB), AWS-like: same zone free, cross zone 0.01, cross region
+/// 0.02, internet / other provider 0.09.
+pub const DEFAULT_PRICES: PriceTable = PriceTable {
+    same_zone: 0.0,
+    cross_zone: 0.01,
+    cross_region: 0.02,
+    internet: 0.09,
+};
