@@ -28,6 +28,8 @@ mod records;
 mod registry;
 mod runs;
 mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord,

@@ -3,7 +3,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use ballast_broker::certs::{Bundle, CertPair};
@@ -15,69 +14,10 @@ use ballast_proto::v1::{
     CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample, WatchRequest,
     WeightsUpdate,
 };
-use sqlx::Connection;
 use tonic::transport::{Channel, Endpoint};
 
-/// A PostgreSQL database URL isolated in a fresh schema, or `None` (with a printed reason)
-/// when `BALLAST_TEST_PG_URL` is unset (a failure instead under `CI=true`).
-pub struct PgSchema {
-    pub url: String,
-    base: String,
-    schema: String,
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-impl PgSchema {
-    pub async fn create(test: &str) -> Option<Self> {
-        let Ok(base) = std::env::var("BALLAST_TEST_PG_URL") else {
-            // CI's test command starts PostgreSQL: there a skip would hide a broken set-up.
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but BALLAST_TEST_PG_URL is unset: {test} must run against PostgreSQL"
-            );
-            println!(
-                "SKIP {test}: BALLAST_TEST_PG_URL is unset (bash kind-tests/postgres.sh prints it)"
-            );
-            return None;
-        };
-        let schema = format!(
-            "t_{}_{}_{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        let mut c = sqlx::PgConnection::connect(&base)
-            .await
-            .unwrap_or_else(|e| panic!("connect to BALLAST_TEST_PG_URL={base:?}: {e:?}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&mut c)
-            .await
-            .unwrap();
-        c.close().await.unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        Some(Self {
-            url: format!("{base}{sep}options[search_path]={schema}"),
-            base,
-            schema,
-        })
-    }
-
-    pub async fn drop_schema(self) {
-        let mut c = sqlx::PgConnection::connect(&self.base).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            self.schema
-        )))
-        .execute(&mut c)
-        .await
-        .unwrap();
-        c.close().await.unwrap();
-    }
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use ballast_store::testing::PgSchema;
 
 pub fn tls_of(bundle: &Bundle, pair: &CertPair) -> TlsFiles {
     TlsFiles {

@@ -1,0 +1,261 @@
+//! Every store operation on both backends: SQLite in a temp dir, PostgreSQL in a fresh
+//! schema (`BALLAST_TEST_PG_URL`; skipped with a printed reason when unset, a failure under
+//! `CI=true`).
+#![allow(clippy::unwrap_used, clippy::float_cmp)]
+
+use std::num::NonZeroU64;
+
+use ballast_store::testing::{agent, c1_n1, cluster, report_of, run, weight};
+use ballast_store::{on_both_backends, AckRecord, PolicyRecord, Store, WeightRecord};
+
+/// Every store operation, with values that a wrong query would get wrong.
+async fn store_roundtrip(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    // Migrations are idempotent: a second connect on the same database works.
+    let again = Store::connect(url).await.unwrap();
+    again.close().await;
+
+    store
+        .register(&cluster("c1", "us-east-1"), &agent("c1", "n1"))
+        .await
+        .unwrap();
+    store
+        .register(&cluster("c2", "eu-west-1"), &agent("c2", "n1"))
+        .await
+        .unwrap();
+    // Re-registering updates the location and keeps one row.
+    store
+        .register(&cluster("c1", "us-west-2"), &agent("c1", "n2"))
+        .await
+        .unwrap();
+    let cs = store.clusters().await.unwrap();
+    assert_eq!(cs.len(), 2);
+    assert_eq!(cs[0].region, "us-west-2");
+    assert!(store.cluster_exists("c2").await.unwrap());
+    assert!(!store.cluster_exists("c9").await.unwrap());
+
+    let rep = |rtt: f64, at: i64| {
+        let mut r = report_of(
+            "c1",
+            "n1",
+            at,
+            &[("c2", rtt)],
+            &[("ns/web", "c2", rtt * 2.0)],
+            &[("ns/web", 300.0)],
+        );
+        r.rtt[0].loss_ratio = 0.25;
+        r
+    };
+    store.store_report(&rep(12.5, 100)).await.unwrap();
+    store.store_report(&rep(20.0, 200)).await.unwrap();
+    let rtt = store.rtt().await.unwrap();
+    assert_eq!(
+        rtt.len(),
+        1,
+        "latest value per key replaces the previous one"
+    );
+    assert_eq!(rtt[0].rtt_ms, 20.0);
+    assert_eq!(rtt[0].loss_ratio, 0.25);
+    assert!(rtt[0].reachable);
+    assert_eq!(rtt[0].measured_at_ms, 200);
+    let rps = store.rps().await.unwrap();
+    assert_eq!((rps.len(), rps[0].rps), (1, 40.0));
+    let cap = store.capacity().await.unwrap();
+    assert_eq!((cap.len(), cap[0].capacity_rps), (1, 300.0));
+    assert_eq!(c1_n1(&store).await.last_report_ms, 200);
+
+    store.set_price("cross_zone", 0.01, 1).await.unwrap();
+    store.set_price("cross_zone", 0.03, 2).await.unwrap();
+    assert_eq!(
+        store.prices().await.unwrap(),
+        vec![("cross_zone".to_string(), 0.03)]
+    );
+
+    store
+        .set_policy(
+            &PolicyRecord {
+                scope: String::new(),
+                policy: "round-robin".into(),
+                params: "cost".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    store
+        .set_policy(
+            &PolicyRecord {
+                scope: "ns/web".into(),
+                policy: "optimized".into(),
+                params: "performance".into(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let ps = store.policies().await.unwrap();
+    assert_eq!(ps.len(), 2);
+    assert_eq!(ps[0].scope, "");
+    assert!(store.delete_policy("ns/web").await.unwrap());
+    assert!(!store.delete_policy("ns/web").await.unwrap());
+
+    assert_eq!(store.last_generation().await.unwrap(), 0);
+    store
+        .publish(
+            1,
+            10,
+            &[
+                weight("ns/web", "c1", "c1", 0.25),
+                weight("ns/web", "c1", "c2", 0.75),
+            ],
+            &[],
+            &run(1, 1),
+        )
+        .await
+        .unwrap();
+    store
+        .publish(2, 20, &[weight("ns/web", "c1", "c2", 1.0)], &[], &run(2, 2))
+        .await
+        .unwrap();
+    store.record_run(&run(3, 2)).await.unwrap();
+    // A generation cannot be published twice, and the failed publish leaves nothing behind.
+    assert!(store
+        .publish(2, 30, &[weight("ns/web", "c2", "c2", 1.0)], &[], &run(4, 2))
+        .await
+        .is_err());
+    assert_eq!(store.last_run_id().await.unwrap(), 3);
+    assert_eq!(store.last_generation().await.unwrap(), 2);
+    let w1 = store.weights_of(1).await.unwrap();
+    assert_eq!(w1.len(), 2);
+    assert_eq!(w1[1].weight, 0.75);
+    let w2 = store.weights_of(2).await.unwrap();
+    assert_eq!((w2.len(), w2[0].dst.as_str()), (1, "c2"));
+    let runs = store.solver_runs(10).await.unwrap();
+    assert_eq!(runs.len(), 3);
+    assert_eq!(runs[0].id, 3);
+    assert_eq!(runs[2].objective, 1.5);
+
+    let ack = |g: i64, applied: bool| AckRecord {
+        cluster_id: "c1".into(),
+        node_name: "n1".into(),
+        service: "ns/web".into(),
+        generation: g,
+        applied,
+        error: if applied {
+            String::new()
+        } else {
+            "map full".into()
+        },
+        acked_at_ms: 30,
+    };
+    store.ack(&ack(1, true)).await.unwrap();
+    store.ack(&ack(2, false)).await.unwrap();
+    assert_eq!(
+        c1_n1(&store).await.acked_generation,
+        0,
+        "a failed ack replaces the applied one"
+    );
+    store.ack(&ack(2, true)).await.unwrap();
+    assert_eq!(c1_n1(&store).await.acked_generation, 2);
+    store.close().await;
+}
+
+on_both_backends!(store_roundtrip: store_sqlite_roundtrip, store_postgres_roundtrip);
+
+/// Generations store what changed: a pair not written keeps its rows, a written pair's rows
+/// are replaced, a removed pair reads as absent until written again; pruning keeps exactly
+/// the rows the kept generations read.
+async fn changes_only_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let a = |w: &[(&str, f64)]| -> Vec<WeightRecord> {
+        w.iter().map(|(d, v)| weight("ns/a", "c1", d, *v)).collect()
+    };
+    let b = |w: &[(&str, f64)]| -> Vec<WeightRecord> {
+        w.iter().map(|(d, v)| weight("ns/b", "c1", d, *v)).collect()
+    };
+    let b_pair = [("ns/b".to_string(), "c1".to_string())];
+    let g1 = [a(&[("c2", 0.5), ("c3", 0.5)]), b(&[("c2", 1.0)])].concat();
+    store.publish(1, 10, &g1, &[], &run(1, 1)).await.unwrap();
+    // 2: a changes, b is carried over
+    store
+        .publish(2, 20, &a(&[("c2", 1.0)]), &[], &run(2, 2))
+        .await
+        .unwrap();
+    // 3: b removed
+    store
+        .publish(3, 30, &[], &b_pair, &run(3, 3))
+        .await
+        .unwrap();
+    // 4: b back, elsewhere
+    store
+        .publish(4, 40, &b(&[("c3", 1.0)]), &[], &run(4, 4))
+        .await
+        .unwrap();
+    let g2 = [a(&[("c2", 1.0)]), b(&[("c2", 1.0)])].concat();
+    let g3 = a(&[("c2", 1.0)]);
+    let g4 = [a(&[("c2", 1.0)]), b(&[("c3", 1.0)])].concat();
+    for (g, want) in [(1, &g1), (2, &g2), (3, &g3), (4, &g4)] {
+        assert_eq!(&store.weights_of(g).await.unwrap(), want, "generation {g}");
+    }
+    assert!(
+        store.weights_of(5).await.unwrap().is_empty(),
+        "never published"
+    );
+    assert_eq!(store.weight_rows().await.unwrap(), 3 + 1 + 1 + 1);
+
+    // keep 3 and 4: a's row of 2 is read by both; b's rows of 1 are not (3 rewrote b)
+    let s = store
+        .prune_generations(NonZeroU64::new(2).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((s.up_to_generation, s.generations, s.weights), (2, 2, 3));
+    assert!(store.weights_of(2).await.unwrap().is_empty(), "pruned");
+    assert_eq!(store.weights_of(3).await.unwrap(), g3);
+    assert_eq!(store.weights_of(4).await.unwrap(), g4);
+    assert_eq!(store.weight_rows().await.unwrap(), 3);
+    // keep 4: the tombstone goes, a's row of 2 stays (4 did not rewrite a)
+    let s = store
+        .prune_generations(NonZeroU64::new(1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!((s.up_to_generation, s.weights), (3, 1));
+    assert_eq!(store.weights_of(4).await.unwrap(), g4);
+    assert_eq!(store.weight_rows().await.unwrap(), 2);
+    store.close().await;
+}
+
+on_both_backends!(
+    changes_only_scenario: changes_only_sqlite_carries_unwritten_pairs,
+    changes_only_postgres_carries_unwritten_pairs
+);
+
+/// A generation of more rows than one INSERT statement carries is stored whole, in order.
+async fn bulk_publish_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let rows: Vec<WeightRecord> = (0..1234)
+        .flat_map(|i| {
+            let svc = format!("ns/svc-{i:04}");
+            [
+                weight(&svc, "c1", "c2", 0.25),
+                weight(&svc, "c1", "c3", 0.75),
+            ]
+        })
+        .collect();
+    store.publish(1, 10, &rows, &[], &run(1, 1)).await.unwrap();
+    let back = store.weights_of(1).await.unwrap();
+    assert_eq!(back.len(), 2468);
+    assert_eq!(back, rows);
+    // a failing publish (generation 1 again) leaves nothing of itself behind
+    assert!(store
+        .publish(1, 11, &rows[..10], &[], &run(2, 1))
+        .await
+        .is_err());
+    assert_eq!(store.weights_of(1).await.unwrap().len(), 2468);
+    assert_eq!(store.last_run_id().await.unwrap(), 1);
+    store.close().await;
+}
+
+on_both_backends!(
+    bulk_publish_scenario: bulk_publish_sqlite_in_chunks,
+    bulk_publish_postgres_in_chunks
+);
