@@ -16,7 +16,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::engine::{Engine, EngineConfig, EngineError};
-use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService, RequireAdmin};
+use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
 use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
 use ballast_store::{Store, StoreError};
@@ -178,14 +178,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         .max_decoding_message_size(cfg.max_message_bytes),
         Authenticate {
             insecure,
+            admin_only: false,
             metrics: metrics.clone(),
         },
     );
     let admin = InterceptedService::new(
         AdminServer::new(AdminService::new(engine.clone()))
             .max_decoding_message_size(cfg.max_message_bytes),
-        RequireAdmin {
+        Authenticate {
             insecure,
+            admin_only: true,
             metrics: metrics.clone(),
         },
     );

@@ -46,18 +46,29 @@ impl From<WeightsStatus> for WireStatus {
     }
 }
 
+/// Decodes wire enum number `v` of `field`: `Ok(None)` for unspecified (`of` answers
+/// `None`), an error for a number the wire enum `W` does not have.
+fn decode<W: TryFrom<i32>, T>(
+    field: &'static str,
+    v: i32,
+    of: impl FnOnce(W) -> Option<T>,
+) -> Result<Option<T>, UnknownEnumValue> {
+    W::try_from(v)
+        .map(of)
+        .map_err(|_| UnknownEnumValue { field, value: v })
+}
+
 /// Decodes the `policy` field (`field` names it in the error); unspecified is `None`.
 ///
 /// # Errors
 /// A number no [`LoadBalancing`] variant has.
 pub fn policy(field: &'static str, v: i32) -> Result<Option<Policy>, UnknownEnumValue> {
-    match LoadBalancing::try_from(v) {
-        Ok(LoadBalancing::Unspecified) => Ok(None),
-        Ok(LoadBalancing::RoundRobin) => Ok(Some(Policy::RoundRobin)),
-        Ok(LoadBalancing::WeightedRoundRobin) => Ok(Some(Policy::WeightedRoundRobin)),
-        Ok(LoadBalancing::Optimized) => Ok(Some(Policy::Optimized)),
-        Err(_) => Err(UnknownEnumValue { field, value: v }),
-    }
+    decode(field, v, |w| match w {
+        LoadBalancing::Unspecified => None,
+        LoadBalancing::RoundRobin => Some(Policy::RoundRobin),
+        LoadBalancing::WeightedRoundRobin => Some(Policy::WeightedRoundRobin),
+        LoadBalancing::Optimized => Some(Policy::Optimized),
+    })
 }
 
 /// Decodes the `params` field; unspecified is `None`.
@@ -65,13 +76,12 @@ pub fn policy(field: &'static str, v: i32) -> Result<Option<Policy>, UnknownEnum
 /// # Errors
 /// A number no [`OptimizedParams`] variant has.
 pub fn params(field: &'static str, v: i32) -> Result<Option<Params>, UnknownEnumValue> {
-    match OptimizedParams::try_from(v) {
-        Ok(OptimizedParams::Unspecified) => Ok(None),
-        Ok(OptimizedParams::Cost) => Ok(Some(Params::Cost)),
-        Ok(OptimizedParams::Performance) => Ok(Some(Params::Performance)),
-        Ok(OptimizedParams::Mixed) => Ok(Some(Params::Mixed)),
-        Err(_) => Err(UnknownEnumValue { field, value: v }),
-    }
+    decode(field, v, |w| match w {
+        OptimizedParams::Unspecified => None,
+        OptimizedParams::Cost => Some(Params::Cost),
+        OptimizedParams::Performance => Some(Params::Performance),
+        OptimizedParams::Mixed => Some(Params::Mixed),
+    })
 }
 
 /// Decodes the `status` field; unspecified is `None`.
@@ -79,13 +89,12 @@ pub fn params(field: &'static str, v: i32) -> Result<Option<Params>, UnknownEnum
 /// # Errors
 /// A number no [`WireStatus`] variant has.
 pub fn status(field: &'static str, v: i32) -> Result<Option<WeightsStatus>, UnknownEnumValue> {
-    match WireStatus::try_from(v) {
-        Ok(WireStatus::Unspecified) => Ok(None),
-        Ok(WireStatus::Optimal) => Ok(Some(WeightsStatus::Optimal)),
-        Ok(WireStatus::Degraded) => Ok(Some(WeightsStatus::Degraded)),
-        Ok(WireStatus::Stale) => Ok(Some(WeightsStatus::Stale)),
-        Err(_) => Err(UnknownEnumValue { field, value: v }),
-    }
+    decode(field, v, |w| match w {
+        WireStatus::Unspecified => None,
+        WireStatus::Optimal => Some(WeightsStatus::Optimal),
+        WireStatus::Degraded => Some(WeightsStatus::Degraded),
+        WireStatus::Stale => Some(WeightsStatus::Stale),
+    })
 }
 
 #[cfg(test)]

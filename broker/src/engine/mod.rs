@@ -94,7 +94,7 @@ pub enum PolicyChange {
 }
 
 /// Every cluster's status and the ages it was judged by.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterReport {
     pub clusters: Vec<ClusterStatus>,
     pub stale_after_ms: i64,

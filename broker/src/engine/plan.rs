@@ -224,51 +224,30 @@ fn rtt_matrix(
     (rtt_ms, stale)
 }
 
-/// Capacity: `service -> cluster -> (sum of fresh samples, any fresh)`.
-fn capacities(
-    snap: &Snapshot,
+/// `service -> cluster -> (sum of the fresh values, whether any sample was fresh)` over
+/// samples `(service, cluster, value, measured_at_ms)` of `known` clusters: capacity per
+/// serving cluster, demand per source.
+fn fresh_sums<'a>(
+    samples: impl Iterator<Item = (&'a str, &'a str, f64, i64)>,
     known: &BTreeSet<&str>,
     cut: i64,
 ) -> BTreeMap<String, BTreeMap<String, (f64, bool)>> {
-    let mut cap: BTreeMap<String, BTreeMap<String, (f64, bool)>> = BTreeMap::new();
-    for c in &snap.capacity {
-        if !known.contains(c.cluster_id.as_str()) {
+    let mut out: BTreeMap<String, BTreeMap<String, (f64, bool)>> = BTreeMap::new();
+    for (service, cluster, value, at) in samples {
+        if !known.contains(cluster) {
             continue;
         }
-        let e = cap
-            .entry(c.service.clone())
+        let e = out
+            .entry(service.to_owned())
             .or_default()
-            .entry(c.cluster_id.clone())
+            .entry(cluster.to_owned())
             .or_default();
-        if c.measured_at_ms >= cut {
-            e.0 += c.capacity_rps;
+        if at >= cut {
+            e.0 += value;
             e.1 = true;
         }
     }
-    cap
-}
-
-/// Demand: `service -> source -> sum of fresh RPS`.
-fn demands(
-    snap: &Snapshot,
-    known: &BTreeSet<&str>,
-    cut: i64,
-) -> BTreeMap<String, BTreeMap<String, f64>> {
-    let mut demand: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-    for r in &snap.rps {
-        if !known.contains(r.src.as_str()) {
-            continue;
-        }
-        let e = demand
-            .entry(r.service.clone())
-            .or_default()
-            .entry(r.src.clone())
-            .or_default();
-        if r.measured_at_ms >= cut {
-            *e += r.rps;
-        }
-    }
-    demand
+    out
 }
 
 /// Builds every service's problem from `snap` as of `now_ms`.
@@ -285,14 +264,31 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
     let stale_txt = humantime::format_duration(cfg.stale_after).to_string();
     let prices = prices(&snap.prices, cfg);
     let (rtt_ms, stale_rtt) = rtt_matrix(snap, &known, cut);
-    let cap = capacities(snap, &known, cut);
+    let cap = fresh_sums(
+        snap.capacity.iter().map(|c| {
+            (
+                c.service.as_str(),
+                c.cluster_id.as_str(),
+                c.capacity_rps,
+                c.measured_at_ms,
+            )
+        }),
+        &known,
+        cut,
+    );
     let imports = imports(&snap.imports, cfg, now_ms);
     let imports_of = |cluster: &str, svc: &str| {
         imports
             .get(cluster)
             .is_none_or(|services| services.contains(svc))
     };
-    let demand = demands(snap, &known, cut);
+    let demand = fresh_sums(
+        snap.rps
+            .iter()
+            .map(|r| (r.service.as_str(), r.src.as_str(), r.rps, r.measured_at_ms)),
+        &known,
+        cut,
+    );
 
     let model_clusters: Vec<Cluster> = clusters
         .iter()
@@ -346,7 +342,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
         let demand_rps: BTreeMap<String, f64> = sources
             .iter()
             .map(|s| {
-                let d = reported.and_then(|m| m.get(*s)).copied().unwrap_or(0.0);
+                let d = reported.and_then(|m| m.get(*s)).map_or(0.0, |(d, _)| *d);
                 ((*s).to_string(), if d > 0.0 { d } else { floor })
             })
             .collect();

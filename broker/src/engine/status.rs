@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ballast_store::ClusterRecord;
+
 use super::plan::{expired_clusters, imports};
 use super::snapshot::Snapshot;
 use super::EngineConfig;
@@ -19,14 +21,10 @@ pub struct NodeStatus {
 }
 
 /// One registered cluster as the broker sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterStatus {
-    pub cluster_id: String,
-    pub region: String,
-    pub zone: String,
-    pub provider: String,
-    pub gateway_address: String,
-    pub registered_at_ms: i64,
+    /// What it registered.
+    pub cluster: ClusterRecord,
     /// 0 = never.
     pub last_report_ms: i64,
     /// -1 = never.
@@ -86,12 +84,7 @@ pub fn cluster_status(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Vec<C
                     });
             let age = if last > 0 { now_ms - last } else { -1 };
             ClusterStatus {
-                cluster_id: c.cluster_id.clone(),
-                region: c.region.clone(),
-                zone: c.zone.clone(),
-                provider: c.provider.clone(),
-                gateway_address: c.gateway_address.clone(),
-                registered_at_ms: c.registered_at_ms,
+                cluster: c.clone(),
                 last_report_ms: last,
                 last_report_age_ms: age,
                 stale: last == 0 || age > stale_ms,

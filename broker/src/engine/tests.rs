@@ -193,14 +193,19 @@ fn plan_flags_stale_capacity_and_rtt_and_never_uses_stale_samples() {
     assert_eq!(inputs.stale_inputs, 2);
 }
 
-#[test]
-fn plan_leaves_clusters_not_heard_from_within_the_expiry_out() {
-    let mut s = fleet();
+/// Makes c3 (index 2 of the fleet) not heard from for 11 minutes (the expiry is 10).
+fn silence_c3(s: &mut Snapshot) {
     let long_ago = NOW - 11 * 60_000;
     s.clusters[2].registered_at_ms = long_ago;
     s.clusters[2].updated_at_ms = long_ago;
     s.agents[2].last_report_ms = long_ago;
     s.agents[2].registered_at_ms = long_ago;
+}
+
+#[test]
+fn plan_leaves_clusters_not_heard_from_within_the_expiry_out() {
+    let mut s = fleet();
+    silence_c3(&mut s);
     let inputs = plan(&s, &cfg(), NOW);
     assert_eq!(inputs.expired, BTreeSet::from(["c3".to_string()]));
     assert_eq!(inputs.clusters, 2);
@@ -380,13 +385,12 @@ fn cluster_status_says_stale_expired_and_imports() {
     s.agents[1].last_report_ms = NOW - 90_000;
     s.rtt.retain(|r| r.src != "c2");
     s.capacity.retain(|c| c.cluster_id != "c2");
-    let long_ago = NOW - 11 * 60_000;
-    s.clusters[2].registered_at_ms = long_ago;
-    s.clusters[2].updated_at_ms = long_ago;
-    s.agents[2].registered_at_ms = long_ago;
-    s.agents[2].last_report_ms = long_ago;
+    silence_c3(&mut s);
     let st = cluster_status(&s, &cfg(), NOW);
-    let by: BTreeMap<&str, _> = st.iter().map(|c| (c.cluster_id.as_str(), c)).collect();
+    let by: BTreeMap<&str, _> = st
+        .iter()
+        .map(|c| (c.cluster.cluster_id.as_str(), c))
+        .collect();
     assert!(!by["c1"].stale && !by["c1"].expired);
     assert_eq!(by["c1"].imports, Some(BTreeSet::from([SVC.to_string()])));
     assert!(by["c2"].stale && !by["c2"].expired, "{:?}", by["c2"]);

@@ -1,6 +1,6 @@
 //! `ballast.v1.Admin`, the operators' service: converts messages to engine operations and
 //! engine answers to messages. Only the admin identity reaches it
-//! ([`super::identity::RequireAdmin`]).
+//! ([`super::identity::Authenticate`] with `admin_only`).
 
 use std::sync::Arc;
 
@@ -24,7 +24,7 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    /// A service over `engine` (wrap it in [`super::identity::RequireAdmin`]).
+    /// A service over `engine` (wrap it in [`super::identity::Authenticate`], `admin_only`).
     #[must_use]
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
@@ -33,12 +33,12 @@ impl AdminService {
 
 fn cluster_info(c: ClusterStatus) -> ClusterInfo {
     ClusterInfo {
-        cluster_id: c.cluster_id,
-        region: c.region,
-        zone: c.zone,
-        provider: c.provider,
-        gateway_address: c.gateway_address,
-        registered_at_ms: c.registered_at_ms,
+        cluster_id: c.cluster.cluster_id,
+        region: c.cluster.region,
+        zone: c.cluster.zone,
+        provider: c.cluster.provider,
+        gateway_address: c.cluster.gateway_address,
+        registered_at_ms: c.cluster.registered_at_ms,
         last_report_ms: c.last_report_ms,
         last_report_age_ms: c.last_report_age_ms,
         stale: c.stale,

@@ -1,7 +1,7 @@
 //! Who is calling: the ballast identity in the client certificate's URI SAN
 //! (`spiffe://ballast/cluster/<id>` or `spiffe://ballast/admin`), established once per call by
-//! the interceptors [`Authenticate`] (Broker service: any ballast identity) and
-//! [`RequireAdmin`] (Admin service: the admin identity), and stored in the request's
+//! the interceptor [`Authenticate`] (Broker service: any ballast identity; Admin service:
+//! the admin identity), and stored in the request's
 //! extensions. Handlers then only check that the caller may act as the message's cluster
 //! ([`acting_as`]).
 
@@ -106,38 +106,30 @@ pub fn require_admin(caller: &Caller) -> Result<(), Status> {
     }
 }
 
-/// The Broker service's interceptor: every call must carry a ballast identity (or the server
-/// runs `--insecure`); a call without one is `UNAUTHENTICATED` and counted as rejected.
+/// The interceptor of both services: every call must carry a ballast identity (or the
+/// server runs `--insecure`), stored in the request's extensions for [`acting_as`]. With
+/// `admin_only` (the Admin service) only the admin identity passes; a cluster identity is
+/// `PERMISSION_DENIED`. Refusals are counted as rejected, except the Admin service's
+/// unauthenticated ones (as before identity moved here).
 #[derive(Debug, Clone)]
 pub struct Authenticate {
     pub insecure: bool,
+    pub admin_only: bool,
     pub metrics: Arc<Metrics>,
 }
 
 impl Interceptor for Authenticate {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let who = caller(&req, self.insecure).inspect_err(|_| {
-            self.metrics.rejected.inc();
+            if !self.admin_only {
+                self.metrics.rejected.inc();
+            }
         })?;
-        req.extensions_mut().insert(who);
-        Ok(req)
-    }
-}
-
-/// The Admin service's interceptor: the admin identity (or `--insecure`) only; another
-/// ballast identity is `PERMISSION_DENIED` and counted as rejected.
-#[derive(Debug, Clone)]
-pub struct RequireAdmin {
-    pub insecure: bool,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Interceptor for RequireAdmin {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let who = caller(&req, self.insecure)?;
-        require_admin(&who).inspect_err(|_| {
-            self.metrics.rejected.inc();
-        })?;
+        if self.admin_only {
+            require_admin(&who).inspect_err(|_| {
+                self.metrics.rejected.inc();
+            })?;
+        }
         req.extensions_mut().insert(who);
         Ok(req)
     }

@@ -12,6 +12,6 @@ pub mod watch;
 
 pub use admin::AdminService;
 pub use broker::{AgentSettings, BrokerService};
-pub use identity::{Authenticate, RequireAdmin};
+pub use identity::Authenticate;
 pub use validate::{check_cluster_id, validate_report, MAX_IMPORTS, UNKNOWN_CLUSTER_METADATA};
 pub use watch::WatchState;
