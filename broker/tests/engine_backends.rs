@@ -259,6 +259,14 @@ async fn sources_of(engine: &Engine, svc: &str) -> Option<Vec<String>> {
         .map(|p| p.problem.services[0].demand_rps.keys().cloned().collect())
 }
 
+/// Asserts the sources of `ns/web` and `ns/api`.
+async fn assert_web_api_sources(engine: &Engine, web: &[&str], api: &[&str]) {
+    for (svc, want) in [("ns/web", web), ("ns/api", api)] {
+        let want: Vec<String> = want.iter().map(|c| (*c).to_string()).collect();
+        assert_eq!(sources_of(engine, svc).await, Some(want), "{svc}");
+    }
+}
+
 /// Imports: a cluster is a source only of the services its agents say it imports; one that
 /// never said is a source of every service; stale declarations give way to fresh ones of
 /// other nodes; a cluster that stops importing a service loses its weights (a tombstone).
@@ -340,14 +348,7 @@ async fn imports_scenario(url: &str) {
         ],
     )
     .await;
-    assert_eq!(
-        sources_of(&engine, "ns/api").await,
-        Some(vec!["c1".to_string()])
-    );
-    assert_eq!(
-        sources_of(&engine, "ns/web").await,
-        Some(vec!["c3".to_string()])
-    );
+    assert_web_api_sources(&engine, &["c3"], &["c1"]).await;
     store_reports(&store, &[imports_of("c1", "n2", old, &["ns/api"])]).await;
     assert_eq!(
         sources_of(&engine, "ns/web").await,
@@ -356,14 +357,7 @@ async fn imports_scenario(url: &str) {
     // agents send imports only when they change: a later report without them keeps n2's
     // declaration fresh
     store_reports(&store, &[report_of("c1", "n2", now_ms(), &[], &[], &[])]).await;
-    assert_eq!(
-        sources_of(&engine, "ns/web").await,
-        Some(vec!["c3".to_string()])
-    );
-    assert_eq!(
-        sources_of(&engine, "ns/api").await,
-        Some(vec!["c1".to_string()])
-    );
+    assert_web_api_sources(&engine, &["c3"], &["c1"]).await;
 
     // c1 stops importing anything: its ns/web weights go, in memory and in the store
     store_reports(

@@ -13,8 +13,8 @@ use ballast_proto::v1::{
 };
 use ballast_store::sqlite_url;
 use support::{
-    admin, admin_as, agent, cap, capacity_report, cluster_agent, cluster_pair, open_watch,
-    register_req, registered_agent, report, rps, rtt, send_reports, sqlite_test_config,
+    admin, admin_as, agent, broker_with_c1_c2, cap, capacity_report, cluster_agent, cluster_pair,
+    open_watch, register_req, registered_agent, report, rps, rtt, send_reports, sqlite_test_config,
     start_broker, test_config, tls_of, watch_req,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -200,12 +200,7 @@ async fn agent_registers_reports_and_receives_weights() {
 #[tokio::test]
 async fn declared_imports_limit_what_a_cluster_is_sent() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
-    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
-    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
-    a1.register(register_req("c1", "n1")).await.unwrap();
-    a2.register(register_req("c2", "n1")).await.unwrap();
+    let (bundle, b, mut a1, mut a2) = broker_with_c1_c2(dir.path()).await;
     let declare = |services: &[&str]| {
         let mut m = report("c1", "n1");
         m.rtt = vec![rtt("c2", 5.0)];
@@ -307,12 +302,7 @@ async fn certificate_from_another_ca_is_refused() {
 #[tokio::test]
 async fn cluster_cannot_act_as_another() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = generate(&clusters(&["c1", "c2"]), &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
-    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
-    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
-    a1.register(register_req("c1", "n1")).await.unwrap();
-    a2.register(register_req("c2", "n1")).await.unwrap();
+    let (bundle, b, mut a1, _a2) = broker_with_c1_c2(dir.path()).await;
 
     let e = a1.register(register_req("c2", "n1")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");

@@ -118,6 +118,25 @@ pub async fn admin(addr: SocketAddr, bundle: &Bundle) -> AdminClient<Channel> {
 
 pub use ballast_types::now_ms;
 
+/// A broker on SQLite in `dir` with certificates for clusters c1 and c2, and their agents
+/// (node n1) registered.
+pub async fn broker_with_c1_c2(
+    dir: &std::path::Path,
+) -> (
+    Bundle,
+    Running,
+    BrokerClient<Channel>,
+    BrokerClient<Channel>,
+) {
+    let bundle = ballast_broker::certs::generate(&["c1".into(), "c2".into()], &[]).unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir)).await;
+    let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
+    let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
+    a1.register(register_req("c1", "n1")).await.unwrap();
+    a2.register(register_req("c2", "n1")).await.unwrap();
+    (bundle, b, a1, a2)
+}
+
 pub fn register_req(cluster: &str, node: &str) -> RegisterRequest {
     RegisterRequest {
         cluster_id: cluster.into(),
