@@ -416,6 +416,23 @@ async fn invalid_reports_are_rejected_naming_the_field() {
             },
             "imports.services[1]",
         ),
+        // the one service-name rule (ballast_types::ServiceName): namespace/name, DNS labels
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.capacity = vec![cap("web", 5.0)];
+                m
+            },
+            "capacity[0].service",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rps = vec![rps("ns/Web", "c2", 1.0)];
+                m
+            },
+            "rps[0].service",
+        ),
         (
             {
                 let mut m = report("c1", "n1");

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use ballast_proto::v1::ReportRequest;
 use ballast_store::{CapacityRecord, ReportRecord, RpsRecord, RttRecord};
-use ballast_types::ClusterId;
+use ballast_types::{ClusterId, ServiceName, MAX_SERVICE_NAME_LEN};
 use tonic::Status;
 
 use crate::engine::{Engine, EngineError};
@@ -62,8 +62,13 @@ pub(crate) fn check_text(field: &str, v: &str, max: usize) -> Result<(), Status>
     Ok(())
 }
 
+/// A service name: `namespace/name`, both DNS labels (`ballast_types::ServiceName`, the
+/// rule the agent's discovery applies to every ServiceImport it reports).
 pub(crate) fn check_service(field: &str, v: &str) -> Result<(), Status> {
-    check_text(field, v, 253)
+    check_text(field, v, MAX_SERVICE_NAME_LEN)?;
+    ServiceName::parse(v)
+        .map(|_| ())
+        .map_err(|e| invalid(field, e))
 }
 
 pub(crate) fn check_num(field: &str, v: f64) -> Result<(), Status> {
