@@ -19,6 +19,9 @@ pub enum LabError {
         status: String,
         stderr: String,
     },
+    /// A call to the broker's Admin gRPC service failed (connection or status).
+    #[error("broker Admin API ({call}): {reason}")]
+    Admin { call: &'static str, reason: String },
     /// A user input (flag, argument, file field) is invalid.
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },

@@ -6,11 +6,13 @@
 //! load generator runs inside a cluster and shows where its connections landed.
 //!
 //! - [`config`]: names, addresses, default delays from `broker/data/`
-//! - [`sys`]: `ip`, namespaces, cgroups, entering a cluster, the lab's processes
+//! - [`sys`]: commands, namespaces, cgroups, entering a cluster, the lab's processes
+//! - [`net`]: the lab's network (namespaces, veths, addresses, routes, rules; through `ip`)
 //! - [`wan`]: the WAN emulator (TUN forwarder) and its link table
 //! - [`echo`]: the demo backend
 //! - [`load`]: the load generator
 //! - [`lab`]: `up`, `down`, `status`, `delay`, `backends`
+//! - [`control`]: broker and agents, topology files, the broker's Admin API (gRPC)
 
 pub mod config;
 pub mod control;
@@ -18,6 +20,7 @@ pub mod echo;
 pub mod error;
 pub mod lab;
 pub mod load;
+pub mod net;
 pub mod probe;
 pub mod sys;
 pub mod wan;

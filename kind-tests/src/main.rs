@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ballast_lab::lab::{self, Lab, UpOptions};
 use ballast_lab::load::{self, LoadOptions};
+use ballast_types::{Params, Policy};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -52,17 +53,20 @@ enum Cmd {
         /// Network, backends and load only: no broker, no agents.
         #[arg(long, env = "BALLAST_LAB_NO_CONTROL_PLANE")]
         no_control_plane: bool,
-        /// The broker's policy: round-robin | weighted-round-robin | optimized.
-        #[arg(long, env = "BALLAST_LAB_POLICY", default_value = "optimized")]
-        policy: String,
+        /// The broker's policy.
+        #[arg(long, env = "BALLAST_LAB_POLICY", value_enum, default_value_t = Policy::Optimized)]
+        policy: Policy,
         /// How long to wait for every agent to install weights, in seconds.
         #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 60)]
         wait_secs: u64,
     },
     /// Switch the broker's policy live and wait for the agents to install the new weights.
     Policy {
-        /// round-robin | weighted-round-robin | optimized
-        policy: String,
+        #[arg(value_enum)]
+        policy: Policy,
+        /// The optimized policy's params (unchanged when not given).
+        #[arg(long, value_enum)]
+        params: Option<Params>,
         #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 60)]
         wait_secs: u64,
     },
@@ -152,8 +156,13 @@ enum Cmd {
         from: String,
         #[arg(long, default_value = "demo/echo")]
         service: String,
-        #[arg(long, value_delimiter = ',', default_value = "optimized,round-robin")]
-        policies: Vec<String>,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "optimized,round-robin"
+        )]
+        policies: Vec<Policy>,
         #[arg(long, default_value_t = 400)]
         connections: usize,
         #[arg(long)]
@@ -232,9 +241,13 @@ fn real_main(cli: Cli) -> Result<()> {
                 )
             })?;
         }
-        Cmd::Policy { policy, wait_secs } => {
+        Cmd::Policy {
+            policy,
+            params,
+            wait_secs,
+        } => {
             init_tracing("warn");
-            let v = lab.set_policy(&policy, Duration::from_secs(wait_secs))?;
+            let v = lab.set_policy(policy, params, Duration::from_secs(wait_secs))?;
             println!(
                 "policy {policy}: generation {} installed by every agent",
                 v.generation
@@ -400,7 +413,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 for r in &rows {
                     println!(
                         "{:<21} mean RTT {:6.1} ms  egress ${:.4}/GB  failed {}  split {}",
-                        r.policy,
+                        r.policy.as_str(),
                         r.mean_rtt_ms,
                         r.egress_usd_per_gb,
                         r.failed,
@@ -444,7 +457,7 @@ fn print_generation(v: &ballast_lab::control::BrokerView, from: Option<&str>) {
 
 #[derive(serde::Serialize)]
 struct CompareRow {
-    policy: String,
+    policy: Policy,
     observed: std::collections::BTreeMap<String, f64>,
     weights: Option<std::collections::BTreeMap<String, f64>>,
     mean_rtt_ms: f64,
@@ -458,7 +471,7 @@ fn compare(
     lab: &Lab,
     from: &str,
     service: &str,
-    policies: &[String],
+    policies: &[Policy],
     connections: usize,
 ) -> Result<Vec<CompareRow>> {
     let state = lab.load_state()?;
@@ -470,8 +483,8 @@ fn compare(
         .collect();
     let data = ballast_lab::config::RegionData::embedded();
     let mut rows = Vec::new();
-    for p in policies {
-        lab.set_policy(p, Duration::from_secs(60))?;
+    for &p in policies {
+        lab.set_policy(p, None, Duration::from_secs(60))?;
         lab.settle(Duration::from_secs(4), Duration::from_secs(90), |_| {})?;
         let out = std::process::Command::new(&lab.exe)
             .args(["--prefix", &lab.naming.prefix, "--state-dir"])
@@ -491,7 +504,7 @@ fn compare(
             egress += share * data.egress_usd_per_gb(&src, dst_region).unwrap_or(0.0);
         }
         rows.push(CompareRow {
-            policy: p.clone(),
+            policy: p,
             observed: r.observed,
             weights: r.weights,
             mean_rtt_ms: r.mean_connect_ms,

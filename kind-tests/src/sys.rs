@@ -1,5 +1,6 @@
-//! Host plumbing: `ip` commands, network namespaces, cgroup v2 directories, entering a
-//! cluster (cgroup + netns), spawning and ending the lab's own processes.
+//! Host plumbing: running commands, network namespaces (found by name), cgroup v2
+//! directories, entering a cluster (cgroup + netns), spawning and ending the lab's own
+//! processes. Changing the network (`ip`) is `net`'s.
 
 use std::ffi::CString;
 use std::fs;
@@ -38,25 +39,6 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `ip ARGS...`
-pub fn ip(args: &[&str]) -> Result<String> {
-    run("ip", args)
-}
-
-/// `ip -n NETNS ARGS...`
-pub fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
-    let mut all = vec!["-n", netns];
-    all.extend_from_slice(args);
-    run("ip", &all)
-}
-
-/// Sets a sysctl inside a namespace (`ip netns exec` is fine here: /proc/sys/net follows
-/// the opener's namespace).
-pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
-    let kv = format!("{key}={value}");
-    run("ip", &["netns", "exec", netns, "sysctl", "-qw", &kv]).map(|_| ())
-}
-
 /// Names of the network namespaces under /run/netns.
 pub fn list_netns() -> Vec<String> {
     let Ok(rd) = fs::read_dir(NETNS_DIR) else {
@@ -78,29 +60,10 @@ pub fn netns_exists(name: &str) -> bool {
     list_netns().iter().any(|n| n == name)
 }
 
-/// Creates the namespace if missing (idempotent).
-pub fn ensure_netns(name: &str) -> Result<()> {
-    if !netns_exists(name) {
-        ip(&["netns", "add", name])?;
-    }
-    Ok(())
-}
-
-/// Whether a link exists inside a namespace.
-pub fn link_exists(netns: &str, dev: &str) -> bool {
-    ip_in(netns, &["link", "show", "dev", dev]).is_ok()
-}
-
-/// The cgroup v2 mount point, read from /proc/mounts.
+/// The cgroup v2 mount point: the lookup of the data plane (`ballast_bpf::sys`), one for
+/// every crate.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").ctx(|| "reading /proc/mounts".into())?;
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .next()
+    ballast_bpf::sys::cgroup2_mount()
         .ok_or_else(|| LabError::Other("no cgroup2 mount in /proc/mounts".into()))
 }
 
@@ -390,6 +353,29 @@ pub fn spawn_daemon(
         starttime: proc_starttime(pid),
         log: log.to_path_buf(),
     })
+}
+
+/// Runs `f` on a fresh thread that has entered network namespace `netns` (the calling
+/// thread's namespace is untouched).
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let placement = Placement::netns(netns);
+    std::thread::spawn(move || -> Result<T> {
+        placement.enter_current()?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| LabError::Other("netns thread panicked".into()))?
+}
+
+/// Whether something accepts TCP on `addr` inside `netns` (one connect, 200 ms at most).
+pub fn listening_in(netns: &str, addr: std::net::SocketAddr) -> bool {
+    in_netns(netns, move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .unwrap_or(false)
 }
 
 /// Polls `f` until it returns true or `timeout` passes.

@@ -1,0 +1,121 @@
+//! Reading services and counters back from the kernel maps (what is installed is what the
+//! maps say, not what this process last wrote: another loader may share the pin dir).
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use super::{cstr, map_err, not_found, BackendCounter, Dataplane, InstalledService};
+use crate::{
+    error::{Error, Result},
+    layout::{BackendKey, CounterKey, BE_HEALTHY, F_ALL_DOWN, F_CANARY, MODE_BSEARCH},
+    spec::{
+        addr_words, cluster_id, words_addr, BackendSpec, Canary, Protocol, SelectMode, ServiceSpec,
+    },
+};
+
+impl Dataplane {
+    fn installed(&self, name: &str, id: u32) -> Result<InstalledService> {
+        let st = self.state.get(&id, 0).map_err(map_err("blst_state"))?;
+        let meta = self.meta.get(&id, 0).map_err(map_err("blst_meta"))?;
+        let parity = st.gen & 1;
+        let mut backends = Vec::with_capacity(st.count as usize);
+        for idx in 0..st.count {
+            let b = self
+                .backends
+                .get(&BackendKey { id, parity, idx }, 0)
+                .map_err(map_err("blst_backends"))?;
+            let cluster = self
+                .clusters
+                .get(&b.cluster, 0)
+                .map_or_else(|_| b.cluster.to_string(), |c| cstr(&c.name));
+            backends.push(BackendSpec {
+                addr: SocketAddr::new(words_addr(b.addr), u16::from_be(b.port)),
+                cluster,
+                weight: b.weight,
+                healthy: b.flags & BE_HEALTHY != 0,
+            });
+        }
+        let canary = if st.flags & F_CANARY != 0 {
+            Some(Canary {
+                service: self.name_of(st.canary_id).unwrap_or("?").to_string(),
+                percent: f64::from(st.canary_pct) / 100.0,
+            })
+        } else {
+            None
+        };
+        Ok(InstalledService {
+            id,
+            generation: st.gen,
+            all_down: st.flags & F_ALL_DOWN != 0,
+            spec: ServiceSpec {
+                name: name.to_string(),
+                vip: words_addr(meta.key.addr),
+                port: u16::from_be(meta.key.port),
+                protocol: Protocol::from_number(meta.key.proto).unwrap_or(Protocol::Tcp),
+                backends,
+                canary,
+                select: if st.mode == MODE_BSEARCH {
+                    SelectMode::BinarySearch
+                } else {
+                    SelectMode::Slots
+                },
+            },
+        })
+    }
+
+    /// Every installed service, read back from the kernel maps.
+    ///
+    /// # Errors
+    /// Map read errors.
+    pub fn services(&self) -> Result<Vec<InstalledService>> {
+        self.names
+            .iter()
+            .map(|(n, (id, _))| self.installed(n, *id))
+            .collect()
+    }
+
+    /// One installed service.
+    ///
+    /// # Errors
+    /// [`Error::UnknownService`], map read errors.
+    pub fn service(&self, name: &str) -> Result<InstalledService> {
+        let (id, _) = self
+            .names
+            .get(name)
+            .ok_or_else(|| Error::UnknownService(name.into()))?;
+        self.installed(name, *id)
+    }
+
+    /// Connect counters per (service, backend) of the current backends, summed over CPUs.
+    ///
+    /// # Errors
+    /// Map read errors.
+    pub fn counters(&self) -> Result<Vec<BackendCounter>> {
+        let mut out = Vec::new();
+        for svc in self.services()? {
+            let mut seen = HashMap::new();
+            for b in &svc.spec.backends {
+                let key = CounterKey {
+                    id: svc.id,
+                    addr: addr_words(b.addr.ip()),
+                    port: b.addr.port().to_be(),
+                    pad: 0,
+                };
+                if seen.insert(key, ()).is_some() {
+                    continue;
+                }
+                let connects = match self.counters.get(&key, 0) {
+                    Ok(v) => v.iter().sum(),
+                    Err(e) if not_found(&e) => 0,
+                    Err(e) => return Err(map_err("blst_counters")(e)),
+                };
+                out.push(BackendCounter {
+                    service: svc.spec.name.clone(),
+                    backend: b.addr,
+                    cluster_id: cluster_id(&b.cluster),
+                    connects,
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,241 @@
+//! The broker's Admin API, through the generated gRPC client
+//! (`ballast_proto::v1::admin_client::AdminClient`, tonic over mTLS with the lab's `admin`
+//! certificate): the published weights and the generations the agents acknowledged
+//! ([`broker_view`]), and switching the policy ([`set_policy`]).
+//!
+//! Decisions:
+//! - Where the call runs: the broker listens on 10.77.0.1, an address on the *wan*
+//!   namespace's loopback; the host namespace, where `ballast-lab` runs, has no route to it
+//!   (clusters reach it through their veth, the host is not part of the lab's network, and
+//!   must not be: nothing is routed out). So each call runs on a fresh thread that `setns`es
+//!   into the wan namespace before any socket exists (`sys::in_netns`), with a
+//!   current-thread tokio runtime on that thread: the connection, and tonic's background task,
+//!   live and die on it, no worker thread is made, and the broker's URL is an IP literal so
+//!   no resolver thread is either. The calling thread's namespace is untouched, which matters
+//!   for `load`, whose main thread has entered a cluster.
+//! - One connection per call (the lab polls a few times a second at most): nothing to keep
+//!   alive across commands, which are separate processes anyway.
+//! - The server name checked is the broker's address, for which `up` issues the server
+//!   certificate (`certs --server-san`), as the agents do.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use ballast_proto::v1::{
+    admin_client::AdminClient, GetWeightsRequest, GetWeightsResponse, ListClustersRequest,
+    ListClustersResponse, LoadBalancing, OptimizedParams, SetPolicyRequest,
+};
+use ballast_types::{Params, Policy};
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::ControlPlane;
+use crate::config::BROKER_ADDR;
+use crate::error::{IoContext, LabError, Result};
+use crate::sys;
+
+/// What the broker publishes and what the agents acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerView {
+    pub generation: u64,
+    /// service -> source -> destination -> weight
+    pub weights: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
+    /// cluster -> the lowest generation its agents acknowledged (absent: never acked)
+    pub acked: BTreeMap<String, u64>,
+    /// service -> source -> the policy its weights were computed with (absent: not stated)
+    pub policy: BTreeMap<String, BTreeMap<String, Policy>>,
+}
+
+/// Reads the broker's weights and the clusters' acknowledged generations (one connection,
+/// two calls).
+pub fn broker_view(cp: &ControlPlane, wan_netns: &str) -> Result<BrokerView> {
+    let (weights, clusters) = call(
+        cp,
+        wan_netns,
+        "GetWeights, ListClusters",
+        |mut c| async move {
+            let w = c.get_weights(GetWeightsRequest::default()).await?;
+            let l = c.list_clusters(ListClustersRequest {}).await?;
+            Ok((w.into_inner(), l.into_inner()))
+        },
+    )?;
+    Ok(view(weights, clusters))
+}
+
+/// Sets the cluster-wide policy (and, when given, the optimized params).
+pub fn set_policy(
+    cp: &ControlPlane,
+    wan_netns: &str,
+    policy: Policy,
+    params: Option<Params>,
+) -> Result<()> {
+    let req = SetPolicyRequest {
+        service: String::new(),
+        policy: LoadBalancing::from(policy).into(),
+        params: params
+            .map_or(OptimizedParams::Unspecified, OptimizedParams::from)
+            .into(),
+        clear: false,
+    };
+    call(cp, wan_netns, "SetPolicy", |mut c| async move {
+        c.set_policy(req).await.map(|_| ())
+    })
+}
+
+/// The lab's view of the two answers.
+fn view(w: GetWeightsResponse, c: ListClustersResponse) -> BrokerView {
+    let mut v = BrokerView {
+        generation: w.generation,
+        ..Default::default()
+    };
+    for row in w.weights {
+        // A number this lab does not know (a newer broker) is "not stated", as `admin`
+        // prints it: a wait for a policy then goes on waiting, status still shows weights.
+        match ballast_proto::convert::policy("WeightsUpdate.policy", row.policy) {
+            Ok(Some(p)) => {
+                v.policy
+                    .entry(row.service.clone())
+                    .or_default()
+                    .insert(row.source_cluster_id.clone(), p);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(service = %row.service, "broker weights: {e}"),
+        }
+        v.weights
+            .entry(row.service)
+            .or_default()
+            .insert(row.source_cluster_id, row.weights.into_iter().collect());
+    }
+    for c in c.clusters {
+        if let Some(min) = c.nodes.iter().map(|n| n.acked_generation).min() {
+            if min > 0 {
+                v.acked.insert(c.cluster_id, min);
+            }
+        }
+    }
+    v
+}
+
+/// The admin certificate, as tonic's client TLS settings.
+fn tls(cp: &ControlPlane) -> Result<ClientTlsConfig> {
+    let read = |file: &str| {
+        let path = cp.certs_dir.join(file);
+        std::fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))
+    };
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(
+            read("admin.pem")?,
+            read("admin-key.pem")?,
+        ))
+        .domain_name(BROKER_ADDR.to_string()))
+}
+
+/// Runs `f` with a client connected to the broker, from inside the wan namespace (see the
+/// module's decisions).
+fn call<T, F, Fut>(cp: &ControlPlane, wan_netns: &str, what: &'static str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(AdminClient<Channel>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let failed = move |reason: String| LabError::Admin { call: what, reason };
+    let tls = tls(cp)?;
+    let endpoint = Endpoint::from_shared(cp.broker_url.clone())
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| failed(format!("{}: {}", cp.broker_url, chain(&e))))?;
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20));
+    let url = cp.broker_url.clone();
+    sys::in_netns(wan_netns, move || -> Result<T> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ctx(|| "building the admin client's runtime".into())?;
+        rt.block_on(async move {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| failed(format!("connecting to {url}: {}", chain(&e))))?;
+            f(AdminClient::new(channel))
+                .await
+                .map_err(|s| failed(format!("{:?}: {}", s.code(), s.message())))
+        })
+    })?
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors say little on top).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ballast_proto::v1::{ClusterInfo, NodeInfo, WeightsUpdate};
+
+    #[test]
+    fn the_view_keeps_weights_policies_and_the_lowest_acknowledged_generation() {
+        let w = GetWeightsResponse {
+            generation: 7,
+            weights: vec![WeightsUpdate {
+                service: "demo/echo".into(),
+                source_cluster_id: "c1".into(),
+                weights: [("c2".to_string(), 0.6), ("c3".to_string(), 0.4)].into(),
+                policy: LoadBalancing::Optimized.into(),
+                ..Default::default()
+            }],
+        };
+        let node = |acked| NodeInfo {
+            acked_generation: acked,
+            ..Default::default()
+        };
+        let c = ListClustersResponse {
+            clusters: vec![
+                ClusterInfo {
+                    cluster_id: "c1".into(),
+                    nodes: vec![node(7), node(6)],
+                    ..Default::default()
+                },
+                ClusterInfo {
+                    cluster_id: "c2".into(),
+                    nodes: vec![node(0)],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let v = view(w, c);
+        assert_eq!(v.generation, 7);
+        assert_eq!(v.weights["demo/echo"]["c1"]["c2"], 0.6);
+        assert_eq!(v.policy["demo/echo"]["c1"], Policy::Optimized);
+        assert_eq!(v.acked.get("c1"), Some(&6));
+        assert_eq!(v.acked.get("c2"), None, "never acknowledged");
+    }
+
+    #[test]
+    fn an_unknown_policy_number_is_not_stated() {
+        let w = GetWeightsResponse {
+            generation: 1,
+            weights: vec![WeightsUpdate {
+                service: "s".into(),
+                source_cluster_id: "c1".into(),
+                policy: 99,
+                ..Default::default()
+            }],
+        };
+        let v = view(w, ListClustersResponse::default());
+        assert!(v.policy.is_empty());
+        assert!(v.weights["s"].contains_key("c1"));
+    }
+}

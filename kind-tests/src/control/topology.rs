@@ -1,0 +1,116 @@
+//! The agents' topology files (format: `member-agent/examples/topology.yaml`), one per
+//! cluster: every cluster, the demo service and each backend's readiness. The lab marks a
+//! backend not ready here before it stops it; agents poll the file.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::CAPACITY_RPS_PER_POD;
+use crate::error::{LabError, Result};
+use crate::lab::LabState;
+use crate::sys;
+
+#[derive(Debug, Serialize)]
+struct Topology {
+    local_cluster: String,
+    clusters: Vec<TopoCluster>,
+    services: Vec<TopoService>,
+}
+
+#[derive(Debug, Serialize)]
+struct TopoCluster {
+    id: String,
+    region: String,
+    zone: String,
+    provider: String,
+    gateway: Ipv4Addr,
+}
+
+#[derive(Debug, Serialize)]
+struct TopoService {
+    name: String,
+    vips: Vec<Ipv4Addr>,
+    ports: Vec<TopoPort>,
+    capacity_rps_per_pod: f64,
+    endpoints: Vec<TopoEndpoint>,
+}
+
+#[derive(Debug, Serialize)]
+struct TopoPort {
+    name: String,
+    port: u16,
+    protocol: String,
+}
+
+#[derive(Debug, Serialize)]
+struct TopoEndpoint {
+    address: SocketAddr,
+    cluster: String,
+    ready: bool,
+    port_name: String,
+}
+
+/// The topology file of cluster `local`: every cluster, every service, every backend
+/// with its readiness.
+pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
+    let t = Topology {
+        local_cluster: local.to_string(),
+        clusters: state
+            .clusters
+            .iter()
+            .map(|c| TopoCluster {
+                id: c.id.clone(),
+                region: c.region.clone(),
+                zone: format!("{}a", c.region),
+                provider: c.provider.clone(),
+                gateway: c.address,
+            })
+            .collect(),
+        services: state
+            .services
+            .iter()
+            .map(|s| TopoService {
+                name: s.name.clone(),
+                vips: vec![s.vip],
+                ports: vec![TopoPort {
+                    name: "http".into(),
+                    port: s.port,
+                    protocol: "TCP".into(),
+                }],
+                capacity_rps_per_pod: CAPACITY_RPS_PER_POD,
+                endpoints: s
+                    .backends
+                    .iter()
+                    .map(|b| TopoEndpoint {
+                        address: b.addr,
+                        cluster: b.cluster.clone(),
+                        ready: b.ready,
+                        port_name: "http".into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    let body = serde_yaml::to_string(&t).map_err(|e| LabError::Other(e.to_string()))?;
+    Ok(format!(
+        "# written by ballast-lab for cluster {local}; rewritten on `backends stop|start`\n{body}"
+    ))
+}
+
+pub fn topology_path(state_dir: &Path, cluster: &str) -> PathBuf {
+    state_dir.join(format!("topology-{cluster}.yaml"))
+}
+
+/// Writes every cluster's topology file (atomically, only when it changed).
+pub fn write_topologies(state_dir: &Path, state: &LabState) -> Result<()> {
+    for c in &state.clusters {
+        let path = topology_path(state_dir, &c.id);
+        let text = topology_yaml(state, &c.id)?;
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            sys::write_atomic(&path, text.as_bytes())?;
+        }
+    }
+    Ok(())
+}
