@@ -11,7 +11,6 @@
 //! `eth0`; the wan side of that link is `10.77.K.1`; the broker lives on `10.77.0.1` in the
 //! wan namespace. Cluster namespaces route only `10.77.0.0/16`: no default route.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -44,10 +43,6 @@ pub const DEFAULT_REGIONS: [&str; 8] = [
     "sa-east-1",
     "ca-central-1",
 ];
-
-const RTT_CSV: &str = include_str!("../../broker/data/region_rtt_ms.csv");
-const REGIONS_CSV: &str = include_str!("../../broker/data/regions.csv");
-const PRICES_CSV: &str = include_str!("../../broker/data/egress_prices.csv");
 
 /// The names every lab object derives from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,90 +127,48 @@ pub fn cluster_of_addr(a: [u8; 4]) -> Option<u8> {
         .then_some(a[2])
 }
 
-/// Region data from `broker/data/` (embedded at build time).
+/// Region data from `broker/data/` (embedded, read by `ballast_model::data`), with the
+/// lab's own conventions: clusters in one region sit 2 × [`SAME_REGION_ONE_WAY_MS`] apart,
+/// and prices follow the source provider's list.
 #[derive(Debug, Clone)]
-pub struct RegionData {
-    rtt: HashMap<(String, String), f64>,
-    provider: HashMap<String, String>,
-    continent: HashMap<String, String>,
-    /// (provider, tier) -> USD per GB
-    prices: HashMap<(String, String), f64>,
-}
+pub struct RegionData(ballast_model::data::RegionData);
 
 impl RegionData {
-    pub fn embedded() -> Self {
-        let mut rtt = HashMap::new();
-        for line in RTT_CSV.lines().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            if let [src, dst, ms] = f[..] {
-                if let Ok(ms) = ms.trim().parse::<f64>() {
-                    rtt.insert((src.to_string(), dst.to_string()), ms);
-                }
-            }
-        }
-        let mut provider = HashMap::new();
-        let mut continent = HashMap::new();
-        for line in REGIONS_CSV.lines().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            if let [region, prov, cont] = f[..] {
-                provider.insert(region.to_string(), prov.to_string());
-                continent.insert(region.to_string(), cont.trim().to_string());
-            }
-        }
-        let mut prices = HashMap::new();
-        for line in PRICES_CSV.lines().skip(1) {
-            let f: Vec<&str> = line.split(',').collect();
-            if let [prov, tier, usd] = f[..] {
-                if let Ok(usd) = usd.trim().parse::<f64>() {
-                    prices.insert((prov.to_string(), tier.to_string()), usd);
-                }
-            }
-        }
-        RegionData {
-            rtt,
-            provider,
-            continent,
-            prices,
-        }
+    /// The embedded tables.
+    pub fn embedded() -> Result<Self> {
+        ballast_model::data::RegionData::embedded()
+            .map(Self)
+            .map_err(|e| LabError::Other(format!("broker/data: {e}")))
     }
 
     /// Egress price (USD/GB, the source provider's list price) of traffic from a cluster in
     /// `src` to one in `dst`: lab clusters in one region sit in different zones; another
     /// provider is internet egress.
     pub fn egress_usd_per_gb(&self, src: &str, dst: &str) -> Option<f64> {
-        let sp = self.provider.get(src)?;
-        let dp = self.provider.get(dst)?;
-        let tier = if sp != dp {
+        let (s, d) = (self.0.region(src)?, self.0.region(dst)?);
+        let tier = if s.provider != d.provider {
             "internet_egress_first_tier"
         } else if src == dst {
             "cross_zone"
-        } else if self.continent.get(src) == self.continent.get(dst) {
+        } else if s.continent == d.continent {
             "cross_region_same_continent"
         } else {
             "cross_continent"
         };
-        self.prices.get(&(sp.clone(), tier.to_string())).copied()
+        self.0.price(&s.provider, tier)
     }
 
     pub fn provider(&self, region: &str) -> Option<&str> {
-        self.provider.get(region).map(String::as_str)
+        self.0.region(region).map(|r| r.provider.as_str())
     }
 
-    /// Measured RTT between two regions (mean of both directions when both exist).
+    /// Measured RTT between two regions (mean of both directions when both exist); two
+    /// clusters of one region are [`SAME_REGION_ONE_WAY_MS`] apart each way.
     pub fn rtt_ms(&self, a: &str, b: &str) -> Option<f64> {
         if a == b {
-            return self
-                .provider
-                .contains_key(a)
-                .then_some(2.0 * SAME_REGION_ONE_WAY_MS);
+            return self.0.region(a).map(|_| 2.0 * SAME_REGION_ONE_WAY_MS);
         }
-        let ab = self.rtt.get(&(a.to_string(), b.to_string()));
-        let ba = self.rtt.get(&(b.to_string(), a.to_string()));
-        match (ab, ba) {
-            (Some(x), Some(y)) => Some((x + y) / 2.0),
-            (Some(x), None) | (None, Some(x)) => Some(*x),
-            (None, None) => None,
-        }
+        self.0.rtt_ms(a, b)
     }
 
     /// The default one-way delay of a link: half the regions' RTT.
@@ -244,7 +197,7 @@ impl RegionData {
             given.to_vec()
         };
         for r in &regions {
-            if !self.provider.contains_key(r) {
+            if self.0.region(r).is_none() {
                 return Err(LabError::invalid(
                     "regions",
                     format!("unknown region {r:?} (see broker/data/regions.csv)"),
@@ -301,7 +254,7 @@ mod tests {
 
     #[test]
     fn default_delays_come_from_real_data() {
-        let d = RegionData::embedded();
+        let d = RegionData::embedded().unwrap();
         let r = d.regions_for(3, &[]).unwrap();
         assert_eq!(r, ["us-east-1", "us-west-2", "eu-west-1"]);
         let east_west = d.one_way_ms("us-east-1", "us-west-2").unwrap();
@@ -324,7 +277,7 @@ mod tests {
 
     #[test]
     fn bad_regions_are_rejected() {
-        let d = RegionData::embedded();
+        let d = RegionData::embedded().unwrap();
         assert!(d.regions_for(2, &["us-east-1".into()]).is_err());
         let e = d
             .regions_for(1, &["mars-north-1".into()])

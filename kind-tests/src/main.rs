@@ -481,7 +481,7 @@ fn compare(
         .iter()
         .map(|c| (c.id.clone(), c.region.clone()))
         .collect();
-    let data = ballast_lab::config::RegionData::embedded();
+    let data = ballast_lab::config::RegionData::embedded()?;
     let mut rows = Vec::new();
     for &p in policies {
         lab.set_policy(p, None, Duration::from_secs(60))?;

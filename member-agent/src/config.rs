@@ -313,16 +313,6 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
 }
 
-/// The first cgroup2 mount point in /proc/mounts.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
-    })
-}
-
 fn host_name() -> Option<String> {
     std::env::var("NODE_NAME")
         .ok()
@@ -499,7 +489,7 @@ impl Cli {
 
         let cgroup = dp
             .cgroup
-            .or_else(cgroup2_mount)
+            .or_else(ballast_bpf::sys::cgroup2_mount)
             .ok_or_else(|| field("--cgroup", "not given and no cgroup2 mount in /proc/mounts"))?;
         if !cgroup.is_dir() {
             return Err(field(

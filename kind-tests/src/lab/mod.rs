@@ -155,7 +155,7 @@ impl Lab {
     pub fn default_delay(&self, a: &str, b: &str) -> Result<f64> {
         let state = self.load_state()?;
         let (ra, rb) = (&state.cluster(a)?.region, &state.cluster(b)?.region);
-        let ms = RegionData::embedded().one_way_ms(ra, rb)?;
+        let ms = RegionData::embedded()?.one_way_ms(ra, rb)?;
         Ok((ms * 10.0).round() / 10.0)
     }
 

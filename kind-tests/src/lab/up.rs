@@ -34,7 +34,7 @@ impl Lab {
             ));
         }
         let _lock = self.lock()?;
-        let data = RegionData::embedded();
+        let data = RegionData::embedded()?;
         let previous = match self.load_state() {
             Ok(s) => Some(s),
             Err(LabError::NotUp { .. }) => None,
