@@ -18,7 +18,7 @@ use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{CapacitySample, RegisterRequest, ReportRequest, WatchRequest};
 use ballast_store::sqlite_url;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -33,13 +33,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn client(port: u16, tls: &TlsFiles) -> BrokerClient<Channel> {
-    let ch = Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls.client_config("localhost"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = tls.localhost_channel(port).await.unwrap();
     BrokerClient::new(ch)
 }
 
@@ -109,11 +103,7 @@ async fn run(watchers: usize, services: usize, rounds: usize, debounce: Duration
     let mut cfg = ServeConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         sqlite_url(&dir.path().join("bench.db")),
-        Some(TlsFiles {
-            ca_pem: bundle.ca.cert_pem.clone(),
-            cert_pem: bundle.server.cert_pem.clone(),
-            key_pem: bundle.server.key_pem.clone(),
-        }),
+        Some(bundle.tls_files(&bundle.server)),
     );
     cfg.solve_interval = Duration::from_secs(3600);
     cfg.debounce = debounce;
@@ -123,11 +113,7 @@ async fn run(watchers: usize, services: usize, rounds: usize, debounce: Duration
     let tls: Vec<TlsFiles> = bundle
         .clusters
         .iter()
-        .map(|(_, p)| TlsFiles {
-            ca_pem: bundle.ca.cert_pem.clone(),
-            cert_pem: p.cert_pem.clone(),
-            key_pem: p.key_pem.clone(),
-        })
+        .map(|(_, p)| bundle.tls_files(p))
         .collect();
     let mut clients = Vec::new();
     for (i, id) in ids.iter().enumerate() {

@@ -47,6 +47,19 @@ pub struct Bundle {
     pub clusters: Vec<(String, CertPair)>,
 }
 
+impl Bundle {
+    /// The TLS material of one endpoint holding `pair` (the server, the admin or a
+    /// cluster's certificate) and trusting this bundle's CA.
+    #[must_use]
+    pub fn tls_files(&self, pair: &CertPair) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            ca_pem: self.ca.cert_pem.clone(),
+            cert_pem: pair.cert_pem.clone(),
+            key_pem: pair.key_pem.clone(),
+        }
+    }
+}
+
 fn leaf_params(
     cn: &str,
     sans: Vec<SanType>,

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 /// PEM material of one TLS endpoint.
 #[derive(Debug, Clone)]
@@ -46,4 +48,25 @@ impl TlsFiles {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(domain)
     }
+
+    /// A client channel to a broker on loopback port `port`, checking the server certificate
+    /// for `localhost` (the name the lab and test certificates carry).
+    ///
+    /// # Errors
+    /// The TLS material or the connection is refused.
+    pub async fn localhost_channel(&self, port: u16) -> Result<Channel, ConnectError> {
+        Ok(Endpoint::from_shared(format!("https://localhost:{port}"))?
+            .tls_config(self.client_config("localhost"))?
+            .connect()
+            .await?)
+    }
+}
+
+/// Why a client channel could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("broker address: {0}")]
+    Uri(#[from] tonic::codegen::http::uri::InvalidUri),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }

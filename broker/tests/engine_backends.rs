@@ -251,6 +251,18 @@ fn imports_of(c: &str, node: &str, at: i64, services: &[&str]) -> ReportRecord {
 }
 
 /// The sources of `svc` in the engine's current inputs (None: no plan for it).
+/// A report of c1/n1, now: RTT `a` to c2 and `b` to c3, 100 rps of `ns/web` to c2.
+fn c1_rtts(a: f64, b: f64) -> ReportRecord {
+    report_of(
+        "c1",
+        "n1",
+        now_ms(),
+        &[("c2", a), ("c3", b)],
+        &[("ns/web", "c2", 100.0)],
+        &[],
+    )
+}
+
 async fn sources_of(engine: &Engine, svc: &str) -> Option<Vec<String>> {
     let inputs = engine.inputs(now_ms()).await.unwrap();
     inputs
@@ -416,16 +428,7 @@ async fn engine_damps_weight_moves() {
     };
     let engine = engine_on(&store, cfg).await;
     let now = now_ms();
-    let rtts = |a: f64, b: f64| {
-        report_of(
-            "c1",
-            "n1",
-            now_ms(),
-            &[("c2", a), ("c3", b)],
-            &[("ns/web", "c2", 100.0)],
-            &[],
-        )
-    };
+    let rtts = c1_rtts;
     store.store_report(&rtts(5.0, 80.0)).await.unwrap();
     for c in ["c2", "c3"] {
         store
@@ -490,14 +493,7 @@ async fn retention_scenario(url: &str) {
     // Round i makes c2 (even i) or c3 (odd i) the near one, so every round publishes.
     let flip = |i: i64| {
         let (a, b) = if i % 2 == 0 { (5.0, 80.0) } else { (80.0, 5.0) };
-        report_of(
-            "c1",
-            "n1",
-            now_ms(),
-            &[("c2", a), ("c3", b)],
-            &[("ns/web", "c2", 100.0)],
-            &[],
-        )
+        c1_rtts(a, b)
     };
     let ack1 = AckRecord {
         cluster_id: "c1".into(),

@@ -13,9 +13,9 @@ use ballast_proto::v1::{
 };
 use ballast_store::sqlite_url;
 use support::{
-    admin, admin_as, agent, broker_with_c1_c2, cap, capacity_report, cluster_agent, cluster_pair,
-    open_watch, register_req, registered_agent, report, rps, rtt, send_reports, sqlite_test_config,
-    start_broker, test_config, tls_of, watch_req,
+    admin, admin_as, agent, broker_for, broker_with_c1_c2, cap, capacity_report, cluster_agent,
+    cluster_pair, open_watch, register_req, registered_agent, report, rps, rtt, send_reports,
+    sqlite_test_config, start_broker, test_config, tls_of, watch_req,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -49,8 +49,7 @@ async fn until_generation(
 #[tokio::test]
 async fn agent_registers_reports_and_receives_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = generate(&clusters(&["c1", "c2", "c3"]), &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let (bundle, b) = broker_for(dir.path(), &["c1", "c2", "c3"]).await;
     let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
     let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
     let mut a3 = cluster_agent(b.addr, &bundle, "c3").await;
@@ -554,8 +553,7 @@ async fn restart_on_the_same_sqlite_file_continues_the_generation_sequence() {
 #[tokio::test]
 async fn plain_text_only_with_insecure() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let (_bundle, b) = broker_for(dir.path(), &["c1"]).await;
     // A plain-text client cannot talk to the default (mTLS) server.
     let plain =
         tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", b.addr.port()))
@@ -635,8 +633,7 @@ async fn postgres_backed_broker_serves_and_survives_a_restart() {
 #[tokio::test]
 async fn register_rejects_bad_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = generate(&clusters(&["c1"]), &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let (bundle, b) = broker_for(dir.path(), &["c1"]).await;
     let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
     let mut r = register_req("c1", "n1");
     r.zone = String::new();

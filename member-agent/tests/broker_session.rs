@@ -20,7 +20,6 @@ use ballast_proto::v1::{
 };
 use ballast_store::sqlite_url;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Endpoint;
 
 use ballast_types::now_ms;
 
@@ -80,28 +79,14 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let ca = write("ca.pem", &bundle.ca.cert_pem);
     let cert = write("east.pem", &east.cert_pem);
     let key = write("east-key.pem", &east.key_pem);
-    let server_tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: bundle.server.cert_pem.clone(),
-        key_pem: bundle.server.key_pem.clone(),
-    };
+    let server_tls = bundle.tls_files(&bundle.server);
     let db = dir.path().join("broker.db");
     let b = broker("127.0.0.1:0".parse().unwrap(), &db, server_tls.clone()).await;
     let addr = b.addr;
 
     // west serves shop/web (a raw client with west's certificate)
-    let west_tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: west.cert_pem.clone(),
-        key_pem: west.key_pem.clone(),
-    };
-    let ch = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-        .unwrap()
-        .tls_config(west_tls.client_config("localhost"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let west_tls = bundle.tls_files(west);
+    let ch = west_tls.localhost_channel(addr.port()).await.unwrap();
     let mut w = BrokerClient::new(ch);
     w.register(RegisterRequest {
         cluster_id: "west".into(),
@@ -188,18 +173,8 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let first_gen = u.generation;
 
     // east's reports are stored in spite of the unknown peer
-    let admin_tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: bundle.admin.cert_pem.clone(),
-        key_pem: bundle.admin.key_pem.clone(),
-    };
-    let ch = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-        .unwrap()
-        .tls_config(admin_tls.client_config("localhost"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let admin_tls = bundle.tls_files(&bundle.admin);
+    let ch = admin_tls.localhost_channel(addr.port()).await.unwrap();
     let mut admin = AdminClient::new(ch);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

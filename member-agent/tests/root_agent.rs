@@ -68,6 +68,31 @@ struct Cleanup {
     agent: Option<Child>,
 }
 
+impl Cleanup {
+    /// A cgroup and a pin directory named `ballast-agent-<what>-<pid>`, or `None` (with a
+    /// printed skip) when not root.
+    fn new(test: &str, what: &str) -> Option<Self> {
+        if !is_root() {
+            println!("skipped {test}: needs root (BPF, cgroups)");
+            return None;
+        }
+        let (Some(cg_root), Some(bpffs)) = (
+            ballast_bpf::sys::cgroup2_mount(),
+            ballast_bpf::sys::bpffs_mount(),
+        ) else {
+            panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
+        };
+        let unique = format!("ballast-agent-{what}-{}", std::process::id());
+        let env = Cleanup {
+            cgroup: cg_root.join(&unique),
+            pin_dir: bpffs.join(&unique),
+            agent: None,
+        };
+        std::fs::create_dir_all(&env.cgroup).unwrap();
+        Some(env)
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
@@ -125,23 +150,12 @@ fn wait_installed(pin_dir: &Path, backends: usize) {
 
 #[test]
 fn root_agent_restart_and_backend_drain_lose_no_connection() {
-    if !is_root() {
-        println!("skipped root_agent_restart_and_backend_drain_lose_no_connection: needs root (BPF, cgroups)");
-        return;
-    }
-    let (Some(cg_root), Some(bpffs)) = (
-        ballast_bpf::sys::cgroup2_mount(),
-        ballast_bpf::sys::bpffs_mount(),
+    let Some(mut env) = Cleanup::new(
+        "root_agent_restart_and_backend_drain_lose_no_connection",
+        "e2e",
     ) else {
-        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
+        return;
     };
-    let unique = format!("ballast-agent-e2e-{}", std::process::id());
-    let mut env = Cleanup {
-        cgroup: cg_root.join(&unique),
-        pin_dir: bpffs.join(&unique),
-        agent: None,
-    };
-    std::fs::create_dir_all(&env.cgroup).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let topo = dir.path().join("topology.yaml");
 
@@ -283,20 +297,9 @@ async fn registered_client(
     node: &str,
     region: &str,
 ) -> ballast_proto::v1::broker_client::BrokerClient<tonic::transport::Channel> {
-    use ballast_broker::tls::TlsFiles;
     let creds = bundle.clusters.iter().find(|(c, _)| c == cluster).unwrap();
-    let tls = TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: creds.1.cert_pem.clone(),
-        key_pem: creds.1.key_pem.clone(),
-    };
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls.client_config("localhost"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let tls = bundle.tls_files(&creds.1);
+    let ch = tls.localhost_channel(port).await.unwrap();
     let mut client = ballast_proto::v1::broker_client::BrokerClient::new(ch);
     client
         .register(ballast_proto::v1::RegisterRequest {
@@ -321,27 +324,15 @@ async fn registered_client(
 async fn root_agent_installs_weights_that_came_before_discovery() {
     use ballast_broker::certs::generate;
     use ballast_broker::server::{start, ServeConfig};
-    use ballast_broker::tls::TlsFiles;
     use ballast_proto::v1::{CapacitySample, ReportRequest};
     use ballast_store::sqlite_url;
 
-    if !is_root() {
-        println!("skipped root_agent_installs_weights_that_came_before_discovery: needs root (BPF, cgroups)");
-        return;
-    }
-    let (Some(cg_root), Some(bpffs)) = (
-        ballast_bpf::sys::cgroup2_mount(),
-        ballast_bpf::sys::bpffs_mount(),
+    let Some(mut env) = Cleanup::new(
+        "root_agent_installs_weights_that_came_before_discovery",
+        "pending",
     ) else {
-        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
+        return;
     };
-    let unique = format!("ballast-agent-pending-{}", std::process::id());
-    let mut env = Cleanup {
-        cgroup: cg_root.join(&unique),
-        pin_dir: bpffs.join(&unique),
-        agent: None,
-    };
-    std::fs::create_dir_all(&env.cgroup).unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     // broker with mTLS; west serves t/web and t/late
@@ -351,11 +342,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
     let mut cfg = ServeConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         sqlite_url(&dir.path().join("broker.db")),
-        Some(TlsFiles {
-            ca_pem: bundle.ca.cert_pem.clone(),
-            cert_pem: bundle.server.cert_pem.clone(),
-            key_pem: bundle.server.key_pem.clone(),
-        }),
+        Some(bundle.tls_files(&bundle.server)),
     );
     cfg.solve_interval = Duration::from_secs(3600);
     cfg.debounce = Duration::from_millis(5);

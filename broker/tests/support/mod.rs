@@ -7,24 +7,20 @@ use std::time::Duration;
 
 use ballast_broker::certs::{Bundle, CertPair};
 use ballast_broker::server::{start, Running, ServeConfig};
-use ballast_broker::tls::TlsFiles;
+use ballast_broker::tls::{ConnectError, TlsFiles};
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{
     CapacitySample, RegisterRequest, ReportRequest, RpsSample, RttSample, WatchRequest,
     WeightsUpdate,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[allow(unused_imports)] // not every test file uses it
 pub use ballast_store::testing::PgSchema;
 
 pub fn tls_of(bundle: &Bundle, pair: &CertPair) -> TlsFiles {
-    TlsFiles {
-        ca_pem: bundle.ca.cert_pem.clone(),
-        cert_pem: pair.cert_pem.clone(),
-        key_pem: pair.key_pem.clone(),
-    }
+    bundle.tls_files(pair)
 }
 
 pub fn cluster_pair<'a>(bundle: &'a Bundle, id: &str) -> &'a CertPair {
@@ -55,19 +51,14 @@ pub async fn start_broker(cfg: ServeConfig) -> Running {
     start(cfg).await.expect("broker starts")
 }
 
-async fn channel(addr: SocketAddr, tls: &TlsFiles) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
-        .unwrap()
-        .tls_config(tls.client_config("localhost"))
-        .unwrap()
-        .connect()
-        .await
+async fn channel(addr: SocketAddr, tls: &TlsFiles) -> Result<Channel, ConnectError> {
+    tls.localhost_channel(addr.port()).await
 }
 
 pub async fn agent(
     addr: SocketAddr,
     tls: &TlsFiles,
-) -> Result<BrokerClient<Channel>, tonic::transport::Error> {
+) -> Result<BrokerClient<Channel>, ConnectError> {
     Ok(BrokerClient::new(channel(addr, tls).await?))
 }
 
@@ -118,8 +109,15 @@ pub async fn admin(addr: SocketAddr, bundle: &Bundle) -> AdminClient<Channel> {
 
 pub use ballast_types::now_ms;
 
-/// A broker on SQLite in `dir` with certificates for clusters c1 and c2, and their agents
-/// (node n1) registered.
+/// A broker on SQLite in `dir`, with certificates for clusters `ids`.
+pub async fn broker_for(dir: &std::path::Path, ids: &[&str]) -> (Bundle, Running) {
+    let ids: Vec<String> = ids.iter().map(|c| (*c).to_string()).collect();
+    let bundle = ballast_broker::certs::generate(&ids, &[]).unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir)).await;
+    (bundle, b)
+}
+
+/// [`broker_for`] c1 and c2, with their agents (node n1) registered.
 pub async fn broker_with_c1_c2(
     dir: &std::path::Path,
 ) -> (
@@ -128,8 +126,7 @@ pub async fn broker_with_c1_c2(
     BrokerClient<Channel>,
     BrokerClient<Channel>,
 ) {
-    let bundle = ballast_broker::certs::generate(&["c1".into(), "c2".into()], &[]).unwrap();
-    let b = start_broker(sqlite_test_config(&bundle, dir)).await;
+    let (bundle, b) = broker_for(dir, &["c1", "c2"]).await;
     let mut a1 = cluster_agent(b.addr, &bundle, "c1").await;
     let mut a2 = cluster_agent(b.addr, &bundle, "c2").await;
     a1.register(register_req("c1", "n1")).await.unwrap();
