@@ -94,7 +94,10 @@ async fn engine_scenario(url: &str) {
         "median of 10, 30, 20"
     );
     let svc = &plan.problem.services[0];
-    assert_eq!(svc.demand_rps["c1"], 60.0, "sum over the agents");
+    assert_eq!(
+        svc.demand_rps["c1"], 60.0,
+        "sum over the agents (a node fact)"
+    );
     assert_eq!(
         svc.demand_rps["c2"], 10.0,
         "no RPS reported: the default demand"

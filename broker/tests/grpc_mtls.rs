@@ -671,3 +671,38 @@ fn certs_writes_pems_with_private_keys_owner_only() {
     assert!(generate(&clusters(&["Bad_Id"]), &[]).is_err());
     assert!(generate(&clusters(&["c1"]), &["bad name!".into()]).is_err());
 }
+
+/// `full_set` over the wire: a report stating all of the node's facts withdraws the capacity
+/// it no longer states; one without the flag withdraws nothing.
+#[tokio::test]
+async fn a_full_set_report_withdraws_what_it_no_longer_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_bundle, b, _a1, mut a2) = broker_with_c1_c2(dir.path()).await;
+    let mut both = report("c2", "n1");
+    both.capacity = vec![cap("ns/web", 10.0), cap("ns/api", 20.0)];
+    send_reports(&mut a2, vec![both]).await.unwrap();
+    let services = |b: &ballast_broker::server::Running| {
+        let store = b.engine().store().clone();
+        async move {
+            let mut v: Vec<String> = store
+                .capacity()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|c| c.service)
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    // without the flag, a report that leaves ns/api out withdraws nothing
+    send_reports(&mut a2, vec![capacity_report("c2", "ns/web", 10.0)])
+        .await
+        .unwrap();
+    assert_eq!(services(&b).await, ["ns/api", "ns/web"]);
+    let mut full = capacity_report("c2", "ns/web", 10.0);
+    full.full_set = true;
+    send_reports(&mut a2, vec![full]).await.unwrap();
+    assert_eq!(services(&b).await, ["ns/web"]);
+    b.stop().await;
+}

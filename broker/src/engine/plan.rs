@@ -2,8 +2,14 @@
 //! ([`plan`]). No I/O; every scenario is unit-tested below without a database.
 //!
 //! How measurements become a problem (per service):
-//! - capacity `cap(t)` = sum over the nodes of `t` of their fresh capacity samples; the
-//!   serving clusters are those with `cap(t) > 0`;
+//! - facts are of two kinds: **node facts** come from one node's own measurements (RPS from
+//!   its BPF counters: summed over the cluster's nodes; RTT from its probes: the median) and
+//!   **cluster facts** are the same for every node of a cluster (capacity = declared per-pod
+//!   capacity x the cluster's ready pods, imports): counted once, never summed over nodes;
+//! - capacity `cap(t)` = the newest fresh capacity sample of any node of `t` (a cluster
+//!   fact); the serving clusters are those with `cap(t) > 0`. A node withdraws a fact by
+//!   reporting its full set without it (`ReportRequest.full_set`), so a service whose
+//!   capacity a cluster withdrew is solved again without that cluster, not left stale;
 //! - demand `N(s)` = sum over the nodes of `s` and over destinations of their fresh RPS samples;
 //!   when a source has no RPS yet (or 0), it gets a small default demand,
 //!   `max(--default-demand-rps, number of serving clusters)`, so that weights exist from the
@@ -224,30 +230,57 @@ fn rtt_matrix(
     (rtt_ms, stale)
 }
 
-/// `service -> cluster -> (sum of the fresh values, whether any sample was fresh)` over
+/// How the fresh samples of a cluster's nodes make one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    /// A node fact (RPS from each node's own counters): the sum over nodes.
+    Sum,
+    /// A cluster fact (capacity: every node states the cluster's figure): the newest sample
+    /// of any node (the largest among equally new ones), counted once whatever the node count.
+    Newest,
+}
+
+/// `service -> cluster -> (the fresh values folded, whether any sample was fresh)` over
 /// samples `(service, cluster, value, measured_at_ms)` of `known` clusters: capacity per
-/// serving cluster, demand per source.
-fn fresh_sums<'a>(
+/// serving cluster ([`Fold::Newest`]), demand per source ([`Fold::Sum`]).
+fn fold_fresh<'a>(
     samples: impl Iterator<Item = (&'a str, &'a str, f64, i64)>,
+    fold: Fold,
     known: &BTreeSet<&str>,
     cut: i64,
 ) -> BTreeMap<String, BTreeMap<String, (f64, bool)>> {
-    let mut out: BTreeMap<String, BTreeMap<String, (f64, bool)>> = BTreeMap::new();
+    // (value, any fresh, newest fresh sample's time)
+    let mut acc: BTreeMap<String, BTreeMap<String, (f64, bool, i64)>> = BTreeMap::new();
     for (service, cluster, value, at) in samples {
         if !known.contains(cluster) {
             continue;
         }
-        let e = out
+        let e = acc
             .entry(service.to_owned())
             .or_default()
             .entry(cluster.to_owned())
-            .or_default();
-        if at >= cut {
-            e.0 += value;
-            e.1 = true;
+            .or_insert((0.0, false, i64::MIN));
+        if at < cut {
+            continue;
         }
+        match fold {
+            Fold::Sum => e.0 += value,
+            Fold::Newest if at > e.2 || (at == e.2 && value > e.0) => {
+                e.0 = value;
+                e.2 = at;
+            }
+            Fold::Newest => {}
+        }
+        e.1 = true;
     }
-    out
+    acc.into_iter()
+        .map(|(svc, m)| {
+            (
+                svc,
+                m.into_iter().map(|(c, (v, f, _))| (c, (v, f))).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Builds every service's problem from `snap` as of `now_ms`.
@@ -264,7 +297,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
     let stale_txt = humantime::format_duration(cfg.stale_after).to_string();
     let prices = prices(&snap.prices, cfg);
     let (rtt_ms, stale_rtt) = rtt_matrix(snap, &known, cut);
-    let cap = fresh_sums(
+    let cap = fold_fresh(
         snap.capacity.iter().map(|c| {
             (
                 c.service.as_str(),
@@ -273,6 +306,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 c.measured_at_ms,
             )
         }),
+        Fold::Newest,
         &known,
         cut,
     );
@@ -282,10 +316,11 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
             .get(cluster)
             .is_none_or(|services| services.contains(svc))
     };
-    let demand = fresh_sums(
+    let demand = fold_fresh(
         snap.rps
             .iter()
             .map(|r| (r.service.as_str(), r.src.as_str(), r.rps, r.measured_at_ms)),
+        Fold::Sum,
         &known,
         cut,
     );

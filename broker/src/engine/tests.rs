@@ -144,18 +144,47 @@ fn weights(c: &Computed, src: &str) -> BTreeMap<String, f64> {
 }
 
 #[test]
-fn plan_sums_capacity_over_nodes_and_takes_the_median_rtt() {
+fn plan_counts_cluster_facts_once_and_takes_the_median_rtt() {
     let mut s = fleet();
-    s.capacity.push(cap("c2", "n2", 500.0, NOW));
+    // Capacity is a cluster fact: three nodes of c2 state it; it counts once, the newest
+    // fresh sample (n3's), not the sum (3,300) nor the largest (n1's stale-ish 1,200).
+    s.capacity = vec![
+        cap("c2", "n1", 1_200.0, NOW - 5_000),
+        cap("c2", "n2", 1_000.0, NOW - 1_000),
+        cap("c2", "n3", 1_100.0, NOW),
+        cap("c3", "n1", 1_000.0, NOW),
+        cap("c3", "n2", 1_000.0, NOW),
+    ];
     s.rtt.retain(|r| !(r.src == "c1" && r.dst == "c2"));
     for (node, ms) in [("n1", 10.0), ("n2", 20.0), ("n3", 90.0)] {
         s.rtt.push(rtt("c1", "c2", node, ms, NOW));
     }
     let inputs = plan(&s, &cfg(), NOW);
     let p = &inputs.services[SVC].problem;
-    assert_eq!(p.services[0].capacity_rps["c2"], 1_500.0);
+    assert_eq!(p.services[0].capacity_rps["c2"], 1_100.0);
+    assert_eq!(p.services[0].capacity_rps["c3"], 1_000.0, "not 2 x 1,000");
     assert_eq!(p.rtt_ms["c1"]["c2"], 20.0);
     assert!(inputs.services[SVC].stale.is_empty());
+}
+
+#[test]
+fn a_cluster_whose_capacity_is_withdrawn_is_solved_without_it_not_stale() {
+    let first = first_round(&plan(&fleet(), &cfg(), NOW));
+    assert!(weights(&first, "c1").contains_key("c3"));
+    // c3's node reported its full set without ns/web: the store holds no capacity row of c3
+    let mut s = fleet();
+    s.capacity.retain(|c| c.cluster_id != "c3");
+    let out = computed(round(
+        &plan(&s, &cfg(), NOW + 1),
+        &published(&first),
+        &first.memory,
+        &cfg(),
+        NOW + 1,
+    ));
+    let e = &out.entries[&(SVC.into(), "c1".into())];
+    assert_eq!(e.status, WeightsStatus::Optimal);
+    assert_eq!(e.weights.keys().collect::<Vec<_>>(), ["c2"]);
+    assert_eq!(out.stale_services, 0);
 }
 
 #[test]

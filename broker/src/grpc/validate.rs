@@ -121,6 +121,7 @@ pub fn validate_report(
         cluster_id: m.cluster_id.clone(),
         node_name: m.node_name.clone(),
         received_at_ms: now,
+        full_set: m.full_set,
         ..ReportRecord::default()
     };
     let mut seen = BTreeSet::new();

@@ -9,12 +9,30 @@ use crate::records::{CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord,
 use crate::{b2i, values_list, Result, Store, WEIGHT_ROWS_PER_INSERT};
 
 impl Store {
-    /// Stores one report atomically: every sample replaces the previous one of its key.
+    /// Stores one report atomically: every sample replaces the previous one of its key, and
+    /// with [`ReportRecord::full_set`] the node's samples the report does not state are
+    /// deleted (withdrawn) in the same transaction.
     ///
     /// # Errors
     /// A database error (then nothing of the report is stored).
     pub async fn store_report(&self, report: &ReportRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        if report.full_set {
+            // What the node no longer states is withdrawn: its samples are replaced whole.
+            for (table, cluster_column) in [
+                ("rtt_latest", "src"),
+                ("rps_latest", "src"),
+                ("capacity_latest", "cluster_id"),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE {cluster_column} = $1 AND node_name = $2"
+                )))
+                .bind(&report.cluster_id)
+                .bind(&report.node_name)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         for s in &report.rtt {
             sqlx::query(
                 "INSERT INTO rtt_latest (src, dst, node_name, rtt_ms, loss_ratio, reachable, \

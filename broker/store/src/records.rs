@@ -73,6 +73,9 @@ pub struct ReportRecord {
     /// The node's full list of imported services, when the report says it (`None`: not
     /// said; the previous declaration, if any, stays).
     pub imports: Option<Vec<String>>,
+    /// `rtt`, `rps` and `capacity` are all of the node's facts: the node's other stored
+    /// samples are withdrawn (deleted) with this report.
+    pub full_set: bool,
 }
 
 /// What one node last said its cluster imports.

@@ -215,5 +215,6 @@ pub fn report_of(
             })
             .collect(),
         imports: None,
+        full_set: false,
     }
 }

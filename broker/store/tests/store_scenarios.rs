@@ -6,7 +6,7 @@
 use std::num::NonZeroU64;
 
 use ballast_store::testing::{agent, c1_n1, cluster, report_of, run, weight};
-use ballast_store::{on_both_backends, AckRecord, PolicyRecord, Store, WeightRecord};
+use ballast_store::{on_both_backends, AckRecord, PolicyRecord, ReportRecord, Store, WeightRecord};
 
 /// Every store operation, with values that a wrong query would get wrong.
 async fn store_roundtrip(url: &str) {
@@ -258,4 +258,93 @@ async fn bulk_publish_scenario(url: &str) {
 on_both_backends!(
     bulk_publish_scenario: bulk_publish_sqlite_in_chunks,
     bulk_publish_postgres_in_chunks
+);
+
+/// A full-set report withdraws the node's samples it does not state (in the same
+/// transaction); a partial one replaces samples by key and withdraws nothing; other nodes'
+/// samples are untouched either way.
+async fn withdrawal_scenario(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    for c in ["c1", "c2", "c3"] {
+        store
+            .register(&cluster(c, "us-east-1"), &agent(c, "n1"))
+            .await
+            .unwrap();
+    }
+    let full = |r: ReportRecord| ReportRecord {
+        full_set: true,
+        ..r
+    };
+    let both = report_of(
+        "c2",
+        "n1",
+        100,
+        &[("c1", 5.0), ("c3", 7.0)],
+        &[("ns/web", "c1", 3.0), ("ns/api", "c1", 4.0)],
+        &[("ns/web", 50.0), ("ns/api", 60.0)],
+    );
+    store.store_report(&both).await.unwrap();
+    let other_node = report_of("c2", "n2", 100, &[("c1", 9.0)], &[], &[("ns/web", 50.0)]);
+    store.store_report(&other_node).await.unwrap();
+    // partial: nothing withdrawn
+    let partial = report_of("c2", "n1", 200, &[("c1", 6.0)], &[], &[("ns/web", 55.0)]);
+    store.store_report(&partial).await.unwrap();
+    assert_eq!(store.capacity().await.unwrap().len(), 3);
+    assert_eq!(store.rtt().await.unwrap().len(), 3);
+    assert_eq!(store.rps().await.unwrap().len(), 2);
+    // full set without ns/api and without c3: those of n1 go, n2's stay
+    store
+        .store_report(&full(report_of(
+            "c2",
+            "n1",
+            300,
+            &[("c1", 6.0)],
+            &[("ns/web", "c1", 3.0)],
+            &[("ns/web", 55.0)],
+        )))
+        .await
+        .unwrap();
+    let caps: Vec<(String, String, f64)> = store
+        .capacity()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.service, c.node_name, c.capacity_rps))
+        .collect();
+    assert_eq!(
+        caps,
+        [
+            ("ns/web".to_string(), "n1".to_string(), 55.0),
+            ("ns/web".to_string(), "n2".to_string(), 50.0)
+        ]
+    );
+    let rtts: Vec<(String, String)> = store
+        .rtt()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.dst, r.node_name))
+        .collect();
+    assert_eq!(
+        rtts,
+        [
+            ("c1".to_string(), "n1".to_string()),
+            ("c1".to_string(), "n2".to_string())
+        ]
+    );
+    let rps = store.rps().await.unwrap();
+    assert_eq!(rps.len(), 1);
+    assert_eq!(rps[0].service, "ns/web");
+    // an empty full set withdraws everything of the node
+    store
+        .store_report(&full(report_of("c2", "n1", 400, &[], &[], &[])))
+        .await
+        .unwrap();
+    assert!(store.rps().await.unwrap().is_empty());
+    assert_eq!(store.capacity().await.unwrap().len(), 1, "n2's stays");
+}
+
+on_both_backends!(
+    withdrawal_scenario: store_sqlite_full_set_withdraws,
+    store_postgres_full_set_withdraws
 );

@@ -25,7 +25,8 @@ pub fn identity(given: &Cluster, catalog: &Catalog) -> Cluster {
 }
 
 /// One report: RTT per peer (peers not measured yet are left out), RPS per (service,
-/// destination), the local capacities and the imported services.
+/// destination), the local capacities and the imported services — the full set of this
+/// node's facts (`full_set`), so that what it no longer states is withdrawn at the broker.
 pub fn build_report(
     cluster_id: &str,
     node_name: &str,
@@ -77,5 +78,8 @@ pub fn build_report(
         imports: Some(ImportedServices {
             services: catalog.services.keys().map(ToString::to_string).collect(),
         }),
+        // every report states all of this node's facts: what it leaves out is withdrawn
+        // (a peer no longer probed, a service no longer exported)
+        full_set: true,
     }
 }
