@@ -33,7 +33,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin = AdminServer::bind(cfg.metrics_addr, metrics.registry(), ready.clone()).await?;
     tracing::info!(addr = %admin.local_addr(), "admin server: /metrics, /live, /ready");
 
-    let discovery = discovery::start(&cfg.discovery, &cfg.local.id)
+    let discovery = discovery::start(&cfg.discovery, &cfg.local, &cfg.node_name)
         .await
         .context("discovery")?;
     let installer = Installer::open(&cfg.pin_dir, &cfg.cgroup).with_context(|| {

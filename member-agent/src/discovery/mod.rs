@@ -8,6 +8,7 @@
 //!   `EndpointSlice`s watched with kube-runtime reflectors
 
 pub mod kubernetes;
+pub mod node;
 pub mod topology;
 
 use std::future::Future;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::catalog::{Catalog, ClusterId};
+use crate::catalog::{Catalog, Cluster};
 use crate::config::DiscoveryConfig;
 
 /// Errors of the discovery sources.
@@ -36,6 +37,8 @@ pub enum DiscoveryError {
     },
     #[error("kubernetes object {object}: {message}")]
     InvalidObject { object: String, message: String },
+    #[error("this cluster's topology from its Node: {0}")]
+    Node(#[from] node::NodeError),
 }
 
 /// How a source is doing: counts of refreshes and the last failure (cleared on success).
@@ -93,7 +96,8 @@ pub trait Discovery: Send + 'static {
 /// Starts the source `cfg` names for cluster `local`.
 pub async fn start(
     cfg: &DiscoveryConfig,
-    local: &ClusterId,
+    local: &Cluster,
+    node_name: &str,
 ) -> Result<CatalogWatch, DiscoveryError> {
     match cfg {
         DiscoveryConfig::Topology {
@@ -102,7 +106,7 @@ pub async fn start(
         } => {
             topology::TopologyDiscovery {
                 path: path.clone(),
-                local: local.clone(),
+                local: local.id.clone(),
                 poll_interval: *poll_interval,
             }
             .start()
@@ -112,10 +116,29 @@ pub async fn start(
             let client = kube::Client::try_default()
                 .await
                 .map_err(DiscoveryError::NoClient)?;
+            // This cluster's region/zone/provider: flags, then the config file, then the Node.
+            let filed = clusters.iter().find(|c| c.id == local.id);
+            let unset = |flag: &Option<String>, file: Option<&Option<String>>| {
+                flag.is_none() && file.is_none_or(Option::is_none)
+            };
+            let static_clusters = if unset(&local.region, filed.map(|c| &c.region))
+                || unset(&local.zone, filed.map(|c| &c.zone))
+                || unset(&local.provider, filed.map(|c| &c.provider))
+            {
+                let topo = node::read(&client, node_name).await?;
+                tracing::info!(
+                    node = node_name,
+                    ?topo,
+                    "this cluster's topology from its Node"
+                );
+                node::with_node_topology(clusters.clone(), local, topo)?
+            } else {
+                clusters.clone()
+            };
             kubernetes::KubernetesDiscovery {
                 client,
-                local: local.clone(),
-                static_clusters: clusters.clone(),
+                local: local.id.clone(),
+                static_clusters,
                 init_timeout: Duration::from_secs(60),
                 debounce: Duration::from_millis(200),
             }
