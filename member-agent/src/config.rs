@@ -1,6 +1,7 @@
 //! Configuration: command-line flags, each with an environment variable (a flag beats its
 //! variable, which beats the default), plus an optional YAML file (`--config`) for what a
-//! flag cannot say: the list of peer clusters' details.
+//! flag cannot say: overrides of peer clusters' details (the broker streams the registered
+//! clusters; an entry in the file wins for its cluster).
 //!
 //! Decisions: clap parses every value into its type (durations with humantime, modes with
 //! `ValueEnum`, ranges with value parsers), so a bad value is refused naming its flag before
@@ -37,7 +38,8 @@ pub enum DiscoveryKind {
 ///
 /// Every flag can also be set by the environment variable shown; a flag beats its variable.
 /// Durations are written like `500ms`, `2s`, `1m`. The YAML file given with --config holds
-/// only the peer clusters' details (`clusters:`), which no flag can say.
+/// only overrides of peer clusters' details (`clusters:`), which no flag can say; the peers
+/// themselves come from the broker.
 #[derive(Debug, Parser)]
 #[command(
     name = "ballast-agent",
@@ -47,8 +49,9 @@ pub enum DiscoveryKind {
     max_term_width = 100
 )]
 pub struct Cli {
-    /// YAML file with the peer clusters' region/zone/provider/gateway (`clusters:`, a list of
-    /// `{id, region, zone, provider, gateway}`), for the Kubernetes source.
+    /// YAML file overriding peer clusters' region/zone/provider/gateway (`clusters:`, a list
+    /// of `{id, region, zone, provider, gateway}`), for the Kubernetes source; the peers
+    /// themselves come from the broker (an entry here wins for its cluster).
     #[arg(long, env = "BALLAST_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 

@@ -4,6 +4,7 @@
 //!
 //! - [`catalog`]: the plain model every discovery source produces
 //! - [`discovery`]: the `Discovery` trait, the topology file and the Kubernetes (MCS) sources
+//! - [`peers`]: which clusters to probe (the broker's peer set, the configuration overrides)
 //! - [`probe`]: RTT to peer gateways (ICMP with surge-ping, TCP-connect fallback)
 //! - [`capacity`]: per-pod capacity × ready local endpoints
 //! - [`weights`]: broker cluster weights → per-backend integer weights (pure)
@@ -20,6 +21,7 @@ pub mod config;
 pub mod discovery;
 pub mod install;
 pub mod metrics;
+pub mod peers;
 pub mod probe;
 pub mod session;
 pub mod steering;

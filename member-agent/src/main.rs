@@ -11,7 +11,8 @@ use ballast_agent::config::{AgentConfig, Cli};
 use ballast_agent::discovery;
 use ballast_agent::install::Installer;
 use ballast_agent::metrics::Metrics;
-use ballast_agent::probe::{self, Prober};
+use ballast_agent::peers;
+use ballast_agent::probe::Prober;
 use ballast_agent::session::{self, SessionConfig, SessionIo};
 use ballast_agent::steering::{report, SteerConfig, SteerIo, Steerer, PENDING_RETRY};
 use ballast_runtime::{AdminServer, Readiness};
@@ -48,7 +49,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let prober = Prober::new(cfg.probe.clone())?;
     tracing::info!(method = ?prober.method(), "probing peers");
     let peers = prober.subscribe();
-    let (targets, targets_task) = probe::targets_following(discovery.catalog.clone());
+    // peers: the broker's set (WatchPeers), the configuration overriding it per cluster
+    let (peers_tx, peers_rx) = watch::channel(std::sync::Arc::new(Vec::new()));
+    let (targets, targets_task) =
+        peers::targets_following(discovery.catalog.clone(), peers_rx, metrics.clone());
     let probe_task = tokio::spawn(prober.run(targets));
     let status_task = metrics.follow_discovery_status(discovery.status.clone());
 
@@ -75,6 +79,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 updates: updates_tx,
                 acks: acks_rx,
                 installed_generation: gen_rx,
+                peers: peers_tx,
             };
             Some(tokio::spawn(session::run(scfg, io)))
         }

@@ -13,6 +13,7 @@
 //! | `ballast_agent_updates_refused_total` | service | weights updates refused (unknown service, bad weights, data plane) |
 //! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
+//! | `ballast_agent_probe_targets` | source | peers probed, by where their gateway came from (`broker`, `configuration`) |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -37,6 +38,11 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub service: String,
     pub destination: String,
@@ -58,6 +64,7 @@ pub struct Metrics {
     pub updates_refused: Family<ServiceLabels, Counter>,
     pub update_lag_seconds: Histogram,
     pub discovery_failures: Counter,
+    pub probe_targets: Family<SourceLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -81,6 +88,7 @@ impl Metrics {
             updates_refused: Family::default(),
             update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             discovery_failures: Counter::default(),
+            probe_targets: Family::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -132,10 +140,24 @@ impl Metrics {
             "Discovery refreshes that failed (the last good catalog stayed)",
             m.discovery_failures.clone(),
         );
+        r.register(
+            "probe_targets",
+            "Peers probed, by where their gateway came from (broker, configuration)",
+            m.probe_targets.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Sets how many probe targets come from `source`.
+    pub fn set_probe_targets(&self, source: &str, n: usize) {
+        self.probe_targets
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Mirrors a probe table: RTT, reachability, loss; counts new failures since `prev`.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use surge_ping::{Client, Config as PingConfig, PingIdentifier, PingSequence, ICMP};
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, ClusterId};
+use crate::catalog::ClusterId;
 
 /// How RTT is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -342,28 +342,6 @@ impl Prober {
             seq = seq.wrapping_add(1);
         }
     }
-}
-
-/// The probe targets of the catalog, kept current in a task (a changed catalog that leaves
-/// the targets as they were wakes nobody).
-pub fn targets_following(
-    mut catalog: watch::Receiver<Arc<Catalog>>,
-) -> (
-    watch::Receiver<Vec<(ClusterId, IpAddr)>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = watch::channel(catalog.borrow_and_update().probe_targets());
-    let task = tokio::spawn(async move {
-        while catalog.changed().await.is_ok() {
-            let t = catalog.borrow_and_update().probe_targets();
-            tx.send_if_modified(|cur| {
-                let changed = *cur != t;
-                *cur = t;
-                changed
-            });
-        }
-    });
-    (rx, task)
 }
 
 #[cfg(test)]

@@ -1,20 +1,23 @@
 //! The broker session: tonic over rustls mTLS with this cluster's certificate.
 //!
-//! One loop: connect → `Register` → three concurrent legs — the `Report` client stream (the
+//! One loop: connect → `Register` → four concurrent legs — the `Report` client stream (the
 //! latest report every report interval), the `WatchWeights` server stream (updates grouped
-//! into batches by `last_in_batch`, handed to the installer), and `AckWeights` for what the
-//! installer acknowledges. When any leg fails, the session reconnects with exponential
+//! into batches by `last_in_batch`, handed to the installer), `AckWeights` for what the
+//! installer acknowledges, and the `WatchPeers` server stream (the registered clusters, for
+//! the probes: [`crate::peers`]; `Register` answers the first set). When any leg fails, the session reconnects with exponential
 //! backoff and jitter (backon's, see [`Backoff`]). The data plane is never touched here: while the broker is away the
 //! last installed weights stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ballast_proto::v1::broker_client::BrokerClient;
 use ballast_proto::v1::{
-    Ack, ImportedServices, RegisterRequest, ReportRequest, WatchRequest, WeightsUpdate,
+    Ack, ImportedServices, Peer, RegisterRequest, ReportRequest, WatchPeersRequest, WatchRequest,
+    WeightsUpdate,
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -156,6 +159,29 @@ pub struct SessionIo {
     pub acks: mpsc::Receiver<Ack>,
     /// The last generation installed (for `WatchRequest.last_generation`).
     pub installed_generation: watch::Receiver<u64>,
+    /// The broker's peer set (kept when the session is lost: the last known set is the best).
+    pub peers: watch::Sender<Arc<Vec<Cluster>>>,
+}
+
+/// Publishes the broker's peer set `peers` (checked by [`crate::peers::from_broker`]; what
+/// cannot be used is logged) when it differs from the last one.
+fn publish_peers(tx: &watch::Sender<Arc<Vec<Cluster>>>, peers: &[Peer]) {
+    let (clusters, problems) = crate::peers::from_broker(peers);
+    for p in &problems {
+        tracing::warn!(problem = %p, "skipping what cannot be used of a broker peer");
+    }
+    tx.send_if_modified(|cur| {
+        if **cur == clusters {
+            false
+        } else {
+            tracing::info!(
+                peers = ?clusters.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+                "peer set from the broker"
+            );
+            *cur = Arc::new(clusters);
+            true
+        }
+    });
 }
 
 /// Runs one session until it fails.
@@ -188,7 +214,36 @@ pub async fn run_once(
         Err(e) => return e,
     };
     tracing::info!(generation = resp.generation, "registered with the broker");
+    publish_peers(&io.peers, &resp.peers);
     on_registered();
+
+    // WatchPeers: the peer set for the probes. A broker without the RPC (older) leaves the
+    // peer set of Register in place for the session.
+    let peers_req = WatchPeersRequest {
+        cluster_id: cfg.cluster.id.clone(),
+        node_name: cfg.node_name.clone(),
+    };
+    let mut peers_client = client.clone();
+    let peers_tx = io.peers.clone();
+    let peers_leg = async move {
+        let mut stream = match peers_client.watch_peers(peers_req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::warn!("the broker does not stream peers (older version); using the peers it answered at registration");
+                return std::future::pending().await;
+            }
+            Err(s) => return rpc("WatchPeers")(s),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(u)) => publish_peers(&peers_tx, &u.peers),
+                Ok(None) => {
+                    return rpc("WatchPeers")(tonic::Status::unavailable("stream ended"));
+                }
+                Err(s) => return rpc("WatchPeers")(s),
+            }
+        }
+    };
 
     // Report: the latest report every interval
     let reports = io.reports.clone();
@@ -254,6 +309,7 @@ pub async fn run_once(
         e = report_leg => e,
         e = watch_leg => e,
         e = ack_leg => e,
+        e = peers_leg => e,
     }
 }
 

@@ -65,6 +65,17 @@ async fn next_batch(rx: &mut mpsc::Receiver<Vec<WeightsUpdate>>, min_gen: u64) -
     }
 }
 
+/// Waits (20 s at most) until the session's peer set satisfies `ok`.
+async fn wait_for_peers(
+    rx: &mut watch::Receiver<std::sync::Arc<Vec<Cluster>>>,
+    ok: impl Fn(&[Cluster]) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| ok(p)))
+        .await
+        .expect("the peer set in time")
+        .expect("session alive");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,6 +137,7 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let (updates_tx, mut updates_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = mpsc::channel(16);
     let (_gen_tx, gen_rx) = watch::channel(0);
+    let (peers_tx, mut peers_rx) = watch::channel(std::sync::Arc::new(Vec::new()));
     let cfg = SessionConfig {
         endpoint: format!("https://localhost:{}", addr.port()),
         server_name: None,
@@ -151,6 +163,7 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
             updates: updates_tx,
             acks: acks_rx,
             installed_generation: gen_rx,
+            peers: peers_tx,
         },
     ));
 
@@ -171,6 +184,35 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
         .await
         .unwrap();
     let first_gen = u.generation;
+
+    // the peer set: both clusters as they registered; west moving its gateway reaches the
+    // session on the WatchPeers stream
+    let gateway_of = |peers: &[Cluster], id: &str| {
+        peers
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.gateway)
+            .map(|g| g.to_string())
+    };
+    wait_for_peers(&mut peers_rx, |p| {
+        gateway_of(p, "west").as_deref() == Some("127.0.0.2") && p.len() == 2
+    })
+    .await;
+    w.register(RegisterRequest {
+        cluster_id: "west".into(),
+        region: "eu-west-1".into(),
+        zone: "eu-west-1a".into(),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.3".into(),
+        agent_version: "test".into(),
+        node_name: "n1".into(),
+    })
+    .await
+    .unwrap();
+    wait_for_peers(&mut peers_rx, |p| {
+        gateway_of(p, "west").as_deref() == Some("127.0.0.3")
+    })
+    .await;
 
     // east's reports are stored in spite of the unknown peer
     let admin_tls = bundle.tls_files(&bundle.admin);

@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 pub mod config;
+pub mod peers;
 pub mod plan;
 pub mod published;
 pub mod round;
@@ -42,6 +43,7 @@ pub mod snapshot;
 pub mod status;
 
 pub use config::{EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES};
+pub use peers::Peer;
 pub use plan::{Inputs, ServicePlan};
 pub use published::{Entry, Published};
 pub use round::{RoundMemory, RoundOutcome};
@@ -79,6 +81,8 @@ pub struct Registered {
     pub generation: u64,
     /// Every registered cluster id, sorted.
     pub known_cluster_ids: Vec<String>,
+    /// The peer set after this registration.
+    pub peers: Arc<Vec<Peer>>,
 }
 
 /// A change of the cluster-wide (`service` empty) or a per-service policy.
@@ -128,6 +132,8 @@ pub struct Engine {
     dirty: AtomicBool,
     round: tokio::sync::Mutex<RoundState>,
     known: RwLock<BTreeSet<String>>,
+    /// The registered, unexpired clusters agents probe ([`peers::peers`]).
+    peers: watch::Sender<Arc<Vec<Peer>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -196,6 +202,13 @@ impl Engine {
         metrics.clusters.set(gauge(known.len()));
         let next_run_id = store.last_run_id().await? + 1;
         let (published, _) = watch::channel(Arc::new(published));
+        let snap = Snapshot {
+            clusters: store.clusters().await?,
+            agents: store.agents().await?,
+            ..Snapshot::default()
+        };
+        let expired = plan::expired_clusters(&snap, &cfg, now_ms());
+        let (peers, _) = watch::channel(Arc::new(peers::peers(&snap.clusters, &expired)));
         Ok(Self {
             store,
             cfg,
@@ -208,6 +221,7 @@ impl Engine {
                 next_run_id,
             }),
             known: RwLock::new(known),
+            peers,
         })
     }
 
@@ -239,6 +253,31 @@ impl Engine {
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.published.subscribe()
+    }
+
+    /// The current peer set (registered, unexpired clusters, sorted by id).
+    #[must_use]
+    pub fn peers(&self) -> Arc<Vec<Peer>> {
+        self.peers.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the peer set.
+    #[must_use]
+    pub fn subscribe_peers(&self) -> watch::Receiver<Arc<Vec<Peer>>> {
+        self.peers.subscribe()
+    }
+
+    /// Replaces the peer set when it differs (watchers wake only on a change).
+    fn refresh_peers(&self, clusters: &[ClusterRecord], expired: &BTreeSet<String>) {
+        let next = peers::peers(clusters, expired);
+        self.peers.send_if_modified(|cur| {
+            if **cur == next {
+                false
+            } else {
+                *cur = Arc::new(next);
+                true
+            }
+        });
     }
 
     /// Asks the solve loop for a (debounced) round.
@@ -304,6 +343,15 @@ impl Engine {
         if self.add_known(&r.cluster_id) {
             info!(cluster = %r.cluster_id, node = %r.node_name, "cluster registered");
         }
+        let snap = Snapshot {
+            clusters: self.store.clusters().await?,
+            agents: self.store.agents().await?,
+            ..Snapshot::default()
+        };
+        self.refresh_peers(
+            &snap.clusters,
+            &plan::expired_clusters(&snap, &self.cfg, now),
+        );
         self.trigger();
         let (policy, params) = self.policy_of("").await?;
         Ok(Registered {
@@ -311,6 +359,7 @@ impl Engine {
             params,
             generation: self.current().generation,
             known_cluster_ids: self.known(),
+            peers: self.peers(),
         })
     }
 
@@ -450,7 +499,9 @@ impl Engine {
         let started = Instant::now();
         let now = now_ms();
         self.prune_imports(now).await;
-        let inputs = self.inputs(now).await?;
+        let snap = Snapshot::read(&self.store).await?;
+        let inputs = plan::plan(&snap, &self.cfg, now);
+        self.refresh_peers(&snap.clusters, &inputs.expired);
         let current = self.current();
         self.metrics.clusters.set(gauge(inputs.clusters));
         self.metrics

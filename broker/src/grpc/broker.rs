@@ -6,8 +6,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ballast_proto::v1::{
-    broker_server::Broker, Ack, AckResponse, LoadBalancing, OptimizedParams, RegisterRequest,
-    RegisterResponse, ReportRequest, ReportSummary, WatchRequest, WeightsUpdate,
+    broker_server::Broker, Ack, AckResponse, LoadBalancing, OptimizedParams, Peer, PeersUpdate,
+    RegisterRequest, RegisterResponse, ReportRequest, ReportSummary, WatchPeersRequest,
+    WatchRequest, WeightsUpdate,
 };
 use ballast_store::AckRecord;
 use futures::Stream;
@@ -18,7 +19,7 @@ use tracing::debug;
 use super::identity::{acting_as, may_act_as, Caller};
 use super::validate::{check_service, check_text, engine_status, invalid, validate_report};
 use super::watch::WatchState;
-use crate::engine::{now_ms, Engine, Registration};
+use crate::engine::{self, now_ms, Engine, Registration};
 
 /// Settings the agents are told at registration.
 #[derive(Debug, Clone)]
@@ -67,6 +68,20 @@ impl BrokerService {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WeightsUpdate, Status>> + Send>>;
+type PeersStream = Pin<Box<dyn Stream<Item = Result<PeersUpdate, Status>> + Send>>;
+
+fn peers_message(peers: &[engine::Peer]) -> Vec<Peer> {
+    peers
+        .iter()
+        .map(|p| Peer {
+            cluster_id: p.cluster_id.clone(),
+            region: p.region.clone(),
+            zone: p.zone.clone(),
+            provider: p.provider.clone(),
+            gateway_address: p.gateway_address.clone(),
+        })
+        .collect()
+}
 
 struct WatcherGuard(Arc<Engine>);
 impl Drop for WatcherGuard {
@@ -75,14 +90,35 @@ impl Drop for WatcherGuard {
     }
 }
 
+/// A gateway is "" (none: peers do not probe the cluster) or an IP address peers can probe.
+fn check_gateway(v: &str) -> Result<(), Status> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    if v.len() > 64 {
+        return Err(invalid("gateway_address", "longer than 64 bytes"));
+    }
+    let ip: std::net::IpAddr = v.parse().map_err(|_| {
+        invalid(
+            "gateway_address",
+            format!("{v:?} is not an IP address (v4 or v6; \"\" for none)"),
+        )
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(invalid(
+            "gateway_address",
+            format!("{ip} is not a unicast address peers can probe"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_registration(m: &RegisterRequest) -> Result<(), Status> {
     check_text("region", &m.region, 128)?;
     check_text("zone", &m.zone, 128)?;
     check_text("provider", &m.provider, 64)?;
     check_text("node_name", &m.node_name, 253)?;
-    if m.gateway_address.len() > 253 {
-        return Err(invalid("gateway_address", "longer than 253 bytes"));
-    }
+    check_gateway(&m.gateway_address)?;
     if m.agent_version.len() > 128 {
         return Err(invalid("agent_version", "longer than 128 bytes"));
     }
@@ -121,6 +157,7 @@ impl Broker for BrokerService {
             generation: r.generation,
             max_message_bytes: self.settings.max_message_bytes,
             known_cluster_ids: r.known_cluster_ids,
+            peers: peers_message(&r.peers),
         }))
     }
 
@@ -183,6 +220,41 @@ impl Broker for BrokerService {
                         }
                         snapshot = updates.borrow_and_update().clone();
                     }
+                    () = tx.closed() => return,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type WatchPeersStream = PeersStream;
+
+    async fn watch_peers(
+        &self,
+        req: Request<WatchPeersRequest>,
+    ) -> Result<Response<Self::WatchPeersStream>, Status> {
+        acting_as(&req, &req.get_ref().cluster_id).map_err(|s| self.reject(s))?;
+        let m = req.into_inner();
+        check_text("node_name", &m.node_name, 253).map_err(|s| self.reject(s))?;
+        self.require_registered(&m.cluster_id)
+            .map_err(|s| self.reject(s))?;
+        debug!(cluster = %m.cluster_id, node = %m.node_name, "watch peers");
+        let (tx, rx) = mpsc::channel::<Result<PeersUpdate, Status>>(4);
+        let mut peers = self.engine.subscribe_peers();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let update = PeersUpdate {
+                    peers: peers_message(&peers.borrow_and_update().clone()),
+                };
+                if tx.send(Ok(update)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = peers.changed() => if r.is_err() { return },
                     () = tx.closed() => return,
                     _ = shutdown.changed() => return,
                 }
