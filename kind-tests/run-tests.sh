@@ -27,6 +27,9 @@ step "cargo fmt"
 cargo fmt --all -- --check
 step "cargo clippy"
 timeout 30m cargo clippy --workspace --all-targets --locked -- -D warnings
+step "charts: real Helm 4 (lint, render), Kubernetes 1.29/1.37 and CRD schemas, checkov"
+charts_python=$(bash kind-tests/chart-tools.sh)
+timeout 15m "$charts_python" kind-tests/charts/check.py
 step "cargo test"
 timeout 50m cargo test --workspace --locked --no-fail-fast
 step "done"

@@ -57,8 +57,43 @@ ballast.io/cluster-id: {{ .Values.clusterId | quote }}
 {{- if not (has .Values.discovery (list "kubernetes")) }}
 {{- fail (printf "discovery: %q is not supported in a cluster (use kubernetes)" .Values.discovery) }}
 {{- end }}
-{{- if and (not .Values.broker.tls.existingSecret) (not (and .Values.broker.tls.cert .Values.broker.tls.key .Values.broker.tls.ca)) }}
-{{- fail "broker.tls: set broker.tls.existingSecret, or all of broker.tls.cert, broker.tls.key and broker.tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- if and (not .Values.broker.tls.existingSecret) (not .Values.broker.tls.certManager.enabled) (not (and .Values.broker.tls.cert .Values.broker.tls.key .Values.broker.tls.ca)) }}
+{{- fail "broker.tls: set broker.tls.existingSecret, or broker.tls.certManager.enabled with its issuerRef, or all of broker.tls.cert, broker.tls.key and broker.tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- end }}
+{{- if and .Values.broker.tls.certManager.enabled (not .Values.broker.tls.certManager.issuerRef.name) }}
+{{- fail "broker.tls.certManager.issuerRef.name: required with broker.tls.certManager.enabled (the cert-manager Issuer or ClusterIssuer of the broker's CA)" }}
+{{- end }}
+{{- if not (has .Values.metrics.bind (list "node" "localhost" "all")) }}
+{{- fail (printf "metrics.bind: %q is not one of node (the node's IP), localhost (127.0.0.1), all (0.0.0.0)" .Values.metrics.bind) }}
+{{- end }}
+{{- if and .Values.priorityClassName (not (regexMatch "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$" .Values.priorityClassName)) }}
+{{- fail (printf "priorityClassName: %q is not a valid object name" .Values.priorityClassName) }}
+{{- end }}
+{{- if and .Values.priorityClassName (not (hasPrefix "system-" .Values.priorityClassName)) }}
+{{- /* lookup answers only against a live cluster (helm install/upgrade); offline renders skip this. */}}
+{{- $live := lookup "v1" "Namespace" "" "kube-system" }}
+{{- if and $live (not (lookup "scheduling.k8s.io/v1" "PriorityClass" "" .Values.priorityClassName)) }}
+{{- fail (printf "priorityClassName: PriorityClass %q does not exist in this cluster" .Values.priorityClassName) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (eq .Values.metrics.bind "localhost") }}
+{{- fail "metrics.bind: localhost cannot be scraped by the ServiceMonitor (metrics.serviceMonitor.enabled); use node" }}
+{{- end }}
+{{- range .Values.capabilities.extra }}
+{{- if not (regexMatch "^[A-Z_]+$" .) }}
+{{- fail (printf "capabilities.extra: %q is not a capability name without CAP_ (e.g. SYS_PTRACE)" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics listen address per metrics.bind (NODE_IP comes from the downward API). */}}
+{{- define "ballast-agent.metricsAddr" -}}
+{{- if eq .Values.metrics.bind "localhost" -}}
+{{ printf "127.0.0.1:%d" (int .Values.metrics.port) }}
+{{- else if eq .Values.metrics.bind "all" -}}
+{{ printf "0.0.0.0:%d" (int .Values.metrics.port) }}
+{{- else -}}
+{{ printf "$(NODE_IP):%d" (int .Values.metrics.port) }}
 {{- end }}
 {{- end }}
 
@@ -85,7 +120,7 @@ cgroup v2 root; NODE_NAME comes from the downward API.
 - --pin-dir
 - {{ .Values.bpf.pinDir | quote }}
 - --metrics-addr
-- {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
+- {{ include "ballast-agent.metricsAddr" . | quote }}
 - --node-name
 - "$(NODE_NAME)"
 {{- range $flag, $value := dict "region" .Values.region "zone" .Values.zone "provider" .Values.provider "gateway" .Values.gateway }}
@@ -100,5 +135,14 @@ cgroup v2 root; NODE_NAME comes from the downward API.
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The image reference: repository@digest when image.digest is set, else repository:tag. */}}
+{{- define "ballast-agent.image" -}}
+{{- if .Values.image.digest -}}
+{{ printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}

@@ -63,8 +63,14 @@ app.kubernetes.io/part-of: ballast
 {{- if and (eq .Values.storage.type "sqlite") (gt (int .Values.replicaCount) 1) }}
 {{- fail "replicaCount: must be 1 with storage.type sqlite (one SQLite file, one writer)" }}
 {{- end }}
-{{- if and (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key .Values.tls.ca)) }}
-{{- fail "tls: set tls.existingSecret, or all of tls.cert, tls.key and tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- if and (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) (not (and .Values.tls.cert .Values.tls.key .Values.tls.ca)) }}
+{{- fail "tls: set tls.existingSecret, or tls.certManager.enabled with its issuerRef, or all of tls.cert, tls.key and tls.ca (PEM; make them with `ballast-broker certs`)" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.issuerRef.name: required with tls.certManager.enabled (the Issuer or ClusterIssuer of the CA that also signs the agents' certificates)" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.dnsNames) }}
+{{- fail "tls.certManager.dnsNames: required with tls.certManager.enabled (the names agents use in broker.address)" }}
 {{- end }}
 {{- end }}
 
@@ -76,12 +82,12 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - serve
 - --listen
 - {{ printf "0.0.0.0:%d" (int .Values.grpc.port) | quote }}
+{{- if eq .Values.storage.type "sqlite" }}
 - --database
-{{- if eq .Values.storage.type "postgres" }}
-- "$(BALLAST_DATABASE_URL)"
-{{- else }}
 - {{ printf "sqlite://%s/%s?mode=rwc" .Values.storage.sqlite.mountPath .Values.storage.sqlite.file | quote }}
 {{- end }}
+{{- /* postgres: the URL (with its password) is read from BALLAST_DATABASE_URL, set from the
+Secret in deployment.yaml, never passed as an argument (visible in /proc/PID/cmdline). */}}
 - --ca
 - /etc/ballast/tls/ca.crt
 - --cert
@@ -106,5 +112,14 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - {{ .Values.solver.keepGenerations | quote }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The image reference: repository@digest when image.digest is set, else repository:tag. */}}
+{{- define "ballast-broker.image" -}}
+{{- if .Values.image.digest -}}
+{{ printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
