@@ -128,6 +128,18 @@ pub struct Engine {
     dirty: AtomicBool,
     round: tokio::sync::Mutex<RoundState>,
     known: RwLock<BTreeSet<String>>,
+    loop_health: std::sync::Mutex<LoopHealth>,
+}
+
+/// What the solve loop ([`Engine::run`]) last did, for `/ready`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoopHealth {
+    /// The loop is running (set when it starts, cleared when it ends).
+    pub running: bool,
+    /// When its last round completed (`None`: none yet).
+    pub last_round_ok_ms: Option<i64>,
+    /// The error of its last round, when that round failed.
+    pub last_error: Option<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,6 +220,7 @@ impl Engine {
                 next_run_id,
             }),
             known: RwLock::new(known),
+            loop_health: std::sync::Mutex::new(LoopHealth::default()),
         })
     }
 
@@ -239,6 +252,22 @@ impl Engine {
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.published.subscribe()
+    }
+
+    /// What the solve loop last did.
+    #[must_use]
+    pub fn loop_health(&self) -> LoopHealth {
+        self.loop_health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn record_loop(&self, f: impl FnOnce(&mut LoopHealth)) {
+        match self.loop_health.lock() {
+            Ok(mut h) => f(&mut h),
+            Err(p) => f(&mut p.into_inner()),
+        }
     }
 
     /// Asks the solve loop for a (debounced) round.
@@ -577,6 +606,7 @@ impl Engine {
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.record_loop(|h| h.running = true);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -595,10 +625,18 @@ impl Engine {
                 break;
             }
             self.dirty.store(false, Ordering::SeqCst);
-            if let Err(e) = self.run_round().await {
-                warn!(error = %e, "solver round failed");
+            match self.run_round().await {
+                Ok(_) => self.record_loop(|h| {
+                    h.last_round_ok_ms = Some(now_ms());
+                    h.last_error = None;
+                }),
+                Err(e) => {
+                    warn!(error = %e, "solver round failed");
+                    self.record_loop(|h| h.last_error = Some(e.to_string()));
+                }
             }
         }
+        self.record_loop(|h| h.running = false);
     }
 }
 
