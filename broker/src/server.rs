@@ -238,11 +238,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         let e = e.clone();
         async move { broker_ready(&e, interval).await }
     });
-    readiness.set(true);
-
+    // The first round before ready: fresh weights, and /ready's "a round completed" holds.
+    engine.run_loop_round().await;
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
     tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));
+    readiness.set(true);
     info!(%addr, ?metrics_addr, tls = !insecure, db = %redact(&cfg.database_url), "broker serving");
     Ok(Running {
         addr,

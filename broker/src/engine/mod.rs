@@ -596,47 +596,58 @@ impl Engine {
         Ok((ex, plan))
     }
 
-    /// The solve loop: a round every `interval`, and `debounce` after a trigger, until
-    /// `shutdown` turns true.
-    pub async fn run(
+    /// One round of the solve loop: [`Engine::run_round`], with its outcome recorded in
+    /// [`Engine::loop_health`]. `serve` runs the first one before it reports ready.
+    pub async fn run_loop_round(&self) {
+        match self.run_round().await {
+            Ok(_) => self.record_loop(|h| {
+                h.last_round_ok_ms = Some(now_ms());
+                h.last_error = None;
+            }),
+            Err(e) => {
+                warn!(error = %e, "solver round failed");
+                self.record_loop(|h| h.last_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    /// The solve loop: a round `interval` after the start and every `interval` after that
+    /// (the caller runs the first one: [`Engine::run_loop_round`]), and `debounce` after a
+    /// trigger, until `shutdown` turns true. The loop counts as running
+    /// ([`LoopHealth::running`]) from this call until it ends.
+    pub fn run(
         self: Arc<Self>,
         interval: Duration,
         debounce: Duration,
         mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.record_loop(|h| h.running = true);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.trigger.notified() => {
-                    if !self.dirty.load(Ordering::SeqCst) {
-                        continue;
+        async move {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = self.trigger.notified() => {
+                        if !self.dirty.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(debounce) => {}
+                            _ = shutdown.changed() => break,
+                        }
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(debounce) => {}
-                        _ = shutdown.changed() => break,
-                    }
+                    _ = shutdown.changed() => break,
                 }
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-            self.dirty.store(false, Ordering::SeqCst);
-            match self.run_round().await {
-                Ok(_) => self.record_loop(|h| {
-                    h.last_round_ok_ms = Some(now_ms());
-                    h.last_error = None;
-                }),
-                Err(e) => {
-                    warn!(error = %e, "solver round failed");
-                    self.record_loop(|h| h.last_error = Some(e.to_string()));
+                if *shutdown.borrow() {
+                    break;
                 }
+                self.dirty.store(false, Ordering::SeqCst);
+                self.run_loop_round().await;
             }
+            self.record_loop(|h| h.running = false);
         }
-        self.record_loop(|h| h.running = false);
     }
 }
 
