@@ -1,6 +1,15 @@
 //! `ballast-broker serve`: wires the store, the engine (solve loop), the gRPC services over
 //! mutual TLS and the metrics endpoint. [`start`] runs everything in the background and
 //! returns a handle; tests and benchmarks use it in-process.
+//!
+//! Probes, on the metrics port: `/live` answers 200 while the process serves; `/ready`
+//! answers 200 when, checked on each request ([`broker_ready`]): the store answers a cheap
+//! query on its schema within [`STORE_PROBE_TIMEOUT`], and the solve loop is running and
+//! completed a round within the last [`READY_ROUNDS`] solve intervals (at least
+//! [`MIN_ROUND_AGE`]). Otherwise 503 with every reason in the body, e.g.
+//! `not ready: store unreachable: database: …; solver: last completed round 95 s ago …`.
+//! (There is no leader election yet: every broker solves. With one, a standby would be
+//! ready on the store alone.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{now_ms, Engine, EngineConfig, EngineError, LoopHealth};
 use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
 use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
@@ -224,11 +233,17 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         None => None,
     };
     let metrics_addr = admin.as_ref().map(HttpAdmin::local_addr);
-    readiness.set(true);
-
+    let (e, interval) = (engine.clone(), cfg.solve_interval);
+    readiness.set_check(move || {
+        let e = e.clone();
+        async move { broker_ready(&e, interval).await }
+    });
+    // The first round before ready: fresh weights, and /ready's "a round completed" holds.
+    engine.run_loop_round().await;
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
     tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));
+    readiness.set(true);
     info!(%addr, ?metrics_addr, tls = !insecure, db = %redact(&cfg.database_url), "broker serving");
     Ok(Running {
         addr,
@@ -239,6 +254,72 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         admin,
         readiness,
     })
+}
+
+/// How long `/ready` waits for the store's answer.
+pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// `/ready` wants a completed solver round within this many solve intervals…
+pub const READY_ROUNDS: u32 = 3;
+/// …and never asks for one more recent than this (short intervals, slow rounds).
+pub const MIN_ROUND_AGE: Duration = Duration::from_secs(10);
+
+/// The broker's readiness, as `/ready` reports it: the store answers (a cheap query within
+/// [`STORE_PROBE_TIMEOUT`]) and the solve loop is solving ([`solver_verdict`]).
+///
+/// # Errors
+/// Every reason it is not ready, joined by `"; "`.
+pub async fn broker_ready(engine: &Engine, solve_interval: Duration) -> Result<(), String> {
+    let mut reasons = Vec::new();
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, engine.store().ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => reasons.push(format!("store unreachable: {e}")),
+        Err(_) => reasons.push(format!(
+            "store unreachable: no answer within {} s",
+            STORE_PROBE_TIMEOUT.as_secs()
+        )),
+    }
+    if let Err(r) = solver_verdict(&engine.loop_health(), now_ms(), solve_interval) {
+        reasons.push(r);
+    }
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        tracing::debug!(reasons = %reasons.join("; "), "not ready");
+        Err(reasons.join("; "))
+    }
+}
+
+/// Whether the solve loop is solving as of `now_ms`: running, and a round completed within
+/// [`READY_ROUNDS`] × `solve_interval` (at least [`MIN_ROUND_AGE`]). Pure.
+///
+/// # Errors
+/// The reason, with the last round's error when it failed.
+pub fn solver_verdict(
+    health: &LoopHealth,
+    now_ms: i64,
+    solve_interval: Duration,
+) -> Result<(), String> {
+    let last_error = health
+        .last_error
+        .as_ref()
+        .map_or_else(String::new, |e| format!("; its last round failed: {e}"));
+    if !health.running {
+        return Err(format!("solver: the solve loop is not running{last_error}"));
+    }
+    let Some(last) = health.last_round_ok_ms else {
+        return Err(format!("solver: no round completed yet{last_error}"));
+    };
+    let max_age = (solve_interval * READY_ROUNDS).max(MIN_ROUND_AGE);
+    let age_ms = now_ms.saturating_sub(last);
+    if age_ms > i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX) {
+        return Err(format!(
+            "solver: last completed round {} s ago, more than {READY_ROUNDS} solve intervals \
+             ({} s){last_error}",
+            age_ms / 1000,
+            max_age.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 /// The URL without its password.
@@ -252,5 +333,49 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(running: bool, last: Option<i64>, err: Option<&str>) -> LoopHealth {
+        LoopHealth {
+            running,
+            last_round_ok_ms: last,
+            last_error: err.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn solver_is_ready_only_while_its_loop_completes_rounds() {
+        let i = Duration::from_secs(30);
+        let now = 1_000_000;
+        assert_eq!(
+            solver_verdict(&health(true, Some(now - 89_000), None), now, i),
+            Ok(())
+        );
+        let e = solver_verdict(
+            &health(true, Some(now - 95_000), Some("database: gone")),
+            now,
+            i,
+        )
+        .expect_err("stale");
+        assert!(
+            e.contains("95 s ago") && e.contains("(90 s)") && e.contains("database: gone"),
+            "{e}"
+        );
+        let e = solver_verdict(&health(true, None, None), now, i).expect_err("no round");
+        assert!(e.contains("no round completed yet"), "{e}");
+        let e = solver_verdict(&health(false, Some(now), None), now, i).expect_err("stopped");
+        assert!(e.contains("not running"), "{e}");
+        // Short intervals: never stricter than MIN_ROUND_AGE.
+        let short = Duration::from_millis(100);
+        assert_eq!(
+            solver_verdict(&health(true, Some(now - 9_000), None), now, short),
+            Ok(())
+        );
+        assert!(solver_verdict(&health(true, Some(now - 11_000), None), now, short).is_err());
     }
 }

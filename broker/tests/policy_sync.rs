@@ -1,12 +1,12 @@
 //! The policy CRDs' settings written into a real broker engine (SQLite store).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ballast_broker::engine::{Engine, EngineConfig};
+use ballast_broker::engine::{Engine, EngineConfig, PolicyChange};
 use ballast_broker::metrics::Metrics;
 use ballast_broker::policy::sync::apply_settings;
-use ballast_broker::policy::{ClusterPolicy, PolicySettings, ServiceOverride};
+use ballast_broker::policy::{ClusterPolicy, PolicySettings, Rejected, ServiceOverride};
 use ballast_model::{Params, Policy};
 use ballast_store::Store;
 
@@ -56,10 +56,8 @@ async fn crd_settings_become_the_engines_policy_and_a_deleted_override_falls_bac
         Some(Policy::WeightedRoundRobin),
         &[("demo/web", Policy::RoundRobin)],
     );
-    let applied = apply_settings(&engine, &s, &BTreeSet::new())
-        .await
-        .expect("apply");
-    assert_eq!(applied, BTreeSet::from(["demo/web".to_string()]));
+    let sync = apply_settings(&engine, &s).await.expect("apply");
+    assert_eq!(sync.written, ["", "demo/web"]);
     assert_eq!(
         engine.policy_of("").await.expect("policy").0,
         Policy::WeightedRoundRobin
@@ -75,8 +73,8 @@ async fn crd_settings_become_the_engines_policy_and_a_deleted_override_falls_bac
 
     // The override's object is deleted: the service follows the cluster-wide policy again.
     let s = settings(Some(Policy::WeightedRoundRobin), &[]);
-    let applied = apply_settings(&engine, &s, &applied).await.expect("apply");
-    assert!(applied.is_empty());
+    let sync = apply_settings(&engine, &s).await.expect("apply");
+    assert_eq!(sync.deleted, ["demo/web"]);
     assert_eq!(
         engine.policy_of("demo/web").await.expect("policy").0,
         Policy::WeightedRoundRobin
@@ -84,21 +82,77 @@ async fn crd_settings_become_the_engines_policy_and_a_deleted_override_falls_bac
 }
 
 #[tokio::test]
-async fn no_cluster_object_leaves_the_cluster_wide_policy_alone() {
+async fn deleting_the_default_object_falls_back_to_the_admin_record_or_the_flags() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = engine(&dir).await;
     let s = settings(Some(Policy::RoundRobin), &[]);
-    apply_settings(&engine, &s, &BTreeSet::new())
+    apply_settings(&engine, &s).await.expect("apply");
+    // While the `default` object exists it holds the cluster-wide scope: admin is refused.
+    let e = engine
+        .set_policy(
+            "",
+            PolicyChange::Set {
+                policy: Some(Policy::Optimized),
+                params: None,
+            },
+        )
         .await
-        .expect("apply");
-    // The default object is deleted: settings fall back to the flags, but the store keeps the
-    // last cluster-wide record (an operator may also have set it with `admin policy set`).
-    let s = settings(None, &[]);
-    apply_settings(&engine, &s, &BTreeSet::new())
+        .expect_err("held by the CRD");
+    assert!(e.to_string().contains("LoadBalancingPolicy/default"), "{e}");
+    // The default object is deleted: its record goes, the flags apply again.
+    apply_settings(&engine, &settings(None, &[]))
         .await
         .expect("apply");
     assert_eq!(
         engine.policy_of("").await.expect("policy").0,
+        Policy::Optimized
+    );
+    // A cluster-wide record set through the admin API is not the CRD's to delete.
+    engine
+        .set_policy(
+            "",
+            PolicyChange::Set {
+                policy: Some(Policy::WeightedRoundRobin),
+                params: None,
+            },
+        )
+        .await
+        .expect("admin set");
+    apply_settings(&engine, &settings(None, &[]))
+        .await
+        .expect("apply");
+    assert_eq!(
+        engine.policy_of("").await.expect("policy").0,
+        Policy::WeightedRoundRobin
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_object_keeps_its_stored_record_even_with_nothing_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(&dir).await;
+    apply_settings(
+        &engine,
+        &settings(None, &[("demo/web", Policy::RoundRobin)]),
+    )
+    .await
+    .expect("apply");
+    // After a restart the object is invalid: nothing in memory names its last good value,
+    // the store does; it stays (the object is reported rejected by the watcher).
+    let mut s = settings(None, &[]);
+    s.rejected.push(Rejected {
+        object: "ServiceLoadBalancingPolicy/demo/web-policy".into(),
+        error: "spec.serviceDiscoveryLoadBalancing: \"fastest\"".into(),
+    });
+    let sync = apply_settings(&engine, &s).await.expect("apply");
+    assert_eq!(sync.kept, ["demo/web"]);
+    assert_eq!(
+        engine.policy_of("demo/web").await.expect("policy").0,
         Policy::RoundRobin
     );
+    // Once the object is deleted, the record goes.
+    let sync = apply_settings(&engine, &settings(None, &[]))
+        .await
+        .expect("apply");
+    assert_eq!(sync.deleted, ["demo/web"]);
 }

@@ -134,6 +134,18 @@ pub struct Engine {
     known: RwLock<BTreeSet<String>>,
     /// The registered, unexpired clusters agents probe ([`peers::peers`]).
     peers: watch::Sender<Arc<Vec<Peer>>>,
+    loop_health: std::sync::Mutex<LoopHealth>,
+}
+
+/// What the solve loop ([`Engine::run`]) last did, for `/ready`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoopHealth {
+    /// The loop is running (set when it starts, cleared when it ends).
+    pub running: bool,
+    /// When its last round completed (`None`: none yet).
+    pub last_round_ok_ms: Option<i64>,
+    /// The error of its last round, when that round failed.
+    pub last_error: Option<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -222,6 +234,7 @@ impl Engine {
             }),
             known: RwLock::new(known),
             peers,
+            loop_health: std::sync::Mutex::new(LoopHealth::default()),
         })
     }
 
@@ -278,6 +291,22 @@ impl Engine {
                 true
             }
         });
+    }
+
+    /// What the solve loop last did.
+    #[must_use]
+    pub fn loop_health(&self) -> LoopHealth {
+        self.loop_health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn record_loop(&self, f: impl FnOnce(&mut LoopHealth)) {
+        match self.loop_health.lock() {
+            Ok(mut h) => f(&mut h),
+            Err(p) => f(&mut p.into_inner()),
+        }
     }
 
     /// Asks the solve loop for a (debounced) round.
@@ -618,37 +647,57 @@ impl Engine {
         Ok((ex, plan))
     }
 
-    /// The solve loop: a round every `interval`, and `debounce` after a trigger, until
-    /// `shutdown` turns true.
-    pub async fn run(
+    /// One round of the solve loop: [`Engine::run_round`], with its outcome recorded in
+    /// [`Engine::loop_health`]. `serve` runs the first one before it reports ready.
+    pub async fn run_loop_round(&self) {
+        match self.run_round().await {
+            Ok(_) => self.record_loop(|h| {
+                h.last_round_ok_ms = Some(now_ms());
+                h.last_error = None;
+            }),
+            Err(e) => {
+                warn!(error = %e, "solver round failed");
+                self.record_loop(|h| h.last_error = Some(e.to_string()));
+            }
+        }
+    }
+
+    /// The solve loop: a round `interval` after the start and every `interval` after that
+    /// (the caller runs the first one: [`Engine::run_loop_round`]), and `debounce` after a
+    /// trigger, until `shutdown` turns true. The loop counts as running
+    /// ([`LoopHealth::running`]) from this call until it ends.
+    pub fn run(
         self: Arc<Self>,
         interval: Duration,
         debounce: Duration,
         mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.trigger.notified() => {
-                    if !self.dirty.load(Ordering::SeqCst) {
-                        continue;
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.record_loop(|h| h.running = true);
+        async move {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = self.trigger.notified() => {
+                        if !self.dirty.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(debounce) => {}
+                            _ = shutdown.changed() => break,
+                        }
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(debounce) => {}
-                        _ = shutdown.changed() => break,
-                    }
+                    _ = shutdown.changed() => break,
                 }
-                _ = shutdown.changed() => break,
+                if *shutdown.borrow() {
+                    break;
+                }
+                self.dirty.store(false, Ordering::SeqCst);
+                self.run_loop_round().await;
             }
-            if *shutdown.borrow() {
-                break;
-            }
-            self.dirty.store(false, Ordering::SeqCst);
-            if let Err(e) = self.run_round().await {
-                warn!(error = %e, "solver round failed");
-            }
+            self.record_loop(|h| h.running = false);
         }
     }
 }

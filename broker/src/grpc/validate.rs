@@ -37,6 +37,10 @@ pub(crate) fn engine_status(e: EngineError) -> Status {
     match e {
         EngineError::NotFound(m) => Status::not_found(m),
         EngineError::Model(m) => Status::failed_precondition(m.to_string()),
+        // The CRD is the declared source of truth for a scope it holds.
+        EngineError::Store(s @ ballast_store::StoreError::PolicyHeldByCrd { .. }) => {
+            Status::failed_precondition(s.to_string())
+        }
         EngineError::Store(s) => internal(s),
     }
 }

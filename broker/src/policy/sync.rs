@@ -1,89 +1,147 @@
 //! Applies the policy CRDs (see [`ballast_k8s_api::policy`]) to a running broker.
 //!
 //! When the broker runs in a cluster, the `LoadBalancingPolicy` / `ServiceLoadBalancingPolicy`
-//! objects are the source of truth: each change of the watcher's [`PolicySettings`] is
-//! written to the store as policy records (scope `""` for the cluster-wide pair, the service
-//! name for an override) — the same records `admin policy set` writes — and a solver round is
-//! triggered. With no `default` LoadBalancingPolicy object the cluster-wide record is left as
-//! it is (the broker's flags or `admin policy set`). An override whose object was deleted is removed from the store, so the service
-//! falls back to the cluster-wide pair. Overrides set through the admin API for services no
-//! object names are left alone.
+//! objects are the declared source of truth. Every [`PolicySettings`] the watcher publishes —
+//! after each complete (re)list of both kinds (broker start, every watch restart) and on
+//! every change after that — is written as a whole: the store's CRD-made policy records
+//! (scope `""` for the cluster-wide pair, the service name for an override; origin `crd`) are
+//! made equal to the settings in one transaction ([`Store::sync_crd_policies`]), so an
+//! override whose object was deleted while the broker was down or the watch was broken is
+//! removed, and nothing is half-applied. Then a solver round is triggered.
+//!
+//! Precedence: the CRD wins. A CRD record replaces an admin record of its scope, and
+//! `admin policy set/clear` on a scope a CRD holds is refused, naming the object. Records
+//! set through the admin API for scopes no object names are never touched. With no
+//! `default` LoadBalancingPolicy object the cluster-wide record is the admin one (or the
+//! broker's flags). An object that exists but is invalid is reported (log, its `status`)
+//! and its last accepted record stays — also across a broker restart, when only the store
+//! remembers it.
+//!
+//! [`Store::sync_crd_policies`]: ballast_store::Store::sync_crd_policies
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::settings::PolicySettings;
 use crate::engine::{now_ms, Engine};
-use ballast_store::{PolicyRecord, StoreError};
+use ballast_k8s_api::policy::CLUSTER_POLICY_NAME;
+use ballast_store::{CrdPolicy, CrdSync, StoreError};
 
-/// Writes `settings` into the engine's store. `applied` is the set of services the previous
-/// call wrote overrides for; the set written by this call is returned (pass it to the next).
+/// The `source` of the cluster-wide record: the `default` LoadBalancingPolicy.
+#[must_use]
+pub fn cluster_source() -> String {
+    format!("LoadBalancingPolicy/{CLUSTER_POLICY_NAME}")
+}
+
+/// The `source` of a per-service record: `ServiceLoadBalancingPolicy/NAMESPACE/NAME` (the
+/// spelling of [`Rejected::object`](super::Rejected::object)).
+#[must_use]
+pub fn service_source(namespace_name: &str) -> String {
+    format!("ServiceLoadBalancingPolicy/{namespace_name}")
+}
+
+/// The CRD records `settings` ask for, and the objects whose stored records stay although
+/// not asked for (rejected now: their last accepted value stays in force).
+#[must_use]
+pub fn desired_records(settings: &PolicySettings) -> (Vec<CrdPolicy>, BTreeSet<String>) {
+    let mut desired = Vec::new();
+    if settings.from_crd {
+        desired.push(CrdPolicy {
+            scope: String::new(),
+            policy: settings.cluster.policy.to_string(),
+            params: settings.cluster.params.to_string(),
+            source: cluster_source(),
+        });
+    }
+    for (service, ov) in &settings.services {
+        let (policy, params) = settings.for_service(service);
+        desired.push(CrdPolicy {
+            scope: service.clone(),
+            policy: policy.to_string(),
+            params: params.to_string(),
+            source: service_source(&ov.source),
+        });
+    }
+    let keep = settings.rejected.iter().map(|r| r.object.clone()).collect();
+    (desired, keep)
+}
+
+/// Makes the engine's CRD-made policy records equal `settings` (one transaction) and asks
+/// for a solver round when anything changed.
 ///
 /// # Errors
-/// A store error; the records already written stay (each is a whole record).
+/// A store error; then nothing was changed.
 pub async fn apply_settings(
     engine: &Engine,
     settings: &PolicySettings,
-    applied: &BTreeSet<String>,
-) -> Result<BTreeSet<String>, StoreError> {
-    let store = engine.store();
-    let now = now_ms();
-    if settings.from_crd {
-        store
-            .set_policy(
-                &PolicyRecord {
-                    scope: String::new(),
-                    policy: settings.cluster.policy.to_string(),
-                    params: settings.cluster.params.to_string(),
-                },
-                now,
-            )
-            .await?;
-    }
-    let mut written = BTreeSet::new();
-    for service in settings.services.keys() {
-        let (policy, params) = settings.for_service(service);
-        store
-            .set_policy(
-                &PolicyRecord {
-                    scope: service.clone(),
-                    policy: policy.to_string(),
-                    params: params.to_string(),
-                },
-                now,
-            )
-            .await?;
-        written.insert(service.clone());
-    }
-    for gone in applied.difference(&written) {
-        store.delete_policy(gone).await?;
-    }
+) -> Result<CrdSync, StoreError> {
+    let (desired, keep) = desired_records(settings);
+    let sync = engine
+        .store()
+        .sync_crd_policies(&desired, &keep, now_ms())
+        .await?;
     for r in &settings.rejected {
         warn!(object = %r.object, error = %r.error, "policy object rejected; last accepted value stays");
+    }
+    for scope in &sync.replaced_admin {
+        warn!(scope = %scope, "a policy CRD replaced the override set through the admin API (the CRD wins)");
+    }
+    if !sync.kept.is_empty() {
+        info!(scopes = ?sync.kept, "invalid policy objects: their last accepted records stay");
     }
     info!(
         policy = %settings.cluster.policy,
         params = %settings.cluster.params,
-        overrides = written.len(),
+        overrides = settings.services.len(),
+        written = sync.written.len(),
+        deleted = ?sync.deleted,
         "policy CRDs applied"
     );
-    engine.trigger();
-    Ok(written)
+    if !sync.written.is_empty() || !sync.deleted.is_empty() {
+        engine.trigger();
+    }
+    Ok(sync)
 }
 
-/// Follows the watcher's channel until it closes, applying every change.
+/// Longest wait between retries of a failed apply.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Follows the watcher's channel until it closes, applying every value the watcher sends.
+///
+/// The channel's initial value (before the watcher has listed both kinds) is never applied:
+/// writing it would delete every CRD record until the list completes. A failed apply (store
+/// unreachable) is retried with backoff from 1 s to 30 s, or at the next value, whichever
+/// comes first.
 pub async fn follow(engine: Arc<Engine>, mut rx: watch::Receiver<PolicySettings>) {
-    let mut applied = BTreeSet::new();
+    if rx.changed().await.is_err() {
+        return;
+    }
     loop {
         let settings = rx.borrow_and_update().clone();
-        match apply_settings(&engine, &settings, &applied).await {
-            Ok(now) => applied = now,
-            Err(e) => warn!(error = %e, "applying policy CRDs failed; retried on the next change"),
-        }
-        if rx.changed().await.is_err() {
+        let mut delay = Duration::from_secs(1);
+        let newer = loop {
+            match apply_settings(&engine, &settings).await {
+                Ok(_) => break false,
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?delay, "applying policy CRDs failed; nothing was changed");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => delay = (delay * 2).min(MAX_RETRY),
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A newer value (already marked seen): apply that one instead.
+                    break true;
+                }
+            }
+        };
+        if !newer && rx.changed().await.is_err() {
             return;
         }
     }

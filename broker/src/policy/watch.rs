@@ -121,6 +121,8 @@ async fn write_statuses(
     }
 }
 
+/// One watcher event of either kind; `true` when it is `InitDone`: a (re)list of that kind
+/// is complete and its reflector store now holds exactly the listed objects.
 enum Update {
     Cluster(bool),
     Service(bool),
@@ -131,9 +133,14 @@ enum Update {
 /// [`PolicySettings`] on the returned channel whenever they change.
 ///
 /// The channel starts at [`PolicySettings::defaults`]`(fallback)`; the first update comes once
-/// both kinds have been listed (never a half-listed state). Watch errors (API down, RBAC) are
-/// logged and retried with kube's default backoff; the settings in force stay as they are.
-/// The task ends when every receiver is dropped.
+/// both kinds have been listed (never a half-listed state). After that, a value is sent on
+/// every change, and after every completed relist (`watcher::Event::InitDone`: kube's
+/// reflector swaps in the relisted objects only then) even when nothing changed, so that
+/// [`sync::follow`](super::sync::follow) makes the store equal the objects that exist after
+/// each watch restart. During a relist (`Init`, `InitApply`) the settings stay those of the
+/// previous list. Watch errors (API down, RBAC, `410 Gone`) are logged and retried with
+/// kube's default backoff, relisting when the API says so; the settings in force stay as
+/// they are. The task ends when every receiver is dropped.
 #[must_use]
 pub fn spawn_policy_watcher(
     client: Client,
@@ -174,15 +181,21 @@ pub async fn run_policy_watcher(
             () = tx.closed() => break,
             next = events.next() => next,
         };
-        match next {
+        let relisted = match next {
             None => break,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching load-balancing policies failed; retrying");
+                tracing::warn!(error = %e, "watching load-balancing policies failed; retrying (a relist resyncs the store)");
                 continue;
             }
-            Some(Ok(Update::Cluster(done))) => cluster_ready |= done,
-            Some(Ok(Update::Service(done))) => service_ready |= done,
-        }
+            Some(Ok(Update::Cluster(done))) => {
+                cluster_ready |= done;
+                done
+            }
+            Some(Ok(Update::Service(done))) => {
+                service_ready |= done;
+                done
+            }
+        };
         if !(cluster_ready && service_ready) {
             continue;
         }
@@ -203,7 +216,13 @@ pub async fn run_policy_watcher(
         let settings = next.clone();
         tx.send_if_modified(|cur| {
             if *cur == next {
-                false
+                if relisted {
+                    tracing::info!(
+                        overrides = next.services.len(),
+                        "load-balancing policies relisted; resyncing the store"
+                    );
+                }
+                relisted
             } else {
                 tracing::info!(
                     policy = ?next.cluster.policy,

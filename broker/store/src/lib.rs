@@ -32,8 +32,9 @@ mod settings;
 pub mod testing;
 
 pub use records::{
-    AckRecord, AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord,
-    PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord, WeightRecord,
+    AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
+    PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
+    StoredPolicy, WeightRecord,
 };
 
 /// What can go wrong in the store.
@@ -48,6 +49,16 @@ pub enum StoreError {
     /// Applying the migrations failed.
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An Admin API write to a policy scope that a policy CRD holds (the CRD wins).
+    #[error(
+        "the policy of {} is set by {object} (a policy CRD, the declared source of truth): \
+         change or delete that object instead",
+        if scope.is_empty() { "the cluster (cluster-wide)".to_string() } else { format!("service {scope:?}") }
+    )]
+    PolicyHeldByCrd { scope: String, object: String },
+    /// Two CRD policies given for one scope in one sync.
+    #[error("policy scope {0:?} given twice in one CRD sync")]
+    DuplicateScope(String),
 }
 
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
@@ -135,6 +146,18 @@ impl Store {
     #[must_use]
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// A cheap query on the store's schema (one row of `policies` at most): proves the
+    /// database answers and the migrated tables are there. Callers bound it with a timeout.
+    ///
+    /// # Errors
+    /// A database error (unreachable, closed pool, schema gone).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT scope FROM policies LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Closes the pool (waits for connections to be returned).

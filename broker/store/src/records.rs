@@ -99,6 +99,71 @@ pub struct PolicyRecord {
     pub params: String,
 }
 
+/// Where a policy row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// Set through the Admin API (`ballast-broker admin policy`, gRPC Admin SetPolicy).
+    Admin,
+    /// Written from a policy CRD by the broker's watcher.
+    Crd,
+}
+
+impl PolicyOrigin {
+    /// The stored spelling: `admin` or `crd`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Crd => "crd",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy row with where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    pub scope: String,
+    pub policy: String,
+    pub params: String,
+    pub origin: PolicyOrigin,
+    /// For origin `crd`: `LoadBalancingPolicy/NAME` or
+    /// `ServiceLoadBalancingPolicy/NAMESPACE/NAME`; empty for `admin`.
+    pub source: String,
+}
+
+/// A policy row a CRD asks for ([`Store::sync_crd_policies`](crate::Store::sync_crd_policies)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrdPolicy {
+    /// `""` (cluster-wide) or a service name.
+    pub scope: String,
+    pub policy: String,
+    pub params: String,
+    /// The object, `LoadBalancingPolicy/NAME` or `ServiceLoadBalancingPolicy/NAMESPACE/NAME`.
+    pub source: String,
+}
+
+/// What one [`Store::sync_crd_policies`](crate::Store::sync_crd_policies) did, scopes sorted
+/// within each list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrdSync {
+    /// Scopes written (new or changed).
+    pub written: Vec<String>,
+    /// Scopes already equal (not rewritten).
+    pub unchanged: Vec<String>,
+    /// Of `written`: scopes that held an admin row, replaced by the CRD.
+    pub replaced_admin: Vec<String>,
+    /// CRD rows deleted: their object no longer exists (or names another service now).
+    pub deleted: Vec<String>,
+    /// CRD rows kept although not desired: their object exists but is invalid now.
+    pub kept: Vec<String>,
+}
+
 /// One weight of one published generation.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct WeightRecord {
@@ -165,6 +230,31 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for RttRecord {
             loss_ratio: r.try_get("loss_ratio")?,
             reachable: r.try_get::<i64, _>("reachable")? != 0,
             measured_at_ms: r.try_get("measured_at_ms")?,
+        })
+    }
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for StoredPolicy {
+    fn from_row(r: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let origin: String = r.try_get("origin")?;
+        let origin = match origin.as_str() {
+            "admin" => PolicyOrigin::Admin,
+            "crd" => PolicyOrigin::Crd,
+            other => {
+                return Err(sqlx::Error::ColumnDecode {
+                    index: "origin".into(),
+                    source: format!("unknown policy origin {other:?} (expected admin or crd)")
+                        .into(),
+                })
+            }
+        };
+        Ok(Self {
+            scope: r.try_get("scope")?,
+            policy: r.try_get("policy")?,
+            params: r.try_get("params")?,
+            origin,
+            source: r.try_get("source")?,
         })
     }
 }

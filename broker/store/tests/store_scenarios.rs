@@ -6,7 +6,12 @@
 use std::num::NonZeroU64;
 
 use ballast_store::testing::{agent, c1_n1, cluster, report_of, run, weight};
-use ballast_store::{on_both_backends, AckRecord, PolicyRecord, ReportRecord, Store, WeightRecord};
+use std::collections::BTreeSet;
+
+use ballast_store::{
+    on_both_backends, AckRecord, CrdPolicy, PolicyOrigin, PolicyRecord, ReportRecord, Store,
+    StoreError, WeightRecord,
+};
 
 /// Every store operation, with values that a wrong query would get wrong.
 async fn store_roundtrip(url: &str) {
@@ -348,3 +353,171 @@ on_both_backends!(
     withdrawal_scenario: store_sqlite_full_set_withdraws,
     store_postgres_full_set_withdraws
 );
+
+fn crd(scope: &str, policy: &str, source: &str) -> CrdPolicy {
+    CrdPolicy {
+        scope: scope.into(),
+        policy: policy.into(),
+        params: "mixed".into(),
+        source: source.into(),
+    }
+}
+
+fn admin(scope: &str, policy: &str) -> PolicyRecord {
+    PolicyRecord {
+        scope: scope.into(),
+        policy: policy.into(),
+        params: "cost".into(),
+    }
+}
+
+/// `(scope, policy, origin, source)` of every stored policy.
+async fn rows(store: &Store) -> Vec<(String, String, PolicyOrigin, String)> {
+    store
+        .stored_policies()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.scope, p.policy, p.origin, p.source))
+        .collect()
+}
+
+/// The policy CRD resync: CRD rows become exactly the desired set (deleted objects removed,
+/// invalid ones kept), admin rows of other scopes survive, the CRD wins a shared scope, and
+/// admin writes to a CRD-held scope are refused naming the object.
+async fn crd_policy_sync(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let web = "ServiceLoadBalancingPolicy/demo/web-rr";
+    let cart = "ServiceLoadBalancingPolicy/shop/cart";
+    let default = "LoadBalancingPolicy/default";
+    store
+        .set_policy(&admin("ops/db", "round-robin"), 1)
+        .await
+        .unwrap();
+    store
+        .set_policy(&admin("shop/cart", "round-robin"), 1)
+        .await
+        .unwrap();
+
+    let s = store
+        .sync_crd_policies(
+            &[
+                crd("", "optimized", default),
+                crd("demo/web", "round-robin", web),
+                crd("shop/cart", "weighted-round-robin", cart),
+            ],
+            &BTreeSet::new(),
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.written, ["", "demo/web", "shop/cart"]);
+    assert_eq!(
+        s.replaced_admin,
+        ["shop/cart"],
+        "the CRD wins a shared scope"
+    );
+    assert!(s.deleted.is_empty());
+    assert_eq!(
+        rows(&store).await,
+        [
+            (
+                "".into(),
+                "optimized".into(),
+                PolicyOrigin::Crd,
+                default.into()
+            ),
+            (
+                "demo/web".into(),
+                "round-robin".into(),
+                PolicyOrigin::Crd,
+                web.into()
+            ),
+            (
+                "ops/db".into(),
+                "round-robin".into(),
+                PolicyOrigin::Admin,
+                String::new()
+            ),
+            (
+                "shop/cart".into(),
+                "weighted-round-robin".into(),
+                PolicyOrigin::Crd,
+                cart.into()
+            ),
+        ]
+    );
+
+    // Admin writes and clears on CRD-held scopes are refused, naming the object; the row stays.
+    let e = store
+        .set_policy(&admin("demo/web", "optimized"), 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::PolicyHeldByCrd { .. }), "{e}");
+    assert!(e.to_string().contains(web), "{e}");
+    let e = store.delete_policy("").await.unwrap_err();
+    assert!(
+        e.to_string().contains(default) && e.to_string().contains("cluster-wide"),
+        "{e}"
+    );
+    let e = store.delete_policy("shop/cart").await.unwrap_err();
+    assert!(e.to_string().contains(cart), "{e}");
+    assert_eq!(rows(&store).await.len(), 4);
+
+    // A relist (after a restart): demo/web's object is gone, the default object is invalid
+    // now (kept at its last accepted value), cart unchanged.
+    let s = store
+        .sync_crd_policies(
+            &[crd("shop/cart", "weighted-round-robin", cart)],
+            &BTreeSet::from([default.to_string()]),
+            4,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.written, Vec::<String>::new());
+    assert_eq!(s.unchanged, ["shop/cart"]);
+    assert_eq!(s.deleted, ["demo/web"]);
+    assert_eq!(s.kept, [""]);
+    let now = rows(&store).await;
+    let scopes: Vec<&str> = now.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(scopes, ["", "ops/db", "shop/cart"]);
+    // The admin override survived every sync; with the CRD gone, admin owns the scope again.
+    store
+        .set_policy(&admin("demo/web", "optimized"), 5)
+        .await
+        .unwrap();
+    assert!(store.delete_policy("demo/web").await.unwrap());
+
+    // Nothing half-applied: a sync that fails (two rows for one scope) changes nothing.
+    let e = store
+        .sync_crd_policies(
+            &[crd("x/a", "optimized", "a"), crd("x/a", "optimized", "b")],
+            &BTreeSet::new(),
+            6,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::DuplicateScope(_)), "{e}");
+    assert_eq!(rows(&store).await, now);
+
+    // No CRD at all: every CRD row goes, admin rows stay.
+    let s = store
+        .sync_crd_policies(&[], &BTreeSet::new(), 7)
+        .await
+        .unwrap();
+    assert_eq!(s.deleted, ["", "shop/cart"]);
+    assert_eq!(
+        rows(&store).await,
+        [(
+            "ops/db".into(),
+            "round-robin".into(),
+            PolicyOrigin::Admin,
+            String::new()
+        )]
+    );
+    store.ping().await.unwrap();
+    store.close().await;
+    assert!(store.ping().await.is_err(), "a closed pool does not answer");
+}
+
+on_both_backends!(crd_policy_sync: store_sqlite_crd_policy_sync, store_postgres_crd_policy_sync);

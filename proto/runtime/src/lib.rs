@@ -9,7 +9,8 @@
 //! - **Admin server** ([`AdminServer::bind`]): one plain-HTTP listener (axum, HTTP/1) for
 //!   `GET /metrics` (the text exposition of a prometheus-client [`Registry`]), `GET /live`
 //!   (200 while the process serves at all) and `GET /ready` (200 once the caller said so
-//!   through [`Readiness::set`], 503 before and after). Metrics and probes share one port so
+//!   through [`Readiness::set`] and its check, if any ([`Readiness::set_check`]), passes;
+//!   503 otherwise, with the reason in the body). Metrics and probes share one port so
 //!   a chart opens one port per pod.
 //! - **Shutdown** ([`shutdown_signal`]): completes on SIGTERM (what Kubernetes sends) or
 //!   ctrl-c.
@@ -37,9 +38,11 @@
 //! # }
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
@@ -141,21 +144,80 @@ impl LogArgs {
     }
 }
 
-/// Whether the process is ready for traffic; `/ready` answers from it. Cheap to clone (one
-/// shared flag); starts not ready.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// The condition `/ready` checks on every request once the flag is set: `Ok` or the reason
+/// the process is not ready (one line, for the body and the probe's event).
+pub type ReadyCheck =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync;
+
+/// Whether the process is ready for traffic; `/ready` answers from it. Cheap to clone
+/// (shared state); starts not ready. Two parts: a flag the binary sets once it has started
+/// ([`Readiness::set`]) and clears when it stops, and optionally a check
+/// ([`Readiness::set_check`]) run on each `/ready` while the flag is set — for conditions
+/// that come and go (a store that stops answering), with the reason in the response body.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Default)]
+struct ReadinessInner {
+    flag: AtomicBool,
+    check: RwLock<Option<Arc<ReadyCheck>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("flag", &self.is_ready())
+            .field("check", &self.current_check().is_some())
+            .finish()
+    }
+}
 
 impl Readiness {
     /// Sets the flag.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.0.flag.store(ready, Ordering::Release);
     }
 
-    /// Reads the flag.
+    /// Reads the flag (the check is not run).
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.flag.load(Ordering::Acquire)
+    }
+
+    /// Installs the check `/ready` runs while the flag is set (replacing any earlier one).
+    /// It should bound its own time (a probe times out after a second or so by default).
+    pub fn set_check<F, Fut>(&self, check: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let check: Arc<ReadyCheck> = Arc::new(move || Box::pin(check()));
+        match self.0.check.write() {
+            Ok(mut c) => *c = Some(check),
+            Err(p) => *p.into_inner() = Some(check),
+        }
+    }
+
+    fn current_check(&self) -> Option<Arc<ReadyCheck>> {
+        match self.0.check.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// What `/ready` answers: `Ok` when the flag is set and the check (if any) passes, else
+    /// the reason.
+    ///
+    /// # Errors
+    /// The reason the process is not ready.
+    pub async fn verdict(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("not started, or stopping".into());
+        }
+        match self.current_check() {
+            Some(check) => check().await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -192,12 +254,14 @@ pub fn admin_router(registry: Arc<Registry>, readiness: Readiness) -> axum::Rout
         .route(
             "/ready",
             get(move || {
-                let ready = readiness.is_ready();
+                let readiness = readiness.clone();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    match readiness.verdict().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {reason}\n"),
+                        ),
                     }
                 }
             }),
@@ -340,6 +404,31 @@ mod tests {
         ready.set(false);
         assert!(get(addr, "/ready").await.contains(" 503 "));
         assert!(get(addr, "/nothing").await.contains(" 404 "));
+
+        // A check runs on every /ready while the flag is set; its reason is the body.
+        let healthy = Arc::new(AtomicBool::new(false));
+        let h = healthy.clone();
+        ready.set_check(move || {
+            let ok = h.load(Ordering::SeqCst);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("store unreachable: test".to_string())
+                }
+            }
+        });
+        ready.set(true);
+        let r = get(addr, "/ready").await;
+        assert!(
+            r.contains(" 503 ") && r.ends_with("not ready: store unreachable: test\n"),
+            "{r}"
+        );
+        healthy.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/ready").await.contains(" 200 "));
+        ready.set(false);
+        let r = get(addr, "/ready").await;
+        assert!(r.contains(" 503 ") && r.contains("not started"), "{r}");
 
         admin.shutdown().await.expect("clean stop");
         assert!(
