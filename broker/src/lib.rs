@@ -5,6 +5,7 @@
 //! - [`engine`]: a pure core (plan, round, status) inside an I/O shell (store, publication,
 //!   solve loop, metrics) that offers the operations the gRPC layer calls;
 //! - [`grpc`]: the Broker and Admin services — conversion, validation, identity;
+//! - [`listener`]: the gRPC accept loop with connection caps and descriptor back-off;
 //! - [`server`]: wiring (store, engine, gRPC over mTLS, admin HTTP port) for `serve`;
 //! - [`policy`]: the policy CRDs resolved, watched and applied;
 //! - [`tls`] and [`certs`]: mTLS material and the lab certificate generator;
@@ -15,6 +16,7 @@ pub mod certs;
 pub mod cli;
 pub mod engine;
 pub mod grpc;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod server;

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub reports: Counter,
     /// Requests rejected as invalid or not permitted.
     pub rejected: Counter,
+    /// Connections closed at once: the total or per-peer connection cap was reached.
+    pub connections_refused: Counter,
+    /// Accepts that failed for want of file descriptors (the listener then backs off).
+    pub accept_fd_exhausted: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +56,18 @@ impl Metrics {
         let watchers = Gauge::default();
         let reports = Counter::default();
         let rejected = Counter::default();
+        let connections_refused = Counter::default();
+        let accept_fd_exhausted = Counter::default();
+        registry.register(
+            "connections_refused",
+            "gRPC connections closed at once because the total or per-peer cap was reached",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "accept_fd_exhausted",
+            "gRPC accepts that failed for want of file descriptors (the listener backs off)",
+            accept_fd_exhausted.clone(),
+        );
         registry.register(
             "solve_duration_seconds",
             "Duration of one solver round (all services)",
@@ -100,6 +116,8 @@ impl Metrics {
             watchers,
             reports,
             rejected,
+            connections_refused,
+            accept_fd_exhausted,
         }
     }
 

@@ -20,12 +20,12 @@ use ballast_runtime::{AdminServer as HttpAdmin, Readiness};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::engine::{now_ms, Engine, EngineConfig, EngineError, LoopHealth};
 use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
+use crate::listener::{ConnectionLimits, ListenerMetrics};
 use crate::metrics::Metrics;
 use crate::tls::TlsFiles;
 use ballast_store::{Store, StoreError};
@@ -49,6 +49,8 @@ pub struct ServeConfig {
     pub report_interval: Duration,
     /// Largest accepted gRPC message.
     pub max_message_bytes: usize,
+    /// Connection hygiene of the gRPC listener.
+    pub connections: ConnectionSettings,
     /// Model and staleness settings.
     pub engine: EngineConfig,
 }
@@ -66,7 +68,38 @@ impl ServeConfig {
             debounce: Duration::from_millis(20),
             report_interval: Duration::from_secs(10),
             max_message_bytes: 4 * 1024 * 1024,
+            connections: ConnectionSettings::default(),
             engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Bounds on what one client can hold of the gRPC listener (flags of `serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// A connection that has not completed the TLS handshake by then is closed.
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 pings on idle connections, every this long...
+    pub keepalive_interval: Duration,
+    /// ...and a connection whose ping is not answered within this is closed.
+    pub keepalive_timeout: Duration,
+    /// Open connections in all, and from one IP address.
+    pub limits: ConnectionLimits,
+    /// Concurrent HTTP/2 streams (calls) on one connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
+            limits: ConnectionLimits {
+                max_connections: 10_000,
+                max_per_peer: 512,
+            },
+            max_streams_per_connection: 64,
         }
     }
 }
@@ -200,19 +233,30 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             metrics: metrics.clone(),
         },
     );
+    let conn = cfg.connections;
     let mut builder = Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        .http2_keepalive_interval(Some(conn.keepalive_interval))
+        .http2_keepalive_timeout(Some(conn.keepalive_timeout))
+        .max_concurrent_streams(Some(conn.max_streams_per_connection));
     if let Some(tls) = &cfg.tls {
         builder = builder
-            .tls_config(tls.server_config())
+            .tls_config(tls.server_config().timeout(conn.tls_handshake_timeout))
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let router = builder.add_service(broker).add_service(admin);
     let mut tasks = Vec::new();
     let mut sd = shutdown_rx.clone();
+    let metrics_l = metrics.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = crate::listener::incoming(
+            listener,
+            conn.limits,
+            ListenerMetrics {
+                refused: metrics_l.connections_refused.clone(),
+                fd_exhausted: metrics_l.accept_fd_exhausted.clone(),
+            },
+        );
         let signal = async move {
             let _ = sd.wait_for(|v| *v).await;
         };

@@ -140,6 +140,26 @@ pub struct ServeArgs {
     /// Largest accepted gRPC message, bytes.
     #[arg(long, env = "BALLAST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// A connection that has not completed the TLS handshake by then is closed.
+    #[arg(long, env = "BALLAST_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+    /// HTTP/2 ping interval on every connection.
+    #[arg(long, env = "BALLAST_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+    /// A connection whose HTTP/2 ping is not answered within this is closed.
+    #[arg(long, env = "BALLAST_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
+    /// Open gRPC connections in all; a new one beyond is closed at once
+    /// (`ballast_broker_connections_refused_total`).
+    #[arg(long, env = "BALLAST_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Open gRPC connections from one IP address (a member cluster's agents behind one NAT
+    /// address share it).
+    #[arg(long, env = "BALLAST_MAX_CONNECTIONS_PER_PEER", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_peer: u32,
+    /// Concurrent calls (HTTP/2 streams) on one connection; an agent uses 4.
+    #[arg(long, env = "BALLAST_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(4..))]
+    pub max_streams_per_connection: u32,
     /// Demand (RPS) assumed for a source that has reported no RPS for a service yet.
     #[arg(long, env = "BALLAST_DEFAULT_DEMAND_RPS", default_value = "10", value_parser = positive)]
     pub default_demand_rps: f64,
@@ -199,6 +219,16 @@ impl ServeArgs {
         c.debounce = self.debounce;
         c.report_interval = self.report_interval;
         c.max_message_bytes = self.max_message_bytes;
+        c.connections = crate::server::ConnectionSettings {
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            limits: crate::listener::ConnectionLimits {
+                max_connections: self.max_connections as usize,
+                max_per_peer: self.max_connections_per_peer as usize,
+            },
+            max_streams_per_connection: self.max_streams_per_connection,
+        };
         c.engine = EngineConfig {
             stale_after: self.stale_after,
             max_step: if self.max_step >= 1.0 {
