@@ -13,6 +13,7 @@
 //! | `ballast_agent_updates_refused_total` | service | weights updates refused (unknown service, bad weights, data plane) |
 //! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
+//! | `ballast_agent_services_without_vip` | — | ServiceImports not steered for want of a VIP (no `spec.ips`) |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -58,6 +59,7 @@ pub struct Metrics {
     pub updates_refused: Family<ServiceLabels, Counter>,
     pub update_lag_seconds: Histogram,
     pub discovery_failures: Counter,
+    pub services_without_vip: Gauge,
 }
 
 impl Default for Metrics {
@@ -81,6 +83,7 @@ impl Metrics {
             updates_refused: Family::default(),
             update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             discovery_failures: Counter::default(),
+            services_without_vip: Gauge::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -131,6 +134,12 @@ impl Metrics {
             "discovery_failures",
             "Discovery refreshes that failed (the last good catalog stayed)",
             m.discovery_failures.clone(),
+        );
+        r.register(
+            "services_without_vip",
+            "ServiceImports discovery knows but cannot steer: type ClusterSetIP without \
+             spec.ips (enable Lighthouse clusterset IPs)",
+            m.services_without_vip.clone(),
         );
         Self {
             registry: Arc::new(r),
@@ -187,6 +196,23 @@ impl Metrics {
                     counter.inc_by(failed - seen);
                     seen = failed;
                 }
+            }
+        })
+    }
+
+    /// Keeps `services_without_vip` equal to the catalog's count of imports without a VIP,
+    /// in a task (set at once, then on every catalog change).
+    pub fn follow_catalog(
+        &self,
+        mut catalog: tokio::sync::watch::Receiver<Arc<crate::catalog::Catalog>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let gauge = self.services_without_vip.clone();
+        let count =
+            |c: &crate::catalog::Catalog| i64::try_from(c.without_vip.len()).unwrap_or(i64::MAX);
+        gauge.set(count(&catalog.borrow_and_update()));
+        tokio::spawn(async move {
+            while catalog.changed().await.is_ok() {
+                gauge.set(count(&catalog.borrow_and_update()));
             }
         })
     }
