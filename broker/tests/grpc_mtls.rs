@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use ballast_broker::certs::generate;
 use ballast_proto::v1::{
-    Ack, GetWeightsRequest, ListClustersRequest, LoadBalancing, SetPolicyRequest, WeightsStatus,
-    WeightsUpdate,
+    Ack, GetWeightsRequest, ListClustersRequest, ListClustersResponse, LoadBalancing,
+    SetPolicyRequest, WeightsStatus, WeightsUpdate,
 };
 use ballast_store::sqlite_url;
 use support::{
@@ -196,6 +196,68 @@ async fn agent_registers_reports_and_receives_weights() {
 
 /// A cluster whose agent declares its imports is sent weights for those services only, and
 /// for a service as soon as it declares it.
+/// The imports an agent cannot steer for want of a VIP reach the operator: ListClusters
+/// shows, per cluster, the union over its fresh nodes' lists; a node's full-set report
+/// replaces its list.
+#[tokio::test]
+async fn services_without_vip_show_in_list_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, b, mut a1, _a2) = broker_with_c1_c2(dir.path()).await;
+    let without_vip = |node: &str, services: &[&str]| {
+        let mut m = report("c1", node);
+        m.full_set = true;
+        m.services_without_vip = services.iter().map(|s| (*s).to_string()).collect();
+        m
+    };
+    send_reports(
+        &mut a1,
+        vec![
+            without_vip("n1", &["shop/cart", "shop/db"]),
+            without_vip("n2", &["shop/cart"]),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut op = admin(b.addr, &bundle).await;
+    let listed = |list: ListClustersResponse| -> Vec<(String, Vec<String>)> {
+        list.clusters
+            .into_iter()
+            .map(|c| (c.cluster_id, c.services_without_vip))
+            .collect()
+    };
+    let list = op
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed(list),
+        vec![
+            (
+                "c1".to_string(),
+                vec!["shop/cart".to_string(), "shop/db".to_string()]
+            ),
+            ("c2".to_string(), vec![])
+        ]
+    );
+    // n1 gets its VIPs: its (empty) full list replaces what it said; n2 still lacks one
+    send_reports(&mut a1, vec![without_vip("n1", &[])])
+        .await
+        .unwrap();
+    let list = op
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed(list),
+        vec![
+            ("c1".to_string(), vec!["shop/cart".to_string()]),
+            ("c2".to_string(), vec![])
+        ]
+    );
+}
+
 #[tokio::test]
 async fn declared_imports_limit_what_a_cluster_is_sent() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,6 +503,30 @@ async fn invalid_reports_are_rejected_naming_the_field() {
                 m
             },
             "imports.services[1]",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.services_without_vip = vec!["shop/cart".into(), "shop/Cart".into()];
+                m
+            },
+            "services_without_vip[1]",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.services_without_vip = vec!["shop/cart".into(), "shop/cart".into()];
+                m
+            },
+            "services_without_vip[1]",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.services_without_vip = vec!["cart".into()];
+                m
+            },
+            "services_without_vip[0]",
         ),
         (
             {

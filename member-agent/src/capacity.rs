@@ -74,6 +74,7 @@ mod tests {
             local: "east".into(),
             clusters: BTreeMap::new(),
             services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            without_vip: Default::default(),
         };
         let caps = local_capacities(&catalog);
         let web = caps[&ServiceName::parse("a/web").expect("valid")];

@@ -3,7 +3,7 @@
 //! source produces a [`Catalog`], and everything downstream (probing, capacity, weights)
 //! reads it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -131,6 +131,10 @@ pub struct Catalog {
     pub clusters: BTreeMap<ClusterId, Cluster>,
     /// Services by name.
     pub services: BTreeMap<ServiceName, Service>,
+    /// Imports that cannot be steered because they carry no VIP (a ClusterSetIP
+    /// ServiceImport without `spec.ips`, Lighthouse's default): not in `services`, reported
+    /// to the broker (`ReportRequest.services_without_vip`) and counted in the metrics.
+    pub without_vip: BTreeSet<ServiceName>,
 }
 
 impl Catalog {

@@ -457,6 +457,7 @@ mod tests {
                 })
                 .collect(),
             services: [(s.name.clone(), s)].into(),
+            without_vip: Default::default(),
         }
     }
 

@@ -55,6 +55,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         peers::targets_following(discovery.catalog.clone(), peers_rx, metrics.clone());
     let probe_task = tokio::spawn(prober.run(targets));
     let status_task = metrics.follow_discovery_status(discovery.status.clone());
+    let without_vip_task = metrics.follow_catalog(discovery.catalog.clone());
 
     let (updates_tx, updates_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = mpsc::channel(1024);
@@ -116,7 +117,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ready.set(false);
     tracing::info!(detach = cfg.detach_on_exit, "shutting down");
     let _ = stop_tx.send(true);
-    for t in [targets_task, probe_task, status_task] {
+    for t in [targets_task, probe_task, status_task, without_vip_task] {
         t.abort();
     }
     if let Some(t) = session_task {

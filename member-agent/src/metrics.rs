@@ -14,6 +14,7 @@
 //! | `ballast_agent_update_lag_seconds` | — | broker publication → installed, histogram |
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
 //! | `ballast_agent_probe_targets` | source | peers probed, by where their gateway came from (`broker`, `configuration`) |
+//! | `ballast_agent_services_without_vip` | — | ServiceImports not steered for want of a VIP (no `spec.ips`) |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -65,6 +66,7 @@ pub struct Metrics {
     pub update_lag_seconds: Histogram,
     pub discovery_failures: Counter,
     pub probe_targets: Family<SourceLabels, Gauge>,
+    pub services_without_vip: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,7 @@ impl Metrics {
             update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             discovery_failures: Counter::default(),
             probe_targets: Family::default(),
+            services_without_vip: Gauge::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -144,6 +147,12 @@ impl Metrics {
             "probe_targets",
             "Peers probed, by where their gateway came from (broker, configuration)",
             m.probe_targets.clone(),
+        );
+        r.register(
+            "services_without_vip",
+            "ServiceImports discovery knows but cannot steer: type ClusterSetIP without \
+             spec.ips (enable Lighthouse clusterset IPs)",
+            m.services_without_vip.clone(),
         );
         Self {
             registry: Arc::new(r),
@@ -209,6 +218,23 @@ impl Metrics {
                     counter.inc_by(failed - seen);
                     seen = failed;
                 }
+            }
+        })
+    }
+
+    /// Keeps `services_without_vip` equal to the catalog's count of imports without a VIP,
+    /// in a task (set at once, then on every catalog change).
+    pub fn follow_catalog(
+        &self,
+        mut catalog: tokio::sync::watch::Receiver<Arc<crate::catalog::Catalog>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let gauge = self.services_without_vip.clone();
+        let count =
+            |c: &crate::catalog::Catalog| i64::try_from(c.without_vip.len()).unwrap_or(i64::MAX);
+        gauge.set(count(&catalog.borrow_and_update()));
+        tokio::spawn(async move {
+            while catalog.changed().await.is_ok() {
+                gauge.set(count(&catalog.borrow_and_update()));
             }
         })
     }

@@ -177,6 +177,7 @@ mod tests {
             local: "c1".into(),
             clusters: clusters.iter().map(|c| (c.id.clone(), c.clone())).collect(),
             services: BTreeMap::new(),
+            without_vip: Default::default(),
         }
     }
 

@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 
 use super::args::TlsArgs;
+use ballast_k8s_api::mcs::NO_VIP_REMEDY;
 use ballast_types::{Params, Policy};
 
 /// `ballast-broker admin`.
@@ -162,6 +163,9 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                             "last_report_age_ms": c.last_report_age_ms, "stale": c.stale,
                             "expired": c.expired,
                             "imports": c.imports.as_ref().map(|i| &i.services),
+                            "services_without_vip": c.services_without_vip,
+                            "services_without_vip_remedy": (!c.services_without_vip.is_empty())
+                                .then_some(NO_VIP_REMEDY),
                             "nodes": c.nodes.iter().map(|n| serde_json::json!({
                                 "node_name": n.node_name, "agent_version": n.agent_version,
                                 "last_report_ms": n.last_report_ms,
@@ -203,6 +207,20 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                         } else {
                             "fresh"
                         }
+                    );
+                }
+                for c in r
+                    .clusters
+                    .iter()
+                    .filter(|c| !c.services_without_vip.is_empty())
+                {
+                    let _ = writeln!(
+                        out,
+                        "\n{}: {} ServiceImport(s) without a VIP, not steered: {}\n  remedy: {}",
+                        c.cluster_id,
+                        c.services_without_vip.len(),
+                        c.services_without_vip.join(", "),
+                        NO_VIP_REMEDY
                     );
                 }
             }

@@ -134,6 +134,9 @@ pub struct Engine {
     known: RwLock<BTreeSet<String>>,
     /// The registered, unexpired clusters agents probe ([`peers::peers`]).
     peers: watch::Sender<Arc<Vec<Peer>>>,
+    /// Serializes peer refreshes: each reads the store and publishes under this lock, so a
+    /// refresh from an older read can never replace a newer one.
+    peers_refresh: tokio::sync::Mutex<()>,
     loop_health: std::sync::Mutex<LoopHealth>,
 }
 
@@ -234,6 +237,7 @@ impl Engine {
             }),
             known: RwLock::new(known),
             peers,
+            peers_refresh: tokio::sync::Mutex::new(()),
             loop_health: std::sync::Mutex::new(LoopHealth::default()),
         })
     }
@@ -280,9 +284,17 @@ impl Engine {
         self.peers.subscribe()
     }
 
-    /// Replaces the peer set when it differs (watchers wake only on a change).
-    fn refresh_peers(&self, clusters: &[ClusterRecord], expired: &BTreeSet<String>) {
-        let next = peers::peers(clusters, expired);
+    /// Reads the registered clusters and replaces the peer set when it differs (watchers
+    /// wake only on a change).
+    async fn refresh_peers(&self) -> Result<(), EngineError> {
+        let _serial = self.peers_refresh.lock().await;
+        let snap = Snapshot {
+            clusters: self.store.clusters().await?,
+            agents: self.store.agents().await?,
+            ..Snapshot::default()
+        };
+        let expired = plan::expired_clusters(&snap, &self.cfg, now_ms());
+        let next = peers::peers(&snap.clusters, &expired);
         self.peers.send_if_modified(|cur| {
             if **cur == next {
                 false
@@ -291,6 +303,7 @@ impl Engine {
                 true
             }
         });
+        Ok(())
     }
 
     /// What the solve loop last did.
@@ -372,15 +385,7 @@ impl Engine {
         if self.add_known(&r.cluster_id) {
             info!(cluster = %r.cluster_id, node = %r.node_name, "cluster registered");
         }
-        let snap = Snapshot {
-            clusters: self.store.clusters().await?,
-            agents: self.store.agents().await?,
-            ..Snapshot::default()
-        };
-        self.refresh_peers(
-            &snap.clusters,
-            &plan::expired_clusters(&snap, &self.cfg, now),
-        );
+        self.refresh_peers().await?;
         self.trigger();
         let (policy, params) = self.policy_of("").await?;
         Ok(Registered {
@@ -530,7 +535,9 @@ impl Engine {
         self.prune_imports(now).await;
         let snap = Snapshot::read(&self.store).await?;
         let inputs = plan::plan(&snap, &self.cfg, now);
-        self.refresh_peers(&snap.clusters, &inputs.expired);
+        if let Err(e) = self.refresh_peers().await {
+            warn!(error = %e, "refreshing the peer set failed; retried next round");
+        }
         let current = self.current();
         self.metrics.clusters.set(gauge(inputs.clusters));
         self.metrics

@@ -3,7 +3,7 @@
 
 use ballast_store::{
     AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord, RpsRecord,
-    RttRecord, Store, StoreError,
+    RttRecord, Store, StoreError, WithoutVipRecord,
 };
 
 /// The stored facts a round or a status report is computed from.
@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub rps: Vec<RpsRecord>,
     pub capacity: Vec<CapacityRecord>,
     pub imports: Vec<ImportDeclaration>,
+    /// Imports the agents cannot steer for want of a VIP (for operators, not the solve).
+    pub without_vip: Vec<WithoutVipRecord>,
     pub policies: Vec<PolicyRecord>,
     /// `(tier, usd_per_gb)` set by the operator.
     pub prices: Vec<(String, f64)>,
@@ -33,6 +35,7 @@ impl Snapshot {
             rps: store.rps().await?,
             capacity: store.capacity().await?,
             imports: store.imports().await?,
+            without_vip: store.services_without_vip().await?,
             policies: store.policies().await?,
             prices: store.prices().await?,
         })

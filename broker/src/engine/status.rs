@@ -34,6 +34,47 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// The services it imports; `None` when its agents never said (it imports every one).
     pub imports: Option<BTreeSet<String>>,
+    /// The imports its agents cannot steer for want of a VIP ([`without_vip`]).
+    pub services_without_vip: BTreeSet<String>,
+}
+
+/// The imports each cluster's agents cannot steer for want of a VIP as of `now_ms`: per
+/// cluster, the union of the lists of its nodes whose last report is within the stale-after
+/// age, or of all of them when none is (a node gone from the cluster stops counting once
+/// another reports).
+#[must_use]
+pub fn without_vip(
+    snap: &Snapshot,
+    cfg: &EngineConfig,
+    now_ms: i64,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let stale_ms = i64::try_from(cfg.stale_after.as_millis()).unwrap_or(i64::MAX);
+    let cut = now_ms.saturating_sub(stale_ms);
+    let fresh: BTreeSet<(&str, &str)> = snap
+        .agents
+        .iter()
+        .filter(|a| a.last_report_ms >= cut)
+        .map(|a| (a.cluster_id.as_str(), a.node_name.as_str()))
+        .collect();
+    let mut by_cluster: BTreeMap<&str, Vec<&ballast_store::WithoutVipRecord>> = BTreeMap::new();
+    for r in &snap.without_vip {
+        by_cluster.entry(&r.cluster_id).or_default().push(r);
+    }
+    by_cluster
+        .into_iter()
+        .map(|(cluster, rows)| {
+            let is_fresh = |r: &&ballast_store::WithoutVipRecord| {
+                fresh.contains(&(r.cluster_id.as_str(), r.node_name.as_str()))
+            };
+            let any_fresh = rows.iter().any(is_fresh);
+            let services = rows
+                .into_iter()
+                .filter(|r| !any_fresh || is_fresh(r))
+                .map(|r| r.service.clone())
+                .collect();
+            (cluster.to_owned(), services)
+        })
+        .collect()
 }
 
 /// Every registered cluster's status as of `now_ms`, sorted by id.
@@ -57,6 +98,7 @@ pub fn cluster_status(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Vec<C
     let stale_ms = i64::try_from(cfg.stale_after.as_millis()).unwrap_or(i64::MAX);
     let expired = expired_clusters(snap, cfg, now_ms);
     let mut imports = imports(&snap.imports, cfg, now_ms);
+    let mut no_vip = without_vip(snap, cfg, now_ms);
     snap.clusters
         .iter()
         .map(|c| {
@@ -91,6 +133,7 @@ pub fn cluster_status(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Vec<C
                 expired: expired.contains(&c.cluster_id),
                 nodes,
                 imports: imports.remove(&c.cluster_id),
+                services_without_vip: no_vip.remove(&c.cluster_id).unwrap_or_default(),
             }
         })
         .collect()

@@ -56,6 +56,7 @@ fn cluster_info(c: ClusterStatus) -> ClusterInfo {
         imports: c.imports.map(|services| ImportedServices {
             services: services.into_iter().collect(),
         }),
+        services_without_vip: c.services_without_vip.into_iter().collect(),
     }
 }
 

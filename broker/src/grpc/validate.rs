@@ -231,8 +231,26 @@ pub fn validate_report(
         }
         rec.imports = Some(imports.services.clone());
     }
+    if m.services_without_vip.len() > MAX_IMPORTS {
+        return Err(invalid(
+            "services_without_vip",
+            format!(
+                "{} services, more than the {MAX_IMPORTS} allowed",
+                m.services_without_vip.len()
+            ),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, service) in m.services_without_vip.iter().enumerate() {
+        let f = format!("services_without_vip[{i}]");
+        check_service(&f, service)?;
+        if !seen.insert(service) {
+            return Err(invalid(&f, format!("duplicate service {service:?}")));
+        }
+    }
+    rec.services_without_vip = m.services_without_vip.clone();
     Ok(rec)
 }
 
-/// The most services one node may declare it imports.
+/// The most services one node may declare it imports (or imports without a VIP).
 pub const MAX_IMPORTS: usize = 100_000;

@@ -8,7 +8,7 @@
 //! run.
 //!
 //! Layout, by subject: [`registry`](crate::Store::register) (clusters, agents, acks),
-//! measurements (reports, imports), settings (prices, policies), generations (publish,
+//! measurements (reports, imports, imports without a VIP), settings (prices, policies), generations (publish,
 //! weights in force, retention) and runs (solver runs); rows in `records`.
 //!
 //! Retention: [`Store::prune_generations`] keeps the newest K generations (the weight rows
@@ -34,7 +34,7 @@ pub mod testing;
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
     PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
-    StoredPolicy, WeightRecord,
+    StoredPolicy, WeightRecord, WithoutVipRecord,
 };
 
 /// What can go wrong in the store.

@@ -1,17 +1,20 @@
-//! Reports: the latest RTT, RPS and capacity samples per node, and each node's import
-//! declaration.
+//! Reports: the latest RTT, RPS and capacity samples per node, each node's import
+//! declaration and the imports it cannot steer for want of a VIP.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::Row;
 
-use crate::records::{CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord, RttRecord};
+use crate::records::{
+    CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord, RttRecord, WithoutVipRecord,
+};
 use crate::{b2i, values_list, Result, Store, WEIGHT_ROWS_PER_INSERT};
 
 impl Store {
     /// Stores one report atomically: every sample replaces the previous one of its key, and
     /// with [`ReportRecord::full_set`] the node's samples the report does not state are
-    /// deleted (withdrawn) in the same transaction.
+    /// deleted (withdrawn) in the same transaction, and its imports without a VIP are
+    /// replaced by the report's list.
     ///
     /// # Errors
     /// A database error (then nothing of the report is stored).
@@ -85,6 +88,9 @@ impl Store {
         if let Some(services) = &report.imports {
             self.replace_imports(&mut tx, report, services).await?;
         }
+        if report.full_set {
+            self.replace_without_vip(&mut tx, report).await?;
+        }
         sqlx::query(
             "INSERT INTO agents (cluster_id, node_name, agent_version, registered_at_ms, \
              last_report_ms) VALUES ($1, $2, '', $3, $3) ON CONFLICT (cluster_id, node_name) \
@@ -138,8 +144,49 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the import declarations of nodes not heard from (declaration or report) since
-    /// `cut_ms`. Returns how many nodes' declarations were deleted.
+    /// Replaces one node's imports without a VIP (inside the report's transaction).
+    async fn replace_without_vip(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        report: &ReportRecord,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM services_without_vip WHERE cluster_id = $1 AND node_name = $2")
+            .bind(&report.cluster_id)
+            .bind(&report.node_name)
+            .execute(&mut **tx)
+            .await?;
+        for chunk in report.services_without_vip.chunks(WEIGHT_ROWS_PER_INSERT) {
+            let sql = format!(
+                "INSERT INTO services_without_vip (cluster_id, node_name, service) VALUES {}",
+                values_list(self.backend, chunk.len(), 3)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for service in chunk {
+                q = q
+                    .bind(&report.cluster_id)
+                    .bind(&report.node_name)
+                    .bind(service);
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Every node's imports without a VIP, sorted by cluster, node, service.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn services_without_vip(&self) -> Result<Vec<WithoutVipRecord>> {
+        Ok(sqlx::query_as::<_, WithoutVipRecord>(
+            "SELECT cluster_id, node_name, service FROM services_without_vip \
+             ORDER BY cluster_id, node_name, service",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes the import declarations (and imports without a VIP) of nodes not heard from
+    /// (declaration or report) since `cut_ms`. Returns how many nodes' declarations were deleted.
     ///
     /// # Errors
     /// A database error (then nothing is deleted).
@@ -156,7 +203,7 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for (cluster_id, node_name) in &gone {
-            for table in ["imports", "import_declarations"] {
+            for table in ["imports", "import_declarations", "services_without_vip"] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE cluster_id = $1 AND node_name = $2"
                 )))

@@ -76,6 +76,17 @@ pub struct ReportRecord {
     /// `rtt`, `rps` and `capacity` are all of the node's facts: the node's other stored
     /// samples are withdrawn (deleted) with this report.
     pub full_set: bool,
+    /// The ServiceImports the node cannot steer for want of a VIP; with `full_set` the
+    /// node's full list (replacing what it said before), ignored without it.
+    pub services_without_vip: Vec<String>,
+}
+
+/// One ServiceImport a node of a cluster cannot steer for want of a VIP.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, sqlx::FromRow)]
+pub struct WithoutVipRecord {
+    pub cluster_id: String,
+    pub node_name: String,
+    pub service: String,
 }
 
 /// What one node last said its cluster imports.

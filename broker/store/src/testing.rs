@@ -216,5 +216,6 @@ pub fn report_of(
             .collect(),
         imports: None,
         full_set: false,
+        services_without_vip: Vec::new(),
     }
 }

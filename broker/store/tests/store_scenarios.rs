@@ -521,3 +521,83 @@ async fn crd_policy_sync(url: &str) {
 }
 
 on_both_backends!(crd_policy_sync: store_sqlite_crd_policy_sync, store_postgres_crd_policy_sync);
+/// Imports without a VIP are a node's full list, replaced with every full-set report in the
+/// report's transaction (an empty list clears it), ignored without `full_set`, kept apart per
+/// node, and forgotten with the node's import declaration when it is pruned.
+async fn without_vip_scenario(url: &str) {
+    use ballast_store::WithoutVipRecord;
+    let store = Store::connect(url).await.unwrap();
+    store
+        .register(&cluster("c1", "us-east-1"), &agent("c1", "n1"))
+        .await
+        .unwrap();
+    let report = |node: &str, at: i64, full_set: bool, services: &[&str]| ReportRecord {
+        full_set,
+        services_without_vip: services.iter().map(|s| (*s).to_string()).collect(),
+        imports: Some(vec![]),
+        ..report_of("c1", node, at, &[], &[], &[])
+    };
+    let rows = |rows: &[(&str, &str)]| -> Vec<WithoutVipRecord> {
+        rows.iter()
+            .map(|(n, s)| WithoutVipRecord {
+                cluster_id: "c1".into(),
+                node_name: (*n).into(),
+                service: (*s).into(),
+            })
+            .collect()
+    };
+    store
+        .store_report(&report("n1", 100, true, &["shop/cart", "shop/db"]))
+        .await
+        .unwrap();
+    store
+        .store_report(&report("n2", 100, true, &["shop/cart"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.services_without_vip().await.unwrap(),
+        rows(&[("n1", "shop/cart"), ("n1", "shop/db"), ("n2", "shop/cart")])
+    );
+    // replaced, not merged
+    store
+        .store_report(&report("n1", 200, true, &["shop/db"]))
+        .await
+        .unwrap();
+    // without full_set the list is not read: nothing changes
+    store
+        .store_report(&report("n2", 200, false, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.services_without_vip().await.unwrap(),
+        rows(&[("n1", "shop/db"), ("n2", "shop/cart")])
+    );
+    // an empty full list clears the node's rows
+    store
+        .store_report(&report("n1", 300, true, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.services_without_vip().await.unwrap(),
+        rows(&[("n2", "shop/cart")])
+    );
+    // many rows (more than one INSERT carries) are stored whole
+    let many: Vec<String> = (0..1500).map(|i| format!("shop/svc-{i:04}")).collect();
+    let many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    store
+        .store_report(&report("n1", 400, true, &many_refs))
+        .await
+        .unwrap();
+    assert_eq!(store.services_without_vip().await.unwrap().len(), 1501);
+    // n2 not heard from since 200: pruned with its import declaration
+    assert_eq!(store.prune_import_declarations(250).await.unwrap(), 1);
+    let left = store.services_without_vip().await.unwrap();
+    assert_eq!(left.len(), 1500);
+    assert!(left.iter().all(|r| r.node_name == "n1"));
+    store.close().await;
+}
+
+on_both_backends!(
+    without_vip_scenario: without_vip_sqlite_replaced_per_node,
+    without_vip_postgres_replaced_per_node
+);

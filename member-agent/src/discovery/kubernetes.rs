@@ -1,12 +1,20 @@
 //! The Kubernetes source: the Multi-Cluster Services API.
 //!
-//! - `ServiceImport` (multicluster.x-k8s.io/v1alpha1): its `spec.ips` are the VIPs to steer,
-//!   its `spec.ports` the ports. Headless imports (no IPs) are not steered.
+//! - `ServiceImport` (multicluster.x-k8s.io, `v1beta1` when the API server serves it, else
+//!   `v1alpha1`: [`served_mcs`] asks the server's discovery once at start): its `spec.ips`
+//!   are the VIPs to steer, its `spec.ports` the ports. Headless imports are not steered.
+//!   A ClusterSetIP import without `spec.ips` (Lighthouse without clusterset IPs) cannot be
+//!   steered either: it is listed in [`Catalog::without_vip`], logged once per change with
+//!   the remedy, counted (`ballast_agent_services_without_vip`) and reported to the broker.
+//! - Lighthouse's own per-cluster ("local") ServiceImports (`<svc>-<ns>-<cluster>`, in its
+//!   namespace) are recognised by their labels ([`mcs::lighthouse_marker`]) and skipped with
+//!   a debug log: they carry the exporting cluster's ClusterIP, not a clusterset VIP, and are
+//!   not services anyone imports.
 //! - `EndpointSlice`s labelled `multicluster.kubernetes.io/service-name` (the import's name,
 //!   same namespace) and `multicluster.kubernetes.io/source-cluster` (the cluster the
 //!   endpoints run in). An endpoint is ready unless `conditions.ready` is `false`.
-//! - `ServiceExport` (same API group): the annotation `ballast.io/capacity-rps-per-pod` on
-//!   this cluster's export declares per-pod capacity.
+//! - `ServiceExport` (same API group and version choice): the annotation
+//!   `ballast.io/capacity-rps-per-pod` on this cluster's export declares per-pod capacity.
 //!
 //! Each kind is watched with a kube-runtime reflector; any change rebuilds the catalog from
 //! the three stores ([`build_catalog`], a pure function). An object that does not validate
@@ -16,13 +24,15 @@
 //! `static_clusters` (the agent's config file); a cluster seen only in a slice label is
 //! known by id alone (not probed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_k8s_api::mcs;
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::discovery::ApiGroup;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -35,10 +45,62 @@ use crate::catalog::{
 };
 
 pub use ballast_k8s_api::mcs::{
-    ClusterStatus, ServiceExport, ServiceExportSpec, ServiceExportStatus, ServiceImport,
-    ServiceImportPort, ServiceImportSpec, ServiceImportStatus, CAPACITY_ANNOTATION,
-    SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL,
+    ClusterStatus, McsVersion, ServiceExport, ServiceExportSpec, ServiceExportStatus,
+    ServiceImport, ServiceImportPort, ServiceImportSpec, ServiceImportStatus, CAPACITY_ANNOTATION,
+    NO_VIP_REMEDY, SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL,
 };
+
+/// The MCS API versions the agent watches, per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedMcs {
+    pub service_import: McsVersion,
+    pub service_export: McsVersion,
+}
+
+/// Picks, per kind, the most preferred version (`v1beta1`, then `v1alpha1`) that the group
+/// `multicluster.x-k8s.io` serves it at, from the server's discovery answer.
+///
+/// # Errors
+/// [`DiscoveryError::McsNotServed`] naming the kind no known version serves.
+pub fn pick_mcs_versions(group: &ApiGroup) -> Result<ServedMcs, DiscoveryError> {
+    let pick = |kind: &'static str| {
+        McsVersion::PREFERENCE
+            .into_iter()
+            .find(|v| {
+                group
+                    .versioned_resources(v.as_str())
+                    .iter()
+                    .any(|(ar, _)| ar.kind == kind)
+            })
+            .ok_or_else(|| DiscoveryError::McsNotServed {
+                message: format!(
+                    "{kind} is not served at v1beta1 or v1alpha1 (served versions: {})",
+                    group.versions().collect::<Vec<_>>().join(", ")
+                ),
+            })
+    };
+    Ok(ServedMcs {
+        service_import: pick("ServiceImport")?,
+        service_export: pick("ServiceExport")?,
+    })
+}
+
+/// Asks the API server which MCS API versions it serves ([`pick_mcs_versions`]).
+///
+/// # Errors
+/// [`DiscoveryError::McsNotServed`] when the group is not served (the MCS CRDs are not
+/// installed) or serves neither version; a discovery request that fails.
+pub async fn served_mcs(client: &Client) -> Result<ServedMcs, DiscoveryError> {
+    let group = kube::discovery::group(client, mcs::GROUP)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Discovery(e) => DiscoveryError::McsNotServed {
+                message: e.to_string(),
+            },
+            other => DiscoveryError::Kube(other),
+        })?;
+    pick_mcs_versions(&group)
+}
 
 /// A problem with one object, which is left out of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,13 +230,27 @@ pub fn build_catalog(
     }
 
     let mut services = BTreeMap::new();
+    let mut without_vip = BTreeSet::new();
     for imp in imports {
         let ns = imp.namespace().unwrap_or_default();
         let n = imp.name_any();
         let object = format!("ServiceImport {ns}/{n}");
+        if let Some(marker) = mcs::lighthouse_marker(imp.labels(), imp.annotations()) {
+            tracing::debug!(
+                object,
+                marker,
+                "skipped: a Lighthouse per-cluster ServiceImport, not a service to steer"
+            );
+            continue;
+        }
         match import_to_service(imp, &ns, &n) {
-            Ok(None) => {}
-            Ok(Some(mut svc)) => {
+            Ok(Imported::Headless) => {
+                tracing::debug!(object, "skipped: headless (no VIP to steer, by design)");
+            }
+            Ok(Imported::WithoutVip(name)) => {
+                without_vip.insert(name);
+            }
+            Ok(Imported::Service(mut svc)) => {
                 let key = (ns, n);
                 svc.capacity_rps_per_pod = capacities.get(&key).copied();
                 let mut eps = endpoints.remove(&key).unwrap_or_default();
@@ -191,15 +267,29 @@ pub fn build_catalog(
             local: local.to_owned(),
             clusters,
             services,
+            without_vip,
         },
         problems,
     )
 }
 
-fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Option<Service>, String> {
+/// What one ServiceImport is to the agent.
+enum Imported {
+    /// A service to steer.
+    Service(Service),
+    /// Headless: nothing to steer, by design.
+    Headless,
+    /// ClusterSetIP without `spec.ips`: would be steered if it had a VIP.
+    WithoutVip(ServiceName),
+}
+
+fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Imported, String> {
     let name = ServiceName::parse(&format!("{ns}/{n}")).map_err(|e| format!("metadata: {e}"))?;
-    if imp.spec.type_ == "Headless" || imp.spec.ips.is_empty() {
-        return Ok(None);
+    if imp.spec.type_ == "Headless" {
+        return Ok(Imported::Headless);
+    }
+    if imp.spec.ips.is_empty() {
+        return Ok(Imported::WithoutVip(name));
     }
     let vips = imp
         .spec
@@ -233,13 +323,29 @@ fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Option<Se
     if ports.is_empty() {
         return Err("spec.ports: no port".into());
     }
-    Ok(Some(Service {
+    Ok(Imported::Service(Service {
         name,
         vips,
         ports,
         capacity_rps_per_pod: None,
         endpoints: vec![],
     }))
+}
+
+/// Logs what changed in the set of imports without a VIP: a `warn` with the remedy for each
+/// import newly without one, an `info` for each that got one (or went away). Called with
+/// every catalog that changed, so a resync that changes nothing logs nothing.
+pub fn log_without_vip_changes(before: &BTreeSet<ServiceName>, now: &BTreeSet<ServiceName>) {
+    for name in now.difference(before) {
+        tracing::warn!(
+            service = %name,
+            remedy = NO_VIP_REMEDY,
+            "ServiceImport without a VIP: not steered"
+        );
+    }
+    for name in before.difference(now) {
+        tracing::info!(service = %name, "ServiceImport no longer without a VIP");
+    }
 }
 
 /// The Kubernetes source.
@@ -257,6 +363,7 @@ pub struct KubernetesDiscovery {
 
 fn spawn_reflector<K>(
     api: Api<K>,
+    dyntype: K::DynamicType,
     config: watcher::Config,
     resource: &'static str,
     changed: Arc<Notify>,
@@ -270,9 +377,10 @@ where
         + Send
         + Sync
         + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -320,17 +428,27 @@ impl Discovery for KubernetesDiscovery {
     }
 
     async fn start(self) -> Result<CatalogWatch, DiscoveryError> {
+        let served = served_mcs(&self.client).await?;
+        tracing::info!(
+            serviceimports = %served.service_import,
+            serviceexports = %served.service_export,
+            "watching the MCS API at the versions the API server serves"
+        );
         let changed = Arc::new(Notify::new());
         let (status_tx, status_rx) = watch::channel(SourceStatus::default());
+        let import_ar = served.service_import.service_import();
         let (imports, t1) = spawn_reflector(
-            Api::<ServiceImport>::all(self.client.clone()),
+            Api::<ServiceImport>::all_with(self.client.clone(), &import_ar),
+            import_ar,
             watcher::Config::default(),
             "serviceimports",
             changed.clone(),
             status_tx.clone(),
         );
+        let export_ar = served.service_export.service_export();
         let (exports, t2) = spawn_reflector(
-            Api::<ServiceExport>::all(self.client.clone()),
+            Api::<ServiceExport>::all_with(self.client.clone(), &export_ar),
+            export_ar,
             watcher::Config::default(),
             "serviceexports",
             changed.clone(),
@@ -338,6 +456,7 @@ impl Discovery for KubernetesDiscovery {
         );
         let (slices, t3) = spawn_reflector(
             Api::<EndpointSlice>::all(self.client.clone()),
+            (),
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
             "endpointslices",
             changed.clone(),
@@ -384,9 +503,11 @@ impl Discovery for KubernetesDiscovery {
         let first = stores.build(&self.local, &self.static_clusters);
         tracing::info!(
             services = first.services.len(),
+            without_vip = first.without_vip.len(),
             clusters = first.clusters.len(),
             "kubernetes discovery ready"
         );
+        log_without_vip_changes(&BTreeSet::new(), &first.without_vip);
         let (tx, rx) = watch::channel(Arc::new(first));
         status_tx.send_modify(|s| s.refreshes_ok += 1);
         let task = tokio::spawn(async move {
@@ -399,6 +520,7 @@ impl Discovery for KubernetesDiscovery {
                     if **cur == catalog {
                         false
                     } else {
+                        log_without_vip_changes(&cur.without_vip, &catalog.without_vip);
                         *cur = Arc::new(catalog);
                         true
                     }
@@ -426,263 +548,4 @@ impl Drop for AbortOnDrop {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http::{Request, Response};
-    use kube::client::Body;
-    use serde_json::json;
-
-    fn import() -> serde_json::Value {
-        json!({
-            "apiVersion": "multicluster.x-k8s.io/v1alpha1",
-            "kind": "ServiceImport",
-            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "5"},
-            "spec": {
-                "type": "ClusterSetIP",
-                "ips": ["127.96.0.10"],
-                "ports": [{"name": "http", "protocol": "TCP", "port": 80}]
-            },
-            "status": {"clusters": [{"cluster": "east"}, {"cluster": "west"}]}
-        })
-    }
-
-    fn slice(name: &str, cluster: &str, eps: &[(&str, Option<bool>)]) -> serde_json::Value {
-        json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": name, "namespace": "shop", "resourceVersion": "6",
-                "labels": {SERVICE_NAME_LABEL: "web", SOURCE_CLUSTER_LABEL: cluster}
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": eps.iter().map(|(ip, ready)| json!({
-                "addresses": [ip],
-                "conditions": ready.map(|r| json!({"ready": r})).unwrap_or(json!({}))
-            })).collect::<Vec<_>>()
-        })
-    }
-
-    fn export() -> serde_json::Value {
-        json!({
-            "apiVersion": "multicluster.x-k8s.io/v1alpha1",
-            "kind": "ServiceExport",
-            "metadata": {
-                "name": "web", "namespace": "shop", "resourceVersion": "7",
-                "annotations": {CAPACITY_ANNOTATION: "120"}
-            }
-        })
-    }
-
-    fn list(kind: &str, api_version: &str, items: Vec<serde_json::Value>) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "apiVersion": api_version,
-            "kind": kind,
-            "metadata": {"resourceVersion": "10"},
-            "items": items
-        }))
-        .expect("json")
-    }
-
-    /// The fake API server (kube's tower-test mock): answers the three LIST calls, holds the
-    /// WATCH calls open, and returns the paths it was asked for.
-    async fn serve(
-        handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
-        go: Arc<Notify>,
-    ) -> Vec<String> {
-        let mut handle = std::pin::pin!(handle);
-        let mut held = Vec::new();
-        let mut seen = Vec::new();
-        let mut slice_event_sent = false;
-        while let Some((req, send)) = handle.next_request().await {
-            let uri = req.uri().to_string();
-            seen.push(uri.clone());
-            if uri.contains("watch=true") {
-                if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") && !slice_event_sent
-                {
-                    // one change on the watch: west's endpoint goes unready
-                    slice_event_sent = true;
-                    let mut obj = slice("web-west", "west", &[("10.2.0.1", Some(false))]);
-                    obj["metadata"]["resourceVersion"] = json!("11");
-                    let ev = json!({"type": "MODIFIED", "object": obj});
-                    let mut body = serde_json::to_vec(&ev).expect("json");
-                    body.push(b'\n');
-                    // once the test has checked the first catalog
-                    let go = go.clone();
-                    tokio::spawn(async move {
-                        go.notified().await;
-                        send.send_response(Response::new(Body::from(body)));
-                    });
-                } else {
-                    held.push(send); // never answered: the watch stays open
-                }
-                continue;
-            }
-            let body = if uri.starts_with("/apis/multicluster.x-k8s.io/v1alpha1/serviceimports") {
-                list(
-                    "ServiceImportList",
-                    "multicluster.x-k8s.io/v1alpha1",
-                    vec![import()],
-                )
-            } else if uri.starts_with("/apis/multicluster.x-k8s.io/v1alpha1/serviceexports") {
-                list(
-                    "ServiceExportList",
-                    "multicluster.x-k8s.io/v1alpha1",
-                    vec![export()],
-                )
-            } else if uri.starts_with("/apis/discovery.k8s.io/v1/endpointslices") {
-                assert!(
-                    uri.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name"),
-                    "{uri}"
-                );
-                list(
-                    "EndpointSliceList",
-                    "discovery.k8s.io/v1",
-                    vec![
-                        slice(
-                            "web-east",
-                            "east",
-                            &[("10.1.0.1", Some(true)), ("10.1.0.2", Some(false))],
-                        ),
-                        slice("web-west", "west", &[("10.2.0.1", None)]),
-                    ],
-                )
-            } else {
-                panic!("unexpected request {uri}");
-            };
-            send.send_response(Response::new(Body::from(body)));
-        }
-        drop(held);
-        seen
-    }
-
-    #[tokio::test]
-    async fn kube_mock_api_service_import_and_slices_become_service() {
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let go = Arc::new(Notify::new());
-        let server = tokio::spawn(serve(handle, go.clone()));
-        let client = Client::new(svc, "default");
-        let d = KubernetesDiscovery {
-            client,
-            local: "east".into(),
-            static_clusters: vec![Cluster {
-                id: "west".into(),
-                region: Some("eu-west-1".into()),
-                zone: None,
-                provider: None,
-                gateway: Some("127.0.0.2".parse().expect("ip")),
-            }],
-            init_timeout: Duration::from_secs(5),
-            debounce: Duration::from_millis(10),
-        };
-        let mut w = d
-            .start()
-            .await
-            .expect("discovery starts against the mock API");
-        let c = w.current();
-        let web = &c.services[&ServiceName::parse("shop/web").expect("name")];
-        assert_eq!(web.vips, vec!["127.96.0.10".parse::<IpAddr>().expect("ip")]);
-        assert_eq!(
-            web.ports,
-            vec![ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                protocol: Protocol::Tcp
-            }]
-        );
-        assert_eq!(web.capacity_rps_per_pod, Some(120.0));
-        let ready: Vec<(String, String)> = web
-            .ready_endpoints_for(&web.ports[0])
-            .iter()
-            .map(|e| (e.address.to_string(), e.cluster.clone()))
-            .collect();
-        assert_eq!(
-            ready,
-            vec![
-                ("10.1.0.1:8080".to_owned(), "east".to_owned()),
-                ("10.2.0.1:8080".to_owned(), "west".to_owned())
-            ]
-        );
-        // the unready endpoint is known but not ready
-        assert!(web
-            .endpoints
-            .iter()
-            .any(|e| e.address.to_string() == "10.1.0.2:8080" && !e.ready));
-        assert_eq!(c.clusters["west"].region.as_deref(), Some("eu-west-1"));
-        assert!(c.clusters.contains_key("east"));
-        assert_eq!(
-            c.probe_targets(),
-            vec![("west".to_owned(), "127.0.0.2".parse().expect("ip"))]
-        );
-        // the watch reports west's endpoint unready: the catalog follows
-        go.notify_one();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            tokio::time::timeout_at(deadline, w.catalog.changed())
-                .await
-                .expect("catalog updated from the watch")
-                .expect("alive");
-            let c = w.current();
-            let web = &c.services[&ServiceName::parse("shop/web").expect("name")];
-            if web.ready_endpoints_for(&web.ports[0]).len() == 1 {
-                assert_eq!(
-                    web.ready_endpoints_for(&web.ports[0])[0]
-                        .address
-                        .to_string(),
-                    "10.1.0.1:8080"
-                );
-                break;
-            }
-        }
-        drop(w);
-        server.abort();
-    }
-
-    #[test]
-    fn invalid_objects_are_left_out_and_named() {
-        let mut bad: ServiceImport = serde_json::from_value(import()).expect("import");
-        bad.spec.ips = vec!["not-an-ip".into()];
-        bad.metadata.name = Some("bad".into());
-        let good: ServiceImport = serde_json::from_value(import()).expect("import");
-        let mut headless = good.clone();
-        headless.metadata.name = Some("headless".into());
-        headless.spec.type_ = "Headless".into();
-        headless.spec.ips.clear();
-        let mut ex: ServiceExport = serde_json::from_value(export()).expect("export");
-        ex.metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(CAPACITY_ANNOTATION.into(), "lots".into());
-        let s: EndpointSlice =
-            serde_json::from_value(slice("x", "Not_A_Label", &[("10.0.0.1", None)]))
-                .expect("slice");
-        let (c, problems) = build_catalog(
-            "east",
-            &[],
-            &[Arc::new(bad), Arc::new(good), Arc::new(headless)],
-            &[Arc::new(ex)],
-            &[Arc::new(s)],
-        );
-        assert_eq!(c.services.len(), 1, "only the good import");
-        let msgs: Vec<String> = problems
-            .iter()
-            .map(|p| format!("{}: {}", p.object, p.message))
-            .collect();
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("ServiceImport shop/bad: spec.ips[0]")),
-            "{msgs:?}"
-        );
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("ServiceExport shop/web") && m.contains(CAPACITY_ANNOTATION)),
-            "{msgs:?}"
-        );
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("EndpointSlice shop/x") && m.contains(SOURCE_CLUSTER_LABEL)),
-            "{msgs:?}"
-        );
-        assert_eq!(problems.len(), 3);
-    }
-}
+mod tests;

@@ -37,6 +37,12 @@ pub enum DiscoveryError {
     },
     #[error("kubernetes object {object}: {message}")]
     InvalidObject { object: String, message: String },
+    #[error(
+        "the API server does not serve the MCS API ({group} v1beta1 or v1alpha1; install the \
+         MCS CRDs, e.g. with Submariner Lighthouse or Cilium's MCS-API support): {message}",
+        group = ballast_k8s_api::mcs::GROUP
+    )]
+    McsNotServed { message: String },
     #[error("this cluster's topology from its Node: {0}")]
     Node(#[from] node::NodeError),
 }

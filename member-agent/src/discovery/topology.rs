@@ -410,6 +410,7 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
         local: local.to_owned(),
         clusters,
         services,
+        without_vip: Default::default(),
     })
 }
 

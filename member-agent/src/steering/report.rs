@@ -1,4 +1,5 @@
-//! What the agent tells the broker: the report (RTT, RPS, capacity, imports) and this
+//! What the agent tells the broker: the report (RTT, RPS, capacity, imports, imports without
+//! a VIP) and this
 //! cluster's identity for `Register`. Pure functions over the catalog and the probe table.
 
 use std::collections::BTreeMap;
@@ -81,5 +82,11 @@ pub fn build_report(
         // every report states all of this node's facts: what it leaves out is withdrawn
         // (a peer no longer probed, a service no longer exported)
         full_set: true,
+        // imports discovery knows but cannot steer (no VIP), for the operator
+        services_without_vip: catalog
+            .without_vip
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     }
 }

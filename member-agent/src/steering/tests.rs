@@ -125,6 +125,7 @@ fn catalog(services: &[&str]) -> Arc<Catalog> {
                 (s.name.clone(), s)
             })
             .collect(),
+        without_vip: Default::default(),
     })
 }
 
