@@ -63,7 +63,9 @@ fn instructions(text: &str) -> Vec<(String, String)> {
 fn expand(s: &str, args: &BTreeMap<String, String>) -> String {
     let mut out = s.to_owned();
     for (k, v) in args {
-        out = out.replace(&format!("${{{k}}}"), v).replace(&format!("${k}"), v);
+        out = out
+            .replace(&format!("${{{k}}}"), v)
+            .replace(&format!("${k}"), v);
     }
     out
 }
@@ -73,7 +75,9 @@ fn is_digest_pinned(image: &str) -> bool {
         !name.is_empty()
             && !name.contains(char::is_whitespace)
             && hex.len() == 64
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -179,7 +183,10 @@ fn workspace_rust_version() -> String {
         .lines()
         .find(|l| l.trim_start().starts_with("rust-version"))
         .expect("workspace rust-version");
-    line.split('"').nth(1).expect("quoted rust-version").to_owned()
+    line.split('"')
+        .nth(1)
+        .expect("quoted rust-version")
+        .to_owned()
 }
 
 /// The GitHub owner of the repository, from the workspace's `repository` URL.
@@ -200,7 +207,8 @@ fn github_owner() -> String {
 fn images_dockerfiles_are_pinned_locked_and_non_root_where_possible() {
     let rust_version = workspace_rust_version();
     for (image, dockerfile, _) in IMAGES {
-        let problems = dockerfile_problems(&read(dockerfile), image == "ballast-agent", &rust_version);
+        let problems =
+            dockerfile_problems(&read(dockerfile), image == "ballast-agent", &rust_version);
         assert!(problems.is_empty(), "{dockerfile}: {problems:#?}");
     }
 }
@@ -213,10 +221,16 @@ fn images_checker_catches_what_it_is_for() {
         + "FROM gcr.io/distroless/cc-debian12:nonroot@sha256:"
         + &"b".repeat(64)
         + "\nCOPY --from=builder /x /x\nUSER 65532:65532\n";
-    assert_eq!(dockerfile_problems(&good, false, "1.95"), Vec::<String>::new());
+    assert_eq!(
+        dockerfile_problems(&good, false, "1.95"),
+        Vec::<String>::new()
+    );
     let cases = [
         (good.replace("@sha256:aaaa", "@sha256:AAAA"), "not pinned"),
-        (good.replace("cc-debian12:nonroot@sha256:", "cc-debian12:nonroot#"), "not pinned"),
+        (
+            good.replace("cc-debian12:nonroot@sha256:", "cc-debian12:nonroot#"),
+            "not pinned",
+        ),
         (good.replace(" --locked", ""), "--locked"),
         (good.replace("--release ", ""), "--release"),
         (good.replace("USER 65532:65532", "USER root"), "is root"),
@@ -224,7 +238,10 @@ fn images_checker_catches_what_it_is_for() {
         (good.replace("USER 65532:65532\n", ""), "no USER"),
         (good.replace("rust:1.95.0", "rust:1.80.0"), "rust-version"),
         (good.replace("slim-bookworm", "slim-trixie"), "not bookworm"),
-        (good.replace("gcr.io/distroless/cc-debian12:nonroot", "ubuntu:24.04"), "neither"),
+        (
+            good.replace("gcr.io/distroless/cc-debian12:nonroot", "ubuntu:24.04"),
+            "neither",
+        ),
     ];
     for (text, want) in cases {
         let p = dockerfile_problems(&text, false, "1.95");
@@ -232,7 +249,10 @@ fn images_checker_catches_what_it_is_for() {
     }
     // the agent: root, said explicitly
     let agent = good.replace("USER 65532:65532", "USER 0:0");
-    assert_eq!(dockerfile_problems(&agent, true, "1.95"), Vec::<String>::new());
+    assert_eq!(
+        dockerfile_problems(&agent, true, "1.95"),
+        Vec::<String>::new()
+    );
     let p = dockerfile_problems(&good.replace("USER 65532:65532\n", ""), true, "1.95");
     assert!(p.iter().any(|m| m.contains("USER 0:0")), "{p:?}");
 }
@@ -246,7 +266,10 @@ fn images_dockerignore_keeps_build_output_and_keys_out() {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
     for want in ["**/target/", ".git/", "**/*.pem", "kind-tests/kind/.work/"] {
-        assert!(lines.contains(want), ".dockerignore lacks {want}: {lines:?}");
+        assert!(
+            lines.contains(want),
+            ".dockerignore lacks {want}: {lines:?}"
+        );
     }
     // One ignore file for both images: a Dockerfile-specific one would take precedence.
     for (_, dockerfile, _) in IMAGES {
@@ -308,7 +331,11 @@ fn workflow_targets(wf: &Value, owner: &str) -> BTreeMap<String, String> {
         "multi-arch: {platforms:?}"
     );
     assert_eq!(with["push"].as_bool(), Some(true));
-    assert_eq!(with["context"].as_str(), Some("."), "context = repository root");
+    assert_eq!(
+        with["context"].as_str(),
+        Some("."),
+        "context = repository root"
+    );
     assert!(
         meta["with"]["tags"]
             .as_str()
@@ -325,11 +352,16 @@ fn workflow_targets(wf: &Value, owner: &str) -> BTreeMap<String, String> {
         .map(|m| {
             let mut target = images
                 .replace("${{ github.repository_owner }}", owner)
-                .replace("${{ matrix.image }}", m["image"].as_str().expect("matrix.image"));
+                .replace(
+                    "${{ matrix.image }}",
+                    m["image"].as_str().expect("matrix.image"),
+                );
             assert!(!target.contains("${{"), "unresolved: {target}");
             target = target.to_ascii_lowercase();
-            let dockerfile = file
-                .replace("${{ matrix.dockerfile }}", m["dockerfile"].as_str().expect("matrix.dockerfile"));
+            let dockerfile = file.replace(
+                "${{ matrix.dockerfile }}",
+                m["dockerfile"].as_str().expect("matrix.dockerfile"),
+            );
             (target, dockerfile)
         })
         .collect()
