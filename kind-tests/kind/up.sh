@@ -39,12 +39,24 @@ done
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "images: building ${BROKER_IMAGE} and ${AGENT_IMAGE} (context: ${REPO_ROOT})"
-  DOCKER_BUILDKIT=1 docker build -f "${REPO_ROOT}/broker/Dockerfile" -t "${BROKER_IMAGE}" "${REPO_ROOT}"
-  DOCKER_BUILDKIT=1 docker build -f "${REPO_ROOT}/member-agent/Dockerfile" -t "${AGENT_IMAGE}" "${REPO_ROOT}"
+  # buildx (BuildKit: the Dockerfiles use cache mounts); --load into the local image store,
+  # for this machine's platform only; no provenance attestation (a local image).
+  docker buildx build --load --provenance=false -f "${REPO_ROOT}/broker/Dockerfile" \
+    -t "${BROKER_IMAGE}" "${REPO_ROOT}"
+  docker buildx build --load --provenance=false -f "${REPO_ROOT}/member-agent/Dockerfile" \
+    -t "${AGENT_IMAGE}" "${REPO_ROOT}"
 fi
-kind load docker-image "${BROKER_IMAGE}" --name "$(kind_name "${BROKER_CLUSTER}")"
+# Into the kind nodes through image archives (`docker save` to a file, `kind load
+# image-archive`): `kind load docker-image` fails with Docker >= 29, whose containerd image
+# store hands kind an archive its import rejects.
+images="${WORK_DIR}/images"
+mkdir -p "${images}"
+log "images: saving to ${images}, loading with kind load image-archive"
+docker save -o "${images}/broker.tar" "${BROKER_IMAGE}"
+docker save -o "${images}/agent.tar" "${AGENT_IMAGE}"
+kind load image-archive "${images}/broker.tar" --name "$(kind_name "${BROKER_CLUSTER}")"
 for c in "${MEMBERS[@]}"; do
-  kind load docker-image "${AGENT_IMAGE}" --name "$(kind_name "${c}")"
+  kind load image-archive "${images}/agent.tar" --name "$(kind_name "${c}")"
 done
 
 broker_ip="$(node_ip "${BROKER_CLUSTER}")"
@@ -65,7 +77,7 @@ log "broker: CRDs + helm install in $(ctx "${BROKER_CLUSTER}")"
 kc "${BROKER_CLUSTER}" apply -f "${REPO_ROOT}/helm/ballast-broker/crds/"
 helm upgrade --install ballast-broker "${REPO_ROOT}/helm/ballast-broker" \
   --kube-context "$(ctx "${BROKER_CLUSTER}")" --namespace "${NAMESPACE}" --create-namespace \
-  --set image.repository=ballast/broker --set image.tag="${IMAGE_TAG}" \
+  --set image.repository="${BROKER_REPO}" --set image.tag="${IMAGE_TAG}" \
   --set image.pullPolicy=Never \
   --set service.type=NodePort --set service.grpcNodePort="${BROKER_NODE_PORT}" \
   --set serviceDiscoveryLoadBalancing="${POLICY:-optimized}" \
@@ -95,7 +107,7 @@ for c in "${MEMBERS[@]}"; do
   } > "${peers}"
   helm upgrade --install ballast-agent "${REPO_ROOT}/helm/ballast-agent" \
     --kube-context "$(ctx "${c}")" --namespace "${NAMESPACE}" --create-namespace \
-    --set image.repository=ballast/agent --set image.tag="${IMAGE_TAG}" \
+    --set image.repository="${AGENT_REPO}" --set image.tag="${IMAGE_TAG}" \
     --set image.pullPolicy=Never \
     --set clusterId="${c}" \
     --set region=kind --set zone="kind-${c}" --set provider=kind \

@@ -187,6 +187,15 @@ fn published_of(
     }
 }
 
+/// The published weights and their statuses into the metrics.
+fn mirror_published(metrics: &Metrics, published: &Published) {
+    metrics.observe_published(
+        published.entries.iter().map(|((service, source), e)| {
+            ((service.as_str(), source.as_str()), e.status, &e.weights)
+        }),
+    );
+}
+
 impl Engine {
     /// Loads the last published generation and the known clusters from the store.
     ///
@@ -200,6 +209,7 @@ impl Engine {
         let last = store.last_generation().await?;
         let generation = u64::try_from(last).unwrap_or(0);
         let published = published_of(store.weights_of(last).await?, generation, &cfg);
+        mirror_published(&metrics, &published);
         info!(
             generation,
             entries = published.entries.len(),
@@ -572,11 +582,13 @@ impl Engine {
             self.store
                 .publish(generation, now, &out.rows, &out.removed, &run)
                 .await?;
-            self.published.send_replace(Arc::new(Published {
+            let published = Arc::new(Published {
                 generation: out.generation,
                 created_at_ms: now,
                 entries: out.entries,
-            }));
+            });
+            mirror_published(&self.metrics, &published);
+            self.published.send_replace(published);
             self.metrics.generation.set(generation);
             info!(
                 generation,
