@@ -106,6 +106,18 @@ Secret in deployment.yaml, never passed as an argument (visible in /proc/PID/cmd
 - {{ .Values.solver.staleAfter | quote }}
 - --cluster-expiry
 - {{ .Values.solver.clusterExpiry | quote }}
+- --tls-handshake-timeout
+- {{ .Values.grpc.tlsHandshakeTimeout | quote }}
+- --keepalive-interval
+- {{ .Values.grpc.keepaliveInterval | quote }}
+- --keepalive-timeout
+- {{ .Values.grpc.keepaliveTimeout | quote }}
+- --max-connections
+- {{ .Values.grpc.maxConnections | int | toString | quote }}
+- --max-connections-per-peer
+- {{ .Values.grpc.maxConnectionsPerPeer | int | toString | quote }}
+- --max-streams-per-connection
+- {{ .Values.grpc.maxStreamsPerConnection | int | toString | quote }}
 - --max-step
 - {{ .Values.solver.maxStep | quote }}
 - --keep-generations
