@@ -235,6 +235,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     );
     let conn = cfg.connections;
     let mut builder = Server::builder()
+        .layer(crate::grpc::oversize::layer())
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(conn.keepalive_interval))
         .http2_keepalive_timeout(Some(conn.keepalive_timeout))

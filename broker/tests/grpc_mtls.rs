@@ -425,6 +425,31 @@ async fn invalid_reports_are_rejected_naming_the_field() {
             },
             "rtt[0].rtt_ms",
         ),
+        // physical bounds: sums over nodes cannot overflow (1e308 + 1e308 = inf)
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rtt = vec![rtt("c2", 600_001.0)];
+                m
+            },
+            "rtt[0].rtt_ms",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.rps = vec![rps("a/b", "c2", 1e308)];
+                m
+            },
+            "rps[0].rps",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                m.capacity = vec![cap("a/b", 1e308)];
+                m
+            },
+            "capacity[0].capacity_rps",
+        ),
         (
             {
                 let mut m = report("c1", "n1");
@@ -580,10 +605,17 @@ async fn invalid_reports_are_rejected_naming_the_field() {
         .map(|i| cap(&format!("ns/service-{i}"), 1.0))
         .collect();
     let e = send_reports(&mut a1, vec![big]).await.unwrap_err();
-    assert!(
-        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{e:?}"
+    assert_eq!(
+        e.code(),
+        Code::ResourceExhausted,
+        "gRPC's code for over-limit: {e:?}"
     );
+    assert!(e.message().contains("--max-message-bytes"), "{e:?}");
+    // A unary message over the limit (refused before any handler) too.
+    let mut r = register_req("c1", "n1");
+    r.agent_version = "x".repeat(20 * 1024);
+    let e = a1.register(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     b.stop().await;
 }
 

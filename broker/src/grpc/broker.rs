@@ -168,7 +168,11 @@ impl Broker for BrokerService {
         let who = req.extensions().get::<Caller>().cloned();
         let mut stream = req.into_inner();
         let mut summary = ReportSummary::default();
-        while let Some(m) = stream.message().await? {
+        while let Some(m) = stream
+            .message()
+            .await
+            .map_err(super::oversize::map_status)?
+        {
             // Each message names its cluster: the stream's caller must be allowed every one.
             may_act_as(who.as_ref(), &m.cluster_id).map_err(|s| self.reject(s))?;
             let rec = validate_report(&m, &self.engine, now_ms()).map_err(|s| self.reject(s))?;

@@ -2,11 +2,12 @@
 //! (operators, [`admin`]). It only converts protobuf <-> engine types, checks identity once
 //! per call ([`identity`]: interceptors), and validates every message ([`validate`]: a status
 //! naming the field; nothing of an invalid message is stored). What a watcher is sent is
-//! [`watch`].
+//! [`watch`]. An oversize message is answered RESOURCE_EXHAUSTED ([`oversize`]).
 
 pub mod admin;
 pub mod broker;
 pub mod identity;
+pub mod oversize;
 pub mod validate;
 pub mod watch;
 

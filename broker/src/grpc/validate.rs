@@ -85,6 +85,23 @@ pub(crate) fn check_num(field: &str, v: f64) -> Result<(), Status> {
     Ok(())
 }
 
+/// The largest RTT accepted, milliseconds (10 minutes: no real path is slower).
+pub const MAX_RTT_MS: f64 = 600_000.0;
+/// The largest RPS (demand) accepted per sample.
+pub const MAX_RPS: f64 = 1e9;
+/// The largest capacity accepted per sample, requests per second.
+pub const MAX_CAPACITY_RPS: f64 = 1e9;
+
+/// [`check_num`] and at most `max` (`what` names the bound): physical bounds keep every sum
+/// the broker forms over nodes and clusters finite.
+pub(crate) fn check_bounded(field: &str, v: f64, max: f64, what: &str) -> Result<(), Status> {
+    check_num(field, v)?;
+    if v > max {
+        return Err(invalid(field, format!("{v} is above {max} ({what})")));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_time(field: &str, v: i64, now: i64) -> Result<(), Status> {
     if v <= 0 {
         return Err(invalid(field, "required (Unix milliseconds > 0)"));
@@ -148,7 +165,12 @@ pub fn validate_report(
             return Err(invalid(&format!("{f}.peer_cluster_id"), "duplicate peer"));
         }
         if s.reachable {
-            check_num(&format!("{f}.rtt_ms"), s.rtt_ms)?;
+            check_bounded(
+                &format!("{f}.rtt_ms"),
+                s.rtt_ms,
+                MAX_RTT_MS,
+                "the largest RTT accepted, 10 minutes",
+            )?;
         } else if !s.rtt_ms.is_finite() {
             return Err(invalid(&format!("{f}.rtt_ms"), "not a finite number"));
         }
@@ -185,7 +207,12 @@ pub fn validate_report(
         if !seen.insert((s.service.clone(), s.destination_cluster_id.clone())) {
             return Err(invalid(&f, "duplicate (service, destination_cluster_id)"));
         }
-        check_num(&format!("{f}.rps"), s.rps)?;
+        check_bounded(
+            &format!("{f}.rps"),
+            s.rps,
+            MAX_RPS,
+            "the largest RPS accepted",
+        )?;
         rec.rps.push(RpsRecord {
             src: m.cluster_id.clone(),
             service: s.service.clone(),
@@ -202,7 +229,12 @@ pub fn validate_report(
         if !seen.insert(s.service.clone()) {
             return Err(invalid(&format!("{f}.service"), "duplicate service"));
         }
-        check_num(&format!("{f}.capacity_rps"), s.capacity_rps)?;
+        check_bounded(
+            &format!("{f}.capacity_rps"),
+            s.capacity_rps,
+            MAX_CAPACITY_RPS,
+            "the largest capacity accepted",
+        )?;
         rec.capacity.push(CapacityRecord {
             cluster_id: m.cluster_id.clone(),
             service: s.service.clone(),
