@@ -7,11 +7,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use ballast_agent::config::{AgentConfig, Cli};
+use ballast_agent::config::{AgentConfig, Cli, DiscoveryConfig};
 use ballast_agent::discovery;
 use ballast_agent::install::Installer;
+use ballast_agent::lifecycle::{self, Decision};
 use ballast_agent::metrics::Metrics;
 use ballast_agent::peers;
+use ballast_agent::prereq::{self, HostPaths};
 use ballast_agent::probe::Prober;
 use ballast_agent::session::{self, SessionConfig, SessionIo};
 use ballast_agent::steering::{report, SteerConfig, SteerIo, Steerer, PENDING_RETRY};
@@ -33,6 +35,18 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let ready = Readiness::default();
     let admin = AdminServer::bind(cfg.metrics_addr, metrics.registry(), ready.clone()).await?;
     tracing::info!(addr = %admin.local_addr(), "admin server: /metrics, /live, /ready");
+
+    // missing host prerequisites are fatal, each named; the MCS CRDs are waited for
+    prereq::require_host(&HostPaths::host(&cfg.cgroup, &cfg.pin_dir), &metrics)?;
+    if matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. }) {
+        let client = kube::Client::try_default()
+            .await
+            .context("Kubernetes client")?;
+        tokio::select! {
+            _ = prereq::wait_for_mcs(&client, &metrics, &ready, prereq::RECHECK) => {}
+            () = ballast_runtime::shutdown_signal() => return admin.shutdown().await.map_err(Into::into),
+        }
+    }
 
     let discovery = discovery::start(&cfg.discovery, &cfg.local, &cfg.node_name)
         .await
@@ -114,7 +128,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     ballast_runtime::shutdown_signal().await;
     ready.set(false);
-    tracing::info!(detach = cfg.detach_on_exit, "shutting down");
+    tracing::info!(detach = %cfg.detach_on_exit, "shutting down");
     let _ = stop_tx.send(true);
     for t in [targets_task, probe_task, status_task] {
         t.abort();
@@ -123,11 +137,15 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         t.abort();
     }
     let installer = steer_task.await.context("steering task")?;
-    if cfg.detach_on_exit {
-        installer.detach().context("detaching the data plane")?;
-        tracing::info!("programs detached, pins removed");
-    } else {
-        tracing::info!("steering left in place with the last weights");
+    let kubernetes = matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. });
+    match lifecycle::decide(cfg.detach_on_exit, kubernetes).await {
+        Decision::Detach(why) => {
+            installer.detach().context("detaching the data plane")?;
+            tracing::info!(%why, "programs detached, pins removed");
+        }
+        Decision::Keep(why) => {
+            tracing::info!(%why, "steering left in place with the last weights");
+        }
     }
     drop(discovery);
     admin.shutdown().await?;

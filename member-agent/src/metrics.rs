@@ -43,6 +43,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrerequisiteLabels {
+    pub prerequisite: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub service: String,
     pub destination: String,
@@ -65,6 +70,7 @@ pub struct Metrics {
     pub update_lag_seconds: Histogram,
     pub discovery_failures: Counter,
     pub probe_targets: Family<SourceLabels, Gauge>,
+    pub prerequisite_missing: Family<PrerequisiteLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -89,6 +95,7 @@ impl Metrics {
             update_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             discovery_failures: Counter::default(),
             probe_targets: Family::default(),
+            prerequisite_missing: Family::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -145,10 +152,24 @@ impl Metrics {
             "Peers probed, by where their gateway came from (broker, configuration)",
             m.probe_targets.clone(),
         );
+        r.register(
+            "prerequisite_missing",
+            "1 while the prerequisite is missing (mcs_crds, kernel, cgroup_v2, btf, bpffs), 0 once found",
+            m.prerequisite_missing.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Sets `prerequisite_missing{prerequisite}` to 1 (missing) or 0.
+    pub fn set_prerequisite_missing(&self, prerequisite: &str, missing: bool) {
+        self.prerequisite_missing
+            .get_or_create(&PrerequisiteLabels {
+                prerequisite: prerequisite.to_owned(),
+            })
+            .set(i64::from(missing));
     }
 
     /// Sets how many probe targets come from `source`.

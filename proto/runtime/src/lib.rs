@@ -9,7 +9,8 @@
 //! - **Admin server** ([`AdminServer::bind`]): one plain-HTTP listener (axum, HTTP/1) for
 //!   `GET /metrics` (the text exposition of a prometheus-client [`Registry`]), `GET /live`
 //!   (200 while the process serves at all) and `GET /ready` (200 once the caller said so
-//!   through [`Readiness::set`], 503 before and after). Metrics and probes share one port so
+//!   through [`Readiness::set`], 503 before and after, with the reason given to
+//!   [`Readiness::set_not_ready`] in the body). Metrics and probes share one port so
 //!   a chart opens one port per pod.
 //! - **Shutdown** ([`shutdown_signal`]): completes on SIGTERM (what Kubernetes sends) or
 //!   ctrl-c.
@@ -39,7 +40,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
@@ -142,20 +143,53 @@ impl LogArgs {
 }
 
 /// Whether the process is ready for traffic; `/ready` answers from it. Cheap to clone (one
-/// shared flag); starts not ready.
+/// shared state); starts not ready. When not ready it may carry a reason (e.g. the
+/// prerequisite that is missing), which `/ready` returns in its 503 body.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    ready: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
 
 impl Readiness {
-    /// Sets the flag.
+    /// Sets the flag (and clears any reason).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.set_reason(None);
+        self.0.ready.store(ready, Ordering::Release);
+    }
+
+    /// Not ready, because of `reason` (shown in the body of `/ready`'s 503).
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        self.0.ready.store(false, Ordering::Release);
+        self.set_reason(Some(reason.into()));
+    }
+
+    fn set_reason(&self, reason: Option<String>) {
+        match self.0.reason.lock() {
+            Ok(mut g) => *g = reason,
+            Err(p) => *p.into_inner() = reason,
+        }
     }
 
     /// Reads the flag.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.ready.load(Ordering::Acquire)
+    }
+
+    /// Why the process is not ready, if it said (`None` when ready).
+    #[must_use]
+    pub fn reason(&self) -> Option<String> {
+        if self.is_ready() {
+            return None;
+        }
+        match self.0.reason.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 }
 
@@ -193,11 +227,16 @@ pub fn admin_router(registry: Arc<Registry>, readiness: Readiness) -> axum::Rout
             "/ready",
             get(move || {
                 let ready = readiness.is_ready();
+                let reason = readiness.reason();
                 async move {
                     if ready {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, "ready\n".to_owned())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        let body = match reason {
+                            Some(r) => format!("not ready: {r}\n"),
+                            None => "not ready\n".to_owned(),
+                        };
+                        (StatusCode::SERVICE_UNAVAILABLE, body)
                     }
                 }
             }),
@@ -339,6 +378,23 @@ mod tests {
         assert!(get(addr, "/ready").await.contains(" 200 "));
         ready.set(false);
         assert!(get(addr, "/ready").await.contains(" 503 "));
+        ready.set_not_ready("prerequisite missing: btf (/sys/kernel/btf/vmlinux absent)");
+        let body = get(addr, "/ready").await;
+        assert!(body.contains(" 503 "), "{body}");
+        assert!(
+            body.ends_with(
+                "not ready: prerequisite missing: btf (/sys/kernel/btf/vmlinux absent)\n"
+            ),
+            "{body}"
+        );
+        ready.set(true);
+        assert!(get(addr, "/ready").await.contains(" 200 "));
+        assert_eq!(ready.reason(), None);
+        ready.set(false);
+        assert!(
+            get(addr, "/ready").await.ends_with("\r\n\r\nnot ready\n"),
+            "reason cleared"
+        );
         assert!(get(addr, "/nothing").await.contains(" 404 "));
 
         admin.shutdown().await.expect("clean stop");
