@@ -53,9 +53,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("discovery")?;
     let installer = Installer::open(&cfg.pin_dir, &cfg.cgroup).with_context(|| {
         format!(
-            "data plane (pin dir {}, cgroup {})",
+            "data plane (pin dir {}, cgroup {}){}",
             cfg.pin_dir.display(),
-            cfg.cgroup.display()
+            cfg.cgroup.display(),
+            prereq::capability_hint()
         )
     })?;
 

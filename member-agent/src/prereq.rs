@@ -239,6 +239,49 @@ pub fn require_host(paths: &HostPaths, metrics: &Metrics) -> Result<(), MissingA
     }
 }
 
+/// The capabilities the data plane needs (measured on Linux 6.18: CAP_BPF to create maps
+/// and load programs, CAP_NET_ADMIN to load and attach cgroup sock/sock_addr programs,
+/// CAP_PERFMON for the verifier to accept them), each also satisfied by CAP_SYS_ADMIN.
+pub const NEEDED_CAPS: [(&str, u32); 3] =
+    [("CAP_BPF", 39), ("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38)];
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The capabilities of [`NEEDED_CAPS`] missing from the `CapEff:` line of a
+/// `/proc/PID/status` text (none when CAP_SYS_ADMIN is there; `None` when the line is absent).
+#[must_use]
+pub fn missing_capabilities(proc_status: &str) -> Option<Vec<&'static str>> {
+    let hex = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let eff = u64::from_str_radix(hex, 16).ok()?;
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Some(Vec::new());
+    }
+    Some(
+        NEEDED_CAPS
+            .iter()
+            .filter(|(_, bit)| !has(*bit))
+            .map(|(name, _)| *name)
+            .collect(),
+    )
+}
+
+/// What to add to a data-plane error: the needed capabilities this process lacks, if any.
+#[must_use]
+pub fn capability_hint() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match missing_capabilities(&status) {
+        Some(m) if !m.is_empty() => format!(
+            "; missing capabilities: {} (the agent needs CAP_BPF, CAP_NET_ADMIN and \
+             CAP_PERFMON, or CAP_SYS_ADMIN)",
+            m.join(", ")
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The version of `multicluster.x-k8s.io` serving `serviceimports` (v1beta1 preferred), or
 /// `None` when no accepted version serves it.
 ///

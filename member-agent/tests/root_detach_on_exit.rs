@@ -23,6 +23,8 @@ struct Env {
     _dir: tempfile::TempDir,
     agent: Option<Child>,
     stop: Arc<AtomicBool>,
+    /// The agent's admin port (`/ready`).
+    port: u16,
 }
 
 impl Drop for Env {
@@ -90,6 +92,11 @@ fn env(what: &str) -> Option<Env> {
         _dir: dir,
         agent: None,
         stop,
+        port: TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
     };
     std::fs::create_dir_all(&e.cgroup).unwrap();
     Some(e)
@@ -104,7 +111,8 @@ fn start(e: &Env, detach: &str) -> Child {
         .arg(&e.cgroup)
         .arg("--pin-dir")
         .arg(&e.pin_dir)
-        .args(["--metrics-addr", "127.0.0.1:0"])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", e.port))
         .env("BALLAST_DETACH_ON_EXIT", detach)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -125,7 +133,12 @@ fn connect_via_vip(cgroup: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn wait_steering(e: &Env) {
+fn wait_steering(e: &mut Env) {
+    let port = e.port;
+    assert!(
+        wait_ready(port, e.agent.as_mut().unwrap()),
+        "the agent is not ready"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while connect_via_vip(&e.cgroup) != "east" {
         assert!(Instant::now() < deadline, "the agent does not steer");
@@ -154,7 +167,7 @@ fn cgroup_programs(cgroup: &Path) -> String {
 fn root_detach_always_leaves_nothing_attached_after_sigterm() {
     let Some(mut e) = env("always") else { return };
     e.agent = Some(start(&e, "always"));
-    wait_steering(&e);
+    wait_steering(&mut e);
     assert!(
         cgroup_programs(&e.cgroup).contains("blst_"),
         "attached while running"
@@ -178,7 +191,7 @@ fn root_detach_always_leaves_nothing_attached_after_sigterm() {
 fn root_detach_never_keeps_steering_across_a_sigterm_restart() {
     let Some(mut e) = env("never") else { return };
     e.agent = Some(start(&e, "never"));
-    wait_steering(&e);
+    wait_steering(&mut e);
     let stop_file = e._dir.path().join("stop");
     let script = format!(
         "echo $$ > {cg}/cgroup.procs
@@ -211,7 +224,12 @@ done",
     );
     std::thread::sleep(Duration::from_millis(500)); // no agent at all
     e.agent = Some(start(&e, "never"));
-    std::thread::sleep(Duration::from_secs(2)); // the new agent adopts and re-applies
+    let port = e.port;
+    assert!(
+        wait_ready(port, e.agent.as_mut().unwrap()),
+        "restarted agent not ready"
+    );
+    std::thread::sleep(Duration::from_millis(500)); // steering under the new agent
     std::fs::write(&stop_file, b"").unwrap();
     client.wait().unwrap();
     let lines = reader.join().unwrap();
@@ -222,4 +240,25 @@ done",
     assert_eq!(fails, 0, "failed connects during the restart");
     assert!(ok > 100, "too few connects to mean anything: {ok}");
     assert_eq!(ok, lines.len());
+}
+
+/// Waits until the agent at `port` answers `/ready` with 200 (it has installed its signal
+/// handler and applied the catalog); false if it exits first.
+fn wait_ready(port: u16, agent: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /ready HTTP/1.0\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut out);
+            if out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200") {
+                return true;
+            }
+        }
+        if agent.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }

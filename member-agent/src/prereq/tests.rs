@@ -32,6 +32,28 @@ fn names(m: &[Missing]) -> Vec<&'static str> {
 }
 
 #[test]
+fn missing_capabilities_from_the_effective_set() {
+    let status = |eff: u64| {
+        format!("Name:\tballast-agent\nCapInh:\t0000000000000000\nCapEff:\t{eff:016x}\n")
+    };
+    let bit = |b: u32| 1u64 << b;
+    // the minimal set (and CAP_NET_RAW): nothing missing
+    let minimal = bit(39) | bit(12) | bit(38) | bit(13);
+    assert_eq!(missing_capabilities(&status(minimal)), Some(vec![]));
+    assert_eq!(
+        missing_capabilities(&status(minimal & !bit(38))),
+        Some(vec!["CAP_PERFMON"])
+    );
+    assert_eq!(
+        missing_capabilities(&status(0)),
+        Some(vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"])
+    );
+    // CAP_SYS_ADMIN covers all three (old kernels without CAP_BPF)
+    assert_eq!(missing_capabilities(&status(bit(21))), Some(vec![]));
+    assert_eq!(missing_capabilities("Name: x\n"), None);
+}
+
+#[test]
 fn kernel_versions_parse_from_release_strings() {
     assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
     assert_eq!(kernel_version("5.4.0-150-generic\n"), Some((5, 4)));
