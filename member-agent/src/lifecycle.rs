@@ -13,6 +13,13 @@
 //!
 //! RBAC this needs: `get` on `pods` and on `daemonsets` (group `apps`) in the agent's
 //! namespace.
+//!
+//! Known race (not yet handled): `helm uninstall` deletes the ServiceAccount, Role and
+//! RoleBinding right after the DaemonSet, while the pods get SIGTERM only once the garbage
+//! collector reaches them; if the agent's token or grant is gone by then its look-up fails
+//! (401/403) and it keeps steering. The fix is to learn the owner's deletion before SIGTERM
+//! (a watch on the one DaemonSet from start, `list`/`watch` on it); until then the chart
+//! should keep the agent's RBAC objects alive across the uninstall of the DaemonSet.
 
 use std::time::Duration;
 
