@@ -123,6 +123,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             installed_generation: gen_tx,
         },
     );
+    let kubernetes = matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. });
+    let owner = lifecycle::start_owner_watch(cfg.detach_on_exit, kubernetes).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let steer_task = tokio::spawn(steer.run(stop_rx));
     ready.set(true);
@@ -138,8 +140,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         t.abort();
     }
     let installer = steer_task.await.context("steering task")?;
-    let kubernetes = matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. });
-    match lifecycle::decide(cfg.detach_on_exit, kubernetes).await {
+    match lifecycle::decide(cfg.detach_on_exit, kubernetes, owner.as_ref()).await {
         Decision::Detach(why) => {
             installer.detach().context("detaching the data plane")?;
             tracing::info!(%why, "programs detached, pins removed");

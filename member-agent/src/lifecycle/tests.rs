@@ -182,8 +182,94 @@ async fn detach_against_mock_api_a_replaced_daemonset_keeps_steering() {
 
 #[tokio::test]
 async fn modes_always_never_and_auto_without_kubernetes_need_no_api() {
-    assert!(decide(DetachMode::Always, false).await.detach());
-    assert!(decide(DetachMode::Always, true).await.detach());
-    assert!(!decide(DetachMode::Never, true).await.detach());
-    assert!(!decide(DetachMode::Auto, false).await.detach());
+    assert!(decide(DetachMode::Always, false, None).await.detach());
+    assert!(decide(DetachMode::Always, true, None).await.detach());
+    assert!(!decide(DetachMode::Never, true, None).await.detach());
+    assert!(!decide(DetachMode::Auto, false, None).await.detach());
+}
+
+/// The owner watch: the pod read, the DaemonSet listed (present), then the watch reports it
+/// deleted — remembered before any SIGTERM, so a later look-up that fails (RBAC deleted by the
+/// same uninstall) cannot keep the hooks attached.
+#[tokio::test]
+async fn owner_watch_against_mock_api_remembers_the_daemonset_deletion() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(async move {
+        let mut handle = std::pin::pin!(handle);
+        let mut asked = Vec::new();
+        let mut pending = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            asked.push(format!("{path}?{query}"));
+            if path == POD_PATH {
+                send.send_response(ok(&pod()));
+            } else if path == "/apis/apps/v1/namespaces/ballast-system/daemonsets"
+                && !query.contains("watch=true")
+            {
+                let list = json!({"apiVersion": "apps/v1", "kind": "DaemonSetList",
+                    "metadata": {"resourceVersion": "48100"},
+                    "items": [daemonset(DS_UID, false)]});
+                send.send_response(ok(&list));
+            } else if query.contains("watch=true") && pending.is_empty() {
+                let mut body = serde_json::to_vec(&json!({"type": "DELETED",
+                    "object": daemonset(DS_UID, false)}))
+                .unwrap();
+                body.push(b'\n');
+                send.send_response(Response::builder().body(Body::from(body)).unwrap());
+                pending.push(());
+            } else {
+                // later watches: 403 as once the uninstall removed the agent's Role
+                send.send_response(status(403, "Forbidden", "forbidden"));
+            }
+        }
+        asked
+    });
+    let client = Client::new(svc, "default");
+    let mut w = OwnerWatch::start(client, NS.into(), POD.into(), Duration::from_millis(50));
+    let why = tokio::time::timeout(Duration::from_secs(5), w.wait_gone())
+        .await
+        .expect("the deletion is seen")
+        .expect("gone");
+    assert!(why.contains("was deleted"), "{why}");
+    assert!(decide(DetachMode::Auto, true, Some(&w)).await.detach());
+    drop(w);
+    let asked = server.await.unwrap();
+    assert_eq!(asked[0], format!("{POD_PATH}?"));
+    assert!(
+        asked[1].contains("fieldSelector=metadata.name%3Dballast-agent"),
+        "{asked:?}"
+    );
+}
+
+#[tokio::test]
+async fn owner_watch_against_mock_api_a_present_daemonset_is_not_gone() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let _server = tokio::spawn(async move {
+        let mut handle = std::pin::pin!(handle);
+        let mut held = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            if path == POD_PATH {
+                send.send_response(ok(&pod()));
+            } else if !query.contains("watch=true") {
+                let list = json!({"apiVersion": "apps/v1", "kind": "DaemonSetList",
+                    "metadata": {"resourceVersion": "48100"},
+                    "items": [daemonset(DS_UID, false)]});
+                send.send_response(ok(&list));
+            } else {
+                held.push(send); // a watch with no events yet
+            }
+        }
+    });
+    let client = Client::new(svc, "default");
+    let mut w = OwnerWatch::start(client, NS.into(), POD.into(), Duration::from_millis(50));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), w.wait_gone())
+            .await
+            .is_err(),
+        "nothing seen"
+    );
+    assert_eq!(w.gone(), None);
 }
