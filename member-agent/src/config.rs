@@ -17,12 +17,45 @@ use std::time::Duration;
 
 use ballast_runtime::LogArgs;
 use ballast_types::ClusterId as ClusterName;
-use clap::{ArgAction, Args, Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::catalog::Cluster;
 use crate::probe::{ProbeConfig, ProbeMode};
 use crate::weights::DEFAULT_SCALE;
+
+/// What the agent does with the data plane when it exits (`--detach-on-exit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DetachMode {
+    /// Detach when the owning DaemonSet is gone or being deleted (Kubernetes only).
+    #[default]
+    Auto,
+    /// Always detach and unpin.
+    Always,
+    /// Never detach: the next agent adopts the pinned state.
+    Never,
+}
+
+impl std::fmt::Display for DetachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+            Self::Never => "never",
+        })
+    }
+}
+
+fn detach_mode(s: &str) -> Result<DetachMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(DetachMode::Auto),
+        "always" | "true" => Ok(DetachMode::Always),
+        "never" | "false" => Ok(DetachMode::Never),
+        other => Err(format!(
+            "{other:?} is not a mode: auto, always or never (true/false for always/never)"
+        )),
+    }
+}
 
 /// Where the catalog comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -182,10 +215,22 @@ pub struct DataplaneArgs {
     /// finds there.
     #[arg(long, env = "BALLAST_PIN_DIR", value_name = "PATH", default_value = "/sys/fs/bpf/ballast", value_parser = absolute_path)]
     pub pin_dir: PathBuf,
-    /// On exit, detach the programs and remove the pins. Without it, steering stays in
-    /// place with the last weights until the next agent adopts it.
-    #[arg(long, env = "BALLAST_DETACH_ON_EXIT", action = ArgAction::SetTrue)]
-    pub detach_on_exit: bool,
+    /// On exit (SIGTERM): `always` detaches the programs and removes the pins; `never`
+    /// leaves steering in place with the last weights until the next agent adopts it;
+    /// `auto` detaches only when this pod's DaemonSet is gone or being deleted (an
+    /// uninstall; read through the Kubernetes API with POD_NAME and POD_NAMESPACE), and is
+    /// `never` without Kubernetes discovery. The bare flag means `always`; `true`/`false`
+    /// are `always`/`never`.
+    #[arg(
+        long,
+        env = "BALLAST_DETACH_ON_EXIT",
+        value_name = "MODE",
+        default_value = "auto",
+        num_args = 0..=1,
+        default_missing_value = "always",
+        value_parser = detach_mode
+    )]
+    pub detach_on_exit: DetachMode,
     /// Sum of the integer backend weights of one service (the slot table size; the
     /// default is the data plane's slot count).
     #[arg(long, env = "BALLAST_WEIGHT_SCALE", value_name = "N", default_value_t = DEFAULT_SCALE, value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -310,7 +355,7 @@ pub struct AgentConfig {
     pub discovery: DiscoveryConfig,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
-    pub detach_on_exit: bool,
+    pub detach_on_exit: DetachMode,
     pub weight_scale: u32,
     pub probe: ProbeConfig,
     pub metrics_addr: SocketAddr,
@@ -580,7 +625,7 @@ mod tests {
         assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/ballast"));
         assert_eq!(c.metrics_addr, SocketAddr::from(([127, 0, 0, 1], 9464)));
         assert!(c.broker.is_none());
-        assert!(!c.detach_on_exit);
+        assert_eq!(c.detach_on_exit, DetachMode::Auto);
     }
 
     #[test]
@@ -759,7 +804,7 @@ clusters:
             c.broker.as_ref().map(|b| b.endpoint.as_str()),
             Some("https://127.0.0.1:7443")
         );
-        assert!(c.detach_on_exit);
+        assert_eq!(c.detach_on_exit, DetachMode::Always, "the bare flag");
         let DiscoveryConfig::Kubernetes { clusters } = &c.discovery else {
             panic!("kubernetes expected without --topology")
         };
@@ -767,5 +812,35 @@ clusters:
         assert!(clusters
             .iter()
             .any(|c| c.id == "east" && c.gateway.is_some()));
+    }
+
+    #[test]
+    fn detach_mode_takes_auto_always_never_and_the_old_bool_spellings() {
+        let cg = tmp_cgroup();
+        let cg = cg.path().to_str().expect("utf8");
+        let mode = |extra: &[&str]| {
+            let mut args = vec!["--cluster-id", "east", "--node-name", "n", "--cgroup", cg];
+            args.extend_from_slice(extra);
+            parse(&args).map(|c| c.dataplane.detach_on_exit)
+        };
+        assert_eq!(mode(&[]).expect("default"), DetachMode::Auto);
+        for (v, want) in [
+            ("auto", DetachMode::Auto),
+            ("always", DetachMode::Always),
+            ("never", DetachMode::Never),
+            ("true", DetachMode::Always),
+            ("false", DetachMode::Never),
+        ] {
+            assert_eq!(mode(&["--detach-on-exit", v]).expect(v), want, "{v}");
+            let eq = format!("--detach-on-exit={v}");
+            assert_eq!(mode(&[eq.as_str()]).expect(v), want, "{v}");
+        }
+        let e = mode(&["--detach-on-exit", "sometimes"])
+            .expect_err("not a mode")
+            .to_string();
+        assert!(
+            e.contains("--detach-on-exit") && e.contains("auto, always or never"),
+            "{e}"
+        );
     }
 }

@@ -14,14 +14,18 @@
 //! - [`session`]: Register / Report / WatchWeights / AckWeights over mTLS, with reconnects
 //! - [`config`]: CLI flags with their environment variables, and the clusters file
 //! - [`metrics`]: the Prometheus registry (served by `ballast-runtime`'s admin server)
+//! - [`prereq`]: prerequisites (MCS CRDs, kernel, cgroup v2, BTF, bpffs), each named when missing
+//! - [`lifecycle`]: on exit, whether to detach (`--detach-on-exit auto`: the DaemonSet gone)
 
 pub mod capacity;
 pub mod catalog;
 pub mod config;
 pub mod discovery;
 pub mod install;
+pub mod lifecycle;
 pub mod metrics;
 pub mod peers;
+pub mod prereq;
 pub mod probe;
 pub mod session;
 pub mod steering;

@@ -7,11 +7,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use ballast_agent::config::{AgentConfig, Cli};
+use ballast_agent::config::{AgentConfig, Cli, DiscoveryConfig};
 use ballast_agent::discovery;
 use ballast_agent::install::Installer;
+use ballast_agent::lifecycle::{self, Decision};
 use ballast_agent::metrics::Metrics;
 use ballast_agent::peers;
+use ballast_agent::prereq::{self, HostPaths};
 use ballast_agent::probe::Prober;
 use ballast_agent::session::{self, SessionConfig, SessionIo};
 use ballast_agent::steering::{report, SteerConfig, SteerIo, Steerer, PENDING_RETRY};
@@ -34,14 +36,27 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let admin = AdminServer::bind(cfg.metrics_addr, metrics.registry(), ready.clone()).await?;
     tracing::info!(addr = %admin.local_addr(), "admin server: /metrics, /live, /ready");
 
+    // missing host prerequisites are fatal, each named; the MCS CRDs are waited for
+    prereq::require_host(&HostPaths::host(&cfg.cgroup, &cfg.pin_dir), &metrics)?;
+    if matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. }) {
+        let client = kube::Client::try_default()
+            .await
+            .context("Kubernetes client")?;
+        tokio::select! {
+            _ = prereq::wait_for_mcs(&client, &metrics, &ready, prereq::RECHECK) => {}
+            () = ballast_runtime::shutdown_signal() => return admin.shutdown().await.map_err(Into::into),
+        }
+    }
+
     let discovery = discovery::start(&cfg.discovery, &cfg.local, &cfg.node_name)
         .await
         .context("discovery")?;
     let installer = Installer::open(&cfg.pin_dir, &cfg.cgroup).with_context(|| {
         format!(
-            "data plane (pin dir {}, cgroup {})",
+            "data plane (pin dir {}, cgroup {}){}",
             cfg.pin_dir.display(),
-            cfg.cgroup.display()
+            cfg.cgroup.display(),
+            prereq::capability_hint()
         )
     })?;
 
@@ -109,13 +124,15 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             installed_generation: gen_tx,
         },
     );
+    let kubernetes = matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. });
+    let owner = lifecycle::start_owner_watch(cfg.detach_on_exit, kubernetes).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let steer_task = tokio::spawn(steer.run(stop_rx));
     ready.set(true);
 
     ballast_runtime::shutdown_signal().await;
     ready.set(false);
-    tracing::info!(detach = cfg.detach_on_exit, "shutting down");
+    tracing::info!(detach = %cfg.detach_on_exit, "shutting down");
     let _ = stop_tx.send(true);
     for t in [targets_task, probe_task, status_task, without_vip_task] {
         t.abort();
@@ -124,11 +141,14 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         t.abort();
     }
     let installer = steer_task.await.context("steering task")?;
-    if cfg.detach_on_exit {
-        installer.detach().context("detaching the data plane")?;
-        tracing::info!("programs detached, pins removed");
-    } else {
-        tracing::info!("steering left in place with the last weights");
+    match lifecycle::decide(cfg.detach_on_exit, kubernetes, owner.as_ref()).await {
+        Decision::Detach(why) => {
+            installer.detach().context("detaching the data plane")?;
+            tracing::info!(%why, "programs detached, pins removed");
+        }
+        Decision::Keep(why) => {
+            tracing::info!(%why, "steering left in place with the last weights");
+        }
     }
     drop(discovery);
     admin.shutdown().await?;

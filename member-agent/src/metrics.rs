@@ -44,6 +44,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrerequisiteLabels {
+    pub prerequisite: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub service: String,
     pub destination: String,
@@ -67,6 +72,7 @@ pub struct Metrics {
     pub discovery_failures: Counter,
     pub probe_targets: Family<SourceLabels, Gauge>,
     pub services_without_vip: Gauge,
+    pub prerequisite_missing: Family<PrerequisiteLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -92,6 +98,7 @@ impl Metrics {
             discovery_failures: Counter::default(),
             probe_targets: Family::default(),
             services_without_vip: Gauge::default(),
+            prerequisite_missing: Family::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -154,10 +161,24 @@ impl Metrics {
              spec.ips (enable Lighthouse clusterset IPs)",
             m.services_without_vip.clone(),
         );
+        r.register(
+            "prerequisite_missing",
+            "1 while the prerequisite is missing (mcs_crds, kernel, cgroup_v2, btf, bpffs), 0 once found",
+            m.prerequisite_missing.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Sets `prerequisite_missing{prerequisite}` to 1 (missing) or 0.
+    pub fn set_prerequisite_missing(&self, prerequisite: &str, missing: bool) {
+        self.prerequisite_missing
+            .get_or_create(&PrerequisiteLabels {
+                prerequisite: prerequisite.to_owned(),
+            })
+            .set(i64::from(missing));
     }
 
     /// Sets how many probe targets come from `source`.

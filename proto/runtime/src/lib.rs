@@ -161,6 +161,8 @@ pub struct Readiness(Arc<ReadinessInner>);
 struct ReadinessInner {
     flag: AtomicBool,
     check: RwLock<Option<Arc<ReadyCheck>>>,
+    /// Why the flag is clear, when the binary said ([`Readiness::set_not_ready`]).
+    reason: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -175,6 +177,7 @@ impl std::fmt::Debug for Readiness {
 impl Readiness {
     /// Sets the flag.
     pub fn set(&self, ready: bool) {
+        self.set_reason(None);
         self.0.flag.store(ready, Ordering::Release);
     }
 
@@ -182,6 +185,31 @@ impl Readiness {
     #[must_use]
     pub fn is_ready(&self) -> bool {
         self.0.flag.load(Ordering::Acquire)
+    }
+
+    /// Not ready, because of `reason` (shown in the body of `/ready`'s 503).
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        self.0.flag.store(false, Ordering::Release);
+        self.set_reason(Some(reason.into()));
+    }
+
+    fn set_reason(&self, reason: Option<String>) {
+        match self.0.reason.write() {
+            Ok(mut g) => *g = reason,
+            Err(p) => *p.into_inner() = reason,
+        }
+    }
+
+    /// Why the process is not ready, if it said (`None` when the flag is set).
+    #[must_use]
+    pub fn reason(&self) -> Option<String> {
+        if self.is_ready() {
+            return None;
+        }
+        match self.0.reason.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// Installs the check `/ready` runs while the flag is set (replacing any earlier one).
@@ -212,7 +240,9 @@ impl Readiness {
     /// The reason the process is not ready.
     pub async fn verdict(&self) -> Result<(), String> {
         if !self.is_ready() {
-            return Err("not started, or stopping".into());
+            return Err(self
+                .reason()
+                .unwrap_or_else(|| "not started, or stopping".into()));
         }
         match self.current_check() {
             Some(check) => check().await,
