@@ -128,6 +128,31 @@ pub struct Engine {
     dirty: AtomicBool,
     round: tokio::sync::Mutex<RoundState>,
     known: RwLock<BTreeSet<String>>,
+    /// Service -> serving cluster -> capacity (RPS), as planned by the last round
+    /// ([`Engine::solved_capacity`]); kept apart from the round lock so reading it never
+    /// waits for a round.
+    solved_capacity: RwLock<Arc<SolvedCapacity>>,
+}
+
+/// Service -> serving cluster -> the capacity (RPS) a round solved with.
+pub type SolvedCapacity = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The capacities `inputs` plan with, per service.
+fn capacities(inputs: &Inputs) -> SolvedCapacity {
+    inputs
+        .services
+        .iter()
+        .map(|(svc, plan)| {
+            let caps = plan
+                .problem
+                .services
+                .iter()
+                .flat_map(|s| s.capacity_rps.iter())
+                .map(|(c, v)| (c.clone(), *v))
+                .collect();
+            (svc.clone(), caps)
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,6 +233,7 @@ impl Engine {
                 next_run_id,
             }),
             known: RwLock::new(known),
+            solved_capacity: RwLock::new(Arc::default()),
         })
     }
 
@@ -452,6 +478,9 @@ impl Engine {
         self.prune_imports(now).await;
         let inputs = self.inputs(now).await?;
         let current = self.current();
+        if let Ok(mut solved) = self.solved_capacity.write() {
+            *solved = Arc::new(capacities(&inputs));
+        }
         self.metrics.clusters.set(gauge(inputs.clusters));
         self.metrics
             .expired_clusters
@@ -535,6 +564,17 @@ impl Engine {
                 warn!(error = %e, "pruning old generations failed; retried after the next publish");
             }
         }
+    }
+
+    /// The capacity per serving cluster of `service` as the last round planned it (empty
+    /// before any round planned the service).
+    #[must_use]
+    pub fn solved_capacity(&self, service: &str) -> BTreeMap<String, f64> {
+        self.solved_capacity
+            .read()
+            .ok()
+            .and_then(|m| m.get(service).cloned())
+            .unwrap_or_default()
     }
 
     /// Explains a service's weights for one source, with the inputs as of now.

@@ -4,6 +4,7 @@
 //! Decision: the state is the only memory between commands (each command is a new process);
 //! `down` does not need it (it also works from the names), every other command does.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
@@ -33,8 +34,59 @@ pub struct ClusterState {
     pub address: Ipv4Addr,
     /// The wan side of its link (its next hop).
     pub wan_address: Ipv4Addr,
-    /// Where its agent pins BPF maps.
+    /// Under which its nodes' agents pin BPF maps (one directory per node).
     pub bpf_dir: PathBuf,
+    /// Its nodes: one agent each, with its own cgroup (the node's "pods") under the
+    /// cluster's, its own pins and metrics port. A state written before nodes existed has
+    /// none here; `up` fills them in.
+    #[serde(default)]
+    pub nodes: Vec<NodeState>,
+}
+
+/// One node of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// `c1-n2`: the agent's `--node-name`, how the broker tells the cluster's agents apart.
+    pub name: String,
+    /// 1-based.
+    pub index: usize,
+    /// The node's cgroup (under the cluster's): clients run here, its agent attaches here.
+    pub cgroup: PathBuf,
+    /// Where its agent pins the BPF maps and links.
+    pub bpf_dir: PathBuf,
+    /// Its agent's /metrics, /live, /ready (on the cluster's loopback).
+    pub metrics_addr: SocketAddr,
+}
+
+impl ClusterState {
+    /// A node by name (`c1-n2`), short name (`n2`) or number (`2`); the first node when
+    /// `name` is None.
+    pub fn node(&self, name: Option<&str>) -> Result<&NodeState> {
+        let found = match name {
+            None => self.nodes.first(),
+            Some(n) => self.nodes.iter().find(|node| {
+                node.name == n
+                    || crate::config::node_dir(node.index) == n
+                    || node.index.to_string() == n
+            }),
+        };
+        found.ok_or_else(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            LabError::invalid(
+                "node",
+                format!(
+                    "{:?} is not a node of {} ({})",
+                    name.unwrap_or("(first)"),
+                    self.id,
+                    if names.is_empty() {
+                        "it has none; run `ballast-lab up`".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +117,38 @@ pub struct ServiceState {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub backends: Vec<BackendState>,
+    /// Capacity (RPS) per pod each cluster declares for the service in its topology file;
+    /// `None`: the cluster declares none (withdrawn with `ballast-lab capacity --none`). A
+    /// cluster not listed declares [`DEFAULT_PER_POD_CAPACITY`].
+    #[serde(default)]
+    pub per_pod_capacity: BTreeMap<String, Option<f64>>,
+}
+
+/// Capacity declared per pod of the demo service (requests per second): well above what the
+/// load generator sends, so the split follows RTT and price rather than capacity.
+pub const DEFAULT_PER_POD_CAPACITY: f64 = 2000.0;
+
+impl ServiceState {
+    /// The per-pod capacity cluster `cluster` declares (None: none declared).
+    pub fn per_pod_capacity(&self, cluster: &str) -> Option<f64> {
+        self.per_pod_capacity
+            .get(cluster)
+            .copied()
+            .unwrap_or(Some(DEFAULT_PER_POD_CAPACITY))
+    }
+
+    /// Ready pods of the service in `cluster` as an agent counts them: distinct addresses of
+    /// its ready endpoints (the lab's two backends per cluster share the cluster's address,
+    /// so they are one pod).
+    pub fn ready_pods(&self, cluster: &str) -> usize {
+        let ips: std::collections::BTreeSet<std::net::IpAddr> = self
+            .backends
+            .iter()
+            .filter(|b| b.cluster == cluster && b.ready)
+            .map(|b| b.addr.ip())
+            .collect();
+        ips.len()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,9 +206,11 @@ impl LabState {
 pub struct UpOptions {
     pub clusters: usize,
     pub regions: Vec<String>,
-    /// Start the broker and one agent per cluster (needs `ballast-broker` and
+    /// Start the broker and one agent per node of every cluster (needs `ballast-broker` and
     /// `ballast-agent`); without it the lab is network, backends and load only.
     pub control_plane: bool,
     /// The broker's policy at start.
     pub policy: Policy,
+    /// Nodes (agents) per cluster; None: as the lab is (1 for a new lab).
+    pub nodes: Option<usize>,
 }
