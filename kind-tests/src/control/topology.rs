@@ -116,3 +116,24 @@ pub fn write_topologies(state_dir: &Path, state: &LabState) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_without_a_declaration_states_no_capacity() {
+        let mut s = crate::lab::state_tests::lab_state(3, 2);
+        s.services[0].per_pod_capacity.insert("c3".into(), None);
+        s.services[0]
+            .per_pod_capacity
+            .insert("c2".into(), Some(50.0));
+        let c2 = topology_yaml(&s, "c2").unwrap();
+        assert!(c2.contains("capacity_rps_per_pod: 50"), "{c2}");
+        let c3 = topology_yaml(&s, "c3").unwrap();
+        assert!(!c3.contains("capacity_rps_per_pod"), "{c3}");
+        let c1 = topology_yaml(&s, "c1").unwrap();
+        assert!(c1.contains("capacity_rps_per_pod: 2000"), "{c1}");
+    }
+}

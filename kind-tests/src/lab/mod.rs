@@ -34,6 +34,8 @@ use crate::wan::{self, LinkTable};
 pub use crate::sys::in_netns;
 pub use capacity::{capacity_rows, render_capacity, CapacityRow};
 pub use down::DownReport;
+#[cfg(test)]
+pub(crate) use state::tests as state_tests;
 pub use state::{
     BackendState, ClusterState, LabState, NodeState, ServiceState, UpOptions, BACKEND_PORTS,
     DEFAULT_PER_POD_CAPACITY, DEMO_PORT, DEMO_SERVICE, DEMO_VIP, STATE_FILE,

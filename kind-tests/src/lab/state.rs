@@ -214,3 +214,95 @@ pub struct UpOptions {
     /// Nodes (agents) per cluster; None: as the lab is (1 for a new lab).
     pub nodes: Option<usize>,
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A lab state of `clusters` clusters with `nodes` nodes each and the demo service
+    /// served by c2.. (two backends on each cluster's address), without processes.
+    pub(crate) fn lab_state(clusters: usize, nodes: usize) -> LabState {
+        let clusters: Vec<ClusterState> = (1..=clusters)
+            .map(|i| {
+                let id = crate::config::cluster_id(i);
+                ClusterState {
+                    index: i,
+                    region: "us-east-1".into(),
+                    provider: "aws".into(),
+                    netns: format!("t-{id}"),
+                    cgroup: format!("/cg/{id}").into(),
+                    address: crate::config::cluster_addr(i),
+                    wan_address: crate::config::wan_side_addr(i),
+                    bpf_dir: format!("/bpf/{id}").into(),
+                    nodes: (1..=nodes)
+                        .map(|k| NodeState {
+                            name: crate::config::node_name(&id, k),
+                            index: k,
+                            cgroup: format!("/cg/{id}/n{k}").into(),
+                            bpf_dir: format!("/bpf/{id}/n{k}").into(),
+                            metrics_addr: crate::config::agent_metrics_addr(k),
+                        })
+                        .collect(),
+                    id,
+                }
+            })
+            .collect();
+        let backends = clusters
+            .iter()
+            .skip(1)
+            .flat_map(|c| {
+                BACKEND_PORTS.iter().map(|&p| BackendState {
+                    cluster: c.id.clone(),
+                    addr: SocketAddr::from((c.address, p)),
+                    process: None,
+                    ready: true,
+                })
+            })
+            .collect();
+        LabState {
+            prefix: "t".into(),
+            wan_netns: "t-wan".into(),
+            cgroup_root: "/cg".into(),
+            bpf_dir: "/bpf".into(),
+            clusters,
+            services: vec![ServiceState {
+                name: DEMO_SERVICE.into(),
+                vip: DEMO_VIP,
+                port: DEMO_PORT,
+                backends,
+                per_pod_capacity: BTreeMap::new(),
+            }],
+            processes: Vec::new(),
+            control: None,
+        }
+    }
+
+    #[test]
+    fn a_node_is_found_by_name_short_name_or_number() {
+        let s = lab_state(2, 3);
+        let c = s.cluster("c1").unwrap();
+        assert_eq!(c.node(None).unwrap().name, "c1-n1");
+        for n in ["c1-n2", "n2", "2"] {
+            assert_eq!(c.node(Some(n)).unwrap().name, "c1-n2", "{n}");
+        }
+        let e = c.node(Some("n4")).unwrap_err().to_string();
+        assert!(e.contains("c1-n1, c1-n2, c1-n3"), "{e}");
+        assert!(c.node(Some("c2-n1")).is_err(), "another cluster's node");
+        assert_eq!(c.nodes[2].metrics_addr.port(), 9466);
+    }
+
+    #[test]
+    fn ready_pods_are_distinct_addresses_and_per_pod_defaults() {
+        let mut s = lab_state(3, 1);
+        let svc = &mut s.services[0];
+        // two backends on c2's one address: one pod
+        assert_eq!(svc.ready_pods("c2"), 1);
+        assert_eq!(svc.ready_pods("c1"), 0);
+        svc.backends.iter_mut().for_each(|b| b.ready = false);
+        assert_eq!(svc.ready_pods("c2"), 0);
+        assert_eq!(svc.per_pod_capacity("c3"), Some(DEFAULT_PER_POD_CAPACITY));
+        svc.per_pod_capacity.insert("c3".into(), None);
+        assert_eq!(svc.per_pod_capacity("c3"), None);
+    }
+}
