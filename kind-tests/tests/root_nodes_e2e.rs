@@ -169,7 +169,21 @@ fn root_nodes_e2e_three_nodes_per_cluster() {
     // Weights every node must switch to: from optimized (c1 sends ~90 % or more to c2, the
     // nearer) to round-robin (50/50), which does not move with RTT noise or demand. A node
     // still steering by the old weights would land ~40 pp away from them.
-    let before = weights_c1(&lab.status());
+    // First the optimized weights from measured RTTs (c2 ~68 ms, c3 ~85 ms away): c2 the
+    // larger part by far (the very first solve, before any RTT, may be an even split).
+    let t = Instant::now();
+    let before = loop {
+        let w = weights_c1(&lab.status());
+        if w.get("c2").copied().unwrap_or(0.0) >= 0.8 {
+            break w;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "optimized weights from c1 never favoured c2: {w:?}{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
     lab.ok(&["policy", "round-robin"]);
     lab.ok(&[
         "settle",
