@@ -3,9 +3,11 @@
 #
 # Installs what is missing (setup.sh), builds the release binaries, brings up three
 # "clusters" (network namespaces + cgroups, joined through an emulated WAN with delays from
-# real inter-region RTTs), the broker (SQLite, mTLS) and one agent per cluster, then runs a
-# short scenario:
-#   1. baseline: where 400 connections from c1 to demo/echo land, beside the weights
+# real inter-region RTTs), the broker (SQLite, mTLS) and two nodes per cluster (one agent
+# each, in its own cgroup under the cluster's), then runs a short scenario:
+#   0. the broker's capacity per (service, cluster) must be per-pod x ready pods, not x the
+#      number of nodes (every node reports it; the job fails otherwise)
+#   1. baseline: where 400 connections from each node of c1 to demo/echo land, beside the weights
 #   2. the delay between c1 and c2 is raised: the weights and the split move away from c2
 #   3. c3's backends are stopped during a load: traffic shifts to c2, no failed connection
 #   4. optimized against round-robin: mean RTT and egress price of the observed split
@@ -53,15 +55,23 @@ trap 'exit 130' INT TERM
 # c3 on another provider (Azure West Europe), so that egress price, not only RTT, tells the
 # policies apart (AWS bills every inter-region transfer from us-east-1 at the same $0.02/GB).
 REGIONS="${BALLAST_LAB_REGIONS:-us-east-1,us-west-2,westeurope}"
-echo "== up: 3 clusters ($REGIONS), broker (policy optimized), one agent per cluster"
+NODES="${BALLAST_LAB_NODES:-2}"
+echo "== up: 3 clusters ($REGIONS), broker (policy optimized), $NODES nodes (agents) per cluster"
 # `up` fails (the trap then takes the lab down) when the agents install no weights in time,
 # naming the directory with the broker's and agents' logs.
-"$LAB" up --clusters 3 --regions "$REGIONS"
+"$LAB" up --clusters 3 --nodes "$NODES" --regions "$REGIONS"
 
 echo
-echo "== 1. baseline: 400 connections from c1 (the weights are c1's, from the broker)"
+echo "== 0. capacity is a cluster fact: every node reports it, the broker counts it once"
+echo "      (per-pod x ready pods; 'MISMATCH' and a non-zero exit otherwise)"
+"$LAB" capacity --check --wait-secs 30
+
+echo
+echo "== 1. baseline: 400 connections from each node of c1 (the weights are c1's, from the broker)"
 "$LAB" settle --from c1 --wait-secs 120
-"$LAB" load --from c1 --service demo/echo --connections 400
+for n in $(seq 1 "$NODES"); do
+  "$LAB" load --from c1 --node "n$n" --service demo/echo --connections 400
+done
 
 echo
 echo "== 2. the delay c1 <-> c2 is raised to 150 ms one way; the agents measure it and the"
@@ -86,6 +96,9 @@ echo "-- after"
 "$LAB" load --from c1 --service demo/echo --connections 200
 "$LAB" backends c2 demo/echo start
 "$LAB" settle --from c1 --wait-secs 120 >/dev/null
+
+echo "-- capacity after c2's backends came back"
+"$LAB" capacity --check --wait-secs 30
 
 echo
 echo "== 4. optimized against round-robin from c1 (egress priced with broker/data's list prices)"

@@ -824,3 +824,47 @@ async fn a_full_set_report_withdraws_what_it_no_longer_states() {
     assert_eq!(services(&b).await, ["ns/web"]);
     b.stop().await;
 }
+
+/// Explain states the capacity the last round solved with: with three nodes of c2 each
+/// reporting the cluster's figure, c2's capacity is that figure once, not three times.
+#[tokio::test]
+async fn explain_states_the_solved_capacity_of_a_cluster_once_over_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, b, mut a1, mut a2) = broker_with_c1_c2(dir.path()).await;
+    for node in ["n2", "n3"] {
+        a2.register(register_req("c2", node)).await.unwrap();
+    }
+    let mut m1 = report("c1", "n1");
+    m1.rtt = vec![rtt("c2", 5.0)];
+    send_reports(&mut a1, vec![m1]).await.unwrap();
+    let mut watch = open_watch(&mut a1, "c1", 0).await;
+    let mut reports = Vec::new();
+    for node in ["n1", "n2", "n3"] {
+        let mut m = report("c2", node);
+        m.capacity = vec![cap("ns/web", 1000.0)];
+        m.full_set = true;
+        reports.push(m);
+    }
+    send_reports(&mut a2, reports).await.unwrap();
+    let u = until_generation(&mut watch, "ns/web", 1).await;
+    // The published generation may come from a round that saw only some of the reports;
+    // the figure is the same either way (counted once), so wait for any round after them.
+    b.engine().run_round().await.unwrap();
+    let mut op = admin(b.addr, &bundle).await;
+    let ex = op
+        .explain(ballast_proto::v1::ExplainRequest {
+            service: "ns/web".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ex.generation >= u.generation);
+    assert_eq!(
+        ex.solved_capacity_rps,
+        [("c2".to_string(), 1000.0)].into(),
+        "c2's capacity counted once over its three nodes"
+    );
+    drop(watch);
+    b.stop().await;
+}

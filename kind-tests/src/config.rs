@@ -31,6 +31,11 @@ pub const WAN_TABLE: &str = "100";
 /// One-way delay between two clusters placed in the same region.
 pub const SAME_REGION_ONE_WAY_MS: f64 = 1.0;
 pub const MAX_CLUSTERS: usize = 32;
+/// Nodes (agents) per cluster: each node is an agent with its own cgroup, pins and metrics
+/// port on the cluster's loopback.
+pub const MAX_NODES: usize = 8;
+/// Port of node 1's agent metrics on its cluster's loopback; node k listens on + k - 1.
+pub const AGENT_METRICS_PORT: u16 = 9464;
 
 /// Default regions of c1, c2, c3, … (cycled past the end).
 pub const DEFAULT_REGIONS: [&str; 8] = [
@@ -106,6 +111,23 @@ pub fn parse_cluster_id(id: &str) -> Option<usize> {
 
 pub fn cluster_id(index: usize) -> String {
     format!("c{index}")
+}
+
+/// Node `k` (1-based) of cluster `id`: `c1-n2`. The node's cgroup and pin directory are
+/// named by [`node_dir`] under its cluster's.
+pub fn node_name(cluster: &str, k: usize) -> String {
+    format!("{cluster}-n{k}")
+}
+
+/// The directory of node `k` under its cluster's cgroup and pin directory: `n2`.
+pub fn node_dir(k: usize) -> String {
+    format!("n{k}")
+}
+
+/// Where node `k`'s agent serves its metrics (on its cluster's loopback).
+pub fn agent_metrics_addr(k: usize) -> std::net::SocketAddr {
+    let port = AGENT_METRICS_PORT + u16::try_from(k.saturating_sub(1)).unwrap_or(0);
+    std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 pub fn cluster_addr(index: usize) -> Ipv4Addr {

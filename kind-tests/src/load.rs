@@ -29,6 +29,9 @@ pub struct LoadOptions {
     pub timeout: Duration,
     /// Draw a live progress line on stdout.
     pub progress: bool,
+    /// Open at most this many connections per second (paced: connection i starts no
+    /// earlier than i / rate s after the first); None: as fast as `concurrency` allows.
+    pub rate: Option<f64>,
 }
 
 impl LoadOptions {
@@ -42,6 +45,11 @@ impl LoadOptions {
         if self.timeout.is_zero() {
             return Err(LabError::invalid("timeout", "must be > 0"));
         }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0 && r <= 100_000.0) {
+                return Err(LabError::invalid("rate", format!("{r}: want (0, 100000]")));
+            }
+        }
         Ok(())
     }
 }
@@ -50,6 +58,9 @@ impl LoadOptions {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub from: Option<String>,
+    /// The node of `from` whose cgroup the connections came from.
+    #[serde(default)]
+    pub node: Option<String>,
     pub service: Option<String>,
     pub target: String,
     pub connections: usize,
@@ -189,7 +200,15 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
         let next = next.clone();
         let acc = acc.clone();
         workers.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < opts.connections {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= opts.connections {
+                    break;
+                }
+                if let Some(rate) = opts.rate {
+                    let at = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let outcome = one(&opts).await;
                 let Ok(mut a) = acc.lock() else { return };
                 match outcome {
@@ -239,6 +258,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
     Ok(LoadReport {
         p50_connect_ms,
         from: None,
+        node: None,
         service: None,
         target: opts.target.to_string(),
         connections: opts.connections,
@@ -352,6 +372,7 @@ mod tests {
             concurrency: 8,
             timeout: Duration::from_secs(2),
             progress: false,
+            rate: None,
         })
         .await
         .unwrap();
@@ -374,6 +395,7 @@ mod tests {
             concurrency: 2,
             timeout: Duration::from_secs(1),
             progress: false,
+            rate: None,
         })
         .await
         .unwrap();
@@ -392,6 +414,7 @@ mod tests {
             concurrency: 1,
             timeout: Duration::from_secs(1),
             progress: false,
+            rate: None,
         };
         assert!(o
             .validate()
@@ -405,5 +428,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("concurrency"));
+        o.concurrency = 1;
+        o.rate = Some(0.0);
+        assert!(o.validate().unwrap_err().to_string().contains("rate"));
+        o.rate = Some(20.0);
+        assert!(o.validate().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_paced_load_keeps_its_rate() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move { crate::echo::serve_on(l, "c9").await });
+        // 20 connections at 40/s: the last starts 19/40 s = 0.475 s after the first.
+        let r = run(LoadOptions {
+            target: addr,
+            host: "demo/echo".into(),
+            connections: 20,
+            concurrency: 8,
+            timeout: Duration::from_secs(2),
+            progress: false,
+            rate: Some(40.0),
+        })
+        .await
+        .unwrap();
+        srv.abort();
+        assert_eq!(r.ok, 20);
+        assert!(
+            (0.45..1.5).contains(&r.elapsed_s),
+            "20 connections at 40/s took {} s",
+            r.elapsed_s
+        );
     }
 }

@@ -50,6 +50,10 @@ enum Cmd {
         /// Regions of c1..cN, comma-separated (default us-east-1,us-west-2,eu-west-1,...).
         #[arg(long, env = "BALLAST_LAB_REGIONS", value_delimiter = ',')]
         regions: Vec<String>,
+        /// Nodes per cluster, 1..=8: one agent each, with its own cgroup (the node's pods),
+        /// pins and metrics port (default: as the lab is up, else 1; changing it needs `down`).
+        #[arg(long, env = "BALLAST_LAB_NODES")]
+        nodes: Option<usize>,
         /// Network, backends and load only: no broker, no agents.
         #[arg(long, env = "BALLAST_LAB_NO_CONTROL_PLANE")]
         no_control_plane: bool,
@@ -77,9 +81,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command inside a cluster's cgroup and network namespace.
+    /// Run a command inside a cluster's network namespace, in one node's cgroup (steered by
+    /// that node's agent).
     Exec {
         cluster: String,
+        /// The node (`c1-n2`, `n2` or `2`; default the first).
+        #[arg(long)]
+        node: Option<String>,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -106,10 +114,15 @@ enum Cmd {
         #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 30)]
         wait_secs: u64,
     },
-    /// Open connections to a service from inside a cluster and show where they landed.
+    /// Open connections to a service from inside a cluster (one node's cgroup) and show
+    /// where they landed.
     Load {
         #[arg(long)]
         from: String,
+        /// The node of --from whose cgroup the client runs in (`c1-n2`, `n2` or `2`; default
+        /// the first): that node's agent steers it.
+        #[arg(long)]
+        node: Option<String>,
         #[arg(long)]
         service: String,
         #[arg(long, default_value_t = 200)]
@@ -119,6 +132,9 @@ enum Cmd {
         /// Per-connection timeout in ms.
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// Pace the connections: at most this many per second (default: unpaced).
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long)]
         json: bool,
         /// Connect here instead of the service VIP (tests, no steering needed).
@@ -129,6 +145,9 @@ enum Cmd {
     Ping {
         #[arg(long)]
         from: String,
+        /// The node of --from to ping from (default the first).
+        #[arg(long)]
+        node: Option<String>,
         target: std::net::IpAddr,
         #[arg(long, default_value_t = 5)]
         count: u32,
@@ -154,6 +173,9 @@ enum Cmd {
     Compare {
         #[arg(long, default_value = "c1")]
         from: String,
+        /// The node of --from whose cgroup the loads run in (default the first).
+        #[arg(long)]
+        node: Option<String>,
         #[arg(long, default_value = "demo/echo")]
         service: String,
         #[arg(
@@ -165,6 +187,31 @@ enum Cmd {
         policies: Vec<Policy>,
         #[arg(long, default_value_t = 400)]
         connections: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Capacity per (service, cluster): the declaration (per pod), ready pods, nodes, and the
+    /// broker's figure in its last solve, which must be per-pod x ready pods whatever the
+    /// number of nodes. With --cluster/--service and --per-pod or --none: change or withdraw
+    /// one cluster's declaration (its topology file) and wait for the broker to solve with it.
+    #[command(group(clap::ArgGroup::new("declaration").args(["per_pod", "none"])))]
+    Capacity {
+        #[arg(long, requires = "service", requires = "declaration")]
+        cluster: Option<String>,
+        #[arg(long, requires = "cluster")]
+        service: Option<String>,
+        /// Declared capacity per pod (RPS).
+        #[arg(long)]
+        per_pod: Option<f64>,
+        /// Declare none: the cluster withdraws its capacity for the service.
+        #[arg(long)]
+        none: bool,
+        /// Exit non-zero unless every broker figure is per-pod x ready pods (waiting up to
+        /// --wait-secs for it).
+        #[arg(long, conflicts_with = "cluster")]
+        check: bool,
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 30)]
+        wait_secs: u64,
         #[arg(long)]
         json: bool,
     },
@@ -213,6 +260,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Up {
             clusters,
             regions,
+            nodes,
             no_control_plane,
             policy,
             wait_secs,
@@ -223,6 +271,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 regions,
                 control_plane: !no_control_plane,
                 policy,
+                nodes,
             })?;
             // `up` returns once every agent has installed weights; when they do not within
             // --wait-secs, the table is still printed (it shows who is missing) and `up` fails.
@@ -275,8 +324,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 print!("{}", lab::render_up(&state, &status));
             }
         }
-        Cmd::Exec { cluster, cmd } => {
-            let placement = lab.placement(&cluster)?;
+        Cmd::Exec { cluster, node, cmd } => {
+            let placement = lab.placement(&cluster, node.as_deref())?;
             placement.enter_current()?;
             let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
             bail!("running {}: {err}", cmd[0]);
@@ -316,10 +365,12 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Load {
             from,
+            node,
             service,
             connections,
             concurrency,
             timeout_ms,
+            rate,
             json,
             target,
         } => {
@@ -329,7 +380,9 @@ fn real_main(cli: Cli) -> Result<()> {
             let target = target.unwrap_or(SocketAddr::from((svc.vip, svc.port)));
             let weights = lab.weights(&service, &from);
             // Enter the cluster before any thread exists: the runtime's threads inherit it.
-            lab.placement(&from)?.enter_current()?;
+            let placement = lab.placement(&from, node.as_deref())?;
+            let node_name = state.cluster(&from)?.node(node.as_deref())?.name.clone();
+            placement.enter_current()?;
             let opts = LoadOptions {
                 target,
                 host: service.clone(),
@@ -337,10 +390,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 concurrency,
                 timeout: Duration::from_millis(timeout_ms),
                 progress: !json && std::io::stdout().is_terminal(),
+                rate,
             };
             let mut report = runtime(true)?.block_on(load::run(opts))?;
             report.weights_end = lab.weights(&service, &from);
             report.from = Some(from);
+            report.node = Some(node_name);
             report.service = Some(service);
             report.weights = weights;
             if json {
@@ -351,13 +406,14 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Ping {
             from,
+            node,
             target,
             count,
             interval_ms,
             json,
         } => {
             init_tracing("warn");
-            lab.placement(&from)?.enter_current()?;
+            lab.placement(&from, node.as_deref())?.enter_current()?;
             let r = runtime(false)?.block_on(ballast_lab::probe::ping(
                 target,
                 count,
@@ -397,13 +453,21 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Compare {
             from,
+            node,
             service,
             policies,
             connections,
             json,
         } => {
             init_tracing("warn");
-            let rows = compare(&lab, &from, &service, &policies, connections)?;
+            let rows = compare(
+                &lab,
+                &from,
+                node.as_deref(),
+                &service,
+                &policies,
+                connections,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -427,6 +491,41 @@ fn real_main(cli: Cli) -> Result<()> {
                          `up --regions` to see the price matter)"
                     );
                 }
+            }
+        }
+        Cmd::Capacity {
+            cluster,
+            service,
+            per_pod,
+            none: _,
+            check,
+            wait_secs,
+            json,
+        } => {
+            init_tracing("warn");
+            let wait = Duration::from_secs(wait_secs);
+            let rows = match (cluster, service) {
+                (Some(cluster), Some(service)) => {
+                    // clap: --cluster needs --service and one of --per-pod / --none
+                    let (row, took) = lab.set_capacity(&cluster, &service, per_pod, wait)?;
+                    if !json {
+                        println!(
+                            "{service} in {cluster}: {} per pod; the broker solves with {} ({:.1} s)",
+                            per_pod.map_or("none declared".to_string(), |x| format!("{x}")),
+                            row.broker
+                                .map_or("no capacity there".to_string(), |x| format!("{x:.0} RPS")),
+                            took.as_secs_f64()
+                        );
+                    }
+                    vec![row]
+                }
+                _ if check => lab.wait_capacity(wait)?,
+                _ => lab.capacity()?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", lab::render_capacity(&rows));
             }
         }
         Cmd::WanForwarder => {
@@ -470,6 +569,7 @@ struct CompareRow {
 fn compare(
     lab: &Lab,
     from: &str,
+    node: Option<&str>,
     service: &str,
     policies: &[Policy],
     connections: usize,
@@ -490,6 +590,7 @@ fn compare(
             .args(["--prefix", &lab.naming.prefix, "--state-dir"])
             .arg(&lab.state_dir)
             .args(["load", "--from", from, "--service", service, "--json"])
+            .args(node.map(|n| ["--node", n]).into_iter().flatten())
             .args(["--connections", &connections.to_string()])
             .output()
             .context("running ballast-lab load")?;

@@ -371,7 +371,7 @@ fn root_agent_e2e_broker_killed_steering_continues_then_agents_catch_up() {
     // The broker comes back (`up` restarts what is missing; the agents stay).
     let agents: Vec<(i32, Option<u64>)> = ["c1", "c2", "c3"]
         .iter()
-        .map(|c| lab.process(&format!("agent {c}")))
+        .map(|c| lab.process(&format!("agent {c}-n1")))
         .collect();
     lab.ok(&["up", "--clusters", "3", "--wait-secs", "60"]);
     for (pid, st) in &agents {

@@ -73,11 +73,19 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     let r = routes(&format!("{}-c1", lab.prefix));
     assert!(r.contains("10.77.0.0/16 via 10.77.1.1"), "{r}");
 
-    // exec runs inside the cluster's cgroup and netns.
+    // exec runs inside the cluster's netns, in its (first) node's cgroup.
     let cg = lab.ok(&["exec", "c1", "--", "cat", "/proc/self/cgroup"]);
     assert!(
-        cg.trim_end().ends_with(&format!("/{}-lab/c1", lab.prefix)),
+        cg.trim_end()
+            .ends_with(&format!("/{}-lab/c1/n1", lab.prefix)),
         "{cg}"
+    );
+    let e = lab.run(&["exec", "c1", "--node", "n2", "--", "true"]);
+    assert!(!e.status.success(), "a node the lab does not have");
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("c1-n1"),
+        "the error names the nodes: {}",
+        String::from_utf8_lossy(&e.stderr)
     );
     let addrs = lab.ok(&[
         "exec", "c2", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
@@ -143,6 +151,7 @@ fn root_lab_two_clusters_wan_delay_exec_backends_down() {
     assert_eq!(st["clusters"][0]["id"], "c1");
     assert_eq!(st["clusters"][0]["netns"], format!("{}-c1", lab.prefix));
     assert_eq!(st["clusters"][1]["gateway"], "10.77.2.2");
+    assert_eq!(st["clusters"][1]["nodes"], serde_json::json!(["c2-n1"]));
     assert_eq!(st["services"][0]["name"], "demo/echo");
     assert_eq!(st["services"][0]["port"], 80);
     assert_eq!(st["services"][0]["backends"]["c2"], 2);

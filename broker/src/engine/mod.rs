@@ -138,6 +138,10 @@ pub struct Engine {
     /// refresh from an older read can never replace a newer one.
     peers_refresh: tokio::sync::Mutex<()>,
     loop_health: std::sync::Mutex<LoopHealth>,
+    /// Service -> serving cluster -> capacity (RPS), as planned by the last round
+    /// ([`Engine::solved_capacity`]); kept apart from the round lock so reading it never
+    /// waits for a round.
+    solved_capacity: RwLock<Arc<SolvedCapacity>>,
 }
 
 /// What the solve loop ([`Engine::run`]) last did, for `/ready`.
@@ -149,6 +153,27 @@ pub struct LoopHealth {
     pub last_round_ok_ms: Option<i64>,
     /// The error of its last round, when that round failed.
     pub last_error: Option<String>,
+}
+
+/// Service -> serving cluster -> the capacity (RPS) a round solved with.
+pub type SolvedCapacity = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The capacities `inputs` plan with, per service.
+fn capacities(inputs: &Inputs) -> SolvedCapacity {
+    inputs
+        .services
+        .iter()
+        .map(|(svc, plan)| {
+            let caps = plan
+                .problem
+                .services
+                .iter()
+                .flat_map(|s| s.capacity_rps.iter())
+                .map(|(c, v)| (c.clone(), *v))
+                .collect();
+            (svc.clone(), caps)
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Engine {
@@ -249,6 +274,7 @@ impl Engine {
             peers,
             peers_refresh: tokio::sync::Mutex::new(()),
             loop_health: std::sync::Mutex::new(LoopHealth::default()),
+            solved_capacity: RwLock::new(Arc::default()),
         })
     }
 
@@ -549,6 +575,9 @@ impl Engine {
             warn!(error = %e, "refreshing the peer set failed; retried next round");
         }
         let current = self.current();
+        if let Ok(mut solved) = self.solved_capacity.write() {
+            *solved = Arc::new(capacities(&inputs));
+        }
         self.metrics.clusters.set(gauge(inputs.clusters));
         self.metrics
             .expired_clusters
@@ -634,6 +663,17 @@ impl Engine {
                 warn!(error = %e, "pruning old generations failed; retried after the next publish");
             }
         }
+    }
+
+    /// The capacity per serving cluster of `service` as the last round planned it (empty
+    /// before any round planned the service).
+    #[must_use]
+    pub fn solved_capacity(&self, service: &str) -> BTreeMap<String, f64> {
+        self.solved_capacity
+            .read()
+            .ok()
+            .and_then(|m| m.get(service).cloned())
+            .unwrap_or_default()
     }
 
     /// Explains a service's weights for one source, with the inputs as of now.

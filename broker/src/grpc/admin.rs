@@ -192,6 +192,7 @@ impl Admin for AdminService {
             })
             .collect();
         destinations.sort_by(|a, b| a.cluster_id.cmp(&b.cluster_id));
+        let solved_capacity = self.engine.solved_capacity(&m.service);
         Ok(Response::new(ExplainResponse {
             service: m.service,
             source_cluster_id: m.source_cluster_id,
@@ -207,6 +208,7 @@ impl Admin for AdminService {
                 .into(),
             reason: entry.map(|e| e.reason.clone()).unwrap_or_default(),
             generation: p.generation,
+            solved_capacity_rps: solved_capacity.into_iter().collect(),
         }))
     }
 }

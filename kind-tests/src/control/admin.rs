@@ -23,10 +23,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use ballast_proto::v1::{
-    admin_client::AdminClient, GetWeightsRequest, GetWeightsResponse, ListClustersRequest,
-    ListClustersResponse, LoadBalancing, OptimizedParams, SetPolicyRequest,
+    admin_client::AdminClient, ExplainRequest, GetWeightsRequest, GetWeightsResponse,
+    ListClustersRequest, ListClustersResponse, LoadBalancing, OptimizedParams, SetPolicyRequest,
 };
-use ballast_types::{Params, Policy};
+use ballast_types::{Params, Policy, WeightsStatus};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -45,6 +45,61 @@ pub struct BrokerView {
     pub acked: BTreeMap<String, u64>,
     /// service -> source -> the policy its weights were computed with (absent: not stated)
     pub policy: BTreeMap<String, BTreeMap<String, Policy>>,
+    /// service -> source -> the status of its weights (absent: not stated)
+    #[serde(default)]
+    pub status: BTreeMap<String, BTreeMap<String, WeightsStatus>>,
+    /// cluster -> its agents' node names, as registered with the broker
+    #[serde(default)]
+    pub nodes: BTreeMap<String, Vec<String>>,
+}
+
+/// What the broker solves each service with (its Admin `Explain`): the figures it takes for
+/// the facts of several nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SolveView {
+    /// service -> serving cluster -> capacity (RPS) in the broker's last solve: one figure
+    /// per cluster, not a sum over its nodes.
+    pub capacity: BTreeMap<String, BTreeMap<String, f64>>,
+    /// service -> source cluster -> demand (RPS): the source's RPS summed over its nodes
+    /// and destinations (the broker's small default while the source sends nothing).
+    pub demand: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// Asks the broker, for every (service, source) it publishes weights for (only `service`'s
+/// when given), what it solves with: one connection, `GetWeights` then one `Explain` per
+/// pair. A pair the broker no longer plans (`NOT_FOUND` between the two calls) is left out.
+pub fn solve_view(cp: &ControlPlane, wan_netns: &str, service: Option<&str>) -> Result<SolveView> {
+    let filter = service.unwrap_or_default().to_string();
+    call(cp, wan_netns, "GetWeights, Explain", |mut c| async move {
+        let w = c
+            .get_weights(GetWeightsRequest {
+                service: filter,
+                source_cluster_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        let mut v = SolveView::default();
+        for row in w.weights {
+            let req = ExplainRequest {
+                service: row.service.clone(),
+                source_cluster_id: row.source_cluster_id.clone(),
+            };
+            let ex = match c.explain(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => continue,
+                Err(s) => return Err(s),
+            };
+            v.capacity.insert(
+                ex.service.clone(),
+                ex.solved_capacity_rps.into_iter().collect(),
+            );
+            v.demand
+                .entry(ex.service)
+                .or_default()
+                .insert(ex.source_cluster_id, ex.demand_rps);
+        }
+        Ok(v)
+    })
 }
 
 /// Reads the broker's weights and the clusters' acknowledged generations (one connection,
@@ -102,12 +157,26 @@ fn view(w: GetWeightsResponse, c: ListClustersResponse) -> BrokerView {
             Ok(None) => {}
             Err(e) => tracing::warn!(service = %row.service, "broker weights: {e}"),
         }
+        match ballast_proto::convert::status("WeightsUpdate.status", row.status) {
+            Ok(Some(st)) => {
+                v.status
+                    .entry(row.service.clone())
+                    .or_default()
+                    .insert(row.source_cluster_id.clone(), st);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(service = %row.service, "broker weights: {e}"),
+        }
         v.weights
             .entry(row.service)
             .or_default()
             .insert(row.source_cluster_id, row.weights.into_iter().collect());
     }
     for c in c.clusters {
+        v.nodes.insert(
+            c.cluster_id.clone(),
+            c.nodes.iter().map(|n| n.node_name.clone()).collect(),
+        );
         if let Some(min) = c.nodes.iter().map(|n| n.acked_generation).min() {
             if min > 0 {
                 v.acked.insert(c.cluster_id, min);
@@ -193,11 +262,13 @@ mod tests {
                 source_cluster_id: "c1".into(),
                 weights: [("c2".to_string(), 0.6), ("c3".to_string(), 0.4)].into(),
                 policy: LoadBalancing::Optimized.into(),
+                status: ballast_proto::v1::WeightsStatus::Stale.into(),
                 ..Default::default()
             }],
         };
         let node = |acked| NodeInfo {
             acked_generation: acked,
+            node_name: format!("n{acked}"),
             ..Default::default()
         };
         let c = ListClustersResponse {
@@ -220,6 +291,8 @@ mod tests {
         assert_eq!(v.weights["demo/echo"]["c1"]["c2"], 0.6);
         assert_eq!(v.policy["demo/echo"]["c1"], Policy::Optimized);
         assert_eq!(v.acked.get("c1"), Some(&6));
+        assert_eq!(v.status["demo/echo"]["c1"], WeightsStatus::Stale);
+        assert_eq!(v.nodes["c1"], ["n7", "n6"]);
         assert_eq!(v.acked.get("c2"), None, "never acknowledged");
     }
 

@@ -1,7 +1,9 @@
 //! The lab's control plane: mTLS certificates (`ballast-broker certs`), the broker (SQLite,
-//! in the wan namespace on 10.77.0.1) and one `ballast-agent` per cluster: their command
-//! lines and where their files are (this file); the agents' topology files (`topology`);
-//! the broker's Admin API over gRPC (`admin`); waiting on the weights it publishes (`wait`).
+//! in the wan namespace on 10.77.0.1) and one `ballast-agent` per node of every cluster (as a
+//! DaemonSet runs them: same cluster identity and topology file, each with its node name,
+//! its node's cgroup, pins and metrics port): their command lines and where their files are
+//! (this file); the agents' topology files (`topology`); the broker's Admin API over gRPC
+//! (`admin`); waiting on the weights it publishes (`wait`).
 //!
 //! Decision: the lab starts the real binaries (`ballast-broker serve`, `ballast-agent`) as
 //! daemons, as an operator would, and talks to the broker only through its public Admin
@@ -23,17 +25,17 @@ use crate::error::Result;
 use crate::lab::LabState;
 use crate::sys;
 
-pub use admin::{broker_view, set_policy, BrokerView};
+pub use admin::{broker_view, set_policy, solve_view, BrokerView, SolveView};
 pub use topology::{topology_path, topology_yaml, write_topologies};
 pub use wait::{fmt_weights, settle, wait_installed, wait_policy};
 
 pub const BROKER_PORT: u16 = 7443;
 pub const BROKER_METRICS_PORT: u16 = 9464;
-/// The agent's /metrics, on each cluster's own loopback.
+/// The first node's agent /metrics, on each cluster's own loopback (node k: port + k - 1,
+/// [`crate::config::agent_metrics_addr`]).
 pub const AGENT_METRICS: &str = "127.0.0.1:9464";
-/// Capacity declared per backend of the demo service (requests per second): well above
-/// what the load generator sends, so the split follows RTT and price rather than capacity.
-pub const CAPACITY_RPS_PER_POD: f64 = 2000.0;
+/// Capacity declared per pod of the demo service unless `ballast-lab capacity` changed it.
+pub const CAPACITY_RPS_PER_POD: f64 = crate::lab::DEFAULT_PER_POD_CAPACITY;
 
 /// Where the control plane's pieces are, kept in the lab state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,17 +151,19 @@ pub fn broker_args(cp: &ControlPlane, policy: Policy) -> Vec<String> {
     args
 }
 
-/// One agent's command line (it runs in the cluster's netns; BPF on the cluster's cgroup).
+/// The command line of node `node`'s agent (it runs in the cluster's netns; BPF on the
+/// node's cgroup, pins in the node's directory, metrics on the node's port).
 pub fn agent_args(
     cp: &ControlPlane,
     state_dir: &Path,
     c: &crate::lab::ClusterState,
+    node: &crate::lab::NodeState,
 ) -> Vec<String> {
     let mut args: Vec<String> = [
         "--cluster-id",
         &c.id,
         "--node-name",
-        &format!("{}-node", c.id),
+        &node.name,
         "--broker",
         &cp.broker_url,
     ]
@@ -176,11 +180,11 @@ pub fn agent_args(
             "--topology-poll-interval",
             "500ms",
             "--cgroup",
-            &c.cgroup.display().to_string(),
+            &node.cgroup.display().to_string(),
             "--pin-dir",
-            &c.bpf_dir.display().to_string(),
+            &node.bpf_dir.display().to_string(),
             "--metrics-addr",
-            AGENT_METRICS,
+            &node.metrics_addr.to_string(),
             "--probe-interval",
             "1s",
             "--report-interval",
@@ -238,17 +242,30 @@ mod tests {
             address: std::net::Ipv4Addr::LOCALHOST,
             wan_address: std::net::Ipv4Addr::LOCALHOST,
             bpf_dir: "/bpf".into(),
+            nodes: Vec::new(),
         };
-        let agent = agent_args(&cp, Path::new("/s"), &c);
+        let node = crate::lab::NodeState {
+            name: "c1-n2".into(),
+            index: 2,
+            cgroup: "/cg/n2".into(),
+            bpf_dir: "/bpf/n2".into(),
+            metrics_addr: crate::config::agent_metrics_addr(2),
+        };
+        let agent = agent_args(&cp, Path::new("/s"), &c, &node);
         assert_eq!(
             agent[..6].join(" "),
             format!(
-                "--cluster-id c1 --node-name c1-node --broker {}",
+                "--cluster-id c1 --node-name c1-n2 --broker {}",
                 cp.broker_url
             )
         );
         assert_eq!(agent[6..12], tls("cluster-c1")[..]);
         assert_eq!(agent[12], "--discovery");
         assert_eq!(agent.len(), 12 + 16);
+        let rest = agent[16..].join(" ");
+        assert!(
+            rest.contains("--cgroup /cg/n2 --pin-dir /bpf/n2 --metrics-addr 127.0.0.1:9465"),
+            "{rest}"
+        );
     }
 }

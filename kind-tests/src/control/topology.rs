@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::CAPACITY_RPS_PER_POD;
 use crate::error::{LabError, Result};
 use crate::lab::LabState;
 use crate::sys;
@@ -33,7 +32,9 @@ struct TopoService {
     name: String,
     vips: Vec<Ipv4Addr>,
     ports: Vec<TopoPort>,
-    capacity_rps_per_pod: f64,
+    /// The local cluster's declaration; absent: none declared (capacity withdrawn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity_rps_per_pod: Option<f64>,
     endpoints: Vec<TopoEndpoint>,
 }
 
@@ -53,7 +54,8 @@ struct TopoEndpoint {
 }
 
 /// The topology file of cluster `local`: every cluster, every service, every backend
-/// with its readiness.
+/// with its readiness, and the capacity per pod `local` declares for each service. Every
+/// node of the cluster reads the same file (a cluster's declaration is a cluster fact).
 pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
     let t = Topology {
         local_cluster: local.to_string(),
@@ -79,7 +81,7 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
                     port: s.port,
                     protocol: "TCP".into(),
                 }],
-                capacity_rps_per_pod: CAPACITY_RPS_PER_POD,
+                capacity_rps_per_pod: s.per_pod_capacity(local),
                 endpoints: s
                     .backends
                     .iter()
@@ -95,7 +97,7 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
     };
     let body = serde_yaml::to_string(&t).map_err(|e| LabError::Other(e.to_string()))?;
     Ok(format!(
-        "# written by ballast-lab for cluster {local}; rewritten on `backends stop|start`\n{body}"
+        "# written by ballast-lab for cluster {local}; rewritten on `backends stop|start` and `capacity`\n{body}"
     ))
 }
 
@@ -113,4 +115,25 @@ pub fn write_topologies(state_dir: &Path, state: &LabState) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_without_a_declaration_states_no_capacity() {
+        let mut s = crate::lab::state_tests::lab_state(3, 2);
+        s.services[0].per_pod_capacity.insert("c3".into(), None);
+        s.services[0]
+            .per_pod_capacity
+            .insert("c2".into(), Some(50.0));
+        let c2 = topology_yaml(&s, "c2").unwrap();
+        assert!(c2.contains("capacity_rps_per_pod: 50"), "{c2}");
+        let c3 = topology_yaml(&s, "c3").unwrap();
+        assert!(!c3.contains("capacity_rps_per_pod"), "{c3}");
+        let c1 = topology_yaml(&s, "c1").unwrap();
+        assert!(c1.contains("capacity_rps_per_pod: 2000"), "{c1}");
+    }
 }

@@ -121,7 +121,7 @@ impl Lab {
         Ok((n, note))
     }
 
-    /// Waits until no cluster's data plane (read from its pinned maps) sends new connections
+    /// Waits until no node's data plane (read from its pinned maps) sends new connections
     /// of `service` to a backend of `cluster`; `Some(note)` when that did not happen in time.
     fn wait_drained(
         &self,
@@ -139,18 +139,21 @@ impl Lab {
             .filter(|b| b.cluster == cluster)
             .map(|b| b.addr)
             .collect();
+        // Every node's data plane (each agent pins its own maps).
         let steers_to_them = |c: &ClusterState| -> bool {
-            let Ok(dp) = ballast_bpf::Dataplane::open(&c.bpf_dir) else {
-                return true;
-            };
-            match dp.service(service) {
-                Ok(s) => s
-                    .spec
-                    .backends
-                    .iter()
-                    .any(|b| addrs.contains(&b.addr) && b.healthy && b.weight > 0),
-                Err(_) => false,
-            }
+            c.nodes.iter().any(|n| {
+                let Ok(dp) = ballast_bpf::Dataplane::open(&n.bpf_dir) else {
+                    return true;
+                };
+                match dp.service(service) {
+                    Ok(s) => s
+                        .spec
+                        .backends
+                        .iter()
+                        .any(|b| addrs.contains(&b.addr) && b.healthy && b.weight > 0),
+                    Err(_) => false,
+                }
+            })
         };
         let deadline = Instant::now() + timeout;
         loop {

@@ -3,7 +3,7 @@
 //! so every command works from a new process; `down` also works without it.
 //!
 //! - `state`: what is kept between commands
-//! - `up`, `down`, `backends`, `status`: one command (or group) each
+//! - `up`, `down`, `backends`, `capacity`, `status`: one command (or group) each
 //! - this file: the [`Lab`] handle, its state file and lock, the link delays, and the
 //!   control-plane calls the commands share
 //!
@@ -11,6 +11,7 @@
 //! the state after each step of `up`, so a failure leaves `down` everything it needs.
 
 mod backends;
+mod capacity;
 mod down;
 mod state;
 mod status;
@@ -31,12 +32,16 @@ use crate::wan::{self, LinkTable};
 
 /// Kept here for the tests and callers that knew it as `lab::in_netns`.
 pub use crate::sys::in_netns;
+pub use capacity::{capacity_rows, render_capacity, CapacityRow};
 pub use down::DownReport;
+#[cfg(test)]
+pub(crate) use state::tests as state_tests;
 pub use state::{
-    BackendState, ClusterState, LabState, ServiceState, UpOptions, BACKEND_PORTS, DEMO_PORT,
-    DEMO_SERVICE, DEMO_VIP, STATE_FILE,
+    BackendState, ClusterState, LabState, NodeState, ServiceState, UpOptions, BACKEND_PORTS,
+    DEFAULT_PER_POD_CAPACITY, DEMO_PORT, DEMO_SERVICE, DEMO_VIP, STATE_FILE,
 };
 pub use status::{render_up, Status, StatusCluster, StatusService};
+pub use up::agent_role;
 
 pub struct Lab {
     pub naming: Naming,
@@ -100,11 +105,13 @@ impl Lab {
         self.state_dir.join("logs").join(format!("{name}.log"))
     }
 
-    /// Where commands of cluster `id` run (its cgroup and netns).
-    pub fn placement(&self, id: &str) -> Result<Placement> {
+    /// Where commands of cluster `id` run: the cgroup of its node `node` (the first node
+    /// when None), steered by that node's agent, and the cluster's netns.
+    pub fn placement(&self, id: &str, node: Option<&str>) -> Result<Placement> {
         let s = self.load_state()?;
         let c = s.cluster(id)?;
-        Ok(Placement::cluster(&c.cgroup, &c.netns))
+        let n = c.node(node)?;
+        Ok(Placement::cluster(&n.cgroup, &c.netns))
     }
 
     /// The broker's view (weights, acknowledged generations), when a control plane runs.

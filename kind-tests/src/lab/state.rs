@@ -4,6 +4,7 @@
 //! Decision: the state is the only memory between commands (each command is a new process);
 //! `down` does not need it (it also works from the names), every other command does.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
@@ -33,8 +34,59 @@ pub struct ClusterState {
     pub address: Ipv4Addr,
     /// The wan side of its link (its next hop).
     pub wan_address: Ipv4Addr,
-    /// Where its agent pins BPF maps.
+    /// Under which its nodes' agents pin BPF maps (one directory per node).
     pub bpf_dir: PathBuf,
+    /// Its nodes: one agent each, with its own cgroup (the node's "pods") under the
+    /// cluster's, its own pins and metrics port. A state written before nodes existed has
+    /// none here; `up` fills them in.
+    #[serde(default)]
+    pub nodes: Vec<NodeState>,
+}
+
+/// One node of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// `c1-n2`: the agent's `--node-name`, how the broker tells the cluster's agents apart.
+    pub name: String,
+    /// 1-based.
+    pub index: usize,
+    /// The node's cgroup (under the cluster's): clients run here, its agent attaches here.
+    pub cgroup: PathBuf,
+    /// Where its agent pins the BPF maps and links.
+    pub bpf_dir: PathBuf,
+    /// Its agent's /metrics, /live, /ready (on the cluster's loopback).
+    pub metrics_addr: SocketAddr,
+}
+
+impl ClusterState {
+    /// A node by name (`c1-n2`), short name (`n2`) or number (`2`); the first node when
+    /// `name` is None.
+    pub fn node(&self, name: Option<&str>) -> Result<&NodeState> {
+        let found = match name {
+            None => self.nodes.first(),
+            Some(n) => self.nodes.iter().find(|node| {
+                node.name == n
+                    || crate::config::node_dir(node.index) == n
+                    || node.index.to_string() == n
+            }),
+        };
+        found.ok_or_else(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            LabError::invalid(
+                "node",
+                format!(
+                    "{:?} is not a node of {} ({})",
+                    name.unwrap_or("(first)"),
+                    self.id,
+                    if names.is_empty() {
+                        "it has none; run `ballast-lab up`".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +117,38 @@ pub struct ServiceState {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub backends: Vec<BackendState>,
+    /// Capacity (RPS) per pod each cluster declares for the service in its topology file;
+    /// `None`: the cluster declares none (withdrawn with `ballast-lab capacity --none`). A
+    /// cluster not listed declares [`DEFAULT_PER_POD_CAPACITY`].
+    #[serde(default)]
+    pub per_pod_capacity: BTreeMap<String, Option<f64>>,
+}
+
+/// Capacity declared per pod of the demo service (requests per second): well above what the
+/// load generator sends, so the split follows RTT and price rather than capacity.
+pub const DEFAULT_PER_POD_CAPACITY: f64 = 2000.0;
+
+impl ServiceState {
+    /// The per-pod capacity cluster `cluster` declares (None: none declared).
+    pub fn per_pod_capacity(&self, cluster: &str) -> Option<f64> {
+        self.per_pod_capacity
+            .get(cluster)
+            .copied()
+            .unwrap_or(Some(DEFAULT_PER_POD_CAPACITY))
+    }
+
+    /// Ready pods of the service in `cluster` as an agent counts them: distinct addresses of
+    /// its ready endpoints (the lab's two backends per cluster share the cluster's address,
+    /// so they are one pod).
+    pub fn ready_pods(&self, cluster: &str) -> usize {
+        let ips: std::collections::BTreeSet<std::net::IpAddr> = self
+            .backends
+            .iter()
+            .filter(|b| b.cluster == cluster && b.ready)
+            .map(|b| b.addr.ip())
+            .collect();
+        ips.len()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,9 +206,103 @@ impl LabState {
 pub struct UpOptions {
     pub clusters: usize,
     pub regions: Vec<String>,
-    /// Start the broker and one agent per cluster (needs `ballast-broker` and
+    /// Start the broker and one agent per node of every cluster (needs `ballast-broker` and
     /// `ballast-agent`); without it the lab is network, backends and load only.
     pub control_plane: bool,
     /// The broker's policy at start.
     pub policy: Policy,
+    /// Nodes (agents) per cluster; None: as the lab is (1 for a new lab).
+    pub nodes: Option<usize>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A lab state of `clusters` clusters with `nodes` nodes each and the demo service
+    /// served by c2.. (two backends on each cluster's address), without processes.
+    pub(crate) fn lab_state(clusters: usize, nodes: usize) -> LabState {
+        let clusters: Vec<ClusterState> = (1..=clusters)
+            .map(|i| {
+                let id = crate::config::cluster_id(i);
+                ClusterState {
+                    index: i,
+                    region: "us-east-1".into(),
+                    provider: "aws".into(),
+                    netns: format!("t-{id}"),
+                    cgroup: format!("/cg/{id}").into(),
+                    address: crate::config::cluster_addr(i),
+                    wan_address: crate::config::wan_side_addr(i),
+                    bpf_dir: format!("/bpf/{id}").into(),
+                    nodes: (1..=nodes)
+                        .map(|k| NodeState {
+                            name: crate::config::node_name(&id, k),
+                            index: k,
+                            cgroup: format!("/cg/{id}/n{k}").into(),
+                            bpf_dir: format!("/bpf/{id}/n{k}").into(),
+                            metrics_addr: crate::config::agent_metrics_addr(k),
+                        })
+                        .collect(),
+                    id,
+                }
+            })
+            .collect();
+        let backends = clusters
+            .iter()
+            .skip(1)
+            .flat_map(|c| {
+                BACKEND_PORTS.iter().map(|&p| BackendState {
+                    cluster: c.id.clone(),
+                    addr: SocketAddr::from((c.address, p)),
+                    process: None,
+                    ready: true,
+                })
+            })
+            .collect();
+        LabState {
+            prefix: "t".into(),
+            wan_netns: "t-wan".into(),
+            cgroup_root: "/cg".into(),
+            bpf_dir: "/bpf".into(),
+            clusters,
+            services: vec![ServiceState {
+                name: DEMO_SERVICE.into(),
+                vip: DEMO_VIP,
+                port: DEMO_PORT,
+                backends,
+                per_pod_capacity: BTreeMap::new(),
+            }],
+            processes: Vec::new(),
+            control: None,
+        }
+    }
+
+    #[test]
+    fn a_node_is_found_by_name_short_name_or_number() {
+        let s = lab_state(2, 3);
+        let c = s.cluster("c1").unwrap();
+        assert_eq!(c.node(None).unwrap().name, "c1-n1");
+        for n in ["c1-n2", "n2", "2"] {
+            assert_eq!(c.node(Some(n)).unwrap().name, "c1-n2", "{n}");
+        }
+        let e = c.node(Some("n4")).unwrap_err().to_string();
+        assert!(e.contains("c1-n1, c1-n2, c1-n3"), "{e}");
+        assert!(c.node(Some("c2-n1")).is_err(), "another cluster's node");
+        assert_eq!(c.nodes[2].metrics_addr.port(), 9466);
+    }
+
+    #[test]
+    fn ready_pods_are_distinct_addresses_and_per_pod_defaults() {
+        let mut s = lab_state(3, 1);
+        let svc = &mut s.services[0];
+        // two backends on c2's one address: one pod
+        assert_eq!(svc.ready_pods("c2"), 1);
+        assert_eq!(svc.ready_pods("c1"), 0);
+        svc.backends.iter_mut().for_each(|b| b.ready = false);
+        assert_eq!(svc.ready_pods("c2"), 0);
+        assert_eq!(svc.per_pod_capacity("c3"), Some(DEFAULT_PER_POD_CAPACITY));
+        svc.per_pod_capacity.insert("c3".into(), None);
+        assert_eq!(svc.per_pod_capacity("c3"), None);
+    }
 }

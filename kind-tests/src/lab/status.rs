@@ -8,8 +8,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use ballast_types::WeightsStatus;
+
 use super::{Lab, LabState};
-use crate::control;
+use crate::control::{self, SolveView};
 use crate::error::Result;
 use crate::wan::{self, LinkTable};
 
@@ -20,7 +22,9 @@ pub struct Status {
     pub services: Vec<StatusService>,
     /// service -> source cluster -> destination cluster -> weight.
     pub weights: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>,
-    /// cluster -> generation its agent installed.
+    /// service -> source cluster -> status of its weights (`optimal`, `degraded`, `stale`).
+    pub weights_status: BTreeMap<String, BTreeMap<String, WeightsStatus>>,
+    /// cluster -> generation all its nodes' agents installed (the lowest of them).
     pub installed_generation: BTreeMap<String, u64>,
     /// The generation the broker published.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,6 +42,11 @@ pub struct StatusCluster {
     pub cgroup: PathBuf,
     pub gateway: Ipv4Addr,
     pub region: String,
+    /// Its nodes' names (one agent each), as the lab runs them.
+    pub nodes: Vec<String>,
+    /// Its agents' node names as registered with the broker (absent: the broker was not asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_nodes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +56,15 @@ pub struct StatusService {
     pub port: u16,
     /// Running backends per cluster.
     pub backends: BTreeMap<String, usize>,
+    /// Ready pods per cluster (distinct addresses of its ready backends, the agent's rule).
+    pub ready_pods: BTreeMap<String, usize>,
+    /// Capacity per pod (RPS) each cluster declares; null: none declared.
+    pub per_pod_capacity: BTreeMap<String, Option<f64>>,
+    /// The broker's capacity (RPS) per serving cluster as used in its last solve: should be
+    /// per-pod x ready pods, whatever the number of nodes.
+    pub capacity: BTreeMap<String, f64>,
+    /// The broker's demand (RPS) per source cluster: its nodes' RPS summed.
+    pub demand: BTreeMap<String, f64>,
 }
 
 impl Lab {
@@ -62,6 +80,12 @@ impl Lab {
             },
             None => (None, None),
         };
+        let solve = match (&state.control, &view) {
+            (Some(cp), Some(_)) => control::solve_view(cp, &state.wan_netns, None)
+                .map_err(|e| tracing::warn!("broker Explain: {e}"))
+                .unwrap_or_default(),
+            _ => SolveView::default(),
+        };
         Ok(Status {
             clusters: state
                 .clusters
@@ -72,6 +96,10 @@ impl Lab {
                     cgroup: c.cgroup.clone(),
                     gateway: c.address,
                     region: c.region.clone(),
+                    nodes: c.nodes.iter().map(|n| n.name.clone()).collect(),
+                    broker_nodes: view
+                        .as_ref()
+                        .map(|v| v.nodes.get(&c.id).cloned().unwrap_or_default()),
                 })
                 .collect(),
             services: state
@@ -90,10 +118,19 @@ impl Lab {
                         vip: s.vip,
                         port: s.port,
                         backends,
+                        ready_pods: state
+                            .clusters
+                            .iter()
+                            .map(|c| (c.id.clone(), s.ready_pods(&c.id)))
+                            .collect(),
+                        per_pod_capacity: super::capacity::per_pod_of(&state, &s.name),
+                        capacity: solve.capacity.get(&s.name).cloned().unwrap_or_default(),
+                        demand: solve.demand.get(&s.name).cloned().unwrap_or_default(),
                     }
                 })
                 .collect(),
             weights: view.as_ref().map(|v| v.weights.clone()).unwrap_or_default(),
+            weights_status: view.as_ref().map(|v| v.status.clone()).unwrap_or_default(),
             installed_generation: view.as_ref().map(|v| v.acked.clone()).unwrap_or_default(),
             generation: view.as_ref().map(|v| v.generation),
             links,
@@ -106,17 +143,19 @@ impl Lab {
 pub fn render_up(state: &LabState, status: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<4} {:<16} {:<12} {:<16} {}\n",
-        "id", "region", "gateway", "netns", "cgroup"
+        "{:<4} {:<16} {:<12} {:<16} {:<30} {}\n",
+        "id", "region", "gateway", "netns", "cgroup", "nodes"
     ));
     for c in &state.clusters {
+        let nodes: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
         out.push_str(&format!(
-            "{:<4} {:<16} {:<12} {:<16} {}\n",
+            "{:<4} {:<16} {:<12} {:<16} {:<30} {}\n",
             c.id,
             c.region,
             c.address.to_string(),
             c.netns,
-            c.cgroup.display()
+            c.cgroup.display().to_string(),
+            nodes.join(" ")
         ));
     }
     out.push('\n');
@@ -129,6 +168,14 @@ pub fn render_up(state: &LabState, status: &Status) -> String {
             s.port,
             b.join(" ")
         ));
+        if !s.capacity.is_empty() {
+            let caps: Vec<String> = s
+                .capacity
+                .iter()
+                .map(|(c, x)| format!("{c} {x:.0}"))
+                .collect();
+            out.push_str(&format!("  broker capacity (RPS): {}\n", caps.join("  ")));
+        }
         match status.weights.get(&s.name) {
             Some(w) if !w.is_empty() => {
                 for (src, dsts) in w {
@@ -136,7 +183,11 @@ pub fn render_up(state: &LabState, status: &Status) -> String {
                         .iter()
                         .map(|(c, x)| format!("{c} {:.1}%", 100.0 * x))
                         .collect();
-                    out.push_str(&format!("  weights from {src}: {}\n", d.join("  ")));
+                    let flag = match status.weights_status.get(&s.name).and_then(|m| m.get(src)) {
+                        Some(st) if *st != WeightsStatus::Optimal => format!("  ({st})"),
+                        _ => String::new(),
+                    };
+                    out.push_str(&format!("  weights from {src}: {}{flag}\n", d.join("  ")));
                 }
             }
             _ => out.push_str("  weights: none published yet\n"),

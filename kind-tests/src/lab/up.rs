@@ -1,6 +1,7 @@
 //! `up`: the network (through `net`), the WAN forwarder, the demo backends and the control
-//! plane (certificates, topology files, broker, one agent per cluster). Idempotent: what
-//! exists and runs is kept, so `up` after a crash completes the lab.
+//! plane (certificates, topology files, broker, one agent per node of every cluster: `--nodes
+//! N`, each node with its own cgroup under the cluster's, its own pins and metrics port).
+//! Idempotent: what exists and runs is kept, so `up` after a crash completes the lab.
 
 use std::fs;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -9,8 +10,8 @@ use std::time::Duration;
 use ballast_types::Policy;
 
 use super::{
-    cmdline, BackendState, ClusterState, Lab, LabState, ServiceState, UpOptions, BACKEND_PORTS,
-    DEMO_PORT, DEMO_SERVICE, DEMO_VIP,
+    cmdline, BackendState, ClusterState, Lab, LabState, NodeState, ServiceState, UpOptions,
+    BACKEND_PORTS, DEMO_PORT, DEMO_SERVICE, DEMO_VIP,
 };
 use crate::config::{self, RegionData};
 use crate::control::{self, ControlPlane};
@@ -33,6 +34,14 @@ impl Lab {
                 format!("{}: want 2..={}", opts.clusters, config::MAX_CLUSTERS),
             ));
         }
+        if let Some(n) = opts.nodes {
+            if !(1..=config::MAX_NODES).contains(&n) {
+                return Err(LabError::invalid(
+                    "nodes",
+                    format!("{n}: want 1..={}", config::MAX_NODES),
+                ));
+            }
+        }
         let _lock = self.lock()?;
         let data = RegionData::embedded()?;
         let previous = match self.load_state() {
@@ -52,6 +61,24 @@ impl Lab {
                 ));
             }
         }
+        // Nodes per cluster: as given, else as the lab is (a state from before nodes existed
+        // has none recorded), else 1. Changing it while up is refused, like --clusters.
+        let up_nodes = previous
+            .as_ref()
+            .and_then(|p| p.clusters.first())
+            .map(|c| c.nodes.len())
+            .filter(|&n| n > 0);
+        if let (Some(have), Some(want)) = (up_nodes, opts.nodes) {
+            if have != want {
+                return Err(LabError::invalid(
+                    "nodes",
+                    format!(
+                        "the lab is up with {have} nodes per cluster; run `ballast-lab down` before changing it to {want}"
+                    ),
+                ));
+            }
+        }
+        let nodes = opts.nodes.or(up_nodes).unwrap_or(1);
         let regions = match &previous {
             Some(p) if opts.regions.is_empty() => {
                 p.clusters.iter().map(|c| c.region.clone()).collect()
@@ -69,12 +96,24 @@ impl Lab {
             .map(|(i, region)| {
                 let index = i + 1;
                 let id = config::cluster_id(index);
+                let cgroup = cgroup_root.join(&id);
+                let cluster_bpf = bpf_dir.join(&id);
+                let nodes = (1..=nodes)
+                    .map(|k| NodeState {
+                        name: config::node_name(&id, k),
+                        index: k,
+                        cgroup: cgroup.join(config::node_dir(k)),
+                        bpf_dir: cluster_bpf.join(config::node_dir(k)),
+                        metrics_addr: config::agent_metrics_addr(k),
+                    })
+                    .collect();
                 ClusterState {
                     netns: self.naming.cluster_netns(&id),
-                    cgroup: cgroup_root.join(&id),
+                    cgroup,
                     address: config::cluster_addr(index),
                     wan_address: config::wan_side_addr(index),
-                    bpf_dir: bpf_dir.join(&id),
+                    bpf_dir: cluster_bpf,
+                    nodes,
                     provider: data.provider(region).unwrap_or("aws").to_string(),
                     region: region.clone(),
                     index,
@@ -172,29 +211,54 @@ impl Lab {
         }
         fs::create_dir_all(&state.bpf_dir)
             .ctx(|| format!("creating {}", state.bpf_dir.display()))?;
+        // One agent per node. An agent of a role this lab no longer has (a state written
+        // before nodes existed: `agent c1`) is ended; `down` would end it anyway.
+        let roles: Vec<String> = state
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| agent_role(&n.name)))
+            .collect();
+        let stray: Vec<_> = state
+            .processes
+            .iter()
+            .filter(|p| p.role.starts_with("agent ") && !roles.contains(&p.role))
+            .cloned()
+            .collect();
+        for p in &stray {
+            sys::end_process(p.pid, p.starttime, Duration::from_secs(2));
+        }
+        state.processes.retain(|p| !stray.contains(p));
         for c in state.clusters.clone() {
-            let role = format!("agent {}", c.id);
-            if alive(state, &role) {
-                continue;
+            for node in &c.nodes {
+                let role = agent_role(&node.name);
+                if alive(state, &role) {
+                    continue;
+                }
+                state.processes.retain(|p| p.role != role);
+                fs::create_dir_all(&c.bpf_dir)
+                    .ctx(|| format!("creating {}", c.bpf_dir.display()))?;
+                let p = sys::spawn_daemon(
+                    &role,
+                    &cp.agent_bin,
+                    &control::agent_args(&cp, &self.state_dir, &c, node),
+                    &Placement::netns(&c.netns),
+                    &self.log(&format!("agent-{}", node.name)),
+                    &[("RUST_LOG", "info")],
+                )?;
+                state.processes.push(p);
+                self.save_state(state)?;
             }
-            state.processes.retain(|p| p.role != role);
-            let p = sys::spawn_daemon(
-                &role,
-                &cp.agent_bin,
-                &control::agent_args(&cp, &self.state_dir, &c),
-                &Placement::netns(&c.netns),
-                &self.log(&format!("agent-{}", c.id)),
-                &[("RUST_LOG", "info")],
-            )?;
-            state.processes.push(p);
-            self.save_state(state)?;
         }
         Ok(())
     }
 
     fn up_cluster(&self, wan_ns: &str, c: &ClusterState) -> Result<()> {
         net::setup_cluster(wan_ns, c)?;
-        fs::create_dir_all(&c.cgroup).ctx(|| format!("creating {}", c.cgroup.display()))
+        fs::create_dir_all(&c.cgroup).ctx(|| format!("creating {}", c.cgroup.display()))?;
+        for n in &c.nodes {
+            fs::create_dir_all(&n.cgroup).ctx(|| format!("creating {}", n.cgroup.display()))?;
+        }
+        Ok(())
     }
 
     fn up_forwarder(&self, state: &mut LabState) -> Result<()> {
@@ -255,6 +319,7 @@ impl Lab {
                 vip: DEMO_VIP,
                 port: DEMO_PORT,
                 backends,
+                per_pod_capacity: Default::default(),
             });
         }
         let clusters = state.clusters.clone();
@@ -271,4 +336,9 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// The process role of node `node`'s agent in the lab state: `agent c1-n2`.
+pub fn agent_role(node: &str) -> String {
+    format!("agent {node}")
 }

@@ -107,8 +107,22 @@ impl TestLab {
     /// without a control plane).
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for name in ["broker", "agent-c1", "agent-c2", "agent-c3"] {
-            let path = self.state_dir().join("logs").join(format!("{name}.log"));
+        let dir = self.state_dir().join("logs");
+        let mut names = vec!["broker".to_string()];
+        // Every node's agent: agent-c1-n1.log, agent-c1-n2.log, ...
+        let mut agents: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".log").map(String::from))
+                    .filter(|n| n.starts_with("agent-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        agents.sort();
+        names.extend(agents);
+        for name in names {
+            let path = dir.join(format!("{name}.log"));
             if let Ok(text) = std::fs::read_to_string(&path) {
                 let lines: Vec<&str> = text.lines().collect();
                 let tail = &lines[lines.len().saturating_sub(8)..];
