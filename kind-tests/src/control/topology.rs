@@ -18,13 +18,20 @@ struct Topology {
     services: Vec<TopoService>,
 }
 
+/// A cluster of the file. Only the local cluster's facts are written: the agents learn
+/// the other clusters (with their gateways, which they probe) from the broker's peer stream,
+/// as in a real fleet; the file names them only because endpoints refer to them.
 #[derive(Debug, Serialize)]
 struct TopoCluster {
     id: String,
-    region: String,
-    zone: String,
-    provider: String,
-    gateway: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,12 +69,15 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
         clusters: state
             .clusters
             .iter()
-            .map(|c| TopoCluster {
-                id: c.id.clone(),
-                region: c.region.clone(),
-                zone: format!("{}a", c.region),
-                provider: c.provider.clone(),
-                gateway: c.address,
+            .map(|c| {
+                let own = c.id == local;
+                TopoCluster {
+                    id: c.id.clone(),
+                    region: own.then(|| c.region.clone()),
+                    zone: own.then(|| format!("{}a", c.region)),
+                    provider: own.then(|| c.provider.clone()),
+                    gateway: own.then_some(c.address),
+                }
             })
             .collect(),
         services: state
