@@ -79,6 +79,9 @@ ballast.io/cluster-id: {{ .Values.clusterId | quote }}
 {{- if and .Values.metrics.serviceMonitor.enabled (eq .Values.metrics.bind "localhost") }}
 {{- fail "metrics.bind: localhost cannot be scraped by the ServiceMonitor (metrics.serviceMonitor.enabled); use node" }}
 {{- end }}
+{{- if not (has .Values.detachOnExit (list "auto" "always" "never")) }}
+{{- fail (printf "detachOnExit: %q is not one of auto, always, never" .Values.detachOnExit) }}
+{{- end }}
 {{- range .Values.capabilities.extra }}
 {{- if not (regexMatch "^[A-Z_]+$" .) }}
 {{- fail (printf "capabilities.extra: %q is not a capability name without CAP_ (e.g. SYS_PTRACE)" .) }}
