@@ -6,101 +6,16 @@
 //!   VIP in a loop sees 0 failed connects while the agent is SIGTERMed and started again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const VIP: &str = "127.96.0.80";
 
-struct Env {
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
-    topology: PathBuf,
-    _dir: tempfile::TempDir,
-    agent: Option<Child>,
-    stop: Arc<AtomicBool>,
-    /// The agent's admin port (`/ready`).
-    port: u16,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        if let Ok(mut dp) = ballast_bpf::Dataplane::open(&self.pin_dir) {
-            let _ = dp.detach(&self.cgroup);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        if let Some(root) = ballast_bpf::sys::cgroup2_mount() {
-            if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-                for p in procs.lines() {
-                    let _ = std::fs::write(root.join("cgroup.procs"), p);
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
-}
-
-fn env(what: &str) -> Option<Env> {
-    if !ballast_bpf::sys::root_for_tests() {
-        println!("skipped: needs root (BPF, cgroups)");
-        return None;
-    }
-    let (Some(cg_root), Some(bpffs)) = (
-        ballast_bpf::sys::cgroup2_mount(),
-        ballast_bpf::sys::bpffs_mount(),
-    ) else {
-        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
-    };
-    let unique = format!("ballast-detach-{what}-{}", std::process::id());
-    let stop = Arc::new(AtomicBool::new(false));
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut c, _)) => {
-                    let _ = c.write_all(b"east\n");
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let topology = dir.path().join("topology.yaml");
-    std::fs::write(
-        &topology,
-        format!(
-            "local_cluster: east\nclusters:\n  - id: east\nservices:\n  - name: t/web\n    vips: [{VIP}]\n    ports: [{{ port: 80 }}]\n    endpoints:\n      - {{ address: 127.0.0.1:{port}, cluster: east }}\n"
-        ),
-    )
-    .unwrap();
-    let e = Env {
-        cgroup: cg_root.join(&unique),
-        pin_dir: bpffs.join(&unique),
-        topology,
-        _dir: dir,
-        agent: None,
-        stop,
-        port: TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-    };
-    std::fs::create_dir_all(&e.cgroup).unwrap();
-    Some(e)
-}
+use common::{env, Env};
 
 fn start(e: &Env, detach: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ballast-agent"))
@@ -165,7 +80,9 @@ fn cgroup_programs(cgroup: &Path) -> String {
 
 #[test]
 fn root_detach_always_leaves_nothing_attached_after_sigterm() {
-    let Some(mut e) = env("always") else { return };
+    let Some(mut e) = env("detach", "always", VIP) else {
+        return;
+    };
     e.agent = Some(start(&e, "always"));
     wait_steering(&mut e);
     assert!(
@@ -189,7 +106,9 @@ fn root_detach_always_leaves_nothing_attached_after_sigterm() {
 
 #[test]
 fn root_detach_never_keeps_steering_across_a_sigterm_restart() {
-    let Some(mut e) = env("never") else { return };
+    let Some(mut e) = env("detach", "never", VIP) else {
+        return;
+    };
     e.agent = Some(start(&e, "never"));
     wait_steering(&mut e);
     let stop_file = e._dir.path().join("stop");

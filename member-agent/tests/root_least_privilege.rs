@@ -8,12 +8,11 @@
 //! start with an error naming the operation the kernel refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The capabilities the agent needs on this kernel (measured; see the crate README's table).
@@ -59,88 +58,15 @@ fn cap_mask(names: &[&str]) -> u64 {
         .fold(0, |a, b| a | b)
 }
 
-struct Env {
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
-    topology: PathBuf,
-    _dir: tempfile::TempDir,
-    agent: Option<Child>,
-    stop: Arc<AtomicBool>,
-    /// The agent's admin port (`/ready`).
-    port: u16,
-}
+use common::{env, Env};
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        if let Ok(mut dp) = ballast_bpf::Dataplane::open(&self.pin_dir) {
-            let _ = dp.detach(&self.cgroup);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
-}
-
-/// A cgroup, a pin dir, a backend answering `east` and a topology file; `None` (skip) when
-/// not root.
-fn env(what: &str) -> Option<Env> {
-    if !ballast_bpf::sys::root_for_tests() {
-        println!("skipped: needs root (BPF, cgroups)");
-        return None;
-    }
+/// [`common::env`] for this file; capsh must exist.
+fn lp_env(what: &str) -> Option<Env> {
+    let e = env("lp", what, VIP)?;
     assert!(
         capsh().is_some(),
         "capsh not found: install libcap2-bin (kind-tests/setup.sh does)"
     );
-    let (Some(cg_root), Some(bpffs)) = (
-        ballast_bpf::sys::cgroup2_mount(),
-        ballast_bpf::sys::bpffs_mount(),
-    ) else {
-        panic!("needs cgroup2 and bpffs mounted (kind-tests/setup.sh mounts bpffs)");
-    };
-    let unique = format!("ballast-lp-{what}-{}", std::process::id());
-    let stop = Arc::new(AtomicBool::new(false));
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let s = stop.clone();
-    std::thread::spawn(move || {
-        while !s.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut c, _)) => {
-                    let _ = c.write_all(b"east\n");
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let topology = dir.path().join("topology.yaml");
-    std::fs::write(
-        &topology,
-        format!(
-            "local_cluster: east\nclusters:\n  - id: east\nservices:\n  - name: t/web\n    vips: [{VIP}]\n    ports: [{{ port: 80 }}]\n    endpoints:\n      - {{ address: 127.0.0.1:{port}, cluster: east }}\n"
-        ),
-    )
-    .unwrap();
-    let e = Env {
-        cgroup: cg_root.join(&unique),
-        pin_dir: bpffs.join(&unique),
-        topology,
-        _dir: dir,
-        agent: None,
-        stop,
-        port: TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-    };
-    std::fs::create_dir_all(&e.cgroup).unwrap();
     Some(e)
 }
 
@@ -247,7 +173,7 @@ fn attached_programs(cgroup: &Path) -> String {
 
 #[test]
 fn root_least_privilege_agent_steers_restarts_and_detaches_with_the_minimal_caps() {
-    let Some(mut e) = env("ok") else { return };
+    let Some(mut e) = lp_env("ok") else { return };
     let granted: Vec<&str> = MINIMAL.iter().chain(OPTIONAL).copied().collect();
     assert_eq!(
         connect_via_vip(&e.cgroup).as_deref(),
@@ -287,7 +213,7 @@ fn root_least_privilege_agent_steers_restarts_and_detaches_with_the_minimal_caps
 
 #[test]
 fn root_least_privilege_each_capability_of_the_set_is_needed() {
-    let Some(mut e) = env("drop") else { return };
+    let Some(mut e) = lp_env("drop") else { return };
     for missing in MINIMAL {
         let keep: Vec<&str> = MINIMAL
             .iter()
