@@ -14,6 +14,8 @@ pub struct Snapshot {
     pub rtt: Vec<RttRecord>,
     pub rps: Vec<RpsRecord>,
     pub capacity: Vec<CapacityRecord>,
+    /// Import declarations; read from the store already aggregated, one per cluster
+    /// ([`Store::cluster_imports`]), so their size does not grow with nodes x services.
     pub imports: Vec<ImportDeclaration>,
     /// Imports the agents cannot steer for want of a VIP (for operators, not the solve).
     pub without_vip: Vec<WithoutVipRecord>,
@@ -23,18 +25,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads every table the engine plans from.
+    /// Reads every table the engine plans from; imports aggregated per cluster as of the
+    /// freshness cut `imports_cut_ms` (now minus the stale-after age).
     ///
     /// # Errors
     /// A store error.
-    pub async fn read(store: &Store) -> Result<Self, StoreError> {
+    pub async fn read(store: &Store, imports_cut_ms: i64) -> Result<Self, StoreError> {
         Ok(Self {
             clusters: store.clusters().await?,
             agents: store.agents().await?,
             rtt: store.rtt().await?,
             rps: store.rps().await?,
             capacity: store.capacity().await?,
-            imports: store.imports().await?,
+            imports: store.cluster_imports(imports_cut_ms).await?,
             without_vip: store.services_without_vip().await?,
             policies: store.policies().await?,
             prices: store.prices().await?,
