@@ -356,11 +356,10 @@ impl Store {
     /// # Errors
     /// A database error.
     pub async fn services(&self) -> Result<BTreeSet<String>> {
-        let rows = sqlx::query(
-            "SELECT service FROM capacity_latest UNION SELECT service FROM rps_latest",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT service FROM capacity_latest UNION SELECT service FROM rps_latest")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| Ok(r.try_get::<String, _>("service")?))
             .collect()

@@ -55,9 +55,47 @@ pub fn broker_view(cp: &ControlPlane, wan_netns: &str) -> Result<BrokerView> {
         wan_netns,
         "GetWeights, ListClusters",
         |mut c| async move {
-            let w = c.get_weights(GetWeightsRequest::default()).await?;
-            let l = c.list_clusters(ListClustersRequest {}).await?;
-            Ok((w.into_inner(), l.into_inner()))
+            // Both answers come in pages (of ~1 MB at most): follow them.
+            let mut w = GetWeightsResponse::default();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .get_weights(GetWeightsRequest {
+                        page_token: token,
+                        ..GetWeightsRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                if !w.weights.is_empty() && page.generation != w.generation {
+                    // Published in between: start over on the new generation.
+                    w = GetWeightsResponse::default();
+                    token = String::new();
+                    continue;
+                }
+                w.generation = page.generation;
+                w.weights.extend(page.weights);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            let mut l = ListClustersResponse::default();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list_clusters(ListClustersRequest {
+                        page_token: token,
+                        ..ListClustersRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                l.clusters.extend(page.clusters);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            Ok((w, l))
         },
     )?;
     Ok(view(weights, clusters))
