@@ -160,7 +160,6 @@ async fn agent_registers_reports_and_receives_weights() {
         .explain(ballast_proto::v1::ExplainRequest {
             service: "ns/web".into(),
             source_cluster_id: "c1".into(),
-            ..GetWeightsRequest::default()
         })
         .await
         .unwrap()

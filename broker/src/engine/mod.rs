@@ -149,7 +149,20 @@ pub struct Engine {
     loop_health: std::sync::Mutex<LoopHealth>,
     /// The distinct services with a capacity or RPS sample: read at load, reconciled with
     /// the store every round, added to by each accepted report (`--max-services`).
-    services: RwLock<BTreeSet<String>>,
+    services: RwLock<ServiceCount>,
+}
+
+/// The services counted against `--max-services`.
+#[derive(Debug, Default)]
+struct ServiceCount {
+    /// Every counted service.
+    known: BTreeSet<String>,
+    /// Those reserved since the current round began reading the store: a reconcile from
+    /// that read keeps them (the read may not show them yet).
+    since_read: BTreeSet<String>,
+    /// Those reserved in the round before: their reports may still have been storing when
+    /// this round's read began, so this round keeps them too.
+    before_read: BTreeSet<String>,
 }
 
 /// What the solve loop ([`Engine::run`]) last did, for `/ready`.
@@ -263,7 +276,11 @@ impl Engine {
             peers,
             peers_refresh: tokio::sync::Mutex::new(()),
             loop_health: std::sync::Mutex::new(LoopHealth::default()),
-            services: RwLock::new(services),
+            services: RwLock::new(ServiceCount {
+                known: services,
+                since_read: BTreeSet::new(),
+                before_read: BTreeSet::new(),
+            }),
         })
     }
 
@@ -439,10 +456,13 @@ impl Engine {
     /// and otherwise counts them (before the store: concurrent reports cannot both pass;
     /// a report that then fails to store leaves its names until the next round reconciles).
     fn reserve_services(&self, report: &ReportRecord) -> Result<(), EngineError> {
-        let mut known = match self.services.write() {
+        let mut count = match self.services.write() {
             Ok(k) => k,
             Err(p) => p.into_inner(),
         };
+        let ServiceCount {
+            known, since_read, ..
+        } = &mut *count;
         let new: BTreeSet<&str> = report
             .capacity
             .iter()
@@ -467,7 +487,10 @@ impl Engine {
                 limit: self.cfg.max_services,
             });
         }
-        known.extend(new.into_iter().map(str::to_owned));
+        for s in new {
+            known.insert(s.to_owned());
+            since_read.insert(s.to_owned());
+        }
         Ok(())
     }
 
@@ -601,6 +624,7 @@ impl Engine {
         let started = Instant::now();
         let now = now_ms();
         self.prune_imports(now).await;
+        self.services_read_begins();
         let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
         let inputs = plan::plan(&snap, &self.cfg, now);
         self.reconcile_services(&snap);
@@ -675,16 +699,28 @@ impl Engine {
     /// Replaces the counted services by those the store holds (withdrawn ones stop
     /// counting towards `--max-services`).
     fn reconcile_services(&self, snap: &Snapshot) {
-        let held: BTreeSet<String> = snap
+        let mut held: BTreeSet<String> = snap
             .capacity
             .iter()
             .map(|c| c.service.clone())
             .chain(snap.rps.iter().map(|r| r.service.clone()))
             .collect();
-        match self.services.write() {
-            Ok(mut k) => *k = held,
-            Err(p) => *p.into_inner() = held,
-        }
+        let mut count = match self.services.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        held.extend(count.since_read.iter().cloned());
+        held.extend(count.before_read.iter().cloned());
+        count.known = held;
+    }
+
+    /// Marks the start of a round's read (see [`ServiceCount::since_read`]).
+    fn services_read_begins(&self) {
+        let mut count = match self.services.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        count.before_read = std::mem::take(&mut count.since_read);
     }
 
     /// Retention after a publish. A failure leaves the old rows for the next publish's

@@ -206,14 +206,18 @@ impl Store {
         node_name: &str,
     ) -> Result<()> {
         use sqlx::Row;
-        let known: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM agents WHERE cluster_id = $1 AND node_name = $2",
+        // A write first (a no-op on a known node, nothing on a new one): on SQLite a
+        // transaction that reads first and writes later fails at once (SQLITE_BUSY) when
+        // another writer committed in between, where one that starts with a write waits.
+        let known = sqlx::query(
+            "UPDATE agents SET agent_version = agent_version \
+             WHERE cluster_id = $1 AND node_name = $2",
         )
         .bind(cluster_id)
         .bind(node_name)
-        .fetch_one(&mut **tx)
+        .execute(&mut **tx)
         .await?
-        .try_get("n")?;
+        .rows_affected();
         if known > 0 {
             return Ok(());
         }
