@@ -233,6 +233,7 @@ mod tests {
                 policy: LoadBalancing::Optimized.into(),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let node = |acked| NodeInfo {
             acked_generation: acked,
@@ -271,6 +272,7 @@ mod tests {
                 policy: 99,
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let v = view(w, ListClustersResponse::default());
         assert!(v.policy.is_empty());
