@@ -282,3 +282,60 @@ async fn get_weights_pages() {
     assert!(e.message().contains("page_token"), "{}", e.message());
     b.stop().await;
 }
+
+/// `ballast-broker admin clusters` follows the pages: 150 clusters (more than the default
+/// page of 100) all listed.
+#[tokio::test]
+async fn admin_cli_lists_every_page() {
+    use ballast_broker::cli::admin::{run, AdminArgs, AdminCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&sqlite_url(&dir.path().join("b.db")))
+        .await
+        .unwrap();
+    for i in 0..150 {
+        let id = format!("k{i:03}");
+        store
+            .register(
+                &ballast_store::testing::cluster(&id, "us-east-1"),
+                &ballast_store::testing::agent(&id, "n1"),
+            )
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    let bundle = generate(&["k000".into()], &[]).unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let files = support::tls_of(&bundle, &bundle.admin);
+    for (name, pem) in [
+        ("ca.pem", &files.ca_pem),
+        ("admin.pem", &files.cert_pem),
+        ("admin-key.pem", &files.key_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let args = AdminArgs {
+        broker: format!("https://127.0.0.1:{}", b.addr.port()),
+        server_name: "localhost".into(),
+        tls: ballast_broker::cli::args::TlsArgs {
+            ca: Some(dir.path().join("ca.pem")),
+            cert: Some(dir.path().join("admin.pem")),
+            key: Some(dir.path().join("admin-key.pem")),
+            insecure: false,
+        },
+        command: AdminCommand::Clusters {
+            json: true,
+            imports: false,
+        },
+    };
+    let out = run(&args).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = v["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cluster_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 150, "{ids:?}");
+    assert_eq!(ids[149], "k149");
+    b.stop().await;
+}
