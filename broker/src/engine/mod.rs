@@ -541,13 +541,16 @@ impl Engine {
         Ok((p, q))
     }
 
-    /// Every registered cluster's status, as of now.
+    /// Every registered cluster's status, as of now. With `import_names` false the imports
+    /// are counted in the database, not read ([`ClusterStatus::imports_count`]; the sets are
+    /// empty).
     ///
     /// # Errors
     /// A store error.
-    pub async fn cluster_status(&self) -> Result<ClusterReport, EngineError> {
+    pub async fn cluster_status(&self, import_names: bool) -> Result<ClusterReport, EngineError> {
         let now = now_ms();
-        let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
+        let snap =
+            Snapshot::read_for_status(&self.store, self.imports_cut(now), import_names).await?;
         Ok(ClusterReport {
             clusters: status::cluster_status(&snap, &self.cfg, now),
             stale_after_ms: millis(self.cfg.stale_after),

@@ -143,7 +143,7 @@ fn fit_cluster(c: &mut ClusterInfo, budget: usize) {
 
 fn cluster_info(c: ClusterStatus, include_imports: bool) -> ClusterInfo {
     ClusterInfo {
-        imports_count: c.imports.as_ref().map(|i| i.len() as u64),
+        imports_count: c.imports_count,
         nodes_count: c.nodes.len() as u64,
         truncated: false,
         cluster_id: c.cluster.cluster_id,
@@ -207,7 +207,11 @@ impl Admin for AdminService {
         let m = req.into_inner();
         let after = parse_clusters_token(&m.page_token)?;
         let size = page_size(m.page_size, CLUSTERS_PAGE_DEFAULT, CLUSTERS_PAGE_MAX);
-        let report = self.engine.cluster_status().await.map_err(engine_status)?;
+        let report = self
+            .engine
+            .cluster_status(m.include_imports)
+            .await
+            .map_err(engine_status)?;
         let mut out = ListClustersResponse {
             clusters: Vec::new(),
             stale_after_ms: report.stale_after_ms,

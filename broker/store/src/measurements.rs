@@ -10,6 +10,21 @@ use crate::records::{
 };
 use crate::{b2i, values_list, Result, Store, StoreError, WEIGHT_ROWS_PER_INSERT};
 
+/// The nodes whose imports count as of a cut (`$1` = `$2` = the cut): those heard from
+/// since, or all of a cluster's when none was. Followed by a SELECT and [`COUNTED_FROM`].
+const COUNTED_IMPORTS: &str = "WITH h AS (SELECT d.cluster_id, d.node_name, \
+    CASE WHEN COALESCE(a.last_report_ms, 0) > d.declared_at_ms \
+    THEN a.last_report_ms ELSE d.declared_at_ms END AS heard \
+    FROM import_declarations d LEFT JOIN agents a \
+    ON a.cluster_id = d.cluster_id AND a.node_name = d.node_name), \
+    f AS (SELECT cluster_id, MAX(heard) AS newest FROM h GROUP BY cluster_id)";
+
+/// The FROM and WHERE of a query over the counted imports (see [`COUNTED_IMPORTS`]).
+const COUNTED_FROM: &str = "FROM imports i \
+    JOIN h ON h.cluster_id = i.cluster_id AND h.node_name = i.node_name \
+    JOIN f ON f.cluster_id = i.cluster_id \
+    WHERE h.heard >= $1 OR f.newest < $2";
+
 impl Store {
     /// Stores one report atomically: every sample replaces the previous one of its key, and
     /// with [`ReportRecord::full_set`] the node's samples the report does not state are
@@ -312,6 +327,57 @@ impl Store {
     /// # Errors
     /// A database error.
     pub async fn cluster_imports(&self, cut_ms: i64) -> Result<Vec<ImportDeclaration>> {
+        let mut out: BTreeMap<String, ImportDeclaration> = self
+            .cluster_import_heads()
+            .await?
+            .into_iter()
+            .map(|d| (d.cluster_id.clone(), d))
+            .collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COUNTED_IMPORTS} SELECT DISTINCT i.cluster_id, i.service {COUNTED_FROM}"
+        )))
+        .bind(cut_ms)
+        .bind(cut_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &rows {
+            let cluster: String = r.try_get("cluster_id")?;
+            if let Some(d) = out.get_mut(&cluster) {
+                d.services.insert(r.try_get("service")?);
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// How many distinct services each declaring cluster imports as of `cut_ms` (the
+    /// length of [`Store::cluster_imports`]' sets; a cluster that declared nothing is absent),
+    /// counted in the database without reading the names.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_import_counts(&self, cut_ms: i64) -> Result<BTreeMap<String, u64>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COUNTED_IMPORTS} SELECT i.cluster_id, COUNT(DISTINCT i.service) AS n \
+             {COUNTED_FROM} GROUP BY i.cluster_id"
+        )))
+        .bind(cut_ms)
+        .bind(cut_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.try_get("n")?;
+                Ok((r.try_get("cluster_id")?, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Each declaring cluster with the newest times of its nodes and no services
+    /// ([`Store::cluster_imports`] without reading the names).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_import_heads(&self) -> Result<Vec<ImportDeclaration>> {
         let mut out: BTreeMap<String, ImportDeclaration> = BTreeMap::new();
         for d in self.declaration_heads().await? {
             let e = out
@@ -325,28 +391,6 @@ impl Store {
                 });
             e.declared_at_ms = e.declared_at_ms.max(d.declared_at_ms);
             e.heard_at_ms = e.heard_at_ms.max(d.heard_at_ms);
-        }
-        let rows = sqlx::query(
-            "WITH h AS (SELECT d.cluster_id, d.node_name, \
-               CASE WHEN COALESCE(a.last_report_ms, 0) > d.declared_at_ms \
-               THEN a.last_report_ms ELSE d.declared_at_ms END AS heard \
-               FROM import_declarations d LEFT JOIN agents a \
-               ON a.cluster_id = d.cluster_id AND a.node_name = d.node_name), \
-             f AS (SELECT cluster_id, MAX(heard) AS newest FROM h GROUP BY cluster_id) \
-             SELECT DISTINCT i.cluster_id, i.service FROM imports i \
-             JOIN h ON h.cluster_id = i.cluster_id AND h.node_name = i.node_name \
-             JOIN f ON f.cluster_id = i.cluster_id \
-             WHERE h.heard >= $1 OR f.newest < $2",
-        )
-        .bind(cut_ms)
-        .bind(cut_ms)
-        .fetch_all(&self.pool)
-        .await?;
-        for r in &rows {
-            let cluster: String = r.try_get("cluster_id")?;
-            if let Some(d) = out.get_mut(&cluster) {
-                d.services.insert(r.try_get("service")?);
-            }
         }
         Ok(out.into_values().collect())
     }

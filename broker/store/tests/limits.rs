@@ -132,6 +132,22 @@ async fn limits_refuse_and_store_nothing(url: &str) {
         ],
         "none fresh: all nodes count"
     );
+    // counted without reading the names: the same sizes (c2 declared none: absent)
+    let counts = |cut| {
+        let store = store.clone();
+        async move { store.cluster_import_counts(cut).await.unwrap() }
+    };
+    assert_eq!(counts(1500).await, [("c1".to_string(), 2)].into());
+    assert_eq!(counts(0).await, [("c1".to_string(), 3)].into());
+    assert_eq!(counts(9000).await, [("c1".to_string(), 3)].into());
+    let heads: Vec<String> = store
+        .cluster_import_heads()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| format!("{}@{}:{}", d.cluster_id, d.heard_at_ms, d.services.len()))
+        .collect();
+    assert_eq!(heads, vec!["c1@2000:0", "c2@2500:0"]);
     assert_eq!(store.services().await.unwrap(), set(&["ns/cap"]));
     store.close().await;
 }
