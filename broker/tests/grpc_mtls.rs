@@ -121,7 +121,7 @@ async fn agent_registers_reports_and_receives_weights() {
     .unwrap();
     let mut op = admin(b.addr, &bundle).await;
     let list = op
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -135,6 +135,7 @@ async fn agent_registers_reports_and_receives_weights() {
         .get_weights(GetWeightsRequest {
             service: "ns/web".into(),
             source_cluster_id: "c1".into(),
+            ..GetWeightsRequest::default()
         })
         .await
         .unwrap()
@@ -226,7 +227,7 @@ async fn services_without_vip_show_in_list_clusters() {
             .collect()
     };
     let list = op
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -245,7 +246,7 @@ async fn services_without_vip_show_in_list_clusters() {
         .await
         .unwrap();
     let list = op
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -303,10 +304,15 @@ async fn declared_imports_limit_what_a_cluster_is_sent() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("does not import"), "{}", e.message());
     let list = op
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest {
+            include_imports: true,
+            ..ListClustersRequest::default()
+        })
         .await
         .unwrap()
         .into_inner();
+    let counts: Vec<Option<u64>> = list.clusters.iter().map(|c| c.imports_count).collect();
+    assert_eq!(counts, vec![Some(1), None]);
     let imports: Vec<Option<Vec<String>>> = list
         .clusters
         .iter()
@@ -345,7 +351,7 @@ async fn certificate_from_another_ca_is_refused() {
     // Nothing was registered.
     let mut op = admin(b.addr, &bundle).await;
     let list = op
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -389,7 +395,7 @@ async fn cluster_cannot_act_as_another() {
     // A cluster certificate may not use the Admin service.
     let mut not_admin = admin_as(b.addr, &tls_of(&bundle, cluster_pair(&bundle, "c1"))).await;
     let e = not_admin
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);

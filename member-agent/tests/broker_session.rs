@@ -221,7 +221,7 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let list = admin
-            .list_clusters(ListClustersRequest {})
+            .list_clusters(ListClustersRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -39,6 +39,9 @@ pub enum AdminCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List each cluster's imported services (by default only their count).
+        #[arg(long)]
+        imports: bool,
     },
     /// The weights currently published.
     Weights {
@@ -136,6 +139,69 @@ async fn connect(a: &AdminArgs) -> anyhow::Result<AdminClient<Channel>> {
 /// # Errors
 /// A bad flag, a connection failure or the broker's error status.
 #[allow(clippy::too_many_lines)]
+/// Every page of `ListClusters`, concatenated.
+async fn all_clusters(
+    c: &mut AdminClient<Channel>,
+    include_imports: bool,
+) -> anyhow::Result<ballast_proto::v1::ListClustersResponse> {
+    let mut all = ballast_proto::v1::ListClustersResponse::default();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_clusters(ListClustersRequest {
+                page_size: 0,
+                page_token: token,
+                include_imports,
+            })
+            .await?
+            .into_inner();
+        all.stale_after_ms = page.stale_after_ms;
+        all.cluster_expiry_ms = page.cluster_expiry_ms;
+        all.clusters.extend(page.clusters);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Every page of `GetWeights`, concatenated (the generation of the last page; a page of
+/// another generation than the first starts over, so the entries are of one generation).
+async fn all_weights(
+    c: &mut AdminClient<Channel>,
+    service: String,
+    source_cluster_id: String,
+) -> anyhow::Result<ballast_proto::v1::GetWeightsResponse> {
+    for _attempt in 0..5 {
+        let mut all = ballast_proto::v1::GetWeightsResponse::default();
+        let mut token = String::new();
+        let consistent = loop {
+            let page = c
+                .get_weights(GetWeightsRequest {
+                    service: service.clone(),
+                    source_cluster_id: source_cluster_id.clone(),
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            if !all.weights.is_empty() && page.generation != all.generation {
+                break false;
+            }
+            all.generation = page.generation;
+            all.weights.extend(page.weights);
+            if page.next_page_token.is_empty() {
+                break true;
+            }
+            token = page.next_page_token;
+        };
+        if consistent {
+            return Ok(all);
+        }
+    }
+    bail!("GetWeights: the broker published new generations while paging; try again")
+}
+
 pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
     // Validate flags before connecting.
     if let AdminCommand::Policy {
@@ -149,8 +215,8 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
     let mut c = connect(a).await?;
     let mut out = String::new();
     match &a.command {
-        AdminCommand::Clusters { json } => {
-            let r = c.list_clusters(ListClustersRequest {}).await?.into_inner();
+        AdminCommand::Clusters { json, imports } => {
+            let r = all_clusters(&mut c, *imports).await?;
             if *json {
                 let v: Vec<_> = r
                     .clusters
@@ -163,6 +229,9 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                             "last_report_age_ms": c.last_report_age_ms, "stale": c.stale,
                             "expired": c.expired,
                             "imports": c.imports.as_ref().map(|i| &i.services),
+                            "imports_count": c.imports_count,
+                            "nodes_count": c.nodes_count,
+                            "truncated": c.truncated,
                             "services_without_vip": c.services_without_vip,
                             "services_without_vip_remedy": (!c.services_without_vip.is_empty())
                                 .then_some(NO_VIP_REMEDY),
@@ -187,9 +256,8 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                         format!("{:.1}s ago", c.last_report_age_ms as f64 / 1000.0)
                     };
                     let imports = c
-                        .imports
-                        .as_ref()
-                        .map_or_else(|| "all".to_string(), |i| i.services.len().to_string());
+                        .imports_count
+                        .map_or_else(|| "all".to_string(), |n| n.to_string());
                     let _ = writeln!(
                         out,
                         "{:<16} {:<16} {:<18} {:<8} {:>6} {:>12} {:>8} {}",
@@ -197,7 +265,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                         c.region,
                         c.zone,
                         c.provider,
-                        c.nodes.len(),
+                        c.nodes_count,
                         age,
                         imports,
                         if c.expired {
@@ -230,13 +298,12 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
             source,
             json,
         } => {
-            let r = c
-                .get_weights(GetWeightsRequest {
-                    service: service.clone().unwrap_or_default(),
-                    source_cluster_id: source.clone().unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let r = all_weights(
+                &mut c,
+                service.clone().unwrap_or_default(),
+                source.clone().unwrap_or_default(),
+            )
+            .await?;
             if *json {
                 let v: Vec<_> = r
                     .weights

@@ -160,6 +160,18 @@ pub struct ServeArgs {
     /// Concurrent calls (HTTP/2 streams) on one connection; an agent uses 4.
     #[arg(long, env = "BALLAST_MAX_STREAMS_PER_CONNECTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(4..))]
     pub max_streams_per_connection: u32,
+    /// Nodes (agents) per cluster: a Register or report of a new node beyond it is refused
+    /// (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "BALLAST_MAX_NODES_PER_CLUSTER", default_value_t = ballast_store::DEFAULT_MAX_NODES_PER_CLUSTER, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_nodes_per_cluster: u64,
+    /// Distinct services one cluster's nodes declare they import (the union over its
+    /// nodes): a report that would go beyond it is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "BALLAST_MAX_IMPORTS_PER_CLUSTER", default_value_t = ballast_store::DEFAULT_MAX_IMPORTS_PER_CLUSTER, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_imports_per_cluster: u64,
+    /// Distinct services with a capacity or RPS sample, broker-wide: a report that would add
+    /// services beyond it is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "BALLAST_MAX_SERVICES", default_value_t = crate::engine::DEFAULT_MAX_SERVICES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_services: u64,
     /// Demand (RPS) assumed for a source that has reported no RPS for a service yet.
     #[arg(long, env = "BALLAST_DEFAULT_DEMAND_RPS", default_value = "10", value_parser = positive)]
     pub default_demand_rps: f64,
@@ -247,6 +259,11 @@ impl ServeArgs {
             },
             keep_generations: self.keep_generations,
             cluster_expiry: (!self.cluster_expiry.is_zero()).then_some(self.cluster_expiry),
+            store_limits: ballast_store::StoreLimits {
+                max_nodes_per_cluster: self.max_nodes_per_cluster,
+                max_imports_per_cluster: self.max_imports_per_cluster,
+            },
+            max_services: self.max_services,
         };
         Ok(c)
     }

@@ -5,6 +5,7 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use ballast_model::{Params, Policy, PriceTable};
+use ballast_store::StoreLimits;
 
 /// How the engine turns measurements into weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,7 +29,16 @@ pub struct EngineConfig {
     /// neither a source nor a destination, its samples unused, so the other clusters'
     /// weights are solved again without it instead of staying stale. `None` = never.
     pub cluster_expiry: Option<Duration>,
+    /// Per-cluster bounds the store checks (`--max-nodes-per-cluster`,
+    /// `--max-imports-per-cluster`).
+    pub store_limits: StoreLimits,
+    /// Distinct services with a capacity or RPS sample, broker-wide (`--max-services`): a
+    /// report that would add services beyond it is refused.
+    pub max_services: u64,
 }
+
+/// Default of [`EngineConfig::max_services`] (and `--max-services`).
+pub const DEFAULT_MAX_SERVICES: u64 = 50_000;
 
 /// Default of [`EngineConfig::cluster_expiry`] (and `--cluster-expiry`).
 pub const DEFAULT_CLUSTER_EXPIRY: Duration = Duration::from_secs(600);
@@ -50,6 +60,8 @@ impl Default for EngineConfig {
             prices: DEFAULT_PRICES,
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             cluster_expiry: Some(DEFAULT_CLUSTER_EXPIRY),
+            store_limits: StoreLimits::default(),
+            max_services: DEFAULT_MAX_SERVICES,
         }
     }
 }

@@ -42,7 +42,10 @@ pub mod round;
 pub mod snapshot;
 pub mod status;
 
-pub use config::{EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES};
+pub use config::{
+    EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SERVICES,
+    DEFAULT_PRICES,
+};
 pub use peers::Peer;
 pub use plan::{Inputs, ServicePlan};
 pub use published::{Entry, Published};
@@ -59,6 +62,12 @@ pub enum EngineError {
     NotFound(String),
     #[error("{0}")]
     Model(#[from] ballast_model::ModelError),
+    /// A report that would take the broker over `--max-services`; nothing was stored.
+    #[error(
+        "services: the report would make {would} distinct services with capacity or RPS: \
+         over the limit of {limit} (the broker's --max-services); nothing of it was stored"
+    )]
+    TooManyServices { would: usize, limit: u64 },
 }
 
 /// What an agent says when it registers (already validated by the caller).
@@ -142,6 +151,22 @@ pub struct Engine {
     /// ([`Engine::solved_capacity`]); kept apart from the round lock so reading it never
     /// waits for a round.
     solved_capacity: RwLock<Arc<SolvedCapacity>>,
+    /// The distinct services with a capacity or RPS sample: read at load, reconciled with
+    /// the store every round, added to by each accepted report (`--max-services`).
+    services: RwLock<ServiceCount>,
+}
+
+/// The services counted against `--max-services`.
+#[derive(Debug, Default)]
+struct ServiceCount {
+    /// Every counted service.
+    known: BTreeSet<String>,
+    /// Those reserved since the current round began reading the store: a reconcile from
+    /// that read keeps them (the read may not show them yet).
+    since_read: BTreeSet<String>,
+    /// Those reserved in the round before: their reports may still have been storing when
+    /// this round's read began, so this round keeps them too.
+    before_read: BTreeSet<String>,
 }
 
 /// What the solve loop ([`Engine::run`]) last did, for `/ready`.
@@ -231,6 +256,8 @@ impl Engine {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
+        let store = store.with_limits(cfg.store_limits);
+        let services = store.services().await?;
         let last = store.last_generation().await?;
         let generation = u64::try_from(last).unwrap_or(0);
         let published = published_of(store.weights_of(last).await?, generation, &cfg);
@@ -275,6 +302,11 @@ impl Engine {
             peers_refresh: tokio::sync::Mutex::new(()),
             loop_health: std::sync::Mutex::new(LoopHealth::default()),
             solved_capacity: RwLock::new(Arc::default()),
+            services: RwLock::new(ServiceCount {
+                known: services,
+                since_read: BTreeSet::new(),
+                before_read: BTreeSet::new(),
+            }),
         })
     }
 
@@ -438,10 +470,53 @@ impl Engine {
     /// # Errors
     /// A store error (then nothing of the report is stored).
     pub async fn ingest_report(&self, report: &ReportRecord) -> Result<(), EngineError> {
+        self.reserve_services(report)?;
         self.store.store_report(report).await?;
         self.metrics.reports.inc();
         debug!(cluster = %report.cluster_id, node = %report.node_name, "report stored");
         self.trigger();
+        Ok(())
+    }
+
+    /// Refuses a report whose new services would take the broker over `--max-services`,
+    /// and otherwise counts them (before the store: concurrent reports cannot both pass;
+    /// a report that then fails to store leaves its names until the next round reconciles).
+    fn reserve_services(&self, report: &ReportRecord) -> Result<(), EngineError> {
+        let mut count = match self.services.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        let ServiceCount {
+            known, since_read, ..
+        } = &mut *count;
+        let new: BTreeSet<&str> = report
+            .capacity
+            .iter()
+            .map(|c| c.service.as_str())
+            .chain(report.rps.iter().map(|r| r.service.as_str()))
+            .filter(|s| !known.contains(*s))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let would = known.len() + new.len();
+        if u64::try_from(would).unwrap_or(u64::MAX) > self.cfg.max_services {
+            warn!(
+                cluster = %report.cluster_id,
+                node = %report.node_name,
+                would,
+                limit = self.cfg.max_services,
+                "report refused: over --max-services"
+            );
+            return Err(EngineError::TooManyServices {
+                would,
+                limit: self.cfg.max_services,
+            });
+        }
+        for s in new {
+            known.insert(s.to_owned());
+            since_read.insert(s.to_owned());
+        }
         Ok(())
     }
 
@@ -492,14 +567,18 @@ impl Engine {
         Ok((p, q))
     }
 
-    /// Every registered cluster's status, as of now.
+    /// Every registered cluster's status, as of now. With `import_names` false the imports
+    /// are counted in the database, not read ([`ClusterStatus::imports_count`]; the sets are
+    /// empty).
     ///
     /// # Errors
     /// A store error.
-    pub async fn cluster_status(&self) -> Result<ClusterReport, EngineError> {
-        let snap = Snapshot::read(&self.store).await?;
+    pub async fn cluster_status(&self, import_names: bool) -> Result<ClusterReport, EngineError> {
+        let now = now_ms();
+        let snap =
+            Snapshot::read_for_status(&self.store, self.imports_cut(now), import_names).await?;
         Ok(ClusterReport {
-            clusters: status::cluster_status(&snap, &self.cfg, now_ms()),
+            clusters: status::cluster_status(&snap, &self.cfg, now),
             stale_after_ms: millis(self.cfg.stale_after),
             cluster_expiry_ms: self.cfg.cluster_expiry.map_or(0, millis),
         })
@@ -510,7 +589,7 @@ impl Engine {
     /// # Errors
     /// A store error.
     pub async fn inputs(&self, now_ms: i64) -> Result<Inputs, EngineError> {
-        let snap = Snapshot::read(&self.store).await?;
+        let snap = Snapshot::read(&self.store, self.imports_cut(now_ms)).await?;
         Ok(plan::plan(&snap, &self.cfg, now_ms))
     }
 
@@ -523,10 +602,15 @@ impl Engine {
         now_ms: i64,
     ) -> Result<BTreeMap<String, BTreeSet<String>>, EngineError> {
         Ok(plan::imports(
-            &self.store.imports().await?,
+            &self.store.cluster_imports(self.imports_cut(now_ms)).await?,
             &self.cfg,
             now_ms,
         ))
+    }
+
+    /// The freshness cut of import declarations as of `now_ms` (now minus stale-after).
+    fn imports_cut(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(millis(self.cfg.stale_after))
     }
 
     /// The registered clusters not heard from within the cluster expiry as of `now_ms`.
@@ -569,8 +653,10 @@ impl Engine {
         let started = Instant::now();
         let now = now_ms();
         self.prune_imports(now).await;
-        let snap = Snapshot::read(&self.store).await?;
+        self.services_read_begins();
+        let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
         let inputs = plan::plan(&snap, &self.cfg, now);
+        self.reconcile_services(&snap);
         if let Err(e) = self.refresh_peers().await {
             warn!(error = %e, "refreshing the peer set failed; retried next round");
         }
@@ -640,6 +726,33 @@ impl Engine {
         rs.next_run_id += 1;
         rs.memory = out.memory;
         Ok(out.generation)
+    }
+
+    /// Replaces the counted services by those the store holds (withdrawn ones stop
+    /// counting towards `--max-services`).
+    fn reconcile_services(&self, snap: &Snapshot) {
+        let mut held: BTreeSet<String> = snap
+            .capacity
+            .iter()
+            .map(|c| c.service.clone())
+            .chain(snap.rps.iter().map(|r| r.service.clone()))
+            .collect();
+        let mut count = match self.services.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        held.extend(count.since_read.iter().cloned());
+        held.extend(count.before_read.iter().cloned());
+        count.known = held;
+    }
+
+    /// Marks the start of a round's read (see [`ServiceCount::since_read`]).
+    fn services_read_begins(&self) {
+        let mut count = match self.services.write() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        count.before_read = std::mem::take(&mut count.since_read);
     }
 
     /// Retention after a publish. A failure leaves the old rows for the next publish's

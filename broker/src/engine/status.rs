@@ -34,6 +34,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// The services it imports; `None` when its agents never said (it imports every one).
     pub imports: Option<BTreeSet<String>>,
+    /// How many services it imports (`None`: never declared), also when `imports` was
+    /// read counts-only (then its set is empty).
+    pub imports_count: Option<u64>,
     /// The imports its agents cannot steer for want of a VIP ([`without_vip`]).
     pub services_without_vip: BTreeSet<String>,
 }
@@ -132,6 +135,12 @@ pub fn cluster_status(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Vec<C
                 stale: last == 0 || age > stale_ms,
                 expired: expired.contains(&c.cluster_id),
                 nodes,
+                imports_count: imports.get(&c.cluster_id).map(|s| {
+                    snap.import_counts
+                        .get(&c.cluster_id)
+                        .copied()
+                        .unwrap_or(s.len() as u64)
+                }),
                 imports: imports.remove(&c.cluster_id),
                 services_without_vip: no_vip.remove(&c.cluster_id).unwrap_or_default(),
             }

@@ -31,8 +31,121 @@ impl AdminService {
     }
 }
 
-fn cluster_info(c: ClusterStatus) -> ClusterInfo {
+/// Default and largest `ListClustersRequest.page_size`.
+pub const CLUSTERS_PAGE_DEFAULT: usize = 100;
+/// The largest `ListClustersRequest.page_size` honoured.
+pub const CLUSTERS_PAGE_MAX: usize = 1000;
+/// Default `GetWeightsRequest.page_size`.
+pub const WEIGHTS_PAGE_DEFAULT: usize = 1000;
+/// The largest `GetWeightsRequest.page_size` honoured.
+pub const WEIGHTS_PAGE_MAX: usize = 10_000;
+/// A page ends before its encoding would exceed this (under 1 MB, far under the 4 MB
+/// clients accept by default).
+pub const PAGE_BYTES: usize = 900 * 1024;
+
+fn page_size(v: u32, default: usize, max: usize) -> usize {
+    match usize::try_from(v) {
+        Ok(0) => default,
+        Ok(n) => n.min(max),
+        Err(_) => max,
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn bad_token() -> Status {
+    invalid(
+        "page_token",
+        "not a token this broker issued (use next_page_token of the previous page, or empty for the first)",
+    )
+}
+
+/// `ListClusters` page token: the last cluster id of the previous page.
+fn clusters_token(last: &str) -> String {
+    format!("c1.{}", hex(last))
+}
+
+fn parse_clusters_token(t: &str) -> Result<Option<String>, Status> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    t.strip_prefix("c1.")
+        .and_then(unhex)
+        .map(Some)
+        .ok_or_else(bad_token)
+}
+
+/// `GetWeights` page token: the last (service, source) of the previous page.
+fn weights_token(service: &str, source: &str) -> String {
+    format!("w1.{}.{}", hex(service), hex(source))
+}
+
+fn parse_weights_token(t: &str) -> Result<Option<(String, String)>, Status> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    t.strip_prefix("w1.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(a, b)| Some((unhex(a)?, unhex(b)?)))
+        .map(Some)
+        .ok_or_else(bad_token)
+}
+
+/// Bytes a repeated message or string field of `len` encoded bytes adds to its parent.
+fn field_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// Cuts `c`'s lists (imports, then services without a VIP, then nodes) until it encodes in
+/// `budget` bytes, marking it `truncated`; the counts stay complete.
+fn fit_cluster(c: &mut ClusterInfo, budget: usize) {
+    use prost::Message;
+    if c.encoded_len() <= budget {
+        return;
+    }
+    c.truncated = true;
+    let over = |c: &ClusterInfo| c.encoded_len().saturating_sub(budget);
+    let mut excess = over(c);
+    if let Some(imports) = &mut c.imports {
+        while excess > 0 {
+            let Some(s) = imports.services.pop() else {
+                break;
+            };
+            excess = excess.saturating_sub(field_len(s.len()));
+        }
+    }
+    let mut excess = over(c);
+    while excess > 0 {
+        let Some(s) = c.services_without_vip.pop() else {
+            break;
+        };
+        excess = excess.saturating_sub(field_len(s.len()));
+    }
+    let mut excess = over(c);
+    while excess > 0 {
+        let Some(n) = c.nodes.pop() else { break };
+        excess = excess.saturating_sub(field_len(n.encoded_len()));
+    }
+}
+
+fn cluster_info(c: ClusterStatus, include_imports: bool) -> ClusterInfo {
     ClusterInfo {
+        imports_count: c.imports_count,
+        nodes_count: c.nodes.len() as u64,
+        truncated: false,
         cluster_id: c.cluster.cluster_id,
         region: c.cluster.region,
         zone: c.cluster.zone,
@@ -53,9 +166,12 @@ fn cluster_info(c: ClusterStatus) -> ClusterInfo {
                 acked_generation: n.acked_generation,
             })
             .collect(),
-        imports: c.imports.map(|services| ImportedServices {
-            services: services.into_iter().collect(),
-        }),
+        imports: c
+            .imports
+            .filter(|_| include_imports)
+            .map(|services| ImportedServices {
+                services: services.into_iter().collect(),
+            }),
         services_without_vip: c.services_without_vip.into_iter().collect(),
     }
 }
@@ -85,14 +201,52 @@ fn policy_change(m: &SetPolicyRequest) -> Result<PolicyChange, Status> {
 impl Admin for AdminService {
     async fn list_clusters(
         &self,
-        _req: Request<ListClustersRequest>,
+        req: Request<ListClustersRequest>,
     ) -> Result<Response<ListClustersResponse>, Status> {
-        let report = self.engine.cluster_status().await.map_err(engine_status)?;
-        Ok(Response::new(ListClustersResponse {
-            clusters: report.clusters.into_iter().map(cluster_info).collect(),
+        use prost::Message;
+        let m = req.into_inner();
+        let after = parse_clusters_token(&m.page_token)?;
+        let size = page_size(m.page_size, CLUSTERS_PAGE_DEFAULT, CLUSTERS_PAGE_MAX);
+        let report = self
+            .engine
+            .cluster_status(m.include_imports)
+            .await
+            .map_err(engine_status)?;
+        let mut out = ListClustersResponse {
+            clusters: Vec::new(),
             stale_after_ms: report.stale_after_ms,
             cluster_expiry_ms: report.cluster_expiry_ms,
-        }))
+            next_page_token: String::new(),
+        };
+        // Sorted by id: the page starts after the token's cluster.
+        let rest: Vec<ClusterStatus> = report
+            .clusters
+            .into_iter()
+            .filter(|c| after.as_ref().is_none_or(|a| c.cluster.cluster_id > *a))
+            .collect();
+        let total = rest.len();
+        // Room for the token itself.
+        let budget = PAGE_BYTES - 1024;
+        for c in rest {
+            if out.clusters.len() >= size {
+                break;
+            }
+            let mut info = cluster_info(c, m.include_imports);
+            let used = out.encoded_len();
+            if out.clusters.is_empty() {
+                // One cluster is always sent, cut to fit when it alone is too large.
+                fit_cluster(&mut info, budget.saturating_sub(used + 8));
+            } else if used + field_len(info.encoded_len()) > budget {
+                break;
+            }
+            out.clusters.push(info);
+        }
+        if out.clusters.len() < total {
+            if let Some(last) = out.clusters.last() {
+                out.next_page_token = clusters_token(&last.cluster_id);
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn get_weights(
@@ -106,20 +260,49 @@ impl Admin for AdminService {
         if !m.source_cluster_id.is_empty() {
             check_cluster_id("source_cluster_id", &m.source_cluster_id)?;
         }
+        let after = parse_weights_token(&m.page_token)?;
+        let size = page_size(m.page_size, WEIGHTS_PAGE_DEFAULT, WEIGHTS_PAGE_MAX);
         let p = self.engine.current();
-        let weights = p
-            .entries
-            .iter()
+        let range = match &after {
+            Some(k) => p.entries.range::<(String, String), _>((
+                std::ops::Bound::Excluded(k),
+                std::ops::Bound::Unbounded,
+            )),
+            None => p.entries.range::<(String, String), _>(..),
+        };
+        let mut matching = range
             .filter(|((svc, src), _)| {
                 (m.service.is_empty() || *svc == m.service)
                     && (m.source_cluster_id.is_empty() || *src == m.source_cluster_id)
             })
-            .map(|((svc, src), e)| update_of(p.generation, svc, src, e))
-            .collect();
-        Ok(Response::new(GetWeightsResponse {
+            .peekable();
+        let mut out = GetWeightsResponse {
             generation: p.generation,
-            weights,
-        }))
+            weights: Vec::new(),
+            next_page_token: String::new(),
+        };
+        let mut used = 16;
+        let mut last: Option<(&String, &String)> = None;
+        while let Some(((svc, src), e)) = matching.peek() {
+            if out.weights.len() >= size {
+                break;
+            }
+            let u = update_of(p.generation, svc, src, e);
+            let len = field_len(prost::Message::encoded_len(&u));
+            if !out.weights.is_empty() && used + len > PAGE_BYTES - 1024 {
+                break;
+            }
+            used += len;
+            last = Some((svc, src));
+            out.weights.push(u);
+            matching.next();
+        }
+        if matching.peek().is_some() {
+            if let Some((svc, src)) = last {
+                out.next_page_token = weights_token(svc, src);
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn set_policy(

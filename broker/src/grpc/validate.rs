@@ -41,6 +41,11 @@ pub(crate) fn engine_status(e: EngineError) -> Status {
         EngineError::Store(s @ ballast_store::StoreError::PolicyHeldByCrd { .. }) => {
             Status::failed_precondition(s.to_string())
         }
+        // A bound on stored state (nodes or imports per cluster, services): named with its flag.
+        EngineError::Store(s @ ballast_store::StoreError::Limit { .. }) => {
+            Status::resource_exhausted(s.to_string())
+        }
+        e @ EngineError::TooManyServices { .. } => Status::resource_exhausted(e.to_string()),
         EngineError::Store(s) => internal(s),
     }
 }

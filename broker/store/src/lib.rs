@@ -59,6 +59,43 @@ pub enum StoreError {
     /// Two CRD policies given for one scope in one sync.
     #[error("policy scope {0:?} given twice in one CRD sync")]
     DuplicateScope(String),
+    /// A write that would take a cluster over one of the [`StoreLimits`]; nothing of it
+    /// was stored.
+    #[error("{what}: over the limit of {limit} (the broker's {flag}); nothing of it was stored")]
+    Limit {
+        /// What is over the limit, e.g. `cluster "c1" would have 5001 nodes`.
+        what: String,
+        /// The limit.
+        limit: u64,
+        /// The `ballast-broker serve` flag that sets it.
+        flag: &'static str,
+    },
+}
+
+/// Bounds on what the store keeps per cluster, checked in the writing transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Nodes (agents) per cluster: a registration or report of a new node beyond it is
+    /// refused (`--max-nodes-per-cluster`).
+    pub max_nodes_per_cluster: u64,
+    /// Distinct services a cluster's nodes declare they import, the union over its nodes:
+    /// a declaration that would take the cluster beyond it is refused
+    /// (`--max-imports-per-cluster`).
+    pub max_imports_per_cluster: u64,
+}
+
+/// Default of [`StoreLimits::max_nodes_per_cluster`].
+pub const DEFAULT_MAX_NODES_PER_CLUSTER: u64 = 5000;
+/// Default of [`StoreLimits::max_imports_per_cluster`].
+pub const DEFAULT_MAX_IMPORTS_PER_CLUSTER: u64 = 20_000;
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_nodes_per_cluster: DEFAULT_MAX_NODES_PER_CLUSTER,
+            max_imports_per_cluster: DEFAULT_MAX_IMPORTS_PER_CLUSTER,
+        }
+    }
 }
 
 pub(crate) type Result<T> = std::result::Result<T, StoreError>;
@@ -98,6 +135,7 @@ pub(crate) fn values_list(backend: Backend, rows: usize, cols: usize) -> String 
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    limits: StoreLimits,
 }
 
 /// `sqlite://PATH?mode=rwc`: the URL of a SQLite file, created when missing.
@@ -139,7 +177,67 @@ impl Store {
                 .await?;
         }
         sqlx::migrate!("../../migrations").run(&pool).await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            limits: StoreLimits::default(),
+        })
+    }
+
+    /// The same store (pool) with other limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: StoreLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits writes are checked against.
+    #[must_use]
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    /// Refuses a new node of `cluster_id` beyond [`StoreLimits::max_nodes_per_cluster`]
+    /// (inside the writing transaction; an existing node always passes).
+    pub(crate) async fn check_node_limit(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        cluster_id: &str,
+        node_name: &str,
+    ) -> Result<()> {
+        use sqlx::Row;
+        // A write first (a no-op on a known node, nothing on a new one): on SQLite a
+        // transaction that reads first and writes later fails at once (SQLITE_BUSY) when
+        // another writer committed in between, where one that starts with a write waits.
+        let known = sqlx::query(
+            "UPDATE agents SET agent_version = agent_version \
+             WHERE cluster_id = $1 AND node_name = $2",
+        )
+        .bind(cluster_id)
+        .bind(node_name)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if known > 0 {
+            return Ok(());
+        }
+        let nodes: i64 = sqlx::query("SELECT COUNT(*) AS n FROM agents WHERE cluster_id = $1")
+            .bind(cluster_id)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("n")?;
+        let max = self.limits.max_nodes_per_cluster;
+        if u64::try_from(nodes).unwrap_or(0) >= max {
+            return Err(StoreError::Limit {
+                what: format!(
+                    "node {node_name:?} of cluster {cluster_id:?}: the cluster has {nodes} nodes \
+                     (max_nodes_per_cluster)"
+                ),
+                limit: max,
+                flag: "--max-nodes-per-cluster",
+            });
+        }
+        Ok(())
     }
 
     /// Which database this is.

@@ -8,7 +8,22 @@ use sqlx::Row;
 use crate::records::{
     CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord, RttRecord, WithoutVipRecord,
 };
-use crate::{b2i, values_list, Result, Store, WEIGHT_ROWS_PER_INSERT};
+use crate::{b2i, values_list, Result, Store, StoreError, WEIGHT_ROWS_PER_INSERT};
+
+/// The nodes whose imports count as of a cut (`$1` = `$2` = the cut): those heard from
+/// since, or all of a cluster's when none was. Followed by a SELECT and [`COUNTED_FROM`].
+const COUNTED_IMPORTS: &str = "WITH h AS (SELECT d.cluster_id, d.node_name, \
+    CASE WHEN COALESCE(a.last_report_ms, 0) > d.declared_at_ms \
+    THEN a.last_report_ms ELSE d.declared_at_ms END AS heard \
+    FROM import_declarations d LEFT JOIN agents a \
+    ON a.cluster_id = d.cluster_id AND a.node_name = d.node_name), \
+    f AS (SELECT cluster_id, MAX(heard) AS newest FROM h GROUP BY cluster_id)";
+
+/// The FROM and WHERE of a query over the counted imports (see [`COUNTED_IMPORTS`]).
+const COUNTED_FROM: &str = "FROM imports i \
+    JOIN h ON h.cluster_id = i.cluster_id AND h.node_name = i.node_name \
+    JOIN f ON f.cluster_id = i.cluster_id \
+    WHERE h.heard >= $1 OR f.newest < $2";
 
 impl Store {
     /// Stores one report atomically: every sample replaces the previous one of its key, and
@@ -16,10 +31,17 @@ impl Store {
     /// deleted (withdrawn) in the same transaction, and its imports without a VIP are
     /// replaced by the report's list.
     ///
+    /// A report of a new node beyond [`crate::StoreLimits::max_nodes_per_cluster`], or whose
+    /// imports would take its cluster (the union over its nodes) beyond
+    /// [`crate::StoreLimits::max_imports_per_cluster`], is refused whole.
+    ///
     /// # Errors
-    /// A database error (then nothing of the report is stored).
+    /// [`StoreError::Limit`] over a limit; a database error (then nothing of the report is
+    /// stored).
     pub async fn store_report(&self, report: &ReportRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        self.check_node_limit(&mut tx, &report.cluster_id, &report.node_name)
+            .await?;
         if report.full_set {
             // What the node no longer states is withdrawn: its samples are replaced whole.
             for (table, cluster_column) in [
@@ -87,6 +109,7 @@ impl Store {
         }
         if let Some(services) = &report.imports {
             self.replace_imports(&mut tx, report, services).await?;
+            self.check_import_limit(&mut tx, &report.cluster_id).await?;
         }
         if report.full_set {
             self.replace_without_vip(&mut tx, report).await?;
@@ -144,6 +167,34 @@ impl Store {
         Ok(())
     }
 
+    /// Refuses (before the commit) a cluster whose nodes now declare more distinct services
+    /// than [`crate::StoreLimits::max_imports_per_cluster`]: one indexed COUNT over the cluster's
+    /// rows, in the report's transaction.
+    async fn check_import_limit(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        cluster_id: &str,
+    ) -> Result<()> {
+        let n: i64 =
+            sqlx::query("SELECT COUNT(DISTINCT service) AS n FROM imports WHERE cluster_id = $1")
+                .bind(cluster_id)
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("n")?;
+        let max = self.limits.max_imports_per_cluster;
+        if u64::try_from(n).unwrap_or(0) > max {
+            return Err(StoreError::Limit {
+                what: format!(
+                    "imports: cluster {cluster_id:?} would import {n} distinct services \
+                     (the union over its nodes; max_imports_per_cluster)"
+                ),
+                limit: max,
+                flag: "--max-imports-per-cluster",
+            });
+        }
+        Ok(())
+    }
+
     /// Replaces one node's imports without a VIP (inside the report's transaction).
     async fn replace_without_vip(
         &self,
@@ -192,7 +243,7 @@ impl Store {
     /// A database error (then nothing is deleted).
     pub async fn prune_import_declarations(&self, cut_ms: i64) -> Result<u64> {
         let gone: Vec<(String, String)> = self
-            .imports()
+            .declaration_heads()
             .await?
             .into_iter()
             .filter(|d| d.heard_at_ms < cut_ms)
@@ -217,11 +268,8 @@ impl Store {
         Ok(gone.len() as u64)
     }
 
-    /// Every node's import declaration (nodes that never declared have none).
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn imports(&self) -> Result<Vec<ImportDeclaration>> {
+    /// Every node's import declaration head (no services): one row per declaring node.
+    async fn declaration_heads(&self) -> Result<Vec<ImportDeclaration>> {
         let decls = sqlx::query(
             "SELECT d.cluster_id, d.node_name, d.declared_at_ms, \
              COALESCE(a.last_report_ms, d.declared_at_ms) AS last_report_ms \
@@ -231,23 +279,33 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        let mut out: BTreeMap<(String, String), ImportDeclaration> = BTreeMap::new();
+        let mut out = Vec::with_capacity(decls.len());
         for r in &decls {
-            let (cluster_id, node_name): (String, String) =
-                (r.try_get("cluster_id")?, r.try_get("node_name")?);
             let declared_at_ms: i64 = r.try_get("declared_at_ms")?;
             let last_report_ms: i64 = r.try_get("last_report_ms")?;
-            out.insert(
-                (cluster_id.clone(), node_name.clone()),
-                ImportDeclaration {
-                    cluster_id,
-                    node_name,
-                    declared_at_ms,
-                    heard_at_ms: declared_at_ms.max(last_report_ms),
-                    services: BTreeSet::new(),
-                },
-            );
+            out.push(ImportDeclaration {
+                cluster_id: r.try_get("cluster_id")?,
+                node_name: r.try_get("node_name")?,
+                declared_at_ms,
+                heard_at_ms: declared_at_ms.max(last_report_ms),
+                services: BTreeSet::new(),
+            });
         }
+        Ok(out)
+    }
+
+    /// Every node's import declaration (nodes that never declared have none). Reads one row
+    /// per (node, service): for tests and tools; a round reads [`Store::cluster_imports`].
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn imports(&self) -> Result<Vec<ImportDeclaration>> {
+        let mut out: BTreeMap<(String, String), ImportDeclaration> = self
+            .declaration_heads()
+            .await?
+            .into_iter()
+            .map(|d| ((d.cluster_id.clone(), d.node_name.clone()), d))
+            .collect();
         let rows = sqlx::query("SELECT cluster_id, node_name, service FROM imports")
             .fetch_all(&self.pool)
             .await?;
@@ -258,6 +316,97 @@ impl Store {
             }
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Each declaring cluster's imports as of the freshness cut `cut_ms`, aggregated in the
+    /// database: one [`ImportDeclaration`] per cluster (`node_name` empty) whose services are
+    /// the distinct services of its nodes heard from at or after `cut_ms`, or of all its
+    /// nodes when none was, and whose times are the newest of its nodes. What is read grows
+    /// with clusters x distinct services, not with nodes x services.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_imports(&self, cut_ms: i64) -> Result<Vec<ImportDeclaration>> {
+        let mut out: BTreeMap<String, ImportDeclaration> = self
+            .cluster_import_heads()
+            .await?
+            .into_iter()
+            .map(|d| (d.cluster_id.clone(), d))
+            .collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COUNTED_IMPORTS} SELECT DISTINCT i.cluster_id, i.service {COUNTED_FROM}"
+        )))
+        .bind(cut_ms)
+        .bind(cut_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &rows {
+            let cluster: String = r.try_get("cluster_id")?;
+            if let Some(d) = out.get_mut(&cluster) {
+                d.services.insert(r.try_get("service")?);
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// How many distinct services each declaring cluster imports as of `cut_ms` (the
+    /// length of [`Store::cluster_imports`]' sets; a cluster that declared nothing is absent),
+    /// counted in the database without reading the names.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_import_counts(&self, cut_ms: i64) -> Result<BTreeMap<String, u64>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COUNTED_IMPORTS} SELECT i.cluster_id, COUNT(DISTINCT i.service) AS n \
+             {COUNTED_FROM} GROUP BY i.cluster_id"
+        )))
+        .bind(cut_ms)
+        .bind(cut_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let n: i64 = r.try_get("n")?;
+                Ok((r.try_get("cluster_id")?, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Each declaring cluster with the newest times of its nodes and no services
+    /// ([`Store::cluster_imports`] without reading the names).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn cluster_import_heads(&self) -> Result<Vec<ImportDeclaration>> {
+        let mut out: BTreeMap<String, ImportDeclaration> = BTreeMap::new();
+        for d in self.declaration_heads().await? {
+            let e = out
+                .entry(d.cluster_id.clone())
+                .or_insert_with(|| ImportDeclaration {
+                    cluster_id: d.cluster_id.clone(),
+                    node_name: String::new(),
+                    declared_at_ms: i64::MIN,
+                    heard_at_ms: i64::MIN,
+                    services: BTreeSet::new(),
+                });
+            e.declared_at_ms = e.declared_at_ms.max(d.declared_at_ms);
+            e.heard_at_ms = e.heard_at_ms.max(d.heard_at_ms);
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// The distinct services that have a stored capacity or RPS sample.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn services(&self) -> Result<BTreeSet<String>> {
+        let rows =
+            sqlx::query("SELECT service FROM capacity_latest UNION SELECT service FROM rps_latest")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("service")?))
+            .collect()
     }
 
     /// Every stored RTT sample.

@@ -9,9 +9,13 @@ impl Store {
     /// Inserts or updates a cluster and one of its agents, atomically.
     ///
     /// # Errors
-    /// A database error.
+    /// [`StoreError::Limit`](crate::StoreError::Limit) for a new node beyond
+    /// [`StoreLimits::max_nodes_per_cluster`](crate::StoreLimits) (nothing stored); a
+    /// database error.
     pub async fn register(&self, cluster: &ClusterRecord, agent: &AgentRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        self.check_node_limit(&mut tx, &agent.cluster_id, &agent.node_name)
+            .await?;
         sqlx::query(
             "INSERT INTO clusters (cluster_id, region, zone, provider, gateway_address, \
              registered_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \

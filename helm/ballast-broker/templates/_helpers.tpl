@@ -118,6 +118,12 @@ Secret in deployment.yaml, never passed as an argument (visible in /proc/PID/cmd
 - {{ .Values.grpc.maxConnectionsPerPeer | int | toString | quote }}
 - --max-streams-per-connection
 - {{ .Values.grpc.maxStreamsPerConnection | int | toString | quote }}
+- --max-nodes-per-cluster
+- {{ .Values.limits.maxNodesPerCluster | int | toString | quote }}
+- --max-imports-per-cluster
+- {{ .Values.limits.maxImportsPerCluster | int | toString | quote }}
+- --max-services
+- {{ .Values.limits.maxServices | int | toString | quote }}
 - --max-step
 - {{ .Values.solver.maxStep | quote }}
 - --keep-generations

@@ -71,15 +71,27 @@ pub struct SolveView {
 pub fn solve_view(cp: &ControlPlane, wan_netns: &str, service: Option<&str>) -> Result<SolveView> {
     let filter = service.unwrap_or_default().to_string();
     call(cp, wan_netns, "GetWeights, Explain", |mut c| async move {
-        let w = c
-            .get_weights(GetWeightsRequest {
-                service: filter,
-                source_cluster_id: String::new(),
-            })
-            .await?
-            .into_inner();
+        // every page of the published (service, source) pairs
+        let mut rows = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = c
+                .get_weights(GetWeightsRequest {
+                    service: filter.clone(),
+                    source_cluster_id: String::new(),
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            rows.extend(page.weights);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
         let mut v = SolveView::default();
-        for row in w.weights {
+        for row in rows {
             let req = ExplainRequest {
                 service: row.service.clone(),
                 source_cluster_id: row.source_cluster_id.clone(),
@@ -110,9 +122,47 @@ pub fn broker_view(cp: &ControlPlane, wan_netns: &str) -> Result<BrokerView> {
         wan_netns,
         "GetWeights, ListClusters",
         |mut c| async move {
-            let w = c.get_weights(GetWeightsRequest::default()).await?;
-            let l = c.list_clusters(ListClustersRequest {}).await?;
-            Ok((w.into_inner(), l.into_inner()))
+            // Both answers come in pages (of ~1 MB at most): follow them.
+            let mut w = GetWeightsResponse::default();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .get_weights(GetWeightsRequest {
+                        page_token: token,
+                        ..GetWeightsRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                if !w.weights.is_empty() && page.generation != w.generation {
+                    // Published in between: start over on the new generation.
+                    w = GetWeightsResponse::default();
+                    token = String::new();
+                    continue;
+                }
+                w.generation = page.generation;
+                w.weights.extend(page.weights);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            let mut l = ListClustersResponse::default();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list_clusters(ListClustersRequest {
+                        page_token: token,
+                        ..ListClustersRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                l.clusters.extend(page.clusters);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            Ok((w, l))
         },
     )?;
     Ok(view(weights, clusters))
@@ -265,6 +315,7 @@ mod tests {
                 status: ballast_proto::v1::WeightsStatus::Stale.into(),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let node = |acked| NodeInfo {
             acked_generation: acked,
@@ -306,6 +357,7 @@ mod tests {
                 policy: 99,
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let v = view(w, ListClustersResponse::default());
         assert!(v.policy.is_empty());
