@@ -29,6 +29,12 @@ pub struct WeightLabels {
 }
 
 /// Labels of the published entries' count.
+/// The flag that sets a limit (`--max-nodes-per-cluster`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct FlagLabels {
+    pub flag: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
@@ -58,6 +64,8 @@ pub struct Metrics {
     pub rejected: Counter,
     /// Connections closed at once: the total or per-peer connection cap was reached.
     pub connections_refused: Counter,
+    /// Registers and reports refused by a bound on stored state, by its flag.
+    pub limit_refusals: Family<FlagLabels, Counter>,
     /// Accepts that failed for want of file descriptors (the listener then backs off).
     pub accept_fd_exhausted: Counter,
     /// The published weights: (service, source, destination) -> weight.
@@ -90,6 +98,12 @@ impl Metrics {
         let reports = Counter::default();
         let rejected = Counter::default();
         let connections_refused = Counter::default();
+        let limit_refusals = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Registers and reports refused by a bound on stored state (nodes or imports per cluster, services), by the flag that sets it",
+            limit_refusals.clone(),
+        );
         let accept_fd_exhausted = Counter::default();
         registry.register(
             "connections_refused",
@@ -162,6 +176,7 @@ impl Metrics {
             reports,
             rejected,
             connections_refused,
+            limit_refusals,
             accept_fd_exhausted,
             weight,
             published_entries,
@@ -207,6 +222,15 @@ impl Metrics {
                 })
                 .set(n);
         }
+    }
+
+    /// Counts one refusal by the limit `flag` sets.
+    pub fn count_limit_refusal(&self, flag: &str) {
+        self.limit_refusals
+            .get_or_create(&FlagLabels {
+                flag: flag.to_owned(),
+            })
+            .inc();
     }
 
     /// The registry every metric is in (what the admin server exposes).

@@ -99,6 +99,16 @@ async fn state_limits_are_resource_exhausted_naming_the_flag() {
     b.engine().run_round().await.unwrap();
     let snap = b.engine().store().capacity().await.unwrap();
     assert!(snap.iter().all(|c| c.service != "ns/s3"), "{snap:?}");
+    // every refusal is counted by its flag
+    let text = b.engine().metrics().render();
+    for (flag, n) in [
+        ("--max-nodes-per-cluster", 2),
+        ("--max-imports-per-cluster", 1),
+        ("--max-services", 1),
+    ] {
+        let line = format!("ballast_broker_limit_refusals_total{{flag=\"{flag}\"}} {n}");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
     b.stop().await;
 }
 

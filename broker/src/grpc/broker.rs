@@ -56,6 +56,21 @@ impl BrokerService {
         s
     }
 
+    /// The status of an engine error; a refusal by a bound on stored state is counted in
+    /// `ballast_broker_limit_refusals_total{flag}`.
+    fn engine_refusal(&self, e: crate::engine::EngineError) -> Status {
+        use crate::engine::EngineError;
+        let flag = match &e {
+            EngineError::Store(ballast_store::StoreError::Limit { flag, .. }) => Some(*flag),
+            EngineError::TooManyServices { .. } => Some("--max-services"),
+            _ => None,
+        };
+        if let Some(flag) = flag {
+            self.engine.metrics().count_limit_refusal(flag);
+        }
+        engine_status(e)
+    }
+
     fn require_registered(&self, cluster_id: &str) -> Result<(), Status> {
         if self.engine.is_known(cluster_id) {
             Ok(())
@@ -146,7 +161,7 @@ impl Broker for BrokerService {
                 agent_version: m.agent_version,
             })
             .await
-            .map_err(engine_status)?;
+            .map_err(|e| self.engine_refusal(e))?;
         Ok(Response::new(RegisterResponse {
             cluster_id: m.cluster_id,
             report_interval_ms: self.settings.report_interval_ms,
@@ -179,7 +194,7 @@ impl Broker for BrokerService {
             self.engine
                 .ingest_report(&rec)
                 .await
-                .map_err(engine_status)?;
+                .map_err(|e| self.engine_refusal(e))?;
             summary.messages += 1;
             summary.rtt_samples += rec.rtt.len() as u64;
             summary.rps_samples += rec.rps.len() as u64;
