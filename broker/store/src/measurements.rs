@@ -25,6 +25,24 @@ const COUNTED_FROM: &str = "FROM imports i \
     JOIN f ON f.cluster_id = i.cluster_id \
     WHERE h.heard >= $1 OR f.newest < $2";
 
+/// The tables that hold one row per (cluster, node, service) a node states.
+#[derive(Debug, Clone, Copy)]
+enum NodeServices {
+    /// `imports`: the services a node declares it imports.
+    Imports,
+    /// `services_without_vip`: the imports a node cannot steer for want of a VIP.
+    WithoutVip,
+}
+
+impl NodeServices {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Imports => "imports",
+            Self::WithoutVip => "services_without_vip",
+        }
+    }
+}
+
 impl Store {
     /// Stores one report atomically: every sample replaces the previous one of its key, and
     /// with [`ReportRecord::full_set`] the node's samples the report does not state are
@@ -145,14 +163,30 @@ impl Store {
         .bind(report.received_at_ms)
         .execute(&mut **tx)
         .await?;
-        sqlx::query("DELETE FROM imports WHERE cluster_id = $1 AND node_name = $2")
-            .bind(&report.cluster_id)
-            .bind(&report.node_name)
-            .execute(&mut **tx)
-            .await?;
+        self.replace_node_services(tx, NodeServices::Imports, report, services)
+            .await
+    }
+
+    /// Replaces one node's rows of a (cluster_id, node_name, service) table with `services`
+    /// (inside the report's transaction): one DELETE, then multi-row INSERTs.
+    async fn replace_node_services(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        table: NodeServices,
+        report: &ReportRecord,
+        services: &[String],
+    ) -> Result<()> {
+        let table = table.name();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE cluster_id = $1 AND node_name = $2"
+        )))
+        .bind(&report.cluster_id)
+        .bind(&report.node_name)
+        .execute(&mut **tx)
+        .await?;
         for chunk in services.chunks(WEIGHT_ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO imports (cluster_id, node_name, service) VALUES {}",
+                "INSERT INTO {table} (cluster_id, node_name, service) VALUES {}",
                 values_list(self.backend, chunk.len(), 3)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -201,26 +235,13 @@ impl Store {
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         report: &ReportRecord,
     ) -> Result<()> {
-        sqlx::query("DELETE FROM services_without_vip WHERE cluster_id = $1 AND node_name = $2")
-            .bind(&report.cluster_id)
-            .bind(&report.node_name)
-            .execute(&mut **tx)
-            .await?;
-        for chunk in report.services_without_vip.chunks(WEIGHT_ROWS_PER_INSERT) {
-            let sql = format!(
-                "INSERT INTO services_without_vip (cluster_id, node_name, service) VALUES {}",
-                values_list(self.backend, chunk.len(), 3)
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for service in chunk {
-                q = q
-                    .bind(&report.cluster_id)
-                    .bind(&report.node_name)
-                    .bind(service);
-            }
-            q.execute(&mut **tx).await?;
-        }
-        Ok(())
+        self.replace_node_services(
+            tx,
+            NodeServices::WithoutVip,
+            report,
+            &report.services_without_vip,
+        )
+        .await
     }
 
     /// Every node's imports without a VIP, sorted by cluster, node, service.
