@@ -871,6 +871,39 @@ async fn explain_states_the_solved_capacity_of_a_cluster_once_over_its_nodes() {
         [("c2".to_string(), 1000.0)].into(),
         "c2's capacity counted once over its three nodes"
     );
+    // `ballast-broker admin explain` prints it in the destination's row
+    use ballast_broker::cli::admin::{run, AdminArgs, AdminCommand};
+    let files = tls_of(&bundle, &bundle.admin);
+    for (name, pem) in [
+        ("ca.pem", &files.ca_pem),
+        ("admin.pem", &files.cert_pem),
+        ("admin-key.pem", &files.key_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let out = run(&AdminArgs {
+        broker: format!("https://127.0.0.1:{}", b.addr.port()),
+        server_name: "localhost".into(),
+        tls: ballast_broker::cli::args::TlsArgs {
+            ca: Some(dir.path().join("ca.pem")),
+            cert: Some(dir.path().join("admin.pem")),
+            key: Some(dir.path().join("admin-key.pem")),
+            insecure: false,
+        },
+        command: AdminCommand::Explain {
+            service: "ns/web".into(),
+            source: "c1".into(),
+            json: false,
+        },
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("CAPACITY"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("c2 "))
+        .unwrap_or_else(|| panic!("a row for c2 in\n{out}"));
+    assert!(row.contains("1000.0"), "{row}");
     drop(watch);
     b.stop().await;
 }

@@ -413,17 +413,23 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                 );
                 let _ = writeln!(
                     out,
-                    "{:<16} {:>10} {:>10} {:>8}  NOTES",
-                    "DESTINATION", "COST", "FLOW_RPS", "WEIGHT"
+                    "{:<16} {:>10} {:>10} {:>8} {:>12}  NOTES",
+                    "DESTINATION", "COST", "FLOW_RPS", "WEIGHT", "CAPACITY"
                 );
                 for d in &r.destinations {
+                    // the capacity the last round solved with: one figure per cluster
+                    let capacity = r
+                        .solved_capacity_rps
+                        .get(&d.cluster_id)
+                        .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
                     let _ = writeln!(
                         out,
-                        "{:<16} {:>10.4} {:>10.2} {:>8.4}  {}",
+                        "{:<16} {:>10.4} {:>10.2} {:>8.4} {:>12}  {}",
                         d.cluster_id,
                         d.cost,
                         d.flow_rps,
                         d.weight,
+                        capacity,
                         d.notes.join(", ")
                     );
                 }
