@@ -34,6 +34,7 @@ pub mod config;
 mod dataplane;
 mod error;
 pub mod layout;
+pub mod reuseport;
 mod spec;
 pub mod sys;
 
