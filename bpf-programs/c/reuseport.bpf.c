@@ -52,13 +52,15 @@ SEC("sk_reuseport/migrate")
 int blst_reuseport(struct sk_reuseport_md *ctx)
 {
 	int migrating = ctx->migrating_sk != 0;
-	__u32 slot;
+	__u32 primary = 0, standby = 1;
 
-	for (slot = 0; slot < 2; slot++) {
-		if (bpf_sk_select_reuseport(ctx, &blst_reuse, &slot, 0) == 0) {
-			count(slot, migrating);
-			return SK_PASS;
-		}
+	if (bpf_sk_select_reuseport(ctx, &blst_reuse, &primary, 0) == 0) {
+		count(0, migrating);
+		return SK_PASS;
+	}
+	if (bpf_sk_select_reuseport(ctx, &blst_reuse, &standby, 0) == 0) {
+		count(1, migrating);
+		return SK_PASS;
 	}
 	count(2, migrating);
 	return SK_PASS;

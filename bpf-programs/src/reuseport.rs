@@ -50,21 +50,21 @@ pub enum Slot {
 /// Errors of the reuseport loader.
 #[derive(Debug, thiserror::Error)]
 pub enum ReuseportError {
-    #[error("pin dir {path}: {source}")]
+    #[error("pin dir {path}")]
     PinDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("loading the sk_reuseport object: {0}")]
+    #[error("loading the sk_reuseport object")]
     Load(#[from] EbpfError),
-    #[error("sk_reuseport program {PROGRAM}: {0}")]
+    #[error("sk_reuseport program {PROGRAM}")]
     Program(#[from] ProgramError),
     #[error("pinning {PROGRAM} at {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("map {map}: {reason}")]
     Map { map: &'static str, reason: String },
-    #[error("{op} on slot {slot}: {source}")]
+    #[error("{op} on slot {slot}")]
     Slot {
         op: &'static str,
         slot: u32,
@@ -260,14 +260,16 @@ impl ReuseportGroup {
         }
     }
 
-    /// Takes over: `socket` into slot 0 first (so a slot is filled at every moment), then
-    /// slot 1 cleared if it held `socket`.
+    /// Takes over: slot 1 cleared if it held `socket`, then `socket` into slot 0. (A socket
+    /// can sit in one slot only — the kernel answers `EBUSY` — so for the few microseconds
+    /// in between no slot is filled and the kernel picks by hash among the group's
+    /// listeners; at a takeover the primary's is gone, so that is this one.)
     ///
     /// # Errors
     /// A map operation failed.
     pub fn promote(&mut self, socket: &impl AsRawFd) -> Result<(), ReuseportError> {
-        self.set(Slot::Primary, socket)?;
         self.clear_if(Slot::Standby, socket)?;
+        self.set(Slot::Primary, socket)?;
         Ok(())
     }
 

@@ -23,7 +23,7 @@ pub use shared::{default_pin_dir, ReuseportConfig, SharedListener, LISTEN_BACKLO
 /// Failures of the hot-standby machinery.
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
-    #[error("database lock {path}: {source}")]
+    #[error("database lock {path}")]
     Lock {
         path: std::path::PathBuf,
         #[source]
@@ -31,13 +31,13 @@ pub enum StandbyError {
     },
     #[error("database lock {path}: the waiting thread ended without the lock")]
     LockThread { path: std::path::PathBuf },
-    #[error("--reuseport listener {addr}: {source}")]
+    #[error("--reuseport listener {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("--reuseport program (pin dir {pin_dir}): {source}")]
+    #[error("--reuseport program (pin dir {pin_dir})")]
     Program {
         pin_dir: std::path::PathBuf,
         #[source]
