@@ -357,15 +357,15 @@ async fn lock_database(
         s.enter_standby()?;
     }
     let who = holder.map_or_else(|| "another process".to_string(), |p| format!("pid {p}"));
+    warn!(
+        lock = %waiter.path().display(),
+        "waiting for the database lock held by {who} (hot standby)"
+    );
     metrics.standby.set(1);
     readiness.set_not_ready(format!(
         "hot standby: waiting for the database lock held by {who}"
     ));
     let admin = bind_admin(cfg, metrics, readiness).await?;
-    warn!(
-        lock = %waiter.path().display(),
-        "waiting for the database lock held by {who} (hot standby)"
-    );
     let t0 = std::time::Instant::now();
     let lock = waiter.wait().await?;
     metrics.standby.set(0);
