@@ -547,12 +547,7 @@ async fn hot_standby_takes_over_with_no_refused_or_reset_connect() {
     // Agents: the watch ends with the primary; the same clients reconnect (to the standby,
     // the only process left), a new cluster's Register is stored and the generation goes on.
     let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match watch.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = watch.message().await {}
     })
     .await;
     assert!(end.is_ok(), "the watch stream ended with the primary");

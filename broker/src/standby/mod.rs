@@ -41,6 +41,6 @@ pub enum StandbyError {
     Program {
         pin_dir: std::path::PathBuf,
         #[source]
-        source: ballast_bpf::reuseport::ReuseportError,
+        source: Box<ballast_bpf::reuseport::ReuseportError>,
     },
 }

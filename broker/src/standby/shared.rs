@@ -58,7 +58,7 @@ impl SharedListener {
         let group = if cfg.program {
             let prog_err = |source| StandbyError::Program {
                 pin_dir: cfg.pin_dir.clone(),
-                source,
+                source: Box::new(source),
             };
             let group = ReuseportGroup::open(&cfg.pin_dir).map_err(prog_err)?;
             group.attach(&listener).map_err(prog_err)?;
@@ -91,7 +91,7 @@ impl SharedListener {
             g.set(Slot::Standby, &self.listener)
                 .map_err(|source| StandbyError::Program {
                     pin_dir: g.pin_dir().to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(())
@@ -106,7 +106,7 @@ impl SharedListener {
             g.promote(&self.listener)
                 .map_err(|source| StandbyError::Program {
                     pin_dir: g.pin_dir().to_path_buf(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(())
