@@ -27,6 +27,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`reuseport`] is apart from the data plane: the `sk_reuseport` program with which two
+//! broker processes share a port (hot standby).
+//!
 //! Cluster ids: the kernel stores a `u32` per backend, [`cluster_id`] of the cluster name
 //! (FNV-1a 32-bit; a decimal name is its own number); names are kept in a map for display.
 

@@ -10,6 +10,11 @@
 //! `not ready: store unreachable: database: …; solver: last completed round 95 s ago …`.
 //! (There is no leader election yet: every broker solves. With one, a standby would be
 //! ready on the store alone.)
+//!
+//! On SQLite, [`start`] first takes the database lock ([`crate::standby`]): a second process
+//! on the same file waits there as a hot standby (`/ready` 503, `ballast_broker_standby` 1)
+//! before anything touches the store; with `--reuseport` its listener is bound and in the
+//! program's standby slot before it waits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
