@@ -347,7 +347,11 @@ impl Run {
             ),
             None => println!("  takeover: no handshake completed after SIGKILL"),
         }
-        if let Some(l) = self.standby_log.lines().find(|l| l.contains("taking over")) {
+        for l in self
+            .standby_log
+            .lines()
+            .filter(|l| l.contains("taking over") || l.contains("broker serving"))
+        {
             println!("  standby log: {}", l.trim());
         }
         if let Some(s) = self.stats {
