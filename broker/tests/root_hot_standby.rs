@@ -449,14 +449,14 @@ fn kill_under_load(setup: &Setup, mut primary: Kill, program: bool) -> Run {
     }
 }
 
-fn start_pair(setup: &Setup, program: bool) -> (Kill, SocketAddr, SocketAddr) {
+fn start_pair(setup: &Setup, program: bool) -> (Kill, SocketAddr) {
     let m1 = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let m2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let primary = setup.serve("primary", m1, program);
     wait_for("the primary's /ready", Duration::from_secs(30), || {
         http_get(m1, "/ready").is_some_and(|(s, _)| s == 200)
     });
-    (primary, m1, m2)
+    (primary, m2)
 }
 
 fn start_standby(setup: &Setup, m2: SocketAddr, program: bool) -> Kill {
@@ -499,7 +499,7 @@ async fn hot_standby_takes_over_with_no_refused_or_reset_connect() {
     // ---- with the program
     let setup = Setup::new("bpf");
     let addr = setup.addr();
-    let (primary, _m1, m2) = start_pair(&setup, true);
+    let (primary, m2) = start_pair(&setup, true);
     let c1_tls = tls_of(&setup.bundle, cluster_pair(&setup.bundle, "c1"));
     let c2_tls = tls_of(&setup.bundle, cluster_pair(&setup.bundle, "c2"));
     let c3_tls = tls_of(&setup.bundle, cluster_pair(&setup.bundle, "c3"));
@@ -600,7 +600,7 @@ async fn hot_standby_takes_over_with_no_refused_or_reset_connect() {
 
     // ---- without the program: plain SO_REUSEPORT
     let plain = Setup::new("plain");
-    let (primary, _m1, m2) = start_pair(&plain, false);
+    let (primary, m2) = start_pair(&plain, false);
     let standby = start_standby(&plain, m2, false);
     let run_plain = tokio::task::block_in_place(|| kill_under_load(&plain, primary, false));
     run_plain.print("plain SO_REUSEPORT (no program)");
