@@ -17,6 +17,7 @@
 //! - [`prereq`]: prerequisites (MCS CRDs, kernel, cgroup v2, BTF, bpffs), each named when missing
 //! - [`lifecycle`]: on exit, whether to detach (`--detach-on-exit auto`: the DaemonSet gone)
 
+pub mod brokers;
 pub mod capacity;
 pub mod catalog;
 pub mod config;

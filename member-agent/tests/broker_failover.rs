@@ -1,0 +1,289 @@
+//! Agent failover between broker replicas, with real processes' worth of parts: two real
+//! brokers (ballast-broker's server, each on its own SQLite store) over real mutual TLS on
+//! loopback, the agent's broker session given both addresses as names (`localhost`, resolved
+//! to 127.0.0.1 and verified against the name). The first broker is stopped: the session
+//! moves to the second by itself, registers, and receives weights there; the failover is
+//! counted once, the replica gauge flips, and nothing reaches the installer in between (the
+//! installed weights stay). While the first broker is healthy the session does not move.
+//! The real binary refuses a bad `--broker` list naming the flag.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ballast_agent::catalog::Cluster;
+use ballast_agent::metrics::Metrics;
+use ballast_agent::session::{self, SessionConfig, SessionIo};
+use ballast_broker::certs::{generate, Bundle};
+use ballast_broker::server::{start, Running, ServeConfig};
+use ballast_broker::tls::TlsFiles;
+use ballast_proto::v1::broker_client::BrokerClient;
+use ballast_proto::v1::{Ack, CapacitySample, RegisterRequest, ReportRequest, WeightsUpdate};
+use ballast_store::sqlite_url;
+use ballast_types::now_ms;
+use tokio::sync::{mpsc, watch};
+
+async fn broker(db: &std::path::Path, tls: TlsFiles) -> Running {
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut c = ServeConfig::new(listen, sqlite_url(db), Some(tls));
+    c.solve_interval = Duration::from_secs(3600);
+    c.debounce = Duration::from_millis(5);
+    c.engine.max_step = None;
+    start(c).await.expect("broker starts")
+}
+
+fn cap(rps: f64) -> CapacitySample {
+    CapacitySample {
+        service: "shop/web".into(),
+        capacity_rps: rps,
+        measured_at_ms: 0,
+    }
+}
+
+/// West, serving shop/web, registers with and reports to the broker on `port`.
+async fn west_serves(bundle: &Bundle, port: u16) {
+    let west = &bundle.clusters.iter().find(|(c, _)| c == "west").unwrap().1;
+    let ch = bundle
+        .tls_files(west)
+        .localhost_channel(port)
+        .await
+        .unwrap();
+    let mut w = BrokerClient::new(ch);
+    w.register(RegisterRequest {
+        cluster_id: "west".into(),
+        region: "eu-west-1".into(),
+        zone: "eu-west-1a".into(),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.2".into(),
+        agent_version: "test".into(),
+        node_name: "n1".into(),
+    })
+    .await
+    .unwrap();
+    let r = ReportRequest {
+        cluster_id: "west".into(),
+        node_name: "n1".into(),
+        measured_at_ms: now_ms(),
+        capacity: vec![cap(1000.0)],
+        ..ReportRequest::default()
+    };
+    w.report(futures::stream::iter(vec![r])).await.unwrap();
+}
+
+/// The value of `ballast_agent_broker_replica{address}` (None: not exposed).
+fn replica_gauge(m: &Metrics, address: &str) -> Option<i64> {
+    let needle = format!("ballast_agent_broker_replica{{address=\"{address}\"}} ");
+    m.encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).and_then(|v| v.trim().parse().ok()))
+}
+
+fn failovers(m: &Metrics) -> Option<u64> {
+    m.encode().lines().find_map(|l| {
+        l.strip_prefix("ballast_agent_broker_failovers_total ")
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The next batch holding east's shop/web weights (20 s at most).
+async fn next_web(rx: &mut mpsc::Receiver<Vec<WeightsUpdate>>) -> WeightsUpdate {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let batch = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("a weights batch in time")
+            .expect("session alive");
+        if let Some(u) = batch
+            .into_iter()
+            .find(|u| u.service == "shop/web" && u.source_cluster_id == "east")
+        {
+            return u;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&["east".to_owned(), "west".to_owned()], &[]).unwrap();
+    let write = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let east = &bundle.clusters.iter().find(|(c, _)| c == "east").unwrap().1;
+    let ca = write("ca.pem", &bundle.ca.cert_pem);
+    let cert = write("east.pem", &east.cert_pem);
+    let key = write("east-key.pem", &east.key_pem);
+    let server_tls = bundle.tls_files(&bundle.server);
+    let a = broker(&dir.path().join("a.db"), server_tls.clone()).await;
+    let b = broker(&dir.path().join("b.db"), server_tls).await;
+    let (port_a, port_b) = (a.addr.port(), b.addr.port());
+    west_serves(&bundle, port_a).await;
+    west_serves(&bundle, port_b).await;
+    // the addresses dialed: localhost resolved (the certificate is verified against the name)
+    let addr_a = format!("https://127.0.0.1:{port_a}");
+    let addr_b = format!("https://127.0.0.1:{port_b}");
+
+    let east_report = ReportRequest {
+        cluster_id: "east".into(),
+        node_name: "n1".into(),
+        measured_at_ms: now_ms(),
+        capacity: vec![cap(1000.0)],
+        ..ReportRequest::default()
+    };
+    let (_reports_tx, reports_rx) = watch::channel(Some(east_report));
+    let (updates_tx, mut updates_rx) = mpsc::channel(16);
+    let (acks_tx, acks_rx) = mpsc::channel(16);
+    let (gen_tx, gen_rx) = watch::channel(0);
+    let (peers_tx, _peers_rx) = watch::channel(std::sync::Arc::new(Vec::new()));
+    let metrics = Metrics::new();
+    let backoff_min = Duration::from_millis(200);
+    let cfg = SessionConfig {
+        // one address per flag value would do the same: the list is what --broker resolves to
+        endpoints: ballast_agent::brokers::parse_list(&[format!(
+            "https://localhost:{port_a},https://localhost:{port_b}"
+        )])
+        .unwrap(),
+        server_name: None,
+        ca,
+        cert,
+        key,
+        cluster: Cluster {
+            id: "east".into(),
+            region: Some("us-east-1".into()),
+            zone: Some("us-east-1a".into()),
+            provider: Some("aws".into()),
+            gateway: Some("127.0.0.1".parse().unwrap()),
+        },
+        node_name: "n1".into(),
+        report_interval: Duration::from_millis(100),
+        // the agent's own backoff (main.rs): 200 ms to 15 s
+        backoff_min,
+        backoff_max: Duration::from_secs(15),
+    };
+    let session = tokio::spawn(session::run(
+        cfg,
+        SessionIo {
+            reports: reports_rx,
+            updates: updates_tx,
+            acks: acks_rx,
+            installed_generation: gen_rx,
+            peers: peers_tx,
+            metrics: metrics.clone(),
+        },
+    ));
+
+    // The test is the installer: what it holds is the data plane's weights.
+    let mut installed: BTreeMap<String, WeightsUpdate> = BTreeMap::new();
+    let install = |u: WeightsUpdate, installed: &mut BTreeMap<String, WeightsUpdate>| {
+        let total: f64 = u.weights.values().sum();
+        assert!((total - 1.0).abs() < 1e-9, "{:?}", u.weights);
+        gen_tx.send_replace(u.generation);
+        let ack = Ack {
+            cluster_id: "east".into(),
+            node_name: "n1".into(),
+            generation: u.generation,
+            service: u.service.clone(),
+            applied: true,
+            error: String::new(),
+        };
+        installed.insert(u.service.clone(), u);
+        ack
+    };
+    let u = next_web(&mut updates_rx).await;
+    let gen_a = u.generation;
+    acks_tx.send(install(u, &mut installed)).await.unwrap();
+    assert_eq!(replica_gauge(&metrics, &addr_a), Some(1));
+    assert_eq!(replica_gauge(&metrics, &addr_b), Some(0));
+    assert_eq!(failovers(&metrics), Some(0));
+
+    // healthy: no move (acks, reports and the watch go on on A)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        replica_gauge(&metrics, &addr_a),
+        Some(1),
+        "stays while healthy"
+    );
+    assert_eq!(failovers(&metrics), Some(0));
+    while let Ok(batch) = updates_rx.try_recv() {
+        for u in batch {
+            let ack = install(u, &mut installed);
+            acks_tx.send(ack).await.unwrap();
+        }
+    }
+    let before = installed.clone();
+    assert!(before.contains_key("shop/web"));
+
+    // A goes away
+    let t0 = Instant::now();
+    a.stop().await;
+    let stopped = t0.elapsed();
+    // until B is in use, nothing reaches the installer: the installed weights stay
+    let moved = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no failover within 20 s; metrics:\n{}",
+            metrics.encode()
+        );
+        if replica_gauge(&metrics, &addr_b) == Some(1) {
+            break t0.elapsed();
+        }
+        if let Ok(batch) = updates_rx.try_recv() {
+            // a batch A published just before it stopped may still land; it is weights, never
+            // an empty set
+            assert!(batch.iter().all(|u| !u.weights.is_empty()), "{batch:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        installed, before,
+        "the data plane keeps its weights during the move"
+    );
+    assert_eq!(replica_gauge(&metrics, &addr_a), Some(0));
+    assert_eq!(failovers(&metrics), Some(1));
+
+    // weights flow again, from B
+    let u = next_web(&mut updates_rx).await;
+    let weights_again = t0.elapsed();
+    let gen_b = u.generation;
+    assert!(u.weights.contains_key("west"), "{:?}", u.weights);
+    acks_tx.send(install(u, &mut installed)).await.unwrap();
+    println!(
+        "failover: A stopped in {stopped:?}; registered on B {moved:?} after the stop began, \
+         weights from B after {weights_again:?} (backoff min {backoff_min:?}); generations A {gen_a}, B {gen_b}"
+    );
+    assert!(
+        weights_again < Duration::from_secs(10),
+        "failover took {weights_again:?}"
+    );
+
+    // and it stays on B (no flapping back while B is healthy)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(replica_gauge(&metrics, &addr_b), Some(1));
+    assert_eq!(failovers(&metrics), Some(1));
+    assert!(!session.is_finished());
+    session.abort();
+    b.stop().await;
+}
+
+#[test]
+fn the_binary_refuses_a_bad_broker_list_naming_the_flag() {
+    let cg = tempfile::tempdir().unwrap();
+    for (list, bad) in [
+        ("https://a:7443,http://b:7443", "http://b:7443"),
+        ("https://a:7443,https://a b:7443", "a b"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ballast-agent"))
+            .args(["--cluster-id", "east", "--node-name", "n1", "--cgroup"])
+            .arg(cg.path())
+            .args(["--broker", list])
+            .env_remove("BALLAST_BROKER")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{list} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--broker") && err.contains(bad), "{err}");
+    }
+}
