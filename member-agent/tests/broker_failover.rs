@@ -1,11 +1,13 @@
-//! Agent failover between broker replicas, with real processes' worth of parts: two real
-//! brokers (ballast-broker's server, each on its own SQLite store) over real mutual TLS on
-//! loopback, the agent's broker session given both addresses as names (`localhost`, resolved
-//! to 127.0.0.1 and verified against the name). The first broker is stopped: the session
-//! moves to the second by itself, registers, and receives weights there; the failover is
-//! counted once, the replica gauge flips, and nothing reaches the installer in between (the
-//! installed weights stay). While the first broker is healthy the session does not move.
-//! The real binary refuses a bad `--broker` list naming the flag.
+//! Agent failover between broker replicas: two real brokers (ballast-broker's server, each on
+//! its own SQLite store) over real mutual TLS on loopback sockets, the agent's broker session
+//! given both addresses as names (`localhost`, resolved to 127.0.0.1 and verified against the
+//! name). The first broker goes away — stopped, killed (every connection and its port closed
+//! at once, through a TCP proxy), or hung (connections open, nothing answered) — and the
+//! session moves to the second by itself, registers, and receives weights there; the
+//! failover is counted once, the replica gauge flips, and nothing reaches the installer in
+//! between (the installed weights stay). While a broker is healthy the session does not move.
+//! The real binary refuses a bad `--broker` list naming the flag. Each test prints the time
+//! measured.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -103,8 +105,72 @@ async fn next_web(rx: &mut mpsc::Receiver<Vec<WeightsUpdate>>) -> WeightsUpdate 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
+/// How the first broker goes away.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// `Running::stop`: the server shuts down (connections closed, listener gone).
+    Stop,
+    /// Every connection to it closed at once and its port closed, as the kernel does for a
+    /// killed process (the broker itself, behind a proxy, never learns of it).
+    Kill,
+    /// It stops answering but its connections stay open (a hung process, a partition): only
+    /// the HTTP/2 keepalive (10 s, 5 s timeout) can tell.
+    Hang,
+}
+
+/// A TCP proxy in front of `upstream`: `kill` closes every connection and the port, `hang`
+/// stops forwarding while keeping every socket open.
+struct Proxy {
+    port: u16,
+    tasks: tokio::task::JoinSet<()>,
+    hung: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (hung, hung_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut down, _)) = l.accept().await else {
+                    return;
+                };
+                let mut hung = hung_rx.clone();
+                conns.spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        () = async { let _ = hung.wait_for(|h| *h).await; } => {
+                            // keep both ends open, forward nothing
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, tasks, hung }
+    }
+
+    /// Closes every connection and the listening port.
+    fn kill(&mut self) {
+        // the accept loop owns the connections' tasks: aborting it drops them all
+        self.tasks.abort_all();
+    }
+
+    fn hang(&self) {
+        self.hung.send_replace(true);
+    }
+}
+
+/// Two brokers (A behind a proxy for `Kill` and `Hang`), a session given both, the first
+/// weights from A; then A goes away as `fault` says. Checks the move and returns the time
+/// from the fault to B's first weights.
+async fn failover(fault: Fault) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let bundle = generate(&["east".to_owned(), "west".to_owned()], &[]).unwrap();
     let write = |name: &str, pem: &str| {
@@ -119,9 +185,14 @@ async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
     let server_tls = bundle.tls_files(&bundle.server);
     let a = broker(&dir.path().join("a.db"), server_tls.clone()).await;
     let b = broker(&dir.path().join("b.db"), server_tls).await;
-    let (port_a, port_b) = (a.addr.port(), b.addr.port());
-    west_serves(&bundle, port_a).await;
-    west_serves(&bundle, port_b).await;
+    west_serves(&bundle, a.addr.port()).await;
+    west_serves(&bundle, b.addr.port()).await;
+    let mut proxy = match fault {
+        Fault::Stop => None,
+        Fault::Kill | Fault::Hang => Some(Proxy::start(a.addr).await),
+    };
+    let port_a = proxy.as_ref().map_or(a.addr.port(), |p| p.port);
+    let port_b = b.addr.port();
     // the addresses dialed: localhost resolved (the certificate is verified against the name)
     let addr_a = format!("https://127.0.0.1:{port_a}");
     let addr_b = format!("https://127.0.0.1:{port_b}");
@@ -141,7 +212,7 @@ async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
     let metrics = Metrics::new();
     let backoff_min = Duration::from_millis(200);
     let cfg = SessionConfig {
-        // one address per flag value would do the same: the list is what --broker resolves to
+        // what `--broker https://localhost:A,https://localhost:B` resolves to
         endpoints: ballast_agent::brokers::parse_list(&[format!(
             "https://localhost:{port_a},https://localhost:{port_b}"
         )])
@@ -218,21 +289,35 @@ async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
 
     // A goes away
     let t0 = Instant::now();
-    a.stop().await;
-    let stopped = t0.elapsed();
+    let mut a = Some(a);
+    match (fault, proxy.as_mut()) {
+        (Fault::Stop, _) => {
+            if let Some(a) = a.take() {
+                a.stop().await;
+            }
+        }
+        (Fault::Kill, Some(p)) => p.kill(),
+        (Fault::Hang, Some(p)) => p.hang(),
+        _ => unreachable!("a proxy for kill and hang"),
+    }
     // until B is in use, nothing reaches the installer: the installed weights stay
+    let bound = match fault {
+        Fault::Stop | Fault::Kill => Duration::from_secs(10),
+        // keepalive: a ping every 10 s, 5 s for its answer
+        Fault::Hang => Duration::from_secs(30),
+    };
     let moved = loop {
         assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no failover within 20 s; metrics:\n{}",
+            t0.elapsed() < bound,
+            "{fault:?}: no failover within {bound:?}; metrics:\n{}",
             metrics.encode()
         );
         if replica_gauge(&metrics, &addr_b) == Some(1) {
             break t0.elapsed();
         }
         if let Ok(batch) = updates_rx.try_recv() {
-            // a batch A published just before it stopped may still land; it is weights, never
-            // an empty set
+            // a batch A published just before it went away may still land; it is weights,
+            // never an empty set
             assert!(batch.iter().all(|u| !u.weights.is_empty()), "{batch:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -251,12 +336,8 @@ async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
     assert!(u.weights.contains_key("west"), "{:?}", u.weights);
     acks_tx.send(install(u, &mut installed)).await.unwrap();
     println!(
-        "failover: A stopped in {stopped:?}; registered on B {moved:?} after the stop began, \
-         weights from B after {weights_again:?} (backoff min {backoff_min:?}); generations A {gen_a}, B {gen_b}"
-    );
-    assert!(
-        weights_again < Duration::from_secs(10),
-        "failover took {weights_again:?}"
+        "failover ({fault:?}): registered on B {moved:?} after the fault, weights from B after \
+         {weights_again:?} (backoff min {backoff_min:?}); generations A {gen_a}, B {gen_b}"
     );
 
     // and it stays on B (no flapping back while B is healthy)
@@ -265,7 +346,31 @@ async fn session_fails_over_to_the_next_broker_and_keeps_its_weights() {
     assert_eq!(failovers(&metrics), Some(1));
     assert!(!session.is_finished());
     session.abort();
+    drop(proxy);
+    if let Some(a) = a {
+        a.stop().await;
+    }
     b.stop().await;
+    weights_again
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_broker_the_session_moves_to_the_next_and_keeps_its_weights() {
+    let took = failover(Fault::Stop).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_broker_the_session_moves_to_the_next_and_keeps_its_weights() {
+    let took = failover(Fault::Kill).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_broker_is_left_after_the_keepalive_timeout() {
+    let took = failover(Fault::Hang).await;
+    // detected by the keepalive: at most 10 s + 5 s, then the backoff and a new session
+    assert!(took < Duration::from_secs(20), "{took:?}");
 }
 
 #[test]
