@@ -50,7 +50,9 @@ pub enum SessionError {
         endpoint: String,
         source: tonic::transport::Error,
     },
-    #[error("connecting to the broker: {0}")]
+    /// With the causes (tonic's own message is only "transport error"), e.g. a certificate
+    /// not valid for the name.
+    #[error("connecting to the broker: {}", with_causes(.0))]
     Connect(tonic::transport::Error),
     #[error("broker {rpc}: {status}")]
     Rpc {
@@ -59,6 +61,21 @@ pub enum SessionError {
     },
     #[error("the installer stopped")]
     InstallerGone,
+}
+
+/// `e` and its causes, `: `-separated.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !out.ends_with(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// What the session needs.
@@ -396,7 +413,9 @@ pub fn unknown_peer(status: &tonic::Status) -> Option<String> {
 /// `PERMISSION_DENIED`, ...) would be the same on every replica: the session stays.
 pub fn moves_on(err: &SessionError) -> bool {
     match err {
-        SessionError::Connect(_) => true,
+        // an address that cannot be dialed (or whose endpoint cannot be built) is left for
+        // the next one
+        SessionError::Connect(_) | SessionError::Endpoint { .. } => true,
         SessionError::Rpc { status, .. } => matches!(
             status.code(),
             tonic::Code::Unavailable
@@ -404,9 +423,8 @@ pub fn moves_on(err: &SessionError) -> bool {
                 | tonic::Code::Cancelled
                 | tonic::Code::DeadlineExceeded
         ),
-        SessionError::Read { .. } | SessionError::Endpoint { .. } | SessionError::InstallerGone => {
-            false
-        }
+        // the TLS files are the same for every replica
+        SessionError::Read { .. } | SessionError::InstallerGone => false,
     }
 }
 
@@ -593,6 +611,11 @@ mod tests {
         assert!(!moves_on(&st(tonic::Code::InvalidArgument)));
         assert!(!moves_on(&st(tonic::Code::PermissionDenied)));
         assert!(!moves_on(&SessionError::InstallerGone));
+        assert!(!moves_on(&SessionError::Read {
+            what: "--ca",
+            path: "/nowhere".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }));
     }
 
     #[test]

@@ -392,3 +392,84 @@ fn the_binary_refuses_a_bad_broker_list_naming_the_flag() {
         assert!(err.contains("--broker") && err.contains(bad), "{err}");
     }
 }
+
+/// A resolved address is dialed by IP while the certificate is verified against the name it
+/// was resolved from: the same IP with another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_verified_against_the_name_not_the_ip() {
+    use ballast_agent::brokers::{self, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&["east".to_owned()], &[]).unwrap();
+    let write = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let east = &bundle.clusters[0].1;
+    let b = broker(&dir.path().join("b.db"), bundle.tls_files(&bundle.server)).await;
+    let port = b.addr.port();
+    let cfg = SessionConfig {
+        endpoints: brokers::parse_list(&[format!("https://localhost:{port}")]).unwrap(),
+        server_name: None,
+        ca: write("ca.pem", &bundle.ca.cert_pem),
+        cert: write("east.pem", &east.cert_pem),
+        key: write("east-key.pem", &east.key_pem),
+        cluster: Cluster {
+            id: "east".into(),
+            region: None,
+            zone: None,
+            provider: None,
+            gateway: None,
+        },
+        node_name: "n1".into(),
+        report_interval: Duration::from_secs(1),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+    };
+    let targets = brokers::resolve(&cfg.endpoints).await;
+    let target = targets
+        .iter()
+        .find(|t| t.uri == format!("https://127.0.0.1:{port}"))
+        .unwrap_or_else(|| panic!("localhost resolves to 127.0.0.1: {targets:?}"));
+    assert_eq!(target.domain, "localhost");
+    let mut client = BrokerClient::new(session::connect(&cfg, target).await.unwrap());
+    client
+        .register(RegisterRequest {
+            cluster_id: "east".into(),
+            region: "us-east-1".into(),
+            zone: "us-east-1a".into(),
+            provider: "aws".into(),
+            agent_version: "test".into(),
+            node_name: "n1".into(),
+            ..RegisterRequest::default()
+        })
+        .await
+        .expect("the name is in the certificate");
+    let wrong = Target {
+        uri: target.uri.clone(),
+        domain: "elsewhere.example".into(),
+    };
+    let chain = |e: &dyn std::error::Error| {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push_str(&format!(": {s}"));
+            cur = s.source();
+        }
+        out
+    };
+    let refused = match session::connect(&cfg, &wrong).await {
+        Err(e) => chain(&e),
+        Ok(ch) => BrokerClient::new(ch)
+            .register(RegisterRequest::default())
+            .await
+            .expect_err("a name not in the certificate")
+            .to_string(),
+    };
+    println!("another name on the same IP: {refused}");
+    assert!(
+        refused.contains("NotValidForName") || refused.contains("certificate"),
+        "{refused}"
+    );
+    b.stop().await;
+}

@@ -104,6 +104,12 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 {{- if gt (int .Values.replicaCount) 1 }}
 - --replicas
 - {{ .Values.replicaCount | int | toString | quote }}
+- --replica-id
+- "$(POD_NAME)"
+{{- if .Values.ha.leaseTime }}
+- --lease-time
+- {{ .Values.ha.leaseTime | quote }}
+{{- end }}
 {{- end }}
 {{- if eq .Values.storage.type "sqlite" }}
 - --database
