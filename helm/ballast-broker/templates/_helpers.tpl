@@ -68,9 +68,6 @@ app.kubernetes.io/part-of: ballast
 {{- if and (eq .Values.storage.type "sqlite") (gt (int .Values.replicaCount) 1) }}
 {{- fail "replicaCount: must be 1 with storage.type sqlite (one SQLite file, one writer)" }}
 {{- end }}
-{{- if lt (int .Values.replicaCount) 1 }}
-{{- fail (printf "replicaCount: %v must be at least 1" .Values.replicaCount) }}
-{{- end }}
 {{- if not (has .Values.ha.podAntiAffinity (list "preferred" "required" "none")) }}
 {{- fail (printf "ha.podAntiAffinity: %q is not one of preferred, required, none" .Values.ha.podAntiAffinity) }}
 {{- end }}
