@@ -5,7 +5,8 @@
 //! at once, through a TCP proxy), or hung (connections open, nothing answered) — and the
 //! session moves to the second by itself, registers, and receives weights there; the
 //! failover is counted once, the replica gauge flips, and nothing reaches the installer in
-//! between (the installed weights stay). While a broker is healthy the session does not move.
+//! between (the installed weights stay). While a broker is healthy the session does not move
+//! (nor back to the stopped one once it is started again).
 //! The real binary refuses a bad `--broker` list naming the flag. Each test prints the time
 //! measured.
 #![allow(clippy::unwrap_used)]
@@ -27,7 +28,10 @@ use ballast_types::now_ms;
 use tokio::sync::{mpsc, watch};
 
 async fn broker(db: &std::path::Path, tls: TlsFiles) -> Running {
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    broker_on("127.0.0.1:0".parse().unwrap(), db, tls).await
+}
+
+async fn broker_on(listen: SocketAddr, db: &std::path::Path, tls: TlsFiles) -> Running {
     let mut c = ServeConfig::new(listen, sqlite_url(db), Some(tls));
     c.solve_interval = Duration::from_secs(3600);
     c.debounce = Duration::from_millis(5);
@@ -184,7 +188,8 @@ async fn failover(fault: Fault) -> Duration {
     let key = write("east-key.pem", &east.key_pem);
     let server_tls = bundle.tls_files(&bundle.server);
     let a = broker(&dir.path().join("a.db"), server_tls.clone()).await;
-    let b = broker(&dir.path().join("b.db"), server_tls).await;
+    let b = broker(&dir.path().join("b.db"), server_tls.clone()).await;
+    let a_listen = a.addr;
     west_serves(&bundle, a.addr.port()).await;
     west_serves(&bundle, b.addr.port()).await;
     let mut proxy = match fault {
@@ -340,8 +345,11 @@ async fn failover(fault: Fault) -> Duration {
          {weights_again:?} (backoff min {backoff_min:?}); generations A {gen_a}, B {gen_b}"
     );
 
-    // and it stays on B (no flapping back while B is healthy)
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // and it stays on B (no flapping back while B is healthy), also once A is back
+    if matches!(fault, Fault::Stop) {
+        a = Some(broker_on(a_listen, &dir.path().join("a.db"), server_tls).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(replica_gauge(&metrics, &addr_b), Some(1));
     assert_eq!(failovers(&metrics), Some(1));
     assert!(!session.is_finished());
