@@ -27,6 +27,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`reuseport`] is apart from the data plane: the `sk_reuseport` program with which two
+//! broker processes share a port (hot standby).
+//!
 //! Cluster ids: the kernel stores a `u32` per backend, [`cluster_id`] of the cluster name
 //! (FNV-1a 32-bit; a decimal name is its own number); names are kept in a map for display.
 
@@ -34,6 +37,7 @@ pub mod config;
 mod dataplane;
 mod error;
 pub mod layout;
+pub mod reuseport;
 mod spec;
 pub mod sys;
 

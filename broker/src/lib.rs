@@ -6,6 +6,7 @@
 //!   solve loop, metrics) that offers the operations the gRPC layer calls;
 //! - [`grpc`]: the Broker and Admin services — conversion, validation, identity;
 //! - [`listener`]: the gRPC accept loop with connection caps and descriptor back-off;
+//! - [`standby`]: hot standby on one host (SQLite lock, `--reuseport` listener);
 //! - [`server`]: wiring (store, engine, gRPC over mTLS, admin HTTP port) for `serve`;
 //! - [`policy`]: the policy CRDs resolved, watched and applied;
 //! - [`tls`] and [`certs`]: mTLS material and the lab certificate generator;
@@ -20,4 +21,5 @@ pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod standby;
 pub mod tls;

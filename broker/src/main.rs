@@ -37,9 +37,14 @@ enum Command {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let cfg = args.to_config().map_err(anyhow::Error::msg)?;
-    let mut running = ballast_broker::server::start(cfg)
-        .await
-        .context("starting the broker")?;
+    // A hot standby waits inside `start` for the database lock: a signal then ends it.
+    let mut running = tokio::select! {
+        r = ballast_broker::server::start(cfg) => r.context("starting the broker")?,
+        () = ballast_runtime::shutdown_signal() => {
+            tracing::info!("shutting down before serving");
+            return Ok(());
+        }
+    };
     let fallback = ballast_broker::policy::ClusterPolicy {
         policy: running.engine().config().policy,
         params: running.engine().config().params,

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub limit_refusals: Family<FlagLabels, Counter>,
     /// Accepts that failed for want of file descriptors (the listener then backs off).
     pub accept_fd_exhausted: Counter,
+    /// 1 while this process waits, as a hot standby, for the database lock.
+    pub standby: Gauge,
     /// The published weights: (service, source, destination) -> weight.
     pub weight: Family<WeightLabels, Gauge<f64, AtomicU64>>,
     /// The published (service, source) entries by status.
@@ -105,6 +107,12 @@ impl Metrics {
             limit_refusals.clone(),
         );
         let accept_fd_exhausted = Counter::default();
+        let standby = Gauge::default();
+        registry.register(
+            "standby",
+            "1 while this process waits, as a hot standby, for the database lock held by another broker process",
+            standby.clone(),
+        );
         registry.register(
             "connections_refused",
             "gRPC connections closed at once because the total or per-peer cap was reached",
@@ -178,6 +186,7 @@ impl Metrics {
             connections_refused,
             limit_refusals,
             accept_fd_exhausted,
+            standby,
             weight,
             published_entries,
             weight_series: Mutex::new(BTreeSet::new()),

@@ -10,6 +10,11 @@
 //! `not ready: store unreachable: database: …; solver: last completed round 95 s ago …`.
 //! (There is no leader election yet: every broker solves. With one, a standby would be
 //! ready on the store alone.)
+//!
+//! On SQLite, [`start`] first takes the database lock ([`crate::standby`]): a second process
+//! on the same file waits there as a hot standby (`/ready` 503, `ballast_broker_standby` 1)
+//! before anything touches the store; with `--reuseport` its listener is bound and in the
+//! program's standby slot before it waits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use crate::engine::{now_ms, Engine, EngineConfig, EngineError, LoopHealth};
 use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
 use crate::listener::{ConnectionLimits, ListenerMetrics};
 use crate::metrics::Metrics;
+use crate::standby::{DbLock, LockAttempt, ReuseportConfig, SharedListener, StandbyError};
 use crate::tls::TlsFiles;
 use ballast_store::{Store, StoreError};
 
@@ -53,6 +59,8 @@ pub struct ServeConfig {
     pub connections: ConnectionSettings,
     /// Model and staleness settings.
     pub engine: EngineConfig,
+    /// `--reuseport`: share the gRPC port with a hot standby (see [`crate::standby`]).
+    pub reuseport: Option<ReuseportConfig>,
 }
 
 impl ServeConfig {
@@ -70,6 +78,7 @@ impl ServeConfig {
             max_message_bytes: 4 * 1024 * 1024,
             connections: ConnectionSettings::default(),
             engine: EngineConfig::default(),
+            reuseport: None,
         }
     }
 }
@@ -122,6 +131,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Admin(ballast_runtime::RuntimeError),
+    #[error(transparent)]
+    Standby(#[from] StandbyError),
 }
 
 /// A running broker.
@@ -136,6 +147,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     admin: Option<HttpAdmin>,
     readiness: Readiness,
+    /// SQLite: the single-writer lock, held until the process ends.
+    _db_lock: Option<DbLock>,
 }
 
 impl Running {
@@ -180,6 +193,17 @@ impl Running {
 /// # Errors
 /// [`ServeError`] when the store, a listener or the TLS material is unusable.
 pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Readiness::default();
+    // Hot standby: the shared listener first (a standby's socket takes slot 1, so the kernel
+    // has somewhere to queue connections the moment the primary's is gone), then the
+    // database lock; nothing opens the store before it is held.
+    let mut shared = match &cfg.reuseport {
+        Some(r) => Some(SharedListener::bind(cfg.listen, r)?),
+        None => None,
+    };
+    let (db_lock, mut http_admin) =
+        lock_database(&cfg, &metrics, &readiness, shared.as_mut()).await?;
     let store = Store::connect(&cfg.database_url).await?;
     let p = cfg.engine.prices;
     let now = crate::engine::now_ms();
@@ -191,16 +215,21 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     ] {
         store.set_price(tier, v, now).await?;
     }
-    let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(Engine::load(store, cfg.engine.clone(), metrics.clone()).await?);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = match shared {
+        Some(mut s) => {
+            s.promote()?;
+            s.into_listener()
+        }
+        None => tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            })?,
+    };
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.listen,
         source,
@@ -266,16 +295,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     }));
 
-    // /metrics, /live and /ready; ready from here on (store open, generation loaded,
-    // gRPC listener bound) until stop.
-    let readiness = Readiness::default();
-    let admin = match cfg.metrics_addr {
-        Some(maddr) => Some(
-            HttpAdmin::bind(maddr, metrics.registry(), readiness.clone())
-                .await
-                .map_err(ServeError::Admin)?,
-        ),
-        None => None,
+    // /metrics, /live and /ready (already up when this process waited as a standby); ready
+    // from here on (store open, generation loaded, gRPC listener bound) until stop.
+    let admin = match http_admin.take() {
+        Some(a) => Some(a),
+        None => bind_admin(&cfg, &metrics, &readiness).await?,
     };
     let metrics_addr = admin.as_ref().map(HttpAdmin::local_addr);
     let (e, interval) = (engine.clone(), cfg.solve_interval);
@@ -298,7 +322,66 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         tasks,
         admin,
         readiness,
+        _db_lock: db_lock,
     })
+}
+
+async fn bind_admin(
+    cfg: &ServeConfig,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Result<Option<HttpAdmin>, ServeError> {
+    match cfg.metrics_addr {
+        Some(maddr) => Ok(Some(
+            HttpAdmin::bind(maddr, metrics.registry(), readiness.clone())
+                .await
+                .map_err(ServeError::Admin)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// On SQLite, takes the database lock, waiting as a hot standby while another process holds
+/// it: `--reuseport`'s socket in slot 1, `ballast_broker_standby` 1, `/metrics` and `/live`
+/// up (returned, bound early) and `/ready` 503 with the reason. PostgreSQL and in-memory
+/// SQLite: no lock.
+async fn lock_database(
+    cfg: &ServeConfig,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    shared: Option<&mut SharedListener>,
+) -> Result<(Option<DbLock>, Option<HttpAdmin>), ServeError> {
+    let Some(db) = crate::standby::sqlite_file(&cfg.database_url) else {
+        return Ok((None, None));
+    };
+    let (holder, waiter) = match DbLock::try_acquire(&db)? {
+        LockAttempt::Acquired(lock) => return Ok((Some(lock), None)),
+        LockAttempt::Held { holder, waiter } => (holder, waiter),
+    };
+    if let Some(s) = shared {
+        s.enter_standby()?;
+    }
+    let who = holder.map_or_else(|| "another process".to_string(), |p| format!("pid {p}"));
+    warn!(
+        lock = %waiter.path().display(),
+        "waiting for the database lock held by {who} (hot standby)"
+    );
+    metrics.standby.set(1);
+    readiness.set_not_ready(format!(
+        "hot standby: waiting for the database lock held by {who}"
+    ));
+    let admin = bind_admin(cfg, metrics, readiness).await?;
+    let t0 = std::time::Instant::now();
+    let lock = waiter.wait().await?;
+    metrics.standby.set(0);
+    let waited = t0.elapsed();
+    info!(
+        waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+        lock = %lock.path().display(),
+        "hot standby taking over: database lock acquired after {:.3} s of waiting",
+        waited.as_secs_f64()
+    );
+    Ok((Some(lock), admin))
 }
 
 /// How long `/ready` waits for the store's answer.

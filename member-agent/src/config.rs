@@ -169,10 +169,19 @@ pub struct IdentityArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Broker")]
 pub struct BrokerArgs {
-    /// Broker endpoint, `https://host:port`. Without it the agent measures and serves
-    /// metrics but installs no weights.
-    #[arg(long, env = "BALLAST_BROKER", value_name = "URL")]
-    pub broker: Option<String>,
+    /// Broker endpoint(s), `https://host:port`: repeat the flag or separate with commas to
+    /// list several replicas; a host name is resolved again on every reconnect and each of
+    /// its addresses is a replica (a headless Service), the certificate still verified
+    /// against the name. The agent stays on one replica while it is healthy and moves to the
+    /// next when it becomes unreachable or unavailable. Without it the agent measures and
+    /// serves metrics but installs no weights.
+    #[arg(
+        long,
+        env = "BALLAST_BROKER",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub broker: Vec<String>,
     /// CA certificate (PEM) that signed the broker's certificate. Required with --broker.
     #[arg(long, env = "BALLAST_CA", value_name = "PATH")]
     pub ca: Option<PathBuf>,
@@ -325,7 +334,8 @@ fn field(field: &'static str, message: impl Into<String>) -> ConfigError {
 /// The broker connection, all of it or nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
-    pub endpoint: String,
+    /// The broker's addresses, in order, each checked.
+    pub endpoints: Vec<tonic::transport::Uri>,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -409,18 +419,11 @@ fn file_clusters(file: FileConfig) -> Result<Vec<Cluster>, ConfigError> {
 impl BrokerArgs {
     /// The broker connection: none without --broker, else all of it, checked.
     fn resolve(self) -> Result<Option<BrokerConfig>, ConfigError> {
-        let Some(endpoint) = self.broker else {
+        if self.broker.iter().all(|b| b.trim().is_empty()) {
             return Ok(None);
-        };
-        let uri: tonic::transport::Uri = endpoint
-            .parse()
-            .map_err(|e| field("--broker", format!("{endpoint:?} is not a URL: {e}")))?;
-        if uri.scheme_str() != Some("https") || uri.host().is_none() {
-            return Err(field(
-                "--broker",
-                format!("{endpoint:?} must be https://host:port (mutual TLS)"),
-            ));
         }
+        let endpoints = crate::brokers::parse_list(&self.broker)
+            .map_err(|e| field("--broker", e.to_string()))?;
         let ca = self
             .ca
             .ok_or_else(|| field("--ca", "is required with --broker"))?;
@@ -439,7 +442,7 @@ impl BrokerArgs {
             }
         }
         Ok(Some(BrokerConfig {
-            endpoint,
+            endpoints,
             ca,
             cert,
             key,
@@ -707,6 +710,13 @@ clusters:
         };
         assert!(err(&["--probe-timeout", "2s"]).starts_with("--probe-timeout"));
         assert!(err(&["--broker", "http://b:1"]).starts_with("--broker"));
+        // every address of a list is checked, the bad one named
+        let e = err(&["--broker", "https://a:1,https://b c:1"]);
+        assert!(e.starts_with("--broker") && e.contains("b c"), "{e}");
+        let e = err(&["--broker", "https://a:1", "--broker", "ftp://b:1"]);
+        assert!(e.starts_with("--broker") && e.contains("ftp://b:1"), "{e}");
+        let e = err(&["--broker", "https://a:1", "--broker", "https://a:1"]);
+        assert!(e.starts_with("--broker") && e.contains("twice"), "{e}");
         assert!(err(&["--broker", "https://b:1"]).starts_with("--ca"));
         assert!(err(&["--discovery", "topology"]).starts_with("--topology"));
         // refused by clap while parsing, naming the flag
@@ -787,6 +797,8 @@ clusters:
             cg,
             "--broker",
             "https://127.0.0.1:7443",
+            "--broker",
+            "https://broker-0:7443,https://broker-1:7443",
             "--ca",
             &p("ca.pem"),
             "--cert",
@@ -801,8 +813,17 @@ clusters:
         .resolve_with(file)
         .expect("valid");
         assert_eq!(
-            c.broker.as_ref().map(|b| b.endpoint.as_str()),
-            Some("https://127.0.0.1:7443")
+            c.broker.as_ref().map(|b| b
+                .endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()),
+            Some(vec![
+                "https://127.0.0.1:7443/".to_owned(),
+                "https://broker-0:7443/".to_owned(),
+                "https://broker-1:7443/".to_owned(),
+            ]),
+            "repeated and comma-separated, in order"
         );
         assert_eq!(c.detach_on_exit, DetachMode::Always, "the bare flag");
         let DiscoveryConfig::Kubernetes { clusters } = &c.discovery else {

@@ -12,11 +12,14 @@
 //! - [`steering`]: the steering state machine (updates, refusals, retries, acks, reports)
 //!   over a [`steering::DataPlane`]
 //! - [`session`]: Register / Report / WatchWeights / AckWeights over mTLS, with reconnects
+//! - [`brokers`]: the `--broker` addresses, names resolved to one replica per address, and
+//!   the order replicas are tried in
 //! - [`config`]: CLI flags with their environment variables, and the clusters file
 //! - [`metrics`]: the Prometheus registry (served by `ballast-runtime`'s admin server)
 //! - [`prereq`]: prerequisites (MCS CRDs, kernel, cgroup v2, BTF, bpffs), each named when missing
 //! - [`lifecycle`]: on exit, whether to detach (`--detach-on-exit auto`: the DaemonSet gone)
 
+pub mod brokers;
 pub mod capacity;
 pub mod catalog;
 pub mod config;

@@ -79,7 +79,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let session_task = match &cfg.broker {
         Some(b) => {
             let scfg = SessionConfig {
-                endpoint: b.endpoint.clone(),
+                endpoints: b.endpoints.clone(),
                 server_name: None,
                 ca: b.ca.clone(),
                 cert: b.cert.clone(),
@@ -96,6 +96,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 acks: acks_rx,
                 installed_generation: gen_rx,
                 peers: peers_tx,
+                metrics: metrics.clone(),
             };
             Some(tokio::spawn(session::run(scfg, io)))
         }

@@ -15,6 +15,8 @@
 //! | `ballast_agent_discovery_failures_total` | — | failed discovery refreshes |
 //! | `ballast_agent_probe_targets` | source | peers probed, by where their gateway came from (`broker`, `configuration`) |
 //! | `ballast_agent_services_without_vip` | — | ServiceImports not steered for want of a VIP (no `spec.ips`) |
+//! | `ballast_agent_broker_replica` | address | 1 for the broker replica the session is on, 0 for the other known ones |
+//! | `ballast_agent_broker_failovers_total` | — | sessions re-established on another broker replica than the last one |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -49,6 +51,11 @@ pub struct PrerequisiteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub service: String,
     pub destination: String,
@@ -73,6 +80,10 @@ pub struct Metrics {
     pub probe_targets: Family<SourceLabels, Gauge>,
     pub services_without_vip: Gauge,
     pub prerequisite_missing: Family<PrerequisiteLabels, Gauge>,
+    pub broker_replica: Family<AddressLabels, Gauge>,
+    pub broker_failovers: Counter,
+    /// The addresses `broker_replica` holds.
+    broker_addresses: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Default for Metrics {
@@ -99,6 +110,9 @@ impl Metrics {
             probe_targets: Family::default(),
             services_without_vip: Gauge::default(),
             prerequisite_missing: Family::default(),
+            broker_replica: Family::default(),
+            broker_failovers: Counter::default(),
+            broker_addresses: Arc::default(),
         };
         r.register(
             "peer_rtt_seconds",
@@ -166,6 +180,16 @@ impl Metrics {
             "1 while the prerequisite is missing (mcs_crds, kernel, cgroup_v2, btf, bpffs), 0 once found",
             m.prerequisite_missing.clone(),
         );
+        r.register(
+            "broker_replica",
+            "1 for the broker replica (address dialed) the session is on, 0 for the other known ones",
+            m.broker_replica.clone(),
+        );
+        r.register(
+            "broker_failovers",
+            "Broker sessions re-established on another replica than the last one",
+            m.broker_failovers.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
@@ -179,6 +203,41 @@ impl Metrics {
                 prerequisite: prerequisite.to_owned(),
             })
             .set(i64::from(missing));
+    }
+
+    /// Makes `broker_replica` hold exactly `known` (addresses no longer known removed), 1 for
+    /// `in_use` and 0 for the others.
+    pub fn set_broker_replicas<'a>(
+        &self,
+        known: impl IntoIterator<Item = &'a str>,
+        in_use: Option<&str>,
+    ) {
+        let known: std::collections::BTreeSet<&str> = known.into_iter().collect();
+        let stale: Vec<AddressLabels> = {
+            let mut stale = Vec::new();
+            // prometheus-client has no iteration over a family: keep the last set here
+            if let Ok(last) = self.broker_addresses.lock() {
+                stale.extend(
+                    last.iter()
+                        .filter(|a| !known.contains(a.as_str()))
+                        .map(|a| AddressLabels { address: a.clone() }),
+                );
+            }
+            stale
+        };
+        for l in &stale {
+            self.broker_replica.remove(l);
+        }
+        for a in &known {
+            self.broker_replica
+                .get_or_create(&AddressLabels {
+                    address: (*a).to_owned(),
+                })
+                .set(i64::from(Some(*a) == in_use));
+        }
+        if let Ok(mut last) = self.broker_addresses.lock() {
+            *last = known.iter().map(|a| (*a).to_owned()).collect();
+        }
     }
 
     /// Sets how many probe targets come from `source`.
@@ -314,6 +373,12 @@ mod tests {
             })
             .set(12.5);
         m.update_lag_seconds.observe(0.02);
+        m.set_broker_replicas(["https://10.0.0.1:7443", "https://10.0.0.2:7443"], None);
+        m.set_broker_replicas(
+            ["https://10.0.0.2:7443", "https://10.0.0.3:7443"],
+            Some("https://10.0.0.3:7443"),
+        );
+        m.broker_failovers.inc();
 
         // served on /metrics by ballast_runtime::AdminServer (tested there)
         let resp = m.encode();
@@ -345,6 +410,17 @@ mod tests {
         );
         assert!(
             resp.contains("ballast_agent_update_lag_seconds_count 1"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_broker_replica{address=\"https://10.0.0.3:7443\"} 1")
+                && resp
+                    .contains("ballast_agent_broker_replica{address=\"https://10.0.0.2:7443\"} 0")
+                && !resp.contains("10.0.0.1"),
+            "{resp}"
+        );
+        assert!(
+            resp.contains("ballast_agent_broker_failovers_total 1"),
             "{resp}"
         );
     }

@@ -7,6 +7,15 @@
 //! the probes: [`crate::peers`]; `Register` answers the first set). When any leg fails, the session reconnects with exponential
 //! backoff and jitter (backon's, see [`Backoff`]). The data plane is never touched here: while the broker is away the
 //! last installed weights stay.
+//!
+//! Broker replicas ([`crate::brokers`]): every leg of a session runs on one replica. The
+//! addresses are resolved again before every attempt; a session that ends with the replica
+//! unreachable or `UNAVAILABLE` ([`moves_on`]) tries the next address (round-robin, after the
+//! same backoff), any other failure the same one again. A healthy session never moves. The new
+//! replica is registered with and `WatchWeights` resumes from the installed generation
+//! (generations are global across replicas); a session established on another replica than
+//! the last one is a failover (`ballast_agent_broker_failovers_total`, a warning naming
+//! both).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -21,9 +30,11 @@ use ballast_proto::v1::{
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
+use crate::brokers::{self, Target};
 use crate::catalog::Cluster;
+use crate::metrics::Metrics;
 
 /// Errors of one session attempt.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +50,9 @@ pub enum SessionError {
         endpoint: String,
         source: tonic::transport::Error,
     },
-    #[error("connecting to the broker: {0}")]
+    /// With the causes (tonic's own message is only "transport error"), e.g. a certificate
+    /// not valid for the name.
+    #[error("connecting to the broker: {}", with_causes(.0))]
     Connect(tonic::transport::Error),
     #[error("broker {rpc}: {status}")]
     Rpc {
@@ -50,11 +63,29 @@ pub enum SessionError {
     InstallerGone,
 }
 
+/// `e` and its causes, `: `-separated.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !out.ends_with(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// What the session needs.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    pub endpoint: String,
-    /// TLS server name to verify (default: the endpoint's host).
+    /// The broker's addresses (`--broker`, checked by [`brokers::parse_list`]); names are
+    /// resolved before every attempt, each address a replica.
+    pub endpoints: Vec<Uri>,
+    /// TLS server name to verify (default: the endpoint's host name, also for the addresses
+    /// a name resolved to).
     pub server_name: Option<String>,
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -112,26 +143,25 @@ fn read(what: &'static str, path: &PathBuf) -> Result<String, SessionError> {
     })
 }
 
-/// Opens an mTLS channel to the broker.
-pub async fn connect(cfg: &SessionConfig) -> Result<Channel, SessionError> {
+/// Opens an mTLS channel to the broker replica `target`, verifying its certificate against
+/// `cfg.server_name` or else the target's name (the DNS name an IP was resolved from).
+pub async fn connect(cfg: &SessionConfig, target: &Target) -> Result<Channel, SessionError> {
     let ca = read("--ca", &cfg.ca)?;
     let cert = read("--cert", &cfg.cert)?;
     let key = read("--key", &cfg.key)?;
     let ep_err = |source| SessionError::Endpoint {
-        endpoint: cfg.endpoint.clone(),
+        endpoint: target.uri.clone(),
         source,
     };
-    let mut ep = Endpoint::from_shared(cfg.endpoint.clone()).map_err(ep_err)?;
-    let host = ep
-        .uri()
-        .host()
-        .unwrap_or_default()
-        .trim_matches(['[', ']'])
-        .to_owned();
+    let mut ep = Endpoint::from_shared(target.uri.clone()).map_err(ep_err)?;
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key));
-    tls = tls.domain_name(cfg.server_name.clone().unwrap_or(host));
+    tls = tls.domain_name(
+        cfg.server_name
+            .clone()
+            .unwrap_or_else(|| target.domain.clone()),
+    );
     ep = ep
         .tls_config(tls)
         .map_err(ep_err)?
@@ -161,6 +191,8 @@ pub struct SessionIo {
     pub installed_generation: watch::Receiver<u64>,
     /// The broker's peer set (kept when the session is lost: the last known set is the best).
     pub peers: watch::Sender<Arc<Vec<Cluster>>>,
+    /// `broker_replica` and `broker_failovers` are kept here.
+    pub metrics: Metrics,
 }
 
 /// Publishes the broker's peer set `peers` (checked by [`crate::peers::from_broker`]; what
@@ -184,14 +216,15 @@ fn publish_peers(tx: &watch::Sender<Arc<Vec<Cluster>>>, peers: &[Peer]) {
     });
 }
 
-/// Runs one session until it fails.
+/// Runs one session on the replica `target` until it fails.
 pub async fn run_once(
     cfg: &SessionConfig,
+    target: &Target,
     io: &mut SessionIo,
     excluded: BTreeSet<String>,
     on_registered: impl FnOnce(),
 ) -> SessionError {
-    let channel = match connect(cfg).await {
+    let channel = match connect(cfg, target).await {
         Ok(c) => c,
         Err(e) => return e,
     };
@@ -213,7 +246,7 @@ pub async fn run_once(
         Ok(r) => r.into_inner(),
         Err(e) => return e,
     };
-    tracing::info!(generation = resp.generation, "registered with the broker");
+    tracing::info!(generation = resp.generation, broker = %target.uri, "registered with the broker");
     publish_peers(&io.peers, &resp.peers);
     on_registered();
 
@@ -374,21 +407,82 @@ pub fn unknown_peer(status: &tonic::Status) -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
-/// Runs sessions forever, reconnecting with backoff; never returns unless the installer
-/// goes away.
+/// Whether a session that ended with `err` should go on on the next replica: the replica is
+/// unreachable (connection, transport) or says it cannot serve (`UNAVAILABLE`, e.g. a
+/// replica that lost the database). Refusals of what was sent (`INVALID_ARGUMENT`,
+/// `PERMISSION_DENIED`, ...) would be the same on every replica: the session stays.
+pub fn moves_on(err: &SessionError) -> bool {
+    match err {
+        // an address that cannot be dialed (or whose endpoint cannot be built) is left for
+        // the next one
+        SessionError::Connect(_) | SessionError::Endpoint { .. } => true,
+        SessionError::Rpc { status, .. } => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        ),
+        // the TLS files are the same for every replica
+        SessionError::Read { .. } | SessionError::InstallerGone => false,
+    }
+}
+
+/// Runs sessions forever, reconnecting with backoff and moving between broker replicas on
+/// failure; never returns unless the installer goes away.
 pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     // peers the broker does not know yet, and until when they are left out of reports
     let mut excluded: BTreeMap<String, Instant> = BTreeMap::new();
+    // the target to try (None: the first), and the replica the last session registered with
+    let mut current: Option<String> = None;
+    let mut stay = true;
+    let mut last_replica: Option<String> = None;
     loop {
         let now = Instant::now();
         excluded.retain(|_, until| *until > now);
+        // resolved again on every attempt: replicas come and go
+        let targets = brokers::resolve(&cfg.endpoints).await;
+        let Some(target) = targets
+            .get(brokers::next_after(&targets, current.as_deref(), stay))
+            .cloned()
+        else {
+            // cannot happen: parse_list refuses an empty list and a name that does not
+            // resolve stays a target
+            tracing::error!("no broker address to try");
+            tokio::time::sleep(backoff.next_wait()).await;
+            continue;
+        };
+        if current.as_deref().is_some_and(|c| c != target.uri) {
+            tracing::info!(from = ?current, to = %target.uri, "trying the next broker replica");
+        }
+        current = Some(target.uri.clone());
+        io.metrics
+            .set_broker_replicas(targets.iter().map(|t| t.uri.as_str()), None);
         let started = Instant::now();
         let mut registered = false;
-        let err = run_once(&cfg, &mut io, excluded.keys().cloned().collect(), || {
-            registered = true
-        })
+        let metrics = io.metrics.clone();
+        let err = run_once(
+            &cfg,
+            &target,
+            &mut io,
+            excluded.keys().cloned().collect(),
+            || {
+                registered = true;
+                metrics.set_broker_replicas(
+                    targets.iter().map(|t| t.uri.as_str()),
+                    Some(target.uri.as_str()),
+                );
+                if let Some(from) = last_replica.as_deref().filter(|l| *l != target.uri) {
+                    metrics.broker_failovers.inc();
+                    tracing::warn!(%from, to = %target.uri, "failed over to another broker replica; weights resume from the installed generation");
+                }
+                last_replica = Some(target.uri.clone());
+            },
+        )
         .await;
+        io.metrics
+            .set_broker_replicas(targets.iter().map(|t| t.uri.as_str()), None);
         // a session that lasted resets the backoff; one that fails right after
         // registering does not (no hot reconnect loop)
         if registered && started.elapsed() > Duration::from_secs(10) {
@@ -405,8 +499,9 @@ pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
                 backoff.reset();
             }
         }
+        stay = !moves_on(&err) || targets.len() < 2;
         let wait = backoff.next_wait();
-        tracing::warn!(error = %err, retry_in = ?wait, "broker session lost; the installed weights stay");
+        tracing::warn!(error = %err, broker = %target.uri, retry_in = ?wait, next = if stay { "the same replica" } else { "the next replica" }, "broker session lost; the installed weights stay");
         tokio::time::sleep(wait).await;
     }
 }
@@ -503,6 +598,24 @@ mod tests {
         assert_eq!(r.rtt.len(), 1);
         assert_eq!(r.rtt[0].peer_cluster_id, "south");
         assert!(r.rps.is_empty());
+    }
+
+    #[test]
+    fn only_an_unreachable_or_unavailable_replica_is_left() {
+        let st = |code| SessionError::Rpc {
+            rpc: "WatchWeights",
+            status: Box::new(tonic::Status::new(code, "x")),
+        };
+        assert!(moves_on(&st(tonic::Code::Unavailable)));
+        assert!(moves_on(&st(tonic::Code::Unknown)), "h2 transport errors");
+        assert!(!moves_on(&st(tonic::Code::InvalidArgument)));
+        assert!(!moves_on(&st(tonic::Code::PermissionDenied)));
+        assert!(!moves_on(&SessionError::InstallerGone));
+        assert!(!moves_on(&SessionError::Read {
+            what: "--ca",
+            path: "/nowhere".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }));
     }
 
     #[test]

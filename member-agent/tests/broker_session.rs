@@ -139,7 +139,9 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
     let (_gen_tx, gen_rx) = watch::channel(0);
     let (peers_tx, mut peers_rx) = watch::channel(std::sync::Arc::new(Vec::new()));
     let cfg = SessionConfig {
-        endpoint: format!("https://localhost:{}", addr.port()),
+        endpoints: vec![format!("https://localhost:{}", addr.port())
+            .parse()
+            .unwrap()],
         server_name: None,
         ca,
         cert,
@@ -164,6 +166,7 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
             acks: acks_rx,
             installed_generation: gen_rx,
             peers: peers_tx,
+            metrics: ballast_agent::metrics::Metrics::new(),
         },
     ));
 

@@ -11,6 +11,7 @@ use ballast_types::{Params, Policy};
 
 use crate::engine::{EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES};
 use crate::server::ServeConfig;
+use crate::standby::ReuseportConfig;
 use crate::tls::TlsFiles;
 
 fn duration_or_zero(s: &str) -> Result<Duration, String> {
@@ -202,6 +203,25 @@ pub struct ServeArgs {
     /// Egress price, internet / another provider (USD/GB).
     #[arg(long, env = "BALLAST_PRICE_INTERNET", value_parser = price, default_value_t = DEFAULT_PRICES.internet)]
     pub price_internet: f64,
+    /// Hot standby on one host: bind the gRPC port with SO_REUSEPORT and steer it with an
+    /// sk_reuseport BPF program (root or CAP_BPF + CAP_NET_ADMIN, kernel >= 5.14): new
+    /// connections go to the process holding the SQLite lock, to a second `serve` on the same
+    /// port and database only once the first is gone. Needs a fixed `--listen` port.
+    #[arg(long, env = "BALLAST_REUSEPORT")]
+    pub reuseport: bool,
+    /// bpffs directory for the pinned program and socket array of `--reuseport` (created;
+    /// shared by the processes of one port) [default: /sys/fs/bpf/ballast-broker-<port>].
+    #[arg(
+        long,
+        env = "BALLAST_REUSEPORT_PIN_DIR",
+        value_name = "DIR",
+        requires = "reuseport"
+    )]
+    pub reuseport_pin_dir: Option<PathBuf>,
+    /// `--reuseport` without the BPF program: plain SO_REUSEPORT, the kernel spreads new
+    /// connections over both processes by hash, the waiting standby included (for comparison).
+    #[arg(long, env = "BALLAST_REUSEPORT_NO_PROGRAM", requires = "reuseport")]
+    pub reuseport_no_program: bool,
 }
 
 impl ServeArgs {
@@ -225,7 +245,9 @@ impl ServeArgs {
                 humantime::format_duration(self.stale_after)
             ));
         }
+        let reuseport = self.reuseport_config()?;
         let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
+        c.reuseport = reuseport;
         c.metrics_addr = Some(self.metrics_addr);
         c.solve_interval = self.solve_interval;
         c.debounce = self.debounce;
@@ -266,6 +288,58 @@ impl ServeArgs {
             max_services: self.max_services,
         };
         Ok(c)
+    }
+}
+
+impl ServeArgs {
+    /// `--reuseport`'s settings, checked: a fixed port (the standby must bind the same
+    /// one), a database a standby can take over (not in-memory), and a pin dir whose parent
+    /// exists (bpffs mounted).
+    fn reuseport_config(&self) -> Result<Option<ReuseportConfig>, String> {
+        if !self.reuseport {
+            return Ok(None);
+        }
+        if self.listen.port() == 0 {
+            return Err(format!(
+                "--reuseport needs a fixed port: --listen {} picks a free port per process, so a \
+                 standby could not bind the same one",
+                self.listen
+            ));
+        }
+        if self.database.starts_with("sqlite:")
+            && crate::standby::sqlite_file(&self.database).is_none()
+        {
+            return Err(format!(
+                "--reuseport with the in-memory database {:?}: a standby could not take over its \
+                 data; use a SQLite file or PostgreSQL",
+                self.database
+            ));
+        }
+        let pin_dir = self
+            .reuseport_pin_dir
+            .clone()
+            .unwrap_or_else(|| crate::standby::default_pin_dir(self.listen.port()));
+        let program = !self.reuseport_no_program;
+        if program {
+            let parent = pin_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "--reuseport-pin-dir {}: must be a directory inside a mounted bpffs",
+                        pin_dir.display()
+                    )
+                })?;
+            if !parent.is_dir() {
+                return Err(format!(
+                    "--reuseport-pin-dir {}: its parent {} does not exist (is bpffs mounted? \
+                     mount -t bpf bpf /sys/fs/bpf)",
+                    pin_dir.display(),
+                    parent.display()
+                ));
+            }
+        }
+        Ok(Some(ReuseportConfig { pin_dir, program }))
     }
 }
 
@@ -344,6 +418,88 @@ mod tests {
             e.contains("--cluster-expiry 30s") && e.contains("--stale-after 1m"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn reuseport_needs_a_fixed_port_a_file_database_and_an_existing_pin_dir_parent() {
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["serve", "--insecure"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().serve.to_config()
+        };
+        assert_eq!(cfg(&[]).unwrap().reuseport, None, "off by default");
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("pins");
+        let pins_s = pins.to_str().unwrap();
+        let c = cfg(&["--reuseport", "--reuseport-pin-dir", pins_s]).unwrap();
+        assert_eq!(
+            c.reuseport,
+            Some(ReuseportConfig {
+                pin_dir: pins.clone(),
+                program: true
+            })
+        );
+        let c = cfg(&["--reuseport", "--listen", "127.0.0.1:7500"]).unwrap();
+        assert_eq!(
+            c.reuseport.unwrap().pin_dir,
+            PathBuf::from("/sys/fs/bpf/ballast-broker-7500")
+        );
+
+        let e = cfg(&[
+            "--reuseport",
+            "--listen",
+            "127.0.0.1:0",
+            "--reuseport-pin-dir",
+            pins_s,
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--reuseport needs a fixed port") && e.contains("127.0.0.1:0"),
+            "{e}"
+        );
+
+        let missing = dir.path().join("no-such-dir").join("pins");
+        let e = cfg(&[
+            "--reuseport",
+            "--reuseport-pin-dir",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--reuseport-pin-dir")
+                && e.contains("no-such-dir")
+                && e.contains("does not exist"),
+            "{e}"
+        );
+        // Without the program there are no pins: the pin dir is not checked.
+        let c = cfg(&[
+            "--reuseport",
+            "--reuseport-no-program",
+            "--reuseport-pin-dir",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(!c.reuseport.unwrap().program);
+
+        let e = cfg(&[
+            "--reuseport",
+            "--reuseport-pin-dir",
+            pins_s,
+            "--database",
+            "sqlite::memory:",
+        ])
+        .unwrap_err();
+        assert!(e.contains("in-memory"), "{e}");
+
+        for flag in [
+            "--reuseport-no-program",
+            "--reuseport-pin-dir=/sys/fs/bpf/x",
+        ] {
+            let e = Cli::try_parse_from(["serve", "--insecure", flag])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--reuseport"), "{flag} without --reuseport: {e}");
+        }
     }
 
     #[test]

@@ -51,8 +51,13 @@ ballast.io/cluster-id: {{ .Values.clusterId | quote }}
 {{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .Values.clusterId) }}
 {{- fail (printf "clusterId: %q is not a DNS label ([a-z0-9-], alphanumeric at both ends)" .Values.clusterId) }}
 {{- end }}
-{{- if not .Values.broker.address }}
-{{- fail "broker.address: required (the broker's gRPC URL, e.g. https://broker.example.com:50051)" }}
+{{- if not (include "ballast-agent.brokerAddresses" .) }}
+{{- fail "broker.address: required (the broker's gRPC URL, e.g. https://broker.example.com:50051, or a list of them), or set broker.inCluster.enabled" }}
+{{- end }}
+{{- range (include "ballast-agent.brokerAddresses" . | splitList ",") }}
+{{- if not (regexMatch `^https://[^/,\s]+(/.*)?$` .) }}
+{{- fail (printf "broker.address: %q is not https://host:port (mutual TLS)" .) }}
+{{- end }}
 {{- end }}
 {{- if not (has .Values.discovery (list "kubernetes")) }}
 {{- fail (printf "discovery: %q is not supported in a cluster (use kubernetes)" .Values.discovery) }}
@@ -89,6 +94,25 @@ ballast.io/cluster-id: {{ .Values.clusterId | quote }}
 {{- end }}
 {{- end }}
 
+{{/*
+The broker addresses, comma-separated (the form --broker takes): broker.address as a list
+or one URL, else with broker.inCluster.enabled the broker chart's headless Service.
+*/}}
+{{- define "ballast-agent.brokerAddresses" -}}
+{{- $a := .Values.broker.address }}
+{{- if kindIs "slice" $a }}
+{{- $out := list }}
+{{- range $a }}{{ $out = append $out (toString . | trim) }}{{ end }}
+{{- join "," $out }}
+{{- else if $a }}
+{{- toString $a | trim }}
+{{- else if .Values.broker.inCluster.enabled }}
+{{- with .Values.broker.inCluster }}
+{{- printf "https://%s-headless.%s.svc:%d" .service (default $.Release.Namespace .namespace) (int .port) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The metrics listen address per metrics.bind (NODE_IP comes from the downward API). */}}
 {{- define "ballast-agent.metricsAddr" -}}
 {{- if eq .Values.metrics.bind "localhost" -}}
@@ -109,7 +133,7 @@ cgroup v2 root; NODE_NAME comes from the downward API.
 - --cluster-id
 - {{ .Values.clusterId | quote }}
 - --broker
-- {{ .Values.broker.address | quote }}
+- {{ include "ballast-agent.brokerAddresses" . | quote }}
 - --ca
 - /etc/ballast/tls/ca.crt
 - --cert

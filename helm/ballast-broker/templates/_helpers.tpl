@@ -42,6 +42,11 @@ app.kubernetes.io/part-of: ballast
 {{- default (printf "%s-tls" (include "ballast-broker.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
+{{/* The headless Service: its name resolves to every ready replica. */}}
+{{- define "ballast-broker.headlessName" -}}
+{{- printf "%s-headless" (include "ballast-broker.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "ballast-broker.pvcName" -}}
 {{- default (printf "%s-data" (include "ballast-broker.fullname" .)) .Values.storage.sqlite.persistence.existingClaim }}
 {{- end }}
@@ -63,6 +68,17 @@ app.kubernetes.io/part-of: ballast
 {{- if and (eq .Values.storage.type "sqlite") (gt (int .Values.replicaCount) 1) }}
 {{- fail "replicaCount: must be 1 with storage.type sqlite (one SQLite file, one writer)" }}
 {{- end }}
+{{- if not (has .Values.ha.podAntiAffinity (list "preferred" "required" "none")) }}
+{{- fail (printf "ha.podAntiAffinity: %q is not one of preferred, required, none" .Values.ha.podAntiAffinity) }}
+{{- end }}
+{{- with .Values.ha.podDisruptionBudget }}
+{{- if and .minAvailable (ge (int .minAvailable) (int $.Values.replicaCount)) }}
+{{- fail (printf "ha.podDisruptionBudget.minAvailable: %v must be below replicaCount %v (or no replica could ever be evicted)" .minAvailable $.Values.replicaCount) }}
+{{- end }}
+{{- if and (not .minAvailable) (lt (int .maxUnavailable) 1) }}
+{{- fail (printf "ha.podDisruptionBudget.maxUnavailable: %v must be at least 1 (or no replica could ever be evicted)" .maxUnavailable) }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) (not (and .Values.tls.cert .Values.tls.key .Values.tls.ca)) }}
 {{- fail "tls: set tls.existingSecret, or tls.certManager.enabled with its issuerRef, or all of tls.cert, tls.key and tls.ca (PEM; make them with `ballast-broker certs`)" }}
 {{- end }}
@@ -82,6 +98,16 @@ Paths below are where deployment.yaml mounts the TLS Secret and the SQLite volum
 - serve
 - --listen
 - {{ printf "0.0.0.0:%d" (int .Values.grpc.port) | quote }}
+{{- if gt (int .Values.replicaCount) 1 }}
+- --replicas
+- {{ .Values.replicaCount | int | toString | quote }}
+- --replica-id
+- "$(POD_NAME)"
+{{- if .Values.ha.leaseTime }}
+- --lease-time
+- {{ .Values.ha.leaseTime | quote }}
+{{- end }}
+{{- end }}
 {{- if eq .Values.storage.type "sqlite" }}
 - --database
 - {{ printf "sqlite://%s/%s?mode=rwc" .Values.storage.sqlite.mountPath .Values.storage.sqlite.file | quote }}
