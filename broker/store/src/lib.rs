@@ -23,6 +23,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
 mod generations;
+mod lease;
 mod measurements;
 mod records;
 mod registry;
@@ -31,6 +32,7 @@ mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use lease::{LeaderTerm, LeaseState};
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
     PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
@@ -56,6 +58,10 @@ pub enum StoreError {
         if scope.is_empty() { "the cluster (cluster-wide)".to_string() } else { format!("service {scope:?}") }
     )]
     PolicyHeldByCrd { scope: String, object: String },
+    /// A publish by a replica that no longer holds the leader lease under its term (another
+    /// replica took over, or its lease expired): nothing was stored; stop leading.
+    #[error("fenced: publish under term {term} refused, the lease is at term {current_term} (another replica leads, or this lease expired)")]
+    Fenced { term: i64, current_term: i64 },
     /// Two CRD policies given for one scope in one sync.
     #[error("policy scope {0:?} given twice in one CRD sync")]
     DuplicateScope(String),
@@ -136,6 +142,10 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     limits: StoreLimits,
+    /// The URL connected with.
+    url: String,
+    /// PostgreSQL: the channel new generations are notified on ([`Store::generation_channel`]).
+    channel: Option<String>,
 }
 
 /// `sqlite://PATH?mode=rwc`: the URL of a SQLite file, created when missing.
@@ -177,10 +187,23 @@ impl Store {
                 .await?;
         }
         sqlx::migrate!("../../migrations").run(&pool).await?;
+        let channel = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                use sqlx::Row;
+                let schema: String = sqlx::query("SELECT CAST(current_schema() AS TEXT) AS s")
+                    .fetch_one(&pool)
+                    .await?
+                    .try_get("s")?;
+                Some(lease::channel_name(&schema))
+            }
+        };
         Ok(Self {
             pool,
             backend,
             limits: StoreLimits::default(),
+            url: url.to_owned(),
+            channel,
         })
     }
 
