@@ -8,8 +8,9 @@
 //! completed a round within the last [`READY_ROUNDS`] solve intervals (at least
 //! [`MIN_ROUND_AGE`]). Otherwise 503 with every reason in the body, e.g.
 //! `not ready: store unreachable: database: …; solver: last completed round 95 s ago …`.
-//! (There is no leader election yet: every broker solves. With one, a standby would be
-//! ready on the store alone.)
+//! A replica is also not ready while it is cut off from the database for longer than its
+//! lease ([`Engine::availability`]); a ready replica's body names its role: `ready: leader
+//! term N` or `ready: follower (leader term N)` (both 200: followers serve watches too).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +24,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
-use crate::engine::{now_ms, Engine, EngineConfig, EngineError, LoopHealth};
+use crate::engine::{
+    default_replica_id, now_ms, Engine, EngineConfig, EngineError, LoopHealth, ReplicaConfig,
+};
 use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
 use crate::listener::{ConnectionLimits, ListenerMetrics};
 use crate::metrics::Metrics;
@@ -53,6 +56,11 @@ pub struct ServeConfig {
     pub connections: ConnectionSettings,
     /// Model and staleness settings.
     pub engine: EngineConfig,
+    /// This replica's id and lease time (`force` is set from the database: SQLite takes the
+    /// lease by force, PostgreSQL elects).
+    pub replica: ReplicaConfig,
+    /// How many replicas the operator runs (`--replicas`): more than 1 needs PostgreSQL.
+    pub replicas: u32,
 }
 
 impl ServeConfig {
@@ -70,9 +78,18 @@ impl ServeConfig {
             max_message_bytes: 4 * 1024 * 1024,
             connections: ConnectionSettings::default(),
             engine: EngineConfig::default(),
+            replica: ReplicaConfig {
+                replica_id: default_replica_id(),
+                lease: DEFAULT_LEASE_TIME,
+                force: false,
+            },
+            replicas: 1,
         }
     }
 }
+
+/// Default of `--lease-time`.
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(5);
 
 /// Bounds on what one client can hold of the gRPC listener (flags of `serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +139,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Admin(ballast_runtime::RuntimeError),
+    /// The store could not be opened at start (never a silent fallback).
+    #[error("--database {url}: cannot open the store: {source}")]
+    Database { url: String, source: StoreError },
+    /// `--replicas` above 1 on a store that cannot share one.
+    #[error("--replicas {replicas} needs a PostgreSQL --database (SQLite serves one process); got --database {url}")]
+    ReplicasNeedPostgres { replicas: u32, url: String },
 }
 
 /// A running broker.
@@ -180,7 +203,24 @@ impl Running {
 /// # Errors
 /// [`ServeError`] when the store, a listener or the TLS material is unusable.
 pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
-    let store = Store::connect(&cfg.database_url).await?;
+    let sqlite = cfg.database_url.starts_with("sqlite:");
+    if sqlite && cfg.replicas > 1 {
+        return Err(ServeError::ReplicasNeedPostgres {
+            replicas: cfg.replicas,
+            url: redact(&cfg.database_url),
+        });
+    }
+    let url = if sqlite {
+        cfg.database_url.clone()
+    } else {
+        with_application_name(&cfg.database_url, &cfg.replica.replica_id)
+    };
+    let store = Store::connect(&url)
+        .await
+        .map_err(|source| ServeError::Database {
+            url: redact(&cfg.database_url),
+            source,
+        })?;
     let p = cfg.engine.prices;
     let now = crate::engine::now_ms();
     for (tier, v) in [
@@ -192,7 +232,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         store.set_price(tier, v, now).await?;
     }
     let metrics = Arc::new(Metrics::new());
-    let engine = Arc::new(Engine::load(store, cfg.engine.clone(), metrics.clone()).await?);
+    let replica = ReplicaConfig {
+        force: sqlite,
+        ..cfg.replica.clone()
+    };
+    let engine =
+        Arc::new(Engine::load_replica(store, cfg.engine.clone(), metrics.clone(), replica).await?);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -283,6 +328,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         let e = e.clone();
         async move { broker_ready(&e, interval).await }
     });
+    let e = engine.clone();
+    readiness.set_detail(move || e.role_line());
+    // Leadership (renew or take the lease) and, on PostgreSQL, the generation listener.
+    tasks.push(tokio::spawn(engine.clone().lead(shutdown_rx.clone())));
+    tasks.push(tokio::spawn(engine.clone().follow(shutdown_rx.clone())));
     // The first round before ready: fresh weights, and /ready's "a round completed" holds.
     engine.run_loop_round().await;
     let e = engine.clone();
@@ -315,6 +365,9 @@ pub const MIN_ROUND_AGE: Duration = Duration::from_secs(10);
 /// Every reason it is not ready, joined by `"; "`.
 pub async fn broker_ready(engine: &Engine, solve_interval: Duration) -> Result<(), String> {
     let mut reasons = Vec::new();
+    if let Err(r) = engine.availability() {
+        reasons.push(r);
+    }
     match tokio::time::timeout(STORE_PROBE_TIMEOUT, engine.store().ping()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => reasons.push(format!("store unreachable: {e}")),
@@ -365,6 +418,28 @@ pub fn solver_verdict(
         ));
     }
     Ok(())
+}
+
+/// `url` with `application_name=<replica id>` (PostgreSQL shows it in `pg_stat_activity`)
+/// unless it names one already. The id is cut to PostgreSQL's 63 bytes and to URL-safe
+/// characters.
+fn with_application_name(url: &str, replica_id: &str) -> String {
+    if url.contains("application_name=") {
+        return url.to_string();
+    }
+    let name: String = replica_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={name}")
 }
 
 /// The URL without its password.

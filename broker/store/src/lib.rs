@@ -25,6 +25,7 @@ use sqlx::AnyPool;
 mod generations;
 mod lease;
 mod measurements;
+mod notify;
 mod records;
 mod registry;
 mod runs;
@@ -33,6 +34,7 @@ mod settings;
 pub mod testing;
 
 pub use lease::{LeaderTerm, LeaseState};
+pub use notify::GenerationListener;
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
     PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
@@ -62,6 +64,9 @@ pub enum StoreError {
     /// replica took over, or its lease expired): nothing was stored; stop leading.
     #[error("fenced: publish under term {term} refused, the lease is at term {current_term} (another replica leads, or this lease expired)")]
     Fenced { term: i64, current_term: i64 },
+    /// A generation notification whose payload is not a generation number.
+    #[error("generation notification: payload {0:?} is not a generation number")]
+    Notification(String),
     /// Two CRD policies given for one scope in one sync.
     #[error("policy scope {0:?} given twice in one CRD sync")]
     DuplicateScope(String),
