@@ -82,6 +82,7 @@ impl ServeConfig {
                 replica_id: default_replica_id(),
                 lease: DEFAULT_LEASE_TIME,
                 force: false,
+                slow_round: None,
             },
             replicas: 1,
         }

@@ -289,6 +289,10 @@ impl ServeArgs {
             replica_id,
             lease: self.lease_time,
             force: false,
+            slow_round: std::env::var("BALLAST_TEST_SLOW_ROUND_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         };
         c.replicas = self.replicas;
         c.metrics_addr = Some(self.metrics_addr);

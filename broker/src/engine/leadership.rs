@@ -45,6 +45,10 @@ pub struct ReplicaConfig {
     /// Take the lease by force at load (SQLite's single process) instead of waiting for an
     /// expired lease.
     pub force: bool,
+    /// Tests only (`BALLAST_TEST_SLOW_ROUND_MS`): every round waits this long after it
+    /// checked its lease, as a slow solve would — the window in which the fencing test
+    /// pauses a leader, so that its publish meets the store's fence.
+    pub slow_round: Option<Duration>,
 }
 
 impl ReplicaConfig {
@@ -56,6 +60,7 @@ impl ReplicaConfig {
             replica_id: default_replica_id(),
             lease: Duration::from_secs(3600),
             force: true,
+            slow_round: None,
         }
     }
 

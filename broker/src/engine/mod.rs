@@ -412,6 +412,10 @@ impl Engine {
             ..Snapshot::default()
         };
         let expired = plan::expired_clusters(&snap, &self.cfg, now_ms());
+        // Clusters registered through another replica become known here too.
+        for c in &snap.clusters {
+            self.add_known(&c.cluster_id);
+        }
         let next = peers::peers(&snap.clusters, &expired);
         self.peers.send_if_modified(|cur| {
             if **cur == next {
@@ -706,6 +710,9 @@ impl Engine {
         };
         let started = Instant::now();
         let now = now_ms();
+        if let Some(d) = self.replica.slow_round {
+            tokio::time::sleep(d).await;
+        }
         self.prune_imports(now).await;
         self.services_read_begins();
         let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
