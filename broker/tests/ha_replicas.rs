@@ -69,7 +69,14 @@ impl Replica {
             .args(["--key", &p("server-key.pem")])
             .args(["--replica-id", id, "--replicas", "3"])
             .args(["--lease-time", &format!("{}ms", LEASE.as_millis())])
-            .args(["--solve-interval", "1s", "--debounce", "10ms", "--max-step", "1"])
+            .args([
+                "--solve-interval",
+                "1s",
+                "--debounce",
+                "10ms",
+                "--max-step",
+                "1",
+            ])
             .args(["--log-level", "info"])
             .stdout(Stdio::null())
             .stderr(log);
@@ -113,7 +120,12 @@ impl Replica {
                     .nth(1)
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0);
-                let body = out.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
+                let body = out
+                    .split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
                 (status, body)
             }
             Ok(Err(e)) => (0, e.to_string()),
@@ -140,7 +152,11 @@ impl Replica {
             if s == 200 {
                 return;
             }
-            assert!(Instant::now() < deadline, "{} never ready: {s} {b}", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "{} never ready: {s} {b}",
+                self.id
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -176,7 +192,10 @@ async fn generations(schema_url: &str) -> Vec<(i64, i64)> {
 
 /// Certificates for c1..c3 and the server, written to `dir/certs`.
 fn certs(dir: &std::path::Path) -> Bundle {
-    let ids: Vec<String> = ["c1", "c2", "c3"].iter().map(|s| (*s).to_string()).collect();
+    let ids: Vec<String> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
     let bundle = ballast_broker::certs::generate(&ids, &[]).unwrap();
     bundle.write_to(&dir.join("certs")).unwrap();
     bundle
@@ -204,7 +223,11 @@ async fn capacities(bundle: &Bundle, r2: &Replica, r3: &Replica) {
 /// c1's report number `i`: its RTTs swap every report, so every round moves its weights.
 fn c1_report(i: u64) -> ballast_proto::v1::ReportRequest {
     let mut m = report("c1", "n1");
-    let (a, b) = if i % 2 == 0 { (5.0, 80.0) } else { (80.0, 5.0) };
+    let (a, b) = if i.is_multiple_of(2) {
+        (5.0, 80.0)
+    } else {
+        (80.0, 5.0)
+    };
     m.rtt = vec![rtt("c2", a), rtt("c3", b)];
     m.rps = vec![rps("ns/web", "c2", 60.0), rps("ns/web", "c3", 40.0)];
     m
@@ -243,7 +266,11 @@ struct Seen {
 /// Watches c1's weights on `r` (registering c1 there first), recording every generation.
 async fn watcher(r: &Replica, bundle: &Bundle) -> Arc<Mutex<Seen>> {
     let mut a = agent_on(r, bundle, "c1").await;
-    let mut stream = a.watch_weights(watch_req("c1", 0)).await.unwrap().into_inner();
+    let mut stream = a
+        .watch_weights(watch_req("c1", 0))
+        .await
+        .unwrap()
+        .into_inner();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s = seen.clone();
     tokio::spawn(async move {
@@ -277,7 +304,8 @@ fn assert_strictly_increasing(what: &str, v: &[u64]) {
 /// Stored generations: consecutive from the first kept, terms never decreasing.
 fn assert_sequence(rows: &[(i64, i64)]) {
     assert!(
-        rows.windows(2).all(|w| w[1].0 == w[0].0 + 1 && w[1].1 >= w[0].1),
+        rows.windows(2)
+            .all(|w| w[1].0 == w[0].0 + 1 && w[1].1 >= w[0].1),
         "generations must be consecutive, terms non-decreasing: {rows:?}"
     );
 }
@@ -314,7 +342,12 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
             assert_eq!(b, format!("ready: leader term {term}"));
             assert_eq!(r.metric("ballast_broker_leader").await, Some(1.0));
         } else {
-            assert_eq!(b, format!("ready: follower (leader term {term})"), "{}", r.id);
+            assert_eq!(
+                b,
+                format!("ready: follower (leader term {term})"),
+                "{}",
+                r.id
+            );
             assert_eq!(r.metric("ballast_broker_leader").await, Some(0.0));
         }
     }
@@ -332,9 +365,11 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
     let rep = reporter(clients, stop.clone());
     // Generations flow to every replica's watcher.
     for w in &watchers {
-        wait_until("every watcher sees 3 generations", Duration::from_secs(20), || {
-            w.lock().unwrap().generations.len() >= 3
-        })
+        wait_until(
+            "every watcher sees 3 generations",
+            Duration::from_secs(20),
+            || w.lock().unwrap().generations.len() >= 3,
+        )
         .await;
     }
     let before = generations(&pg.url).await;
@@ -342,7 +377,12 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
     // SIGKILL the leader while the agents report.
     let killed_at = Instant::now();
     rs[li].kill();
-    let rest: Vec<&Replica> = rs.iter().enumerate().filter(|(i, _)| *i != li).map(|(_, r)| r).collect();
+    let rest: Vec<&Replica> = rs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != li)
+        .map(|(_, r)| r)
+        .collect();
     let (ni, new_term) = leader_of(&rest, Duration::from_secs(15)).await;
     let elected = killed_at.elapsed();
     assert!(new_term > term, "{new_term} > {term}");
@@ -352,7 +392,10 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
         if rows.iter().any(|(_, t)| *t == new_term) {
             break killed_at.elapsed();
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(15), "no publish by the new leader");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "no publish by the new leader"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!(
@@ -384,9 +427,11 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
         if i == li {
             continue;
         }
-        wait_until("the watcher reaches the last generation", Duration::from_secs(10), || {
-            w.lock().unwrap().generations.last() == Some(&u64::try_from(last).unwrap())
-        })
+        wait_until(
+            "the watcher reaches the last generation",
+            Duration::from_secs(10),
+            || w.lock().unwrap().generations.last() == Some(&u64::try_from(last).unwrap()),
+        )
         .await;
         let seen = w.lock().unwrap().clone();
         assert_strictly_increasing(&rs[i].id, &seen.generations);
@@ -404,7 +449,10 @@ async fn three_replicas_one_leader_takeover_after_sigkill() {
             last - last_before
         );
     }
-    println!("reports accepted: {sent}; generations {:?}..{last}", rows.first());
+    println!(
+        "reports accepted: {sent}; generations {:?}..{last}",
+        rows.first()
+    );
     drop(rs);
     pg.drop_schema().await;
 }
@@ -425,21 +473,41 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     let r2 = Replica::spawn(dir.path(), &pg.url, "r2", &env);
     r2.wait_ready().await;
     let (s, b) = r2.ready().await;
-    assert_eq!((s, b.as_str()), (200, format!("ready: follower (leader term {term})").as_str()));
+    assert_eq!(
+        (s, b.as_str()),
+        (
+            200,
+            format!("ready: follower (leader term {term})").as_str()
+        )
+    );
     capacities(&bundle, &r2, &r2).await;
     let mut c1 = agent_on(&r1, &bundle, "c1").await;
     let watch2 = watcher(&r2, &bundle).await;
+    // r1 publishes under its term first.
+    let mut i = 0;
+    loop {
+        send_reports(&mut c1, vec![c1_report(i)]).await.unwrap();
+        i += 1;
+        if generations(&pg.url).await.iter().any(|(_, t)| *t == term) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // A report to the leader starts a round; pause the leader inside it, past its lease.
-    send_reports(&mut c1, vec![c1_report(0)]).await.unwrap();
+    send_reports(&mut c1, vec![c1_report(i)]).await.unwrap();
+    i += 1;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(signal(r1.pid(), libc::SIGSTOP), 0);
     let paused_at = Instant::now();
     let (_, new_term) = leader_of(&[&r2], Duration::from_secs(15)).await;
     assert!(new_term > term);
-    println!("r2 took over (term {new_term}) {:?} after r1 was paused", paused_at.elapsed());
+    println!(
+        "r2 took over (term {new_term}) {:?} after r1 was paused",
+        paused_at.elapsed()
+    );
     // r2 publishes under its term (its own reports).
     let mut c1b = agent_on(&r2, &bundle, "c1").await;
-    let mut i = 1;
     loop {
         send_reports(&mut c1b, vec![c1_report(i)]).await.unwrap();
         i += 1;
@@ -447,7 +515,10 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
         if rows.iter().any(|(_, t)| *t == new_term) {
             break;
         }
-        assert!(paused_at.elapsed() < Duration::from_secs(20), "r2 never published");
+        assert!(
+            paused_at.elapsed() < Duration::from_secs(20),
+            "r2 never published"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let before = generations(&pg.url).await;
@@ -462,7 +533,11 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (s, b) = r1.ready().await;
-    assert_eq!((s, b.clone()), (200, format!("ready: follower (leader term {new_term})")), "{b}");
+    assert_eq!(
+        (s, b.clone()),
+        (200, format!("ready: follower (leader term {new_term})")),
+        "{b}"
+    );
     assert_eq!(r1.metric("ballast_broker_leader").await, Some(0.0));
     let log = std::fs::read_to_string(dir.path().join("r1.log")).unwrap();
     assert!(log.contains("publish fenced"), "{log}");
@@ -470,7 +545,10 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     let after = generations(&pg.url).await;
     assert_sequence(&after);
     assert_eq!(&after[..before.len()], &before[..]);
-    assert!(after.iter().skip(before.len()).all(|(_, t)| *t == new_term), "{after:?}");
+    assert!(
+        after.iter().skip(before.len()).all(|(_, t)| *t == new_term),
+        "{after:?}"
+    );
     // r2's watcher saw r2's generations in order.
     let seen = watch2.lock().unwrap().clone();
     assert_strictly_increasing("r2", &seen.generations);
@@ -487,7 +565,9 @@ struct Forwarder {
 
 impl Forwarder {
     async fn start(port: u16, target: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         let conns = Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
         let c = conns.clone();
@@ -536,7 +616,15 @@ async fn a_replica_cut_off_from_the_database_is_unavailable_then_recovers() {
     let bundle = certs(dir.path());
     // r3 reaches PostgreSQL through the forwarder.
     // host:port of the URL (postgres://user:pass@host:port/db...).
-    let hostport = pg.url.split('@').nth(1).unwrap().split('/').next().unwrap().to_string();
+    let hostport = pg
+        .url
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let target: std::net::SocketAddr = hostport.parse().unwrap();
     let fport = free_port();
     let mut fwd = Forwarder::start(fport, target).await;
@@ -550,24 +638,41 @@ async fn a_replica_cut_off_from_the_database_is_unavailable_then_recovers() {
     let w3 = watcher(&r3, &bundle).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rep = reporter(vec![agent_on(&r1, &bundle, "c1").await], stop.clone());
-    wait_until("r3's watcher gets generations", Duration::from_secs(20), || {
-        w3.lock().unwrap().generations.len() >= 2
-    })
+    wait_until(
+        "r3's watcher gets generations",
+        Duration::from_secs(20),
+        || w3.lock().unwrap().generations.len() >= 2,
+    )
     .await;
     // Cut r3 off the database.
     fwd.cut().await;
     let cut_at = Instant::now();
+    // Not ready at once (its store probe fails), and partitioned after the lease.
     let (code, body) = loop {
         let (s, b) = r3.ready().await;
-        if s == 503 {
+        assert!(
+            s != 200 || cut_at.elapsed() < LEASE,
+            "r3 ready after the lease: {b}"
+        );
+        if s == 503 && b.contains("partitioned") {
             break (s, b);
         }
-        assert!(cut_at.elapsed() < Duration::from_secs(20), "r3 still ready: {b}");
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(20),
+            "r3 still ready: {b}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    println!("r3 not ready {:?} after the cut: {code} {body}", cut_at.elapsed());
+    println!(
+        "r3 not ready {:?} after the cut: {code} {body}",
+        cut_at.elapsed()
+    );
     assert!(body.contains("partitioned"), "{body}");
-    assert!(cut_at.elapsed() >= LEASE, "unavailable before the lease: {:?}", cut_at.elapsed());
+    assert!(
+        cut_at.elapsed() >= LEASE,
+        "unavailable before the lease: {:?}",
+        cut_at.elapsed()
+    );
     // Its weight stream ended with UNAVAILABLE, and a new one is refused.
     wait_until("r3's stream ends", Duration::from_secs(10), || {
         w3.lock().unwrap().ended.is_some()
@@ -585,11 +690,17 @@ async fn a_replica_cut_off_from_the_database_is_unavailable_then_recovers() {
     loop {
         let (s, b) = r3.ready().await;
         if s == 200 {
-            println!("r3 ready again {:?} after the database came back: {b}", back_at.elapsed());
+            println!(
+                "r3 ready again {:?} after the database came back: {b}",
+                back_at.elapsed()
+            );
             assert!(b.starts_with("ready: follower (leader term "), "{b}");
             break;
         }
-        assert!(back_at.elapsed() < Duration::from_secs(20), "r3 never recovered: {b}");
+        assert!(
+            back_at.elapsed() < Duration::from_secs(20),
+            "r3 never recovered: {b}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -597,9 +708,11 @@ async fn a_replica_cut_off_from_the_database_is_unavailable_then_recovers() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = u64::try_from(generations(&pg.url).await.last().unwrap().0).unwrap();
     let w = watcher(&r3, &bundle).await;
-    wait_until("r3 serves the latest generation", Duration::from_secs(10), || {
-        w.lock().unwrap().generations.last() == Some(&last)
-    })
+    wait_until(
+        "r3 serves the latest generation",
+        Duration::from_secs(10),
+        || w.lock().unwrap().generations.last() == Some(&last),
+    )
     .await;
     fwd2.cut().await;
     drop(fwd);

@@ -185,7 +185,7 @@ impl Engine {
         }
     }
 
-    fn seen_term(&self, term: i64) {
+    pub(crate) fn seen_term(&self, term: i64) {
         let t = self.with_role(|r| {
             r.term = r.term.max(term);
             r.term
@@ -289,11 +289,8 @@ impl Engine {
     /// The leadership loop: renew (leader) or try to take (follower) the lease every
     /// lease/3, and re-judge availability, until `shutdown`. A leader releases its lease on
     /// the way out.
-    pub fn lead(
-        self: Arc<Self>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        async move {
+    pub async fn lead(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        {
             let period = self.replica.renew_period();
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -371,11 +368,8 @@ impl Engine {
 
     /// The follower's delivery (PostgreSQL; returns at once on SQLite): LISTEN for new
     /// generations, load each, and catch up after every (re)connection, until `shutdown`.
-    pub fn follow(
-        self: Arc<Self>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        async move {
+    pub async fn follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        {
             if self.store.generation_channel().is_none() {
                 return;
             }

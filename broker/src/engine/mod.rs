@@ -350,6 +350,9 @@ impl Engine {
         };
         if force {
             engine.acquire_forced().await?;
+        } else {
+            // A follower names the leader's term from the start.
+            engine.seen_term(engine.store.lease().await?.term);
         }
         Ok(engine)
     }
