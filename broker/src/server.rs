@@ -332,10 +332,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let e = engine.clone();
     readiness.set_detail(move || e.role_line());
     // Leadership (renew or take the lease) and, on PostgreSQL, the generation listener.
-    tasks.push(tokio::spawn(engine.clone().lead(shutdown_rx.clone())));
     tasks.push(tokio::spawn(engine.clone().follow(shutdown_rx.clone())));
-    // The first round before ready: fresh weights, and /ready's "a round completed" holds.
+    // The first round before ready: fresh weights, and /ready's "a round completed" holds
+    // (a leader's round: the lease first, if it is free).
+    engine.lease_attempt().await;
     engine.run_loop_round().await;
+    tasks.push(tokio::spawn(engine.clone().lead(shutdown_rx.clone())));
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
     tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));

@@ -521,6 +521,16 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // A new service r1 never published: whatever r1's paused round read before, the store
+    // now holds a change it will try to publish when it resumes.
+    let mut c2 = agent_on(&r2, &bundle, "c2").await;
+    let mut cap = capacity_report("c2", "ns/api", 500.0);
+    cap.capacity.push(support::cap("ns/web", 1000.0));
+    send_reports(&mut c2, vec![cap]).await.unwrap();
+    let mut m = c1_report(i);
+    m.rps.push(rps("ns/api", "c2", 10.0));
+    send_reports(&mut c1b, vec![m]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = generations(&pg.url).await;
     // Resume r1: its round goes on to publish under its old term, and is fenced.
     assert_eq!(signal(r1.pid(), libc::SIGCONT), 0);
@@ -529,7 +539,11 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
         if r1.metric("ballast_broker_fenced_publishes_total").await == Some(1.0) {
             break;
         }
-        assert!(Instant::now() < deadline, "r1's publish was not fenced");
+        assert!(
+            Instant::now() < deadline,
+            "r1's publish was not fenced; r1's log:\n{}",
+            std::fs::read_to_string(dir.path().join("r1.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (s, b) = r1.ready().await;

@@ -315,6 +315,14 @@ impl Engine {
         }
     }
 
+    /// One leadership step now (renew, or try to take the lease), as the loop does every
+    /// lease/3: `serve` runs one before its first round, so a replica that finds the lease
+    /// free leads from the start.
+    pub async fn lease_attempt(&self) {
+        self.lease_step(self.replica.renew_period()).await;
+        self.update_available();
+    }
+
     async fn lease_step(&self, period: Duration) {
         let started = Instant::now();
         let lease = self.replica.lease;
