@@ -28,12 +28,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_store::{LeaderTerm, StoreError};
+use ballast_store::{LeaderTerm, Notice, StoreError};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{gauge_i64, published_of, Engine, EngineError, Published};
+
+/// The shortest gap between two round requests a follower sends the leader.
+pub const KICK_GAP: Duration = Duration::from_millis(50);
+
+/// Aborts a task when dropped (the follower's kick task ends with `follow`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How this replica takes part in leadership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,13 +386,35 @@ impl Engine {
         }
     }
 
+    /// A follower's round requests to the leader ([`Engine::trigger`]): sent one at a time,
+    /// at most one per [`KICK_GAP`] (inputs arriving meanwhile ride on the pending one), until
+    /// `shutdown`.
+    async fn kick_leader(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = self.kick.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            match tokio::time::timeout(self.replica.renew_period(), self.store.notify_round()).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "asking the leader for a round failed"),
+                Err(_) => debug!("asking the leader for a round timed out"),
+            }
+            tokio::time::sleep(KICK_GAP).await;
+        }
+    }
+
     /// The follower's delivery (PostgreSQL; returns at once on SQLite): LISTEN for new
     /// generations, load each, and catch up after every (re)connection, until `shutdown`.
+    /// The leader listens too, for followers' round requests.
     pub async fn follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         {
             if self.store.generation_channel().is_none() {
                 return;
             }
+            let kicks = tokio::spawn(self.clone().kick_leader(shutdown.clone()));
+            let _abort_kicks = AbortOnDrop(kicks);
             let lease = self.replica.lease;
             let retry = (lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
             loop {
@@ -425,7 +459,12 @@ impl Engine {
                         _ = shutdown.changed() => return,
                     };
                     match next {
-                        Ok(Some(g)) => {
+                        Ok(Some(Notice::Round)) => {
+                            if self.leading().is_some() {
+                                self.trigger_local();
+                            }
+                        }
+                        Ok(Some(Notice::Generation(g))) => {
                             if let Err(e) = self.load_generation(g).await {
                                 warn!(error = %e, generation = g, "loading a notified generation failed");
                             }

@@ -142,6 +142,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     published: watch::Sender<Arc<Published>>,
     trigger: Notify,
+    /// A follower's pending round request to the leader ([`Engine::trigger`]).
+    kick: Notify,
     /// Set by [`Engine::trigger`], cleared when a round starts: a permit left in `trigger`
     /// by a trigger that an earlier round already covered does not cause another round.
     dirty: AtomicBool,
@@ -324,6 +326,7 @@ impl Engine {
             metrics,
             published,
             trigger: Notify::new(),
+            kick: Notify::new(),
             dirty: AtomicBool::new(false),
             round: tokio::sync::Mutex::new(RoundState {
                 memory: RoundMemory::default(),
@@ -447,8 +450,19 @@ impl Engine {
         }
     }
 
-    /// Asks the solve loop for a (debounced) round.
+    /// Asks for a (debounced) round: this replica's solve loop, and, on a follower, the
+    /// leader's (a round request on the store's channel, at most one per
+    /// [`leadership::KICK_GAP`]), so an input a follower received is solved at once, not at
+    /// the leader's next solve interval.
     pub fn trigger(&self) {
+        self.trigger_local();
+        if self.leading().is_none() && self.store.generation_channel().is_some() {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Asks this replica's solve loop for a (debounced) round.
+    pub(crate) fn trigger_local(&self) {
         self.dirty.store(true, Ordering::SeqCst);
         self.trigger.notify_one();
     }

@@ -34,7 +34,7 @@ mod settings;
 pub mod testing;
 
 pub use lease::{LeaderTerm, LeaseState};
-pub use notify::GenerationListener;
+pub use notify::{GenerationListener, Notice};
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
     PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
