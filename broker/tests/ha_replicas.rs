@@ -162,8 +162,8 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
     };
     let dir = tempfile::tempdir().unwrap();
     let bundle = certs(dir.path());
-    // Rounds wait 3 s after checking the lease, as a slow solve: the leader is paused in
-    // that window, so that when it resumes its publish meets the store's fence.
+    // A round with a new generation waits 3 s before publishing it, as a slow solve: the
+    // leader is paused in that window, so that when it resumes its publish meets the fence.
     let env = [("BALLAST_TEST_SLOW_ROUND_MS", "3000")];
     let r1 = Replica::spawn(dir.path(), &pg.url, "r1", &env);
     r1.wait_ready().await;
