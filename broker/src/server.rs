@@ -359,9 +359,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     tasks.push(tokio::spawn(engine.clone().follow(shutdown_rx.clone())));
     // The first round before ready: fresh weights, and /ready's "a round completed" holds
     // (a leader's round: the lease first, if it is free).
+    // The lease loop runs from here, so a slow first round does not outlive the lease.
     engine.lease_attempt().await;
-    engine.run_loop_round().await;
     tasks.push(tokio::spawn(engine.clone().lead(shutdown_rx.clone())));
+    engine.run_loop_round().await;
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
     tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));

@@ -57,9 +57,9 @@ pub struct ReplicaConfig {
     /// Take the lease by force at load (SQLite's single process) instead of waiting for an
     /// expired lease.
     pub force: bool,
-    /// Tests only (`BALLAST_TEST_SLOW_ROUND_MS`): every round waits this long after it
-    /// checked its lease, as a slow solve would — the window in which the fencing test
-    /// pauses a leader, so that its publish meets the store's fence.
+    /// Tests only (`BALLAST_TEST_SLOW_ROUND_MS`): a round that has a new generation waits
+    /// this long before publishing it, as a slow solve would — the window in which the
+    /// fencing test pauses a leader, so that its publish meets the store's fence.
     pub slow_round: Option<Duration>,
 }
 

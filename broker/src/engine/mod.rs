@@ -727,9 +727,6 @@ impl Engine {
         };
         let started = Instant::now();
         let now = now_ms();
-        if let Some(d) = self.replica.slow_round {
-            tokio::time::sleep(d).await;
-        }
         self.prune_imports(now).await;
         self.services_read_begins();
         let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
@@ -770,6 +767,9 @@ impl Engine {
             detail: out.detail.clone(),
         };
         let generation = if out.changed {
+            if let Some(d) = self.replica.slow_round {
+                tokio::time::sleep(d).await;
+            }
             // Only what changed is written; the store carries every other pair over. The
             // store numbers the generation, under this leader's term (fenced).
             let generation = match self
