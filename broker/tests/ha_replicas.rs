@@ -192,10 +192,32 @@ async fn a_paused_leader_is_fenced_and_steps_down() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // A report to the leader starts a round; pause the leader inside it, past its lease.
-    send_reports(&mut c1, vec![c1_report(i)]).await.unwrap();
-    i += 1;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A report to the leader starts a round; pause the leader inside it (once its log says
+    // the round waits before publishing), past its lease.
+    let slow_rounds = || {
+        std::fs::read_to_string(dir.path().join("r1.log"))
+            .unwrap_or_default()
+            .matches("test hook: slow round")
+            .count()
+    };
+    // (A report does not always change the weights: damping may leave them where they are,
+    // so reports go on until a round has something to publish.)
+    let seen = slow_rounds();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'round: loop {
+        send_reports(&mut c1, vec![c1_report(i)]).await.unwrap();
+        i += 1;
+        for _ in 0..25 {
+            if slow_rounds() > seen {
+                break 'round;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "r1 started no round that publishes"
+        );
+    }
     assert_eq!(signal(r1.pid(), libc::SIGSTOP), 0);
     let paused_at = Instant::now();
     let (_, new_term) = leader_of(&[&r2], Duration::from_secs(15)).await;

@@ -163,7 +163,11 @@ pub fn next_after(targets: &[Target], current: Option<&str>, stay: bool, seed: u
 #[must_use]
 pub fn spread_seed(cluster: &str, node: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in cluster.bytes().chain(std::iter::once(b'/')).chain(node.bytes()) {
+    for b in cluster
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(node.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -269,7 +273,11 @@ mod tests {
             })
             .collect();
         assert_eq!(next_after(&t, None, false, 0), 0);
-        assert_eq!(next_after(&t, None, false, 4), 1, "the seed picks the first");
+        assert_eq!(
+            next_after(&t, None, false, 4),
+            1,
+            "the seed picks the first"
+        );
         assert_eq!(
             next_after(&t, Some("https://b:1"), true, 0),
             1,

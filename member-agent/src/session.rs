@@ -445,7 +445,12 @@ pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
         // resolved again on every attempt: replicas come and go
         let targets = brokers::resolve(&cfg.endpoints).await;
         let Some(target) = targets
-            .get(brokers::next_after(&targets, current.as_deref(), stay, seed))
+            .get(brokers::next_after(
+                &targets,
+                current.as_deref(),
+                stay,
+                seed,
+            ))
             .cloned()
         else {
             // cannot happen: parse_list refuses an empty list and a name that does not

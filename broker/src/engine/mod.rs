@@ -768,6 +768,7 @@ impl Engine {
         };
         let generation = if out.changed {
             if let Some(d) = self.replica.slow_round {
+                info!(?d, "test hook: slow round, publishing after a wait");
                 tokio::time::sleep(d).await;
             }
             // Only what changed is written; the store carries every other pair over. The

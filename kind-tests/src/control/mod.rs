@@ -215,15 +215,10 @@ pub fn agent_args(
     c: &crate::lab::ClusterState,
     node: &crate::lab::NodeState,
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--cluster-id",
-        &c.id,
-        "--node-name",
-        &node.name,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = ["--cluster-id", &c.id, "--node-name", &node.name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     // Every replica: the agent keeps one session and moves when its replica dies.
     for url in cp.broker_urls() {
         args.extend(["--broker".to_string(), url]);

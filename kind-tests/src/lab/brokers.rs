@@ -59,7 +59,12 @@ pub struct FailoverReport {
 fn pg_bin_dir() -> Result<PathBuf> {
     let base = Path::new("/usr/lib/postgresql");
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(base)
-        .ctx(|| format!("reading {} (is PostgreSQL installed? kind-tests/setup.sh installs it)", base.display()))?
+        .ctx(|| {
+            format!(
+                "reading {} (is PostgreSQL installed? kind-tests/setup.sh installs it)",
+                base.display()
+            )
+        })?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let v = e.file_name().to_str()?.parse::<u32>().ok()?;
@@ -180,9 +185,8 @@ impl Lab {
         state.processes.push(p);
         self.save_state(state)?;
         let addr: SocketAddr = ([127, 0, 0, 1], LAB_PG_PORT).into();
-        control::wait_listening(&state.wan_netns, addr, Duration::from_secs(30)).map_err(|e| {
-            LabError::Other(format!("{e}; see {}", self.log("postgres").display()))
-        })?;
+        control::wait_listening(&state.wan_netns, addr, Duration::from_secs(30))
+            .map_err(|e| LabError::Other(format!("{e}; see {}", self.log("postgres").display())))?;
         Ok(url)
     }
 
@@ -242,7 +246,10 @@ impl Lab {
         }
         let before = broker_statuses(&state, &cp);
         let leader = leader_of(&before).ok_or_else(|| {
-            LabError::Other(format!("no replica reports leadership: {}", render(&before)))
+            LabError::Other(format!(
+                "no replica reports leadership: {}",
+                render(&before)
+            ))
         })?;
         let role = control::broker_role(leader.index);
         let proc = state
@@ -254,7 +261,10 @@ impl Lab {
         if !sys::proc_alive(proc.pid, proc.starttime)
             || unsafe { libc::kill(proc.pid, libc::SIGKILL) } != 0
         {
-            return Err(LabError::Other(format!("{role} (pid {}) is not running", proc.pid)));
+            return Err(LabError::Other(format!(
+                "{role} (pid {}) is not running",
+                proc.pid
+            )));
         }
         let killed_at = Instant::now();
         let old_term = leader.term.unwrap_or(0);
@@ -329,11 +339,7 @@ pub fn broker_statuses(state: &LabState, cp: &ControlPlane) -> Vec<BrokerStatus>
         ks.iter()
             .map(|&k| {
                 let m = control::broker_metrics_of(k);
-                (
-                    k,
-                    http_get(m, "/metrics"),
-                    http_get(m, "/ready"),
-                )
+                (k, http_get(m, "/metrics"), http_get(m, "/ready"))
             })
             .collect::<Vec<_>>()
     });
@@ -388,12 +394,10 @@ pub fn broker_statuses(state: &LabState, cp: &ControlPlane) -> Vec<BrokerStatus>
 
 /// A gauge's value in a Prometheus text exposition (the unlabelled sample).
 fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// The status code and body of `GET path` (HTTP/1.0, one connection).
@@ -401,8 +405,11 @@ fn http_get(addr: SocketAddr, path: &str) -> std::result::Result<(u16, String), 
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
         .map_err(|e| format!("{addr}: {e}"))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("{addr}: {e}"))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{addr}: {e}"))?;
     let mut out = String::new();
     s.read_to_string(&mut out)
         .map_err(|e| format!("{addr}{path}: {e}"))?;
@@ -446,9 +453,6 @@ mod tests {
         let s = vec![b(1, "leader", 3), b(2, "leader", 4), b(3, "follower", 4)];
         assert_eq!(leader_of(&s).unwrap().index, 2);
         assert!(leader_of(&[b(1, "follower", 1)]).is_none());
-        assert_eq!(
-            render(&s[..1]),
-            "broker leader term 3"
-        );
+        assert_eq!(render(&s[..1]), "broker leader term 3");
     }
 }
