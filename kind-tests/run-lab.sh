@@ -11,6 +11,9 @@
 #   2. the delay between c1 and c2 is raised: the weights and the split move away from c2
 #   3. c3's backends are stopped during a load: traffic shifts to c2, no failed connection
 #   4. optimized against round-robin: mean RTT and egress price of the observed split
+#   5. broker failover (3 replicas on the lab's PostgreSQL): the leader is SIGKILLed while c1
+#      opens connections steadily; no connect fails, another replica leads within the lease
+#      time, and the weights still follow a changed delay afterwards
 # and takes everything down again (also on failure or Ctrl-C).
 #
 # Nothing leaves this machine: clusters are namespaces with no default route, the service
@@ -56,10 +59,12 @@ trap 'exit 130' INT TERM
 # policies apart (AWS bills every inter-region transfer from us-east-1 at the same $0.02/GB).
 REGIONS="${BALLAST_LAB_REGIONS:-us-east-1,us-west-2,westeurope}"
 NODES="${BALLAST_LAB_NODES:-2}"
-echo "== up: 3 clusters ($REGIONS), broker (policy optimized), $NODES nodes (agents) per cluster"
+BROKERS="${BALLAST_LAB_BROKERS:-3}"
+echo "== up: 3 clusters ($REGIONS), $BROKERS broker replica(s) (policy optimized), $NODES nodes (agents) per cluster"
 # `up` fails (the trap then takes the lab down) when the agents install no weights in time,
 # naming the directory with the broker's and agents' logs.
-"$LAB" up --clusters 3 --nodes "$NODES" --regions "$REGIONS"
+"$LAB" up --clusters 3 --nodes "$NODES" --brokers "$BROKERS" --regions "$REGIONS"
+"$LAB" brokers
 
 echo
 echo "== 0. capacity is a cluster fact: every node reports it, the broker counts it once"
@@ -104,5 +109,43 @@ echo
 echo "== 4. optimized against round-robin from c1 (egress priced with broker/data's list prices)"
 "$LAB" compare --from c1 --service demo/echo --policies optimized,round-robin --connections 400
 "$LAB" policy optimized >/dev/null
+
+if [ "$BROKERS" -gt 1 ]; then
+  echo
+  echo "== 5. broker failover: the leader is SIGKILLed while c1 opens 50 connections/s; the data"
+  echo "      plane keeps steering, another replica leads within the lease time, the killed one"
+  echo "      rejoins as a follower, and the weights still follow a changed delay"
+  "$LAB" load --from c1 --service demo/echo --connections 400 --rate 50 --json >"$tmp/failover-load.json" &
+  load_pid=$!
+  sleep 2
+  "$LAB" failover --json >"$tmp/failover.json"
+  wait "$load_pid"
+  python3 - "$tmp/failover-load.json" "$tmp/failover.json" <<'PY'
+import json, sys
+load = json.load(open(sys.argv[1]))
+fo = json.load(open(sys.argv[2]))
+print(f"killed broker-{fo['killed']['index']} (leader, term {fo['killed']['term']}); "
+      f"broker-{fo['new_leader']['index']} leads term {fo['new_leader']['term']} "
+      f"after {fo['takeover_ms']:.0f} ms (lease 3 s)")
+print(f"connections during the failover: {load['connections']} opened, {load['failed']} failed")
+if load["failed"] != 0:
+    sys.exit("run-lab.sh: connections failed during the broker failover")
+if fo["takeover_ms"] > 3000 + 1000:
+    sys.exit("run-lab.sh: the new leader took longer than the lease time (+1 s of rounds)")
+PY
+  "$LAB" brokers
+  echo "-- the delay c1 <-> c2 is raised again: the new leader moves c1's weight off c2"
+  "$LAB" delay c1 c2 150
+  "$LAB" settle --from c1 --wait-secs 120
+  python3 - <<PY
+import json, subprocess, sys
+st = json.loads(subprocess.check_output(["$LAB", "status", "--json"]))
+w = st["weights"]["demo/echo"]["c1"]
+print(f"c1's weights after the failover: {w}")
+if w.get("c2", 0.0) > 0.5:
+    sys.exit("run-lab.sh: c1's weight on c2 did not move away after the failover")
+PY
+  "$LAB" delay c1 c2 --default
+fi
 echo
 echo "run-lab.sh: done"

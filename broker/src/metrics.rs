@@ -58,6 +58,14 @@ pub struct Metrics {
     pub generation: Gauge,
     /// Open WatchWeights streams.
     pub watchers: Gauge,
+    /// 1 while this replica leads (holds the lease), else 0.
+    pub leader: Gauge,
+    /// The term this replica leads, or the highest it saw.
+    pub term: Gauge,
+    /// Times this replica became leader or stepped down.
+    pub leader_changes: Counter,
+    /// Publishes refused because this replica no longer held the lease under its term.
+    pub fenced_publishes: Counter,
     /// Report messages accepted.
     pub reports: Counter,
     /// Requests rejected as invalid or not permitted.
@@ -97,6 +105,30 @@ impl Metrics {
         let stale_services = Gauge::default();
         let generation = Gauge::default();
         let watchers = Gauge::default();
+        let leader = Gauge::default();
+        let term = Gauge::default();
+        let leader_changes = Counter::default();
+        let fenced_publishes = Counter::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (holds the leader lease and publishes), else 0",
+            leader.clone(),
+        );
+        registry.register(
+            "term",
+            "The leader term this replica leads, or the highest it saw",
+            term.clone(),
+        );
+        registry.register(
+            "leader_changes",
+            "Times this replica became leader or stepped down",
+            leader_changes.clone(),
+        );
+        registry.register(
+            "fenced_publishes",
+            "Publishes refused because this replica no longer held the lease under its term",
+            fenced_publishes.clone(),
+        );
         let reports = Counter::default();
         let rejected = Counter::default();
         let connections_refused = Counter::default();
@@ -181,6 +213,10 @@ impl Metrics {
             stale_services,
             generation,
             watchers,
+            leader,
+            term,
+            leader_changes,
+            fenced_publishes,
             reports,
             rejected,
             connections_refused,

@@ -8,8 +8,9 @@
 //! completed a round within the last [`READY_ROUNDS`] solve intervals (at least
 //! [`MIN_ROUND_AGE`]). Otherwise 503 with every reason in the body, e.g.
 //! `not ready: store unreachable: database: …; solver: last completed round 95 s ago …`.
-//! (There is no leader election yet: every broker solves. With one, a standby would be
-//! ready on the store alone.)
+//! A replica is also not ready while it is cut off from the database for longer than its
+//! lease ([`Engine::availability`]); a ready replica's body names its role: `ready: leader
+//! term N` or `ready: follower (leader term N)` (both 200: followers serve watches too).
 //!
 //! On SQLite, [`start`] first takes the database lock ([`crate::standby`]): a second process
 //! on the same file waits there as a hot standby (`/ready` 503, `ballast_broker_standby` 1)
@@ -28,7 +29,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
-use crate::engine::{now_ms, Engine, EngineConfig, EngineError, LoopHealth};
+use crate::engine::{
+    default_replica_id, now_ms, Engine, EngineConfig, EngineError, LoopHealth, ReplicaConfig,
+};
 use crate::grpc::{AdminService, AgentSettings, Authenticate, BrokerService};
 use crate::listener::{ConnectionLimits, ListenerMetrics};
 use crate::metrics::Metrics;
@@ -61,6 +64,11 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// `--reuseport`: share the gRPC port with a hot standby (see [`crate::standby`]).
     pub reuseport: Option<ReuseportConfig>,
+    /// This replica's id and lease time (`force` is set from the database: SQLite takes the
+    /// lease by force, PostgreSQL elects).
+    pub replica: ReplicaConfig,
+    /// How many replicas the operator runs (`--replicas`): more than 1 needs PostgreSQL.
+    pub replicas: u32,
 }
 
 impl ServeConfig {
@@ -79,9 +87,19 @@ impl ServeConfig {
             connections: ConnectionSettings::default(),
             engine: EngineConfig::default(),
             reuseport: None,
+            replica: ReplicaConfig {
+                replica_id: default_replica_id(),
+                lease: DEFAULT_LEASE_TIME,
+                force: false,
+                slow_round: None,
+            },
+            replicas: 1,
         }
     }
 }
+
+/// Default of `--lease-time`.
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(5);
 
 /// Bounds on what one client can hold of the gRPC listener (flags of `serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +151,12 @@ pub enum ServeError {
     Admin(ballast_runtime::RuntimeError),
     #[error(transparent)]
     Standby(#[from] StandbyError),
+    /// The store could not be opened at start (never a silent fallback).
+    #[error("--database {url}: cannot open the store: {source}")]
+    Database { url: String, source: StoreError },
+    /// `--replicas` above 1 on a store that cannot share one.
+    #[error("--replicas {replicas} needs a PostgreSQL --database (SQLite serves one process); got --database {url}")]
+    ReplicasNeedPostgres { replicas: u32, url: String },
 }
 
 /// A running broker.
@@ -193,6 +217,13 @@ impl Running {
 /// # Errors
 /// [`ServeError`] when the store, a listener or the TLS material is unusable.
 pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    let sqlite = cfg.database_url.starts_with("sqlite:");
+    if sqlite && cfg.replicas > 1 {
+        return Err(ServeError::ReplicasNeedPostgres {
+            replicas: cfg.replicas,
+            url: redact(&cfg.database_url),
+        });
+    }
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::default();
     // Hot standby: the shared listener first (a standby's socket takes slot 1, so the kernel
@@ -204,7 +235,17 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     };
     let (db_lock, mut http_admin) =
         lock_database(&cfg, &metrics, &readiness, shared.as_mut()).await?;
-    let store = Store::connect(&cfg.database_url).await?;
+    let url = if sqlite {
+        cfg.database_url.clone()
+    } else {
+        with_application_name(&cfg.database_url, &cfg.replica.replica_id)
+    };
+    let store = Store::connect(&url)
+        .await
+        .map_err(|source| ServeError::Database {
+            url: redact(&cfg.database_url),
+            source,
+        })?;
     let p = cfg.engine.prices;
     let now = crate::engine::now_ms();
     for (tier, v) in [
@@ -215,7 +256,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     ] {
         store.set_price(tier, v, now).await?;
     }
-    let engine = Arc::new(Engine::load(store, cfg.engine.clone(), metrics.clone()).await?);
+    let replica = ReplicaConfig {
+        force: sqlite,
+        ..cfg.replica.clone()
+    };
+    let engine =
+        Arc::new(Engine::load_replica(store, cfg.engine.clone(), metrics.clone(), replica).await?);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let listener = match shared {
@@ -307,7 +353,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         let e = e.clone();
         async move { broker_ready(&e, interval).await }
     });
-    // The first round before ready: fresh weights, and /ready's "a round completed" holds.
+    let e = engine.clone();
+    readiness.set_detail(move || e.role_line());
+    // Leadership (renew or take the lease) and, on PostgreSQL, the generation listener.
+    tasks.push(tokio::spawn(engine.clone().follow(shutdown_rx.clone())));
+    // The first round before ready: fresh weights, and /ready's "a round completed" holds
+    // (a leader's round: the lease first, if it is free).
+    // The lease loop runs from here, so a slow first round does not outlive the lease.
+    engine.lease_attempt().await;
+    tasks.push(tokio::spawn(engine.clone().lead(shutdown_rx.clone())));
     engine.run_loop_round().await;
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
@@ -398,6 +452,9 @@ pub const MIN_ROUND_AGE: Duration = Duration::from_secs(10);
 /// Every reason it is not ready, joined by `"; "`.
 pub async fn broker_ready(engine: &Engine, solve_interval: Duration) -> Result<(), String> {
     let mut reasons = Vec::new();
+    if let Err(r) = engine.availability() {
+        reasons.push(r);
+    }
     match tokio::time::timeout(STORE_PROBE_TIMEOUT, engine.store().ping()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => reasons.push(format!("store unreachable: {e}")),
@@ -448,6 +505,28 @@ pub fn solver_verdict(
         ));
     }
     Ok(())
+}
+
+/// `url` with `application_name=<replica id>` (PostgreSQL shows it in `pg_stat_activity`)
+/// unless it names one already. The id is cut to PostgreSQL's 63 bytes and to URL-safe
+/// characters.
+fn with_application_name(url: &str, replica_id: &str) -> String {
+    if url.contains("application_name=") {
+        return url.to_string();
+    }
+    let name: String = replica_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={name}")
 }
 
 /// The URL without its password.

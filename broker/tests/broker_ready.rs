@@ -49,7 +49,7 @@ async fn ready_follows_the_store(url: &str) {
     // Ready as soon as start returns: the store answers, the first round has completed.
     let r = get(addr, "/ready").await;
     assert!(
-        r.starts_with("HTTP/1.0 200") && r.ends_with("ready\n"),
+        r.starts_with("HTTP/1.0 200") && r.ends_with("ready: leader term 1\n"),
         "{r}"
     );
     assert!(get(addr, "/live").await.starts_with("HTTP/1.0 200"));

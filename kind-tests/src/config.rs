@@ -34,6 +34,8 @@ pub const MAX_CLUSTERS: usize = 32;
 /// Nodes (agents) per cluster: each node is an agent with its own cgroup, pins and metrics
 /// port on the cluster's loopback.
 pub const MAX_NODES: usize = 8;
+/// Most broker replicas a lab runs (ports 7443.. and 9464..).
+pub const MAX_BROKERS: usize = 5;
 /// Port of node 1's agent metrics on its cluster's loopback; node k listens on + k - 1.
 pub const AGENT_METRICS_PORT: u16 = 9464;
 

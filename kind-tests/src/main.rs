@@ -54,6 +54,11 @@ enum Cmd {
         /// pins and metrics port (default: as the lab is up, else 1; changing it needs `down`).
         #[arg(long, env = "BALLAST_LAB_NODES")]
         nodes: Option<usize>,
+        /// Broker replicas, 1..=5. More than 1: replicas on the lab's own PostgreSQL (started
+        /// in the wan namespace), one leader solving, agents given every replica's address
+        /// (default: as the lab is up, else 1; between 1 and more needs `down`).
+        #[arg(long, env = "BALLAST_LAB_BROKERS")]
+        brokers: Option<usize>,
         /// Network, backends and load only: no broker, no agents.
         #[arg(long, env = "BALLAST_LAB_NO_CONTROL_PLANE")]
         no_control_plane: bool,
@@ -76,6 +81,20 @@ enum Cmd {
     },
     /// Remove everything the lab made (idempotent, safe after a crash).
     Down,
+    /// Broker replicas: each one's address, pid, role (leader/follower) and term.
+    Brokers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill the leading broker replica (SIGKILL), measure how long until another leads with
+    /// a higher term, and start the killed one again (needs `up --brokers 2` or more).
+    Failover {
+        /// How long to wait for a new leader, in seconds.
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Clusters, services, weights, links.
     Status {
         #[arg(long)]
@@ -261,6 +280,7 @@ fn real_main(cli: Cli) -> Result<()> {
             clusters,
             regions,
             nodes,
+            brokers,
             no_control_plane,
             policy,
             wait_secs,
@@ -272,6 +292,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 control_plane: !no_control_plane,
                 policy,
                 nodes,
+                brokers,
             })?;
             // `up` returns once every agent has installed weights; when they do not within
             // --wait-secs, the table is still printed (it shows who is missing) and `up` fails.
@@ -313,6 +334,44 @@ fn real_main(cli: Cli) -> Result<()> {
                 if r.bpf_dir { "removed" } else { "absent" },
                 if r.state_dir { "removed" } else { "absent" },
             );
+        }
+        Cmd::Brokers { json } => {
+            init_tracing("warn");
+            let b = lab.brokers()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                for x in &b {
+                    println!(
+                        "broker-{}  {}  pid {}  {}  term {}  ({})",
+                        x.index,
+                        x.address,
+                        x.pid.map_or("-".to_string(), |p| p.to_string()),
+                        x.role,
+                        x.term.map_or("-".to_string(), |t| t.to_string()),
+                        x.detail
+                    );
+                }
+            }
+        }
+        Cmd::Failover { wait_secs, json } => {
+            init_tracing("warn");
+            let r = lab.failover(Duration::from_secs(wait_secs))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "failover: killed broker-{} (pid {}, leader term {}); broker-{} leads term {} after {:.0} ms; broker-{} started again (pid {})",
+                    r.killed.index,
+                    r.killed.pid.unwrap_or(0),
+                    r.killed.term.unwrap_or(0),
+                    r.new_leader.index,
+                    r.new_leader.term.unwrap_or(0),
+                    r.takeover_ms,
+                    r.killed.index,
+                    r.restarted_pid
+                );
+            }
         }
         Cmd::Status { json } => {
             init_tracing("warn");

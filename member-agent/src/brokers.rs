@@ -13,6 +13,10 @@
 //! - **Round-robin only on failure** ([`next_after`]): the session stays on its replica while
 //!   it is healthy; when the replica is lost it moves to the target after it in the current
 //!   list.
+//! - **Agents spread over the replicas** ([`spread_seed`]): the first target an agent tries is
+//!   chosen by a stable hash of its cluster and node name, so a fleet given the same list (or
+//!   one headless Service name) is spread evenly over the replicas instead of all sessions
+//!   landing on the first address; the same agent picks the same replica after a restart.
 
 use std::net::IpAddr;
 
@@ -141,16 +145,33 @@ pub async fn resolve(endpoints: &[Uri]) -> Vec<Target> {
 }
 
 /// The index of the target to use in `targets` (not empty): `current`'s when `stay`, else the
-/// one after it (round-robin); the first when `current` is not (or no longer) listed.
-pub fn next_after(targets: &[Target], current: Option<&str>, stay: bool) -> usize {
+/// one after it (round-robin); when `current` is not (or no longer) listed, the one `seed`
+/// picks ([`spread_seed`]: agents spread over the replicas).
+pub fn next_after(targets: &[Target], current: Option<&str>, stay: bool, seed: u64) -> usize {
     if targets.is_empty() {
         return 0;
     }
     match current.and_then(|c| targets.iter().position(|t| t.uri == c)) {
         Some(i) if stay => i,
         Some(i) => (i + 1) % targets.len(),
-        None => 0,
+        None => usize::try_from(seed % targets.len() as u64).unwrap_or(0),
     }
+}
+
+/// A stable hash of an agent's identity (FNV-1a over `cluster/node`), the same in every
+/// process and release (unlike std's randomly keyed hasher).
+#[must_use]
+pub fn spread_seed(cluster: &str, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(node.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]
@@ -251,15 +272,37 @@ mod tests {
                 domain: "x".into(),
             })
             .collect();
-        assert_eq!(next_after(&t, None, false), 0);
+        assert_eq!(next_after(&t, None, false, 0), 0);
         assert_eq!(
-            next_after(&t, Some("https://b:1"), true),
+            next_after(&t, None, false, 4),
+            1,
+            "the seed picks the first"
+        );
+        assert_eq!(
+            next_after(&t, Some("https://b:1"), true, 0),
             1,
             "healthy: stays"
         );
-        assert_eq!(next_after(&t, Some("https://b:1"), false), 2);
-        assert_eq!(next_after(&t, Some("https://c:1"), false), 0, "wraps");
-        assert_eq!(next_after(&t, Some("https://gone:1"), false), 0);
-        assert_eq!(next_after(&[], Some("https://a:1"), false), 0);
+        assert_eq!(next_after(&t, Some("https://b:1"), false, 0), 2);
+        assert_eq!(next_after(&t, Some("https://c:1"), false, 0), 0, "wraps");
+        assert_eq!(next_after(&t, Some("https://gone:1"), false, 2), 2);
+        assert_eq!(next_after(&[], Some("https://a:1"), false, 0), 0);
+    }
+
+    #[test]
+    fn a_fleet_is_spread_evenly_over_the_replicas() {
+        let mut per_replica = [0usize; 3];
+        for c in 0..100 {
+            for n in 0..10 {
+                let seed = spread_seed(&format!("c{c}"), &format!("c{c}-n{n}"));
+                per_replica[usize::try_from(seed % 3).unwrap_or(0)] += 1;
+            }
+        }
+        // 1,000 agents over 3 replicas: each within 10 % of a third
+        for k in per_replica {
+            assert!((300..=367).contains(&k), "{per_replica:?}");
+        }
+        assert_eq!(spread_seed("c1", "n1"), spread_seed("c1", "n1"), "stable");
+        assert_ne!(spread_seed("c1", "n1"), spread_seed("c1", "n2"));
     }
 }

@@ -438,13 +438,19 @@ pub async fn run(cfg: SessionConfig, mut io: SessionIo) {
     let mut current: Option<String> = None;
     let mut stay = true;
     let mut last_replica: Option<String> = None;
+    let seed = brokers::spread_seed(&cfg.cluster.id, &cfg.node_name);
     loop {
         let now = Instant::now();
         excluded.retain(|_, until| *until > now);
         // resolved again on every attempt: replicas come and go
         let targets = brokers::resolve(&cfg.endpoints).await;
         let Some(target) = targets
-            .get(brokers::next_after(&targets, current.as_deref(), stay))
+            .get(brokers::next_after(
+                &targets,
+                current.as_deref(),
+                stay,
+                seed,
+            ))
             .cloned()
         else {
             // cannot happen: parse_list refuses an empty list and a name that does not

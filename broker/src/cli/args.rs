@@ -222,6 +222,48 @@ pub struct ServeArgs {
     /// connections over both processes by hash, the waiting standby included (for comparison).
     #[arg(long, env = "BALLAST_REUSEPORT_NO_PROGRAM", requires = "reuseport")]
     pub reuseport_no_program: bool,
+    /// Leader lease: a replica leads (solves and publishes) while it holds it; the leader
+    /// renews it every third of it, the others try to take it as often, so a dead leader is
+    /// replaced within about 4/3 of it. At least 1s (each lease call is bounded by a third of
+    /// it) and at least 4 x `--debounce` (a round triggered by a report publishes within one
+    /// renewal period).
+    #[arg(long, env = "BALLAST_LEASE_TIME", default_value = "5s", value_parser = duration)]
+    pub lease_time: Duration,
+    /// This replica's name in the lease (and PostgreSQL's application_name); default
+    /// `<hostname>-<pid>`.
+    #[arg(long, env = "BALLAST_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How many broker replicas the operator runs on this store (more than 1 needs a
+    /// PostgreSQL `--database`: one elected leader solves, every replica serves).
+    #[arg(long, env = "BALLAST_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
+}
+
+/// The smallest `--lease-time`.
+pub const MIN_LEASE_TIME: Duration = Duration::from_secs(1);
+
+/// Checks `--lease-time` against its rule (see the flag's help).
+///
+/// # Errors
+/// The rule it breaks, naming the flags.
+pub fn check_lease_time(lease: Duration, debounce: Duration) -> Result<(), String> {
+    if lease < MIN_LEASE_TIME {
+        return Err(format!(
+            "--lease-time {} is shorter than {}: the leader renews every third of it and each \
+             lease call must fit in that third",
+            humantime::format_duration(lease),
+            humantime::format_duration(MIN_LEASE_TIME)
+        ));
+    }
+    if lease < debounce * 4 {
+        return Err(format!(
+            "--lease-time {} is shorter than 4 x --debounce {}: a triggered round must publish \
+             within one renewal period (a third of the lease)",
+            humantime::format_duration(lease),
+            humantime::format_duration(debounce)
+        ));
+    }
+    Ok(())
 }
 
 impl ServeArgs {
@@ -245,9 +287,36 @@ impl ServeArgs {
                 humantime::format_duration(self.stale_after)
             ));
         }
+        check_lease_time(self.lease_time, self.debounce)?;
+        if self.replicas > 1 && self.database.starts_with("sqlite:") {
+            return Err(format!(
+                "--replicas {}: more than one replica needs a PostgreSQL --database \
+                 (postgres://...); SQLite (--database {}) serves one process",
+                self.replicas, self.database
+            ));
+        }
+        let replica_id = match &self.replica_id {
+            Some(id) if id.trim().is_empty() || id.len() > 200 => {
+                return Err(format!(
+                    "--replica-id {id:?}: must be 1 to 200 bytes, not blank"
+                ));
+            }
+            Some(id) => id.clone(),
+            None => crate::engine::default_replica_id(),
+        };
         let reuseport = self.reuseport_config()?;
         let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
         c.reuseport = reuseport;
+        c.replica = crate::engine::ReplicaConfig {
+            replica_id,
+            lease: self.lease_time,
+            force: false,
+            slow_round: std::env::var("BALLAST_TEST_SLOW_ROUND_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        };
+        c.replicas = self.replicas;
         c.metrics_addr = Some(self.metrics_addr);
         c.solve_interval = self.solve_interval;
         c.debounce = self.debounce;
@@ -526,5 +595,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn lease_replicas_and_replica_id_are_checked_naming_the_flags() {
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["serve", "--insecure"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().serve.to_config()
+        };
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.replica.lease, Duration::from_secs(5));
+        assert_eq!(c.replicas, 1);
+        assert!(c
+            .replica
+            .replica_id
+            .ends_with(&format!("-{}", std::process::id())));
+        let e = cfg(&["--lease-time", "500ms"]).unwrap_err();
+        assert!(e.contains("--lease-time 500ms"), "{e}");
+        let e = cfg(&["--lease-time", "2s", "--debounce", "1s"]).unwrap_err();
+        assert!(
+            e.contains("--lease-time 2s") && e.contains("--debounce 1s"),
+            "{e}"
+        );
+        let e = cfg(&["--replicas", "3"]).unwrap_err();
+        assert!(
+            e.contains("--replicas 3") && e.contains("--database"),
+            "{e}"
+        );
+        let c = cfg(&[
+            "--replicas",
+            "3",
+            "--database",
+            "postgres://u@h/db",
+            "--replica-id",
+            "r1",
+        ])
+        .unwrap();
+        assert_eq!((c.replicas, c.replica.replica_id.as_str()), (3, "r1"));
+        assert!(cfg(&["--replica-id", " "])
+            .unwrap_err()
+            .contains("--replica-id"));
     }
 }

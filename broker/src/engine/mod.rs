@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 pub mod config;
+pub mod leadership;
 pub mod peers;
 pub mod plan;
 pub mod published;
@@ -46,6 +47,7 @@ pub use config::{
     EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SERVICES,
     DEFAULT_PRICES,
 };
+pub use leadership::{default_replica_id, ReplicaConfig};
 pub use peers::Peer;
 pub use plan::{Inputs, ServicePlan};
 pub use published::{Entry, Published};
@@ -123,6 +125,10 @@ fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+fn gauge_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// The shell's round state: what the pure round remembers, and the next run id.
 struct RoundState {
     memory: RoundMemory,
@@ -136,6 +142,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     published: watch::Sender<Arc<Published>>,
     trigger: Notify,
+    /// A follower's pending round request to the leader ([`Engine::trigger`]).
+    kick: Notify,
     /// Set by [`Engine::trigger`], cleared when a round starts: a permit left in `trigger`
     /// by a trigger that an earlier round already covered does not cause another round.
     dirty: AtomicBool,
@@ -154,6 +162,14 @@ pub struct Engine {
     /// The distinct services with a capacity or RPS sample: read at load, reconciled with
     /// the store every round, added to by each accepted report (`--max-services`).
     services: RwLock<ServiceCount>,
+    /// How this replica takes part in leadership ([`leadership`]).
+    replica: ReplicaConfig,
+    /// Its role, and how recently the database answered.
+    role: std::sync::Mutex<leadership::RoleState>,
+    /// Whether it may serve weights as fresh ([`Engine::availability`]).
+    available: watch::Sender<bool>,
+    /// When it was loaded.
+    started: tokio::time::Instant,
 }
 
 /// The services counted against `--max-services`.
@@ -247,7 +263,8 @@ fn mirror_published(metrics: &Metrics, published: &Published) {
 }
 
 impl Engine {
-    /// Loads the last published generation and the known clusters from the store.
+    /// Loads the last published generation and the known clusters from the store, and
+    /// leads at once ([`ReplicaConfig::embedded`]: the lease taken by force).
     ///
     /// # Errors
     /// A store error.
@@ -255,6 +272,20 @@ impl Engine {
         store: Store,
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        Self::load_replica(store, cfg, metrics, ReplicaConfig::embedded()).await
+    }
+
+    /// [`Engine::load`] as one replica of several: with `force` it takes the lease at once
+    /// (SQLite), otherwise it starts as a follower and [`Engine::lead`] elects it.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn load_replica(
+        store: Store,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        replica: ReplicaConfig,
     ) -> Result<Self, EngineError> {
         let store = store.with_limits(cfg.store_limits);
         let services = store.services().await?;
@@ -286,12 +317,16 @@ impl Engine {
         };
         let expired = plan::expired_clusters(&snap, &cfg, now_ms());
         let (peers, _) = watch::channel(Arc::new(peers::peers(&snap.clusters, &expired)));
-        Ok(Self {
+        let listening = store.generation_channel().is_some();
+        let started = tokio::time::Instant::now();
+        let force = replica.force;
+        let engine = Self {
             store,
             cfg,
             metrics,
             published,
             trigger: Notify::new(),
+            kick: Notify::new(),
             dirty: AtomicBool::new(false),
             round: tokio::sync::Mutex::new(RoundState {
                 memory: RoundMemory::default(),
@@ -307,7 +342,28 @@ impl Engine {
                 since_read: BTreeSet::new(),
                 before_read: BTreeSet::new(),
             }),
-        })
+            replica,
+            role: std::sync::Mutex::new(leadership::RoleState {
+                last_db_ok: Some(started),
+                listener_down_since: listening.then_some(started),
+                ..leadership::RoleState::default()
+            }),
+            available: watch::channel(true).0,
+            started,
+        };
+        if force {
+            engine.acquire_forced().await?;
+        } else {
+            // A follower names the leader's term from the start.
+            engine.seen_term(engine.store.lease().await?.term);
+        }
+        Ok(engine)
+    }
+
+    /// This replica's leadership settings.
+    #[must_use]
+    pub fn replica(&self) -> &ReplicaConfig {
+        &self.replica
     }
 
     /// The store.
@@ -362,6 +418,10 @@ impl Engine {
             ..Snapshot::default()
         };
         let expired = plan::expired_clusters(&snap, &self.cfg, now_ms());
+        // Clusters registered through another replica become known here too.
+        for c in &snap.clusters {
+            self.add_known(&c.cluster_id);
+        }
         let next = peers::peers(&snap.clusters, &expired);
         self.peers.send_if_modified(|cur| {
             if **cur == next {
@@ -390,8 +450,19 @@ impl Engine {
         }
     }
 
-    /// Asks the solve loop for a (debounced) round.
+    /// Asks for a (debounced) round: this replica's solve loop, and, on a follower, the
+    /// leader's (a round request on the store's channel, at most one per
+    /// [`leadership::KICK_GAP`]), so an input a follower received is solved at once, not at
+    /// the leader's next solve interval.
     pub fn trigger(&self) {
+        self.trigger_local();
+        if self.leading().is_none() && self.store.generation_channel().is_some() {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Asks this replica's solve loop for a (debounced) round.
+    pub(crate) fn trigger_local(&self) {
         self.dirty.store(true, Ordering::SeqCst);
         self.trigger.notify_one();
     }
@@ -650,6 +721,10 @@ impl Engine {
     /// A store error (then nothing is published).
     pub async fn run_round(&self) -> Result<u64, EngineError> {
         let mut rs = self.round.lock().await;
+        // Only the leader solves and publishes; a follower's weights come from the store.
+        let Some(leader) = self.leading() else {
+            return Ok(self.current().generation);
+        };
         let started = Instant::now();
         let now = now_ms();
         self.prune_imports(now).await;
@@ -680,7 +755,6 @@ impl Engine {
         self.metrics.stale_services.set(gauge(out.stale_services));
         let duration = started.elapsed();
         self.metrics.solve_duration.observe(duration.as_secs_f64());
-        let generation = i64::try_from(out.generation).unwrap_or(i64::MAX);
         let run = SolverRunRecord {
             id: rs.next_run_id,
             started_at_ms: now,
@@ -689,30 +763,47 @@ impl Engine {
             objective: out.objective,
             duration_ms: duration.as_secs_f64() * 1000.0,
             services: gauge(out.services),
-            generation,
+            generation: gauge_i64(current.generation),
             detail: out.detail.clone(),
         };
-        if out.changed {
-            // Only what changed is written; the store carries every other pair over.
-            self.store
-                .publish(generation, now, &out.rows, &out.removed, &run)
-                .await?;
+        let generation = if out.changed {
+            if let Some(d) = self.replica.slow_round {
+                info!(?d, "test hook: slow round, publishing after a wait");
+                tokio::time::sleep(d).await;
+            }
+            // Only what changed is written; the store carries every other pair over. The
+            // store numbers the generation, under this leader's term (fenced).
+            let generation = match self
+                .store
+                .publish(&leader, now, &out.rows, &out.removed, &run)
+                .await
+            {
+                Ok(g) => g,
+                Err(e @ StoreError::Fenced { .. }) => {
+                    self.fenced(&e);
+                    return Ok(self.current().generation);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let published = Arc::new(Published {
-                generation: out.generation,
+                generation: u64::try_from(generation).unwrap_or(0),
                 created_at_ms: now,
                 entries: out.entries,
             });
-            mirror_published(&self.metrics, &published);
-            self.published.send_replace(published);
-            self.metrics.generation.set(generation);
+            self.publish_local(published);
             info!(
                 generation,
+                term = leader.term,
                 status = out.status.as_str(),
                 ms = run.duration_ms,
                 "published a new generation"
             );
             self.prune_generations().await;
+            u64::try_from(generation).unwrap_or(0)
         } else {
+            if self.leading().is_none() {
+                return Ok(current.generation);
+            }
             self.store.record_run(&run).await?;
             // Runs that published nothing all carry the current generation: bound them too.
             if let Err(e) = self
@@ -722,10 +813,11 @@ impl Engine {
             {
                 warn!(error = %e, "pruning old solver runs failed; retried after the next round");
             }
-        }
+            current.generation
+        };
         rs.next_run_id += 1;
         rs.memory = out.memory;
-        Ok(out.generation)
+        Ok(generation)
     }
 
     /// Replaces the counted services by those the store holds (withdrawn ones stop

@@ -105,6 +105,17 @@ impl Drop for WatcherGuard {
     }
 }
 
+/// Why a replica ends its weight streams.
+fn engine_reason(engine: &crate::engine::Engine) -> String {
+    format!(
+        "this broker replica: {}",
+        engine
+            .availability()
+            .err()
+            .unwrap_or_else(|| "cut off from the database".into())
+    )
+}
+
 /// A gateway is "" (none: peers do not probe the cluster) or an IP address peers can probe.
 fn check_gateway(v: &str) -> Result<(), Status> {
     if v.is_empty() {
@@ -215,15 +226,21 @@ impl Broker for BrokerService {
         check_text("node_name", &m.node_name, 253).map_err(|s| self.reject(s))?;
         self.require_registered(&m.cluster_id)
             .map_err(|s| self.reject(s))?;
+        // A replica cut off from the database must not serve its weights as fresh: the
+        // agent goes to another replica.
+        self.engine
+            .availability()
+            .map_err(|r| Status::unavailable(format!("this broker replica: {r}")))?;
         debug!(cluster = %m.cluster_id, node = %m.node_name, last = m.last_generation, "watch");
         let (tx, rx) = mpsc::channel::<Result<WeightsUpdate, Status>>(64);
         let mut updates = self.engine.subscribe();
+        let mut available = self.engine.subscribe_available();
         let mut shutdown = self.shutdown.clone();
         let engine = self.engine.clone();
         let source = m.cluster_id;
         engine.metrics().watchers.inc();
         tokio::spawn(async move {
-            let _guard = WatcherGuard(engine);
+            let guard = WatcherGuard(engine);
             let mut snapshot = updates.borrow_and_update().clone();
             let mut state = WatchState::default();
             loop {
@@ -238,6 +255,16 @@ impl Broker for BrokerService {
                             return;
                         }
                         snapshot = updates.borrow_and_update().clone();
+                    }
+                    r = available.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        if !*available.borrow_and_update() {
+                            let reason = engine_reason(&guard.0);
+                            let _ = tx.send(Err(Status::unavailable(reason))).await;
+                            return;
+                        }
                     }
                     () = tx.closed() => return,
                     _ = shutdown.changed() => return,

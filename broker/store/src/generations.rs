@@ -8,35 +8,48 @@ use sqlx::Row;
 
 use crate::records::{PruneStats, SolverRunRecord, WeightRecord};
 use crate::runs::{delete_runs_beyond, insert_run};
+use crate::LeaderTerm;
 use crate::{values_list, Result, Store, WEIGHT_ROWS_PER_INSERT};
 
 impl Store {
-    /// Stores a published generation and its solver run, atomically. A generation stores
-    /// what changed: `weights` holds every row of each (service, source) whose weights are
-    /// new or changed (they replace that pair's rows), `removed` the pairs that no longer
-    /// have weights; every other pair keeps its rows from an earlier generation
-    /// ([`Store::weights_of`] reads the newest rows of each pair). Stored row by row as whole
-    /// snapshots, a generation cost services × sources × destinations rows however little
-    /// moved.
+    /// Stores a new generation and its solver run, atomically, as `leader`, and returns its
+    /// number. In one transaction: locks the lease row and refuses
+    /// ([`StoreError::Fenced`](crate::StoreError::Fenced)) unless `leader` holds it under its
+    /// term, unexpired; numbers the generation `MAX(generation) + 1` (the newest is never
+    /// pruned, so numbers strictly increase and are never reused, across leaders too); writes
+    /// it with the leader's term, and the run with that generation; on PostgreSQL notifies
+    /// [`Store::generation_channel`] with the number (delivered at commit).
+    ///
+    /// A generation stores what changed: `weights` holds every row of each (service, source)
+    /// whose weights are new or changed (they replace that pair's rows), `removed` the pairs
+    /// that no longer have weights; every other pair keeps its rows from an earlier generation
+    /// ([`Store::weights_of`] reads the newest rows of each pair).
     ///
     /// # Errors
-    /// A database error (then nothing is stored), e.g. a generation that already exists.
+    /// `Fenced`, or a database error (then nothing is stored).
     pub async fn publish(
         &self,
-        generation: i64,
+        leader: &LeaderTerm,
         created_at_ms: i64,
         weights: &[WeightRecord],
         removed: &[(String, String)],
         run: &SolverRunRecord,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
+        self.fence(&mut tx, leader).await?;
+        let generation: i64 =
+            sqlx::query("SELECT COALESCE(MAX(generation), 0) + 1 AS g FROM generations")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("g")?;
         sqlx::query(
-            "INSERT INTO generations (generation, created_at_ms, solver_run_id) \
-             VALUES ($1, $2, $3)",
+            "INSERT INTO generations (generation, created_at_ms, solver_run_id, term) \
+             VALUES ($1, $2, $3, $4)",
         )
         .bind(generation)
         .bind(created_at_ms)
         .bind(run.id)
+        .bind(leader.term)
         .execute(&mut *tx)
         .await?;
         // Multi-row INSERTs: one statement per WEIGHT_ROWS_PER_INSERT rows (11 parameters
@@ -79,9 +92,35 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        insert_run(&mut tx, run).await?;
+        let run = SolverRunRecord {
+            generation,
+            ..run.clone()
+        };
+        insert_run(&mut tx, &run).await?;
+        if let Some(channel) = &self.channel {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(generation.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(generation)
+    }
+
+    /// The term of the leader that published `generation` (`None`: not stored).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn generation_term(&self, generation: i64) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query("SELECT term FROM generations WHERE generation = $1")
+                .bind(generation)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get("term"))
+                .transpose()?,
+        )
     }
 
     /// The highest generation stored (0 = none).

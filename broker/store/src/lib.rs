@@ -23,7 +23,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
 mod generations;
+mod lease;
 mod measurements;
+mod notify;
 mod records;
 mod registry;
 mod runs;
@@ -31,6 +33,8 @@ mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use lease::{LeaderTerm, LeaseState};
+pub use notify::{GenerationListener, Notice};
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
     PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
@@ -56,6 +60,13 @@ pub enum StoreError {
         if scope.is_empty() { "the cluster (cluster-wide)".to_string() } else { format!("service {scope:?}") }
     )]
     PolicyHeldByCrd { scope: String, object: String },
+    /// A publish by a replica that no longer holds the leader lease under its term (another
+    /// replica took over, or its lease expired): nothing was stored; stop leading.
+    #[error("fenced: publish under term {term} refused, the lease is at term {current_term} (another replica leads, or this lease expired)")]
+    Fenced { term: i64, current_term: i64 },
+    /// A generation notification whose payload is not a generation number.
+    #[error("generation notification: payload {0:?} is not a generation number")]
+    Notification(String),
     /// Two CRD policies given for one scope in one sync.
     #[error("policy scope {0:?} given twice in one CRD sync")]
     DuplicateScope(String),
@@ -136,6 +147,10 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     limits: StoreLimits,
+    /// The URL connected with.
+    url: String,
+    /// PostgreSQL: the channel new generations are notified on ([`Store::generation_channel`]).
+    channel: Option<String>,
 }
 
 /// `sqlite://PATH?mode=rwc`: the URL of a SQLite file, created when missing.
@@ -177,10 +192,23 @@ impl Store {
                 .await?;
         }
         sqlx::migrate!("../../migrations").run(&pool).await?;
+        let channel = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                use sqlx::Row;
+                let schema: String = sqlx::query("SELECT CAST(current_schema() AS TEXT) AS s")
+                    .fetch_one(&pool)
+                    .await?
+                    .try_get("s")?;
+                Some(lease::channel_name(&schema))
+            }
+        };
         Ok(Self {
             pool,
             backend,
             limits: StoreLimits::default(),
+            url: url.to_owned(),
+            channel,
         })
     }
 

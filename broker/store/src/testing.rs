@@ -219,3 +219,12 @@ pub fn report_of(
         services_without_vip: Vec::new(),
     }
 }
+
+/// Takes the leader lease for replica `t` by force, for an hour: what a test publishes with.
+pub async fn leader(store: &Store) -> crate::LeaderTerm {
+    store
+        .acquire_lease("t", std::time::Duration::from_secs(3600), true)
+        .await
+        .unwrap()
+        .unwrap()
+}

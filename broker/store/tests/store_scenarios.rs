@@ -105,9 +105,10 @@ async fn store_roundtrip(url: &str) {
     assert!(!store.delete_policy("ns/web").await.unwrap());
 
     assert_eq!(store.last_generation().await.unwrap(), 0);
+    let lt = ballast_store::testing::leader(&store).await;
     store
         .publish(
-            1,
+            &lt,
             10,
             &[
                 weight("ns/web", "c1", "c1", 0.25),
@@ -119,15 +120,33 @@ async fn store_roundtrip(url: &str) {
         .await
         .unwrap();
     store
-        .publish(2, 20, &[weight("ns/web", "c1", "c2", 1.0)], &[], &run(2, 2))
+        .publish(
+            &lt,
+            20,
+            &[weight("ns/web", "c1", "c2", 1.0)],
+            &[],
+            &run(2, 2),
+        )
         .await
         .unwrap();
     store.record_run(&run(3, 2)).await.unwrap();
-    // A generation cannot be published twice, and the failed publish leaves nothing behind.
-    assert!(store
-        .publish(2, 30, &[weight("ns/web", "c2", "c2", 1.0)], &[], &run(4, 2))
-        .await
-        .is_err());
+    // A fenced publish (an older term) is refused and leaves nothing behind.
+    let old = ballast_store::LeaderTerm {
+        holder: lt.holder.clone(),
+        term: lt.term - 1,
+    };
+    assert!(matches!(
+        store
+            .publish(
+                &old,
+                30,
+                &[weight("ns/web", "c2", "c2", 1.0)],
+                &[],
+                &run(4, 2)
+            )
+            .await,
+        Err(ballast_store::StoreError::Fenced { .. })
+    ));
     assert_eq!(store.last_run_id().await.unwrap(), 3);
     assert_eq!(store.last_generation().await.unwrap(), 2);
     let w1 = store.weights_of(1).await.unwrap();
@@ -180,20 +199,21 @@ async fn changes_only_scenario(url: &str) {
     };
     let b_pair = [("ns/b".to_string(), "c1".to_string())];
     let g1 = [a(&[("c2", 0.5), ("c3", 0.5)]), b(&[("c2", 1.0)])].concat();
-    store.publish(1, 10, &g1, &[], &run(1, 1)).await.unwrap();
+    let lt = ballast_store::testing::leader(&store).await;
+    store.publish(&lt, 10, &g1, &[], &run(1, 1)).await.unwrap();
     // 2: a changes, b is carried over
     store
-        .publish(2, 20, &a(&[("c2", 1.0)]), &[], &run(2, 2))
+        .publish(&lt, 20, &a(&[("c2", 1.0)]), &[], &run(2, 2))
         .await
         .unwrap();
     // 3: b removed
     store
-        .publish(3, 30, &[], &b_pair, &run(3, 3))
+        .publish(&lt, 30, &[], &b_pair, &run(3, 3))
         .await
         .unwrap();
     // 4: b back, elsewhere
     store
-        .publish(4, 40, &b(&[("c3", 1.0)]), &[], &run(4, 4))
+        .publish(&lt, 40, &b(&[("c3", 1.0)]), &[], &run(4, 4))
         .await
         .unwrap();
     let g2 = [a(&[("c2", 1.0)]), b(&[("c2", 1.0)])].concat();
@@ -246,13 +266,19 @@ async fn bulk_publish_scenario(url: &str) {
             ]
         })
         .collect();
-    store.publish(1, 10, &rows, &[], &run(1, 1)).await.unwrap();
+    let lt = ballast_store::testing::leader(&store).await;
+    store
+        .publish(&lt, 10, &rows, &[], &run(1, 1))
+        .await
+        .unwrap();
     let back = store.weights_of(1).await.unwrap();
     assert_eq!(back.len(), 2468);
     assert_eq!(back, rows);
-    // a failing publish (generation 1 again) leaves nothing of itself behind
+    // a failing publish (fenced: another holder took the lease) leaves nothing of itself behind
+    let other = ballast_store::testing::leader(&store).await;
+    assert!(other.term > lt.term);
     assert!(store
-        .publish(1, 11, &rows[..10], &[], &run(2, 1))
+        .publish(&lt, 11, &rows[..10], &[], &run(2, 1))
         .await
         .is_err());
     assert_eq!(store.weights_of(1).await.unwrap().len(), 2468);

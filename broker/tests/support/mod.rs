@@ -16,6 +16,8 @@ use ballast_proto::v1::{
 };
 use tonic::transport::Channel;
 
+pub mod replicas;
+
 #[allow(unused_imports)] // not every test file uses it
 pub use ballast_store::testing::PgSchema;
 

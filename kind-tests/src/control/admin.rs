@@ -261,23 +261,37 @@ where
 {
     let failed = move |reason: String| LabError::Admin { call: what, reason };
     let tls = tls(cp)?;
-    let endpoint = Endpoint::from_shared(cp.broker_url.clone())
-        .and_then(|e| e.tls_config(tls))
-        .map_err(|e| failed(format!("{}: {}", cp.broker_url, chain(&e))))?;
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(20));
-    let url = cp.broker_url.clone();
+    // Every replica serves Admin: the first one that answers a connect is asked.
+    let mut endpoints = Vec::new();
+    for url in cp.broker_urls() {
+        let endpoint = Endpoint::from_shared(url.clone())
+            .and_then(|e| e.tls_config(tls.clone()))
+            .map_err(|e| failed(format!("{url}: {}", chain(&e))))?;
+        endpoints.push((
+            url,
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(20)),
+        ));
+    }
     sys::in_netns(wan_netns, move || -> Result<T> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .ctx(|| "building the admin client's runtime".into())?;
         rt.block_on(async move {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| failed(format!("connecting to {url}: {}", chain(&e))))?;
+            let mut errors = Vec::new();
+            let mut channel = None;
+            for (url, endpoint) in endpoints {
+                match endpoint.connect().await {
+                    Ok(c) => {
+                        channel = Some(c);
+                        break;
+                    }
+                    Err(e) => errors.push(format!("connecting to {url}: {}", chain(&e))),
+                }
+            }
+            let channel = channel.ok_or_else(|| failed(errors.join("; ")))?;
             f(AdminClient::new(channel))
                 .await
                 .map_err(|s| failed(format!("{:?}: {}", s.code(), s.message())))

@@ -43,8 +43,21 @@ pub struct ControlPlane {
     pub broker_bin: PathBuf,
     pub agent_bin: PathBuf,
     pub certs_dir: PathBuf,
+    /// The first broker's URL (broker k listens on [`BROKER_PORT`] + k - 1).
     pub broker_url: String,
+    /// SQLite with one broker; the lab's own PostgreSQL ([`crate::lab::postgres`]) with
+    /// several.
     pub database: String,
+    /// Broker replicas (1: one broker on SQLite; more: replicas on PostgreSQL).
+    #[serde(default = "one")]
+    pub brokers: usize,
+    /// The policy the brokers started with (a replica started again gets the same).
+    #[serde(default)]
+    pub policy: Option<Policy>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl ControlPlane {
@@ -58,7 +71,15 @@ impl ControlPlane {
                 "sqlite://{}?mode=rwc",
                 state_dir.join("broker.db").display()
             ),
+            brokers: 1,
+            policy: None,
         }
+    }
+    /// Every broker's URL, the first first.
+    pub fn broker_urls(&self) -> Vec<String> {
+        (1..=self.brokers.max(1))
+            .map(|k| format!("https://{}", broker_socket_of(k)))
+            .collect()
     }
     /// `--ca CA --cert NAME.pem --key NAME-key.pem`: the TLS flags every ballast binary takes.
     fn tls_args(&self, name: &str) -> Vec<String> {
@@ -119,14 +140,39 @@ pub fn ensure_certs(cp: &ControlPlane, state: &LabState) -> Result<()> {
     .map(|_| ())
 }
 
-/// The broker's command line.
-pub fn broker_args(cp: &ControlPlane, policy: Policy) -> Vec<String> {
+/// Broker `k`'s role in the lab state: `broker` (the first, and the only one without
+/// replicas), then `broker-2`, `broker-3`, ...
+pub fn broker_role(k: usize) -> String {
+    if k <= 1 {
+        "broker".to_string()
+    } else {
+        format!("broker-{k}")
+    }
+}
+
+/// Broker `k`'s gRPC address (1-based).
+pub fn broker_socket_of(k: usize) -> SocketAddr {
+    let port = BROKER_PORT + u16::try_from(k.saturating_sub(1)).unwrap_or(0);
+    SocketAddr::V4(SocketAddrV4::new(BROKER_ADDR, port))
+}
+
+/// Broker `k`'s /metrics and /ready address (1-based).
+pub fn broker_metrics_of(k: usize) -> SocketAddr {
+    let port = BROKER_METRICS_PORT + u16::try_from(k.saturating_sub(1)).unwrap_or(0);
+    SocketAddr::V4(SocketAddrV4::new(BROKER_ADDR, port))
+}
+
+/// Lease time of broker replicas in the lab: a killed leader is replaced within it.
+pub const LAB_LEASE_TIME: &str = "3s";
+
+/// Broker `k`'s command line (1-based; with several brokers, replicas on one PostgreSQL).
+pub fn broker_args(cp: &ControlPlane, policy: Policy, k: usize) -> Vec<String> {
     let mut args: Vec<String> = [
         "serve",
         "--listen",
-        &format!("{BROKER_ADDR}:{BROKER_PORT}"),
+        &broker_socket_of(k).to_string(),
         "--metrics-addr",
-        &format!("{BROKER_ADDR}:{BROKER_METRICS_PORT}"),
+        &broker_metrics_of(k).to_string(),
         "--database",
         &cp.database,
     ]
@@ -148,6 +194,16 @@ pub fn broker_args(cp: &ControlPlane, policy: Policy) -> Vec<String> {
         .iter()
         .map(|s| s.to_string()),
     );
+    if cp.brokers > 1 {
+        args.extend([
+            "--replicas".to_string(),
+            cp.brokers.to_string(),
+            "--lease-time".to_string(),
+            LAB_LEASE_TIME.to_string(),
+            "--replica-id".to_string(),
+            broker_role(k),
+        ]);
+    }
     args
 }
 
@@ -159,17 +215,14 @@ pub fn agent_args(
     c: &crate::lab::ClusterState,
     node: &crate::lab::NodeState,
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--cluster-id",
-        &c.id,
-        "--node-name",
-        &node.name,
-        "--broker",
-        &cp.broker_url,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = ["--cluster-id", &c.id, "--node-name", &node.name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // Every replica: the agent keeps one session and moves when its replica dies.
+    for url in cp.broker_urls() {
+        args.extend(["--broker".to_string(), url]);
+    }
     args.extend(cp.tls_args(&format!("cluster-{}", c.id)));
     args.extend(
         [
@@ -204,7 +257,7 @@ pub fn wait_listening(netns: &str, addr: SocketAddr, timeout: Duration) -> Resul
 }
 
 pub fn broker_socket() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(BROKER_ADDR, BROKER_PORT))
+    broker_socket_of(1)
 }
 
 #[cfg(test)]
@@ -225,7 +278,7 @@ mod tests {
                 format!("/s/certs/{name}-key.pem"),
             ]
         };
-        let broker = broker_args(&cp, Policy::Optimized);
+        let broker = broker_args(&cp, Policy::Optimized, 1);
         assert_eq!(broker[..7].join(" "), format!("serve --listen {BROKER_ADDR}:{BROKER_PORT} --metrics-addr {BROKER_ADDR}:{BROKER_METRICS_PORT} --database {}", cp.database));
         assert_eq!(broker[7..13], tls("server")[..]);
         assert_eq!(

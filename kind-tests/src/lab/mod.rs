@@ -11,6 +11,7 @@
 //! the state after each step of `up`, so a failure leaves `down` everything it needs.
 
 mod backends;
+pub mod brokers;
 mod capacity;
 mod down;
 mod state;

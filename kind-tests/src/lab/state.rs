@@ -213,6 +213,9 @@ pub struct UpOptions {
     pub policy: Policy,
     /// Nodes (agents) per cluster; None: as the lab is (1 for a new lab).
     pub nodes: Option<usize>,
+    /// Broker replicas (more than 1: on the lab's own PostgreSQL); None: as the lab is (1
+    /// for a new lab).
+    pub brokers: Option<usize>,
 }
 
 #[cfg(test)]

@@ -33,6 +33,9 @@ pub struct Status {
     /// Why weights are missing, when the broker could not be asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_error: Option<String>,
+    /// Every broker replica: address, pid, role (leader, follower, not-ready, down), term.
+    #[serde(default)]
+    pub brokers: Vec<super::brokers::BrokerStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +138,10 @@ impl Lab {
             generation: view.as_ref().map(|v| v.generation),
             links,
             broker_error,
+            brokers: match &state.control {
+                Some(cp) => super::brokers::broker_statuses(&state, cp),
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -209,6 +216,12 @@ pub fn render_up(state: &LabState, status: &Status) -> String {
     }
     if let Some(e) = &status.broker_error {
         out.push_str(&format!("broker: {e}\n"));
+    }
+    if status.brokers.len() > 1 {
+        out.push_str(&format!(
+            "brokers: {}\n",
+            super::brokers::render(&status.brokers)
+        ));
     }
     out.push_str("\nlinks (one-way ms):\n");
     for l in status.links.iter().filter(|l| l.from < l.to) {

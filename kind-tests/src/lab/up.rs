@@ -42,6 +42,14 @@ impl Lab {
                 ));
             }
         }
+        if let Some(b) = opts.brokers {
+            if !(1..=config::MAX_BROKERS).contains(&b) {
+                return Err(LabError::invalid(
+                    "brokers",
+                    format!("{b}: want 1..={}", config::MAX_BROKERS),
+                ));
+            }
+        }
         let _lock = self.lock()?;
         let data = RegionData::embedded()?;
         let previous = match self.load_state() {
@@ -79,6 +87,23 @@ impl Lab {
             }
         }
         let nodes = opts.nodes.or(up_nodes).unwrap_or(1);
+        // Broker replicas: as given, else as the lab is, else 1. SQLite (one broker) and
+        // PostgreSQL (replicas) are different databases: changing between them needs `down`.
+        let up_brokers = previous
+            .as_ref()
+            .and_then(|p| p.control.as_ref())
+            .map(|cp| cp.brokers);
+        let brokers = opts.brokers.or(up_brokers).unwrap_or(1);
+        if let Some(have) = up_brokers {
+            if (have > 1) != (brokers > 1) {
+                return Err(LabError::invalid(
+                    "brokers",
+                    format!(
+                        "the lab is up with {have} broker(s); run `ballast-lab down` before changing it to {brokers}"
+                    ),
+                ));
+            }
+        }
         let regions = match &previous {
             Some(p) if opts.regions.is_empty() => {
                 p.clusters.iter().map(|c| c.region.clone()).collect()
@@ -159,13 +184,13 @@ impl Lab {
         self.up_services(&mut state)?;
         self.save_state(&state)?;
         if opts.control_plane {
-            self.up_control(&mut state, opts.policy)?;
+            self.up_control(&mut state, opts.policy, brokers)?;
             self.save_state(&state)?;
         }
         Ok(state)
     }
 
-    fn up_control(&self, state: &mut LabState, policy: Policy) -> Result<()> {
+    fn up_control(&self, state: &mut LabState, policy: Policy, brokers: usize) -> Result<()> {
         let find = |name: &str| {
             control::find_binary(name, &self.exe).ok_or_else(|| {
                 LabError::Other(format!(
@@ -175,7 +200,7 @@ impl Lab {
                 ))
             })
         };
-        let cp = match &state.control {
+        let mut cp = match &state.control {
             Some(cp) => cp.clone(),
             None => ControlPlane::new(
                 &self.state_dir,
@@ -183,32 +208,36 @@ impl Lab {
                 find("ballast-agent")?,
             ),
         };
+        cp.policy = Some(policy);
+        cp.brokers = brokers;
         control::ensure_certs(&cp, state)?;
         control::write_topologies(&self.state_dir, state)?;
+        if brokers > 1 {
+            // Replicas share the lab's own PostgreSQL (SQLite has one writer).
+            cp.database = self.up_postgres(state)?;
+        }
         state.control = Some(cp.clone());
-        let wan_ns = state.wan_netns.clone();
+        self.save_state(state)?;
+        // Brokers of a role this lab no longer has (fewer replicas than before) are ended.
+        let roles: Vec<String> = (1..=brokers).map(control::broker_role).collect();
+        let stray: Vec<_> = state
+            .processes
+            .iter()
+            .filter(|p| p.role.starts_with("broker") && !roles.contains(&p.role))
+            .cloned()
+            .collect();
+        for p in &stray {
+            sys::end_process(p.pid, p.starttime, Duration::from_secs(2));
+        }
+        state.processes.retain(|p| !stray.contains(p));
+        for k in 1..=brokers {
+            self.up_broker(state, &cp, policy, k)?;
+        }
         let alive = |state: &LabState, role: &str| {
             state
                 .process(role)
                 .is_some_and(|p| sys::proc_alive(p.pid, p.starttime))
         };
-        if !alive(state, "broker") {
-            state.processes.retain(|p| p.role != "broker");
-            let p = sys::spawn_daemon(
-                "broker",
-                &cp.broker_bin,
-                &control::broker_args(&cp, policy),
-                &Placement::netns(&wan_ns),
-                &self.log("broker"),
-                &[("RUST_LOG", "info")],
-            )?;
-            state.processes.push(p);
-            self.save_state(state)?;
-            control::wait_listening(&wan_ns, control::broker_socket(), Duration::from_secs(20))
-                .map_err(|e| {
-                    LabError::Other(format!("{e}; see {}", self.log("broker").display()))
-                })?;
-        }
         fs::create_dir_all(&state.bpf_dir)
             .ctx(|| format!("creating {}", state.bpf_dir.display()))?;
         // One agent per node. An agent of a role this lab no longer has (a state written

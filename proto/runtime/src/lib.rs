@@ -163,7 +163,12 @@ struct ReadinessInner {
     check: RwLock<Option<Arc<ReadyCheck>>>,
     /// Why the flag is clear, when the binary said ([`Readiness::set_not_ready`]).
     reason: RwLock<Option<String>>,
+    /// What a ready process says after `ready: ` ([`Readiness::set_detail`]).
+    detail: RwLock<Option<Arc<ReadyDetail>>>,
 }
+
+/// One line a ready process adds to `/ready`'s body (e.g. its role).
+pub type ReadyDetail = dyn Fn() -> String + Send + Sync;
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +228,31 @@ impl Readiness {
         match self.0.check.write() {
             Ok(mut c) => *c = Some(check),
             Err(p) => *p.into_inner() = Some(check),
+        }
+    }
+
+    /// Installs the line `/ready` answers a 200 with: `ready: <line>` (plain `ready` without).
+    pub fn set_detail<F>(&self, detail: F)
+    where
+        F: Fn() -> String + Send + Sync + 'static,
+    {
+        let detail: Arc<ReadyDetail> = Arc::new(detail);
+        match self.0.detail.write() {
+            Ok(mut d) => *d = Some(detail),
+            Err(p) => *p.into_inner() = Some(detail),
+        }
+    }
+
+    /// The body of a 200 from `/ready`.
+    #[must_use]
+    pub fn ready_body(&self) -> String {
+        let detail = match self.0.detail.read() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match detail {
+            Some(f) => format!("ready: {}\n", f()),
+            None => "ready\n".to_string(),
         }
     }
 
@@ -287,7 +317,7 @@ pub fn admin_router(registry: Arc<Registry>, readiness: Readiness) -> axum::Rout
                 let readiness = readiness.clone();
                 async move {
                     match readiness.verdict().await {
-                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Ok(()) => (StatusCode::OK, readiness.ready_body()),
                         Err(reason) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("not ready: {reason}\n"),
