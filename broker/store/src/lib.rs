@@ -181,8 +181,11 @@ impl Store {
             Backend::Sqlite => 4,
             Backend::Postgres => 8,
         };
+        // A database that cannot be reached fails the start within 10 s (sqlx's default, 30 s,
+        // kept `serve` silent for half a minute before naming --database).
         let pool = AnyPoolOptions::new()
             .max_connections(max)
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await?;
         if backend == Backend::Sqlite {
