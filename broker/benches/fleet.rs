@@ -99,8 +99,7 @@ fn parse_opts() -> Opts {
     };
     let num = |name: &str, default: usize| -> usize {
         get(name).map_or(default, |v| {
-            v.parse()
-                .unwrap_or_else(|e| panic!("--{name} {v:?}: {e}"))
+            v.parse().unwrap_or_else(|e| panic!("--{name} {v:?}: {e}"))
         })
     };
     for a in &args {
@@ -228,13 +227,10 @@ fn free_port() -> u16 {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .ok()?;
@@ -290,7 +286,10 @@ fn spawn_broker(o: &Opts, i: usize, dir: &Path, certs: &Path, db: &str) -> Broke
         .args(["--max-connections-per-peer", &cap])
         .args(["--report-interval", &o.report_interval])
         .args(["--debounce", &o.debounce])
-        .args(["--log-level", "warn"]);
+        .args([
+            "--log-level",
+            &std::env::var("BALLAST_FLEET_LOG").unwrap_or_else(|_| "warn".into()),
+        ]);
     // Replica flags exist only with the replicas change: passed only when asked for.
     if o.replicas > 1 {
         cmd.args(["--replicas", &o.replicas.to_string()])
@@ -489,6 +488,19 @@ struct Counters {
     errors: AtomicU64,
 }
 
+fn register_req(c: usize, node: &str) -> RegisterRequest {
+    let region = REGIONS[c % REGIONS.len()];
+    RegisterRequest {
+        cluster_id: cluster_id(c),
+        region: region.into(),
+        zone: format!("{region}{}", ["a", "b", "c"][(c / REGIONS.len()) % 3]),
+        provider: "aws".into(),
+        gateway_address: "127.0.0.1".into(),
+        agent_version: "fleet-bench".into(),
+        node_name: node.into(),
+    }
+}
+
 /// Runs one agent until the process ends: Register, then WatchPeers, Report, WatchWeights
 /// and acks. Returns the sender of extra (immediate) reports.
 async fn start_agent(
@@ -501,15 +513,7 @@ async fn start_agent(
 ) -> mpsc::UnboundedSender<()> {
     let cid = cluster_id(a.cluster);
     let resp = client
-        .register(RegisterRequest {
-            cluster_id: cid.clone(),
-            region: REGIONS[a.cluster % REGIONS.len()].into(),
-            zone: format!("{}{}", REGIONS[a.cluster % REGIONS.len()], ["a", "b", "c"][a.cluster % 3]),
-            provider: "aws".into(),
-            gateway_address: "127.0.0.1".into(),
-            agent_version: "fleet-bench".into(),
-            node_name: a.node.clone(),
-        })
+        .register(register_req(a.cluster, &a.node))
         .await
         .unwrap_or_else(|e| panic!("register {cid}/{}: {e}", a.node))
         .into_inner();
@@ -537,21 +541,12 @@ async fn start_agent(
         });
     }
 
-    // Report: one per interval from a random phase, plus one at once per `now` message.
+    // Report: one per interval from a random phase, plus one at once per `now` message. A
+    // stream the broker ends is reopened a second later (imports declared again), as the
+    // agent's session does.
     let (now_tx, mut now_rx) = mpsc::unbounded_channel::<()>();
     {
-        let (rtx, rrx) = mpsc::channel::<ReportRequest>(4);
-        let mut c = client.clone();
-        let counters2 = counters.clone();
-        tokio::spawn(async move {
-            if c
-                .report(tokio_stream::wrappers::ReceiverStream::new(rrx))
-                .await
-                .is_err()
-            {
-                counters2.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let c = client.clone();
         let sh = sh.clone();
         let counters = counters.clone();
         let spec = AgentSpec {
@@ -565,20 +560,37 @@ async fn start_agent(
             );
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first report at once (imports declared), as an agent does on connecting.
-            if rtx.send(report_of(&spec, &sh, true)).await.is_err() {
-                return;
-            }
-            counters.reports.fetch_add(1, Ordering::Relaxed);
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    r = now_rx.recv() => if r.is_none() { return },
+                let (rtx, rrx) = mpsc::channel::<ReportRequest>(4);
+                let mut c = c.clone();
+                let counters2 = counters.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c
+                        .report(tokio_stream::wrappers::ReceiverStream::new(rrx))
+                        .await
+                    {
+                        counters2.errors.fetch_add(1, Ordering::Relaxed);
+                        if std::env::var_os("BALLAST_FLEET_VERBOSE").is_some() {
+                            eprintln!("report stream: {e}");
+                        }
+                    }
+                });
+                // The first report at once (imports declared), as an agent does on
+                // connecting.
+                let mut first = true;
+                loop {
+                    if rtx.send(report_of(&spec, &sh, first)).await.is_err() {
+                        break;
+                    }
+                    first = false;
+                    counters.reports.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        r = now_rx.recv() => if r.is_none() { return },
+                        () = rtx.closed() => break,
+                    }
                 }
-                if rtx.send(report_of(&spec, &sh, false)).await.is_err() {
-                    return;
-                }
-                counters.reports.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
     }
@@ -764,6 +776,17 @@ async fn run(o: Opts) {
     let specs: Vec<(usize, usize, usize)> = (0..o.agents)
         .map(|i| (i, i / nodes, i % o.replicas))
         .collect();
+    // Every cluster is registered (by its node n0) before any agent reports: a report
+    // naming a cluster the broker does not know is refused whole.
+    for c in 0..o.clusters {
+        let mut cl = BrokerClient::new(
+            tls[c]
+                .localhost_channel(brokers[0].addr.port())
+                .await
+                .unwrap(),
+        );
+        cl.register(register_req(c, "n0")).await.unwrap();
+    }
     for chunk in specs.chunks(32) {
         let mut starts = Vec::new();
         for &(i, c, r) in chunk {
@@ -792,7 +815,11 @@ async fn run(o: Opts) {
                 change_dst,
             ));
         }
-        for (k, tx) in futures::future::join_all(starts).await.into_iter().enumerate() {
+        for (k, tx) in futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .enumerate()
+        {
             now_txs[chunk[k].0] = Some(tx);
         }
     }
@@ -811,14 +838,18 @@ async fn run(o: Opts) {
         &mut state,
         true,
         t_setup,
-        Duration::from_secs(600),
+        Duration::from_secs(120 + o.agents as u64 / 10),
     )
     .await;
     let Some(_) = initial else {
         let missing = state.iter().filter(|s| !s.0).count();
+        let never = state.iter().filter(|s| s.2 == 0).count();
         panic!(
-            "{missing} agents never received the target's weights; logs in {}",
-            dir.path().display()
+            "{missing} agents do not hold the target's weights with c{change_dst} ({never} got none); simulator: {} reports, {} updates, {} errors; logs in {}",
+            counters.reports.load(Ordering::Relaxed),
+            counters.updates.load(Ordering::Relaxed),
+            counters.errors.load(Ordering::Relaxed),
+            dir.keep().display()
         );
     };
     let settled = t_setup.elapsed();
@@ -886,8 +917,14 @@ async fn run(o: Opts) {
         .collect();
     let cpu_sim = cpu_secs("self") - cpu_sim1;
     let scrape1: Vec<Scrape> = futures::future::join_all(brokers.iter().map(scrape)).await;
-    let hwm: Vec<f64> = brokers.iter().map(|b| status_mb(&b.pid(), "VmHWM")).collect();
-    let rss: Vec<f64> = brokers.iter().map(|b| status_mb(&b.pid(), "VmRSS")).collect();
+    let hwm: Vec<f64> = brokers
+        .iter()
+        .map(|b| status_mb(&b.pid(), "VmHWM"))
+        .collect();
+    let rss: Vec<f64> = brokers
+        .iter()
+        .map(|b| status_mb(&b.pid(), "VmRSS"))
+        .collect();
     let sim_hwm = status_mb("self", "VmHWM");
     let (g1, rows) = db_counts(&db, g0).await;
     let (rounds_n, solve_mean, solve_p50, solve_p99) = solve_stats(&scrape0, &scrape1);
