@@ -72,6 +72,8 @@ struct Opts {
     debounce: String,
     gap_ms: u64,
     lease_time: String,
+    /// Ack every update received (a real agent does); `--acks false` to isolate their cost.
+    acks: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -121,6 +123,7 @@ fn parse_opts() -> Opts {
                     "debounce",
                     "gap-ms",
                     "lease-time",
+                    "acks",
                     "bench",
                 ]
                 .contains(&f),
@@ -149,9 +152,10 @@ fn parse_opts() -> Opts {
         debounce: get("debounce").unwrap_or_else(|| "20ms".into()),
         gap_ms: num("gap-ms", 1000) as u64,
         lease_time: get("lease-time").unwrap_or_else(|| "5s".into()),
+        acks: get("acks").is_none_or(|v| v != "false"),
     };
     assert!(
-        o.agents >= o.clusters && o.agents % o.clusters == 0,
+        o.agents >= o.clusters && o.agents.is_multiple_of(o.clusters),
         "--agents must be a multiple of --clusters"
     );
     assert!(o.replicas >= 1);
@@ -613,6 +617,7 @@ async fn start_agent(
     // WatchWeights
     {
         let dst = cluster_id(change_dst);
+        let acks = sh.opts.acks;
         let node = a.node.clone();
         let idx = a.idx;
         tokio::spawn(async move {
@@ -633,6 +638,9 @@ async fn start_agent(
                         if u.service == TARGET {
                             let has = u.weights.get(&dst).is_some_and(|w| *w > 0.0);
                             let _ = events.send((idx, has, u.generation, at));
+                        }
+                        if !acks {
+                            continue;
                         }
                         let _ = ack_tx.send(Ack {
                             cluster_id: cid.clone(),
@@ -778,13 +786,8 @@ async fn run(o: Opts) {
         .collect();
     // Every cluster is registered (by its node n0) before any agent reports: a report
     // naming a cluster the broker does not know is refused whole.
-    for c in 0..o.clusters {
-        let mut cl = BrokerClient::new(
-            tls[c]
-                .localhost_channel(brokers[0].addr.port())
-                .await
-                .unwrap(),
-        );
+    for (c, t) in tls.iter().enumerate() {
+        let mut cl = BrokerClient::new(t.localhost_channel(brokers[0].addr.port()).await.unwrap());
         cl.register(register_req(c, "n0")).await.unwrap();
     }
     for chunk in specs.chunks(32) {
