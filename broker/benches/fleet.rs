@@ -300,6 +300,14 @@ fn spawn_broker(o: &Opts, i: usize, dir: &Path, certs: &Path, db: &str) -> Broke
             .args(["--lease-time", &o.lease_time])
             .args(["--replica-id", &format!("fleet-{i}")]);
     }
+    // The broker dies with the simulator, even when it is killed (timeout, Ctrl-C).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let child = cmd
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
