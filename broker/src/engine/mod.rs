@@ -50,7 +50,7 @@ pub use config::{
 pub use leadership::{default_replica_id, ReplicaConfig};
 pub use peers::Peer;
 pub use plan::{Inputs, ServicePlan};
-pub use published::{Entry, Published};
+pub use published::{Entry, Published, SourceEntries};
 pub use round::{RoundMemory, RoundOutcome};
 pub use snapshot::Snapshot;
 pub use status::{ClusterStatus, NodeStatus};
@@ -246,11 +246,7 @@ fn published_of(
             });
         e.weights.insert(w.dst, w.weight);
     }
-    Published {
-        generation,
-        created_at_ms: created,
-        entries,
-    }
+    Published::new(generation, created, entries)
 }
 
 /// The published weights and their statuses into the metrics.
@@ -785,11 +781,11 @@ impl Engine {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let published = Arc::new(Published {
-                generation: u64::try_from(generation).unwrap_or(0),
-                created_at_ms: now,
-                entries: out.entries,
-            });
+            let published = Arc::new(Published::new(
+                u64::try_from(generation).unwrap_or(0),
+                now,
+                out.entries,
+            ));
             self.publish_local(published);
             info!(
                 generation,

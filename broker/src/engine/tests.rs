@@ -130,11 +130,7 @@ fn first_round(inputs: &Inputs) -> Computed {
 }
 
 fn published(c: &Computed) -> Published {
-    Published {
-        generation: c.generation,
-        created_at_ms: NOW,
-        entries: c.entries.clone(),
-    }
+    Published::new(c.generation, NOW, c.entries.clone())
 }
 
 fn weights(c: &Computed, src: &str) -> BTreeMap<String, f64> {
@@ -348,11 +344,7 @@ fn stale_inputs_keep_the_previous_weights_flagged_stale() {
 fn weights_move_at_most_max_step_per_round() {
     let inputs = plan(&fleet(), &cfg(), NOW);
     // previously everything went to the far cluster
-    let mut prev = Published {
-        generation: 7,
-        created_at_ms: NOW,
-        entries: BTreeMap::new(),
-    };
+    let mut prev = Published::new(7, NOW, BTreeMap::new());
     for src in ["c1", "c2", "c3"] {
         prev.entries.insert(
             (SVC.into(), src.into()),

@@ -1,11 +1,11 @@
 //! What a `WatchWeights` stream sends: the full state on subscribe, then per generation only
 //! the services whose entry changed for the watcher's cluster ([`WatchState`]).
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ballast_proto::v1::{LoadBalancing, OptimizedParams, WeightsStatus, WeightsUpdate};
 
-use crate::engine::{Entry, Published};
+use crate::engine::{Entry, Published, SourceEntries};
 
 pub(crate) fn update_of(generation: u64, service: &str, source: &str, e: &Entry) -> WeightsUpdate {
     WeightsUpdate {
@@ -27,7 +27,7 @@ pub(crate) fn update_of(generation: u64, service: &str, source: &str, e: &Entry)
 #[derive(Debug, Default)]
 pub struct WatchState {
     /// Service -> the entry last sent (none yet: the next batch is the full state).
-    sent: Option<BTreeMap<String, Entry>>,
+    sent: Option<Arc<SourceEntries>>,
     generation: u64,
 }
 
@@ -41,12 +41,8 @@ impl WatchState {
     ///
     /// A service whose entry disappears is not sent (the agent keeps what it installed).
     pub fn next_batch(&mut self, p: &Published, source: &str) -> Vec<WeightsUpdate> {
-        let current: BTreeMap<String, Entry> = p
-            .entries
-            .iter()
-            .filter(|((_, src), _)| src == source)
-            .map(|((svc, _), e)| (svc.clone(), e.clone()))
-            .collect();
+        // This source's entries, indexed once per generation for all its watchers.
+        let current = p.of_source(source);
         let mut out: Vec<WeightsUpdate> = match &self.sent {
             None => current
                 .iter()
@@ -99,14 +95,14 @@ mod tests {
     }
 
     fn published(generation: u64, entries: &[(&str, &str, Entry)]) -> Published {
-        Published {
+        Published::new(
             generation,
-            created_at_ms: 1,
-            entries: entries
+            1,
+            entries
                 .iter()
                 .map(|(svc, src, e)| (((*svc).to_string(), (*src).to_string()), e.clone()))
                 .collect(),
-        }
+        )
     }
 
     /// (service, generation, weight on c2) of each update; checks the batch flag.
