@@ -68,6 +68,8 @@ pub struct Metrics {
     pub fenced_publishes: Counter,
     /// Report messages accepted.
     pub reports: Counter,
+    /// Acks written to the store (in batches, [`crate::engine::Engine::flush_acks`]).
+    pub acks_flushed: Counter,
     /// Requests rejected as invalid or not permitted.
     pub rejected: Counter,
     /// Connections closed at once: the total or per-peer connection cap was reached.
@@ -130,6 +132,7 @@ impl Metrics {
             fenced_publishes.clone(),
         );
         let reports = Counter::default();
+        let acks_flushed = Counter::default();
         let rejected = Counter::default();
         let connections_refused = Counter::default();
         let limit_refusals = Family::<FlagLabels, Counter>::default();
@@ -190,6 +193,11 @@ impl Metrics {
         registry.register("watchers", "Open WatchWeights streams", watchers.clone());
         registry.register("reports", "Report messages accepted", reports.clone());
         registry.register(
+            "acks_flushed",
+            "Acks written to the store (coalesced per agent and service, in batches)",
+            acks_flushed.clone(),
+        );
+        registry.register(
             "rejected_requests",
             "Requests rejected as invalid or not permitted",
             rejected.clone(),
@@ -218,6 +226,7 @@ impl Metrics {
             leader_changes,
             fenced_publishes,
             reports,
+            acks_flushed,
             rejected,
             connections_refused,
             limit_refusals,

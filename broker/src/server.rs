@@ -201,6 +201,10 @@ impl Running {
                 abort.abort();
             }
         }
+        // Acks taken after the flusher's last flush (the servers stop concurrently).
+        if let Err(e) = self.engine.flush_acks().await {
+            warn!(error = %e, pending = self.engine.pending_acks(), "writing acks at stop failed");
+        }
         self.engine.store().close().await;
     }
 
@@ -365,7 +369,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     engine.run_loop_round().await;
     let e = engine.clone();
     let (interval, debounce) = (cfg.solve_interval, cfg.debounce);
-    tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx)));
+    tasks.push(tokio::spawn(e.run(interval, debounce, shutdown_rx.clone())));
+    // Acks are coalesced in memory and written in batches (a last flush at shutdown).
+    tasks.push(tokio::spawn(
+        engine
+            .clone()
+            .flush_acks_every(crate::engine::ACK_FLUSH_INTERVAL, shutdown_rx),
+    ));
     readiness.set(true);
     info!(%addr, ?metrics_addr, tls = !insecure, db = %redact(&cfg.database_url), "broker serving");
     Ok(Running {

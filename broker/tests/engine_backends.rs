@@ -658,3 +658,59 @@ on_both_backends!(
     retention_scenario: retention_sqlite_keeps_newest_generations,
     retention_postgres_keeps_newest_generations
 );
+
+/// Acks are coalesced in memory: [`Engine::ack`] writes nothing, a newer ack of the same
+/// (cluster, node, service) replaces the pending one, and every read of acked generations
+/// ([`Engine::cluster_status`], the Admin ListClusters) sees them at once (it flushes
+/// first; no flusher task runs here). A failed flush keeps them for the next one.
+async fn ack_coalescing_scenario(url: &str) {
+    let store = store_with_three_clusters(url).await;
+    let engine = engine_on(&store, EngineConfig::default()).await;
+    let ack = |node: &str, service: &str, generation: i64| AckRecord {
+        cluster_id: "c1".into(),
+        node_name: node.into(),
+        service: service.into(),
+        generation,
+        applied: true,
+        error: String::new(),
+        acked_at_ms: generation,
+    };
+    engine.ack(&ack("n1", "ns/web", 1)).await.unwrap();
+    engine.ack(&ack("n1", "ns/web", 3)).await.unwrap();
+    engine.ack(&ack("n1", "ns/api", 2)).await.unwrap();
+    assert_eq!(engine.pending_acks(), 2, "one per (cluster, node, service)");
+    assert!(
+        store.acks().await.unwrap().is_empty(),
+        "nothing written yet"
+    );
+
+    // The Admin read flushes first: the acked generation is exact.
+    let report = engine.cluster_status(false).await.unwrap();
+    let c1 = report
+        .clusters
+        .iter()
+        .find(|c| c.cluster.cluster_id == "c1")
+        .unwrap();
+    assert_eq!(c1.nodes[0].acked_generation, 3);
+    assert_eq!(engine.pending_acks(), 0);
+    assert_eq!(
+        store.acks().await.unwrap(),
+        vec![ack("n1", "ns/api", 2), ack("n1", "ns/web", 3)]
+    );
+    assert_eq!(engine.flush_acks().await.unwrap(), 0, "nothing pending");
+
+    // The newest ack of a key wins across flushes too.
+    engine.ack(&ack("n1", "ns/web", 4)).await.unwrap();
+    assert_eq!(engine.flush_acks().await.unwrap(), 1);
+    assert_eq!(c1_n1(&store).await.acked_generation, 4);
+
+    // A failed flush (the store is closed) keeps the acks.
+    engine.ack(&ack("n1", "ns/web", 5)).await.unwrap();
+    store.close().await;
+    assert!(engine.flush_acks().await.is_err());
+    assert_eq!(engine.pending_acks(), 1, "kept for the next flush");
+    engine.ack(&ack("n1", "ns/web", 6)).await.unwrap();
+    assert_eq!(engine.pending_acks(), 1, "the newer ack replaced it");
+}
+
+on_both_backends!(ack_coalescing_scenario: ack_coalescing_sqlite, ack_coalescing_postgres);

@@ -17,7 +17,7 @@
 //! Import declarations of nodes not heard from for the cluster expiry are pruned at the
 //! start of each round.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -170,7 +170,19 @@ pub struct Engine {
     available: watch::Sender<bool>,
     /// When it was loaded.
     started: tokio::time::Instant,
+    /// Acks not yet written, by (cluster, node, service): a newer ack replaces an older one
+    /// ([`Engine::ack`], written by [`Engine::flush_acks`]).
+    pending_acks: std::sync::Mutex<HashMap<AckKey, AckRecord>>,
+    /// Serializes flushes: a flush returns only once every ack taken before it began (by
+    /// itself or by a flush it waited for) is written or back in `pending_acks`.
+    ack_flush: tokio::sync::Mutex<()>,
 }
+
+/// The key of an ack: (cluster, node, service).
+type AckKey = (String, String, String);
+
+/// How often the ack flusher ([`Engine::flush_acks_every`]) writes the pending acks.
+pub const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The services counted against `--max-services`.
 #[derive(Debug, Default)]
@@ -346,6 +358,8 @@ impl Engine {
             }),
             available: watch::channel(true).0,
             started,
+            pending_acks: std::sync::Mutex::new(HashMap::new()),
+            ack_flush: tokio::sync::Mutex::new(()),
         };
         if force {
             engine.acquire_forced().await?;
@@ -587,12 +601,100 @@ impl Engine {
         Ok(())
     }
 
-    /// Stores an agent's acknowledgement.
+    /// Takes an agent's acknowledgement: kept in memory (replacing a pending one of its
+    /// (cluster, node, service)) until the next [`Engine::flush_acks`], which the flusher
+    /// ([`Engine::flush_acks_every`]) runs every [`ACK_FLUSH_INTERVAL`] and every reader
+    /// of acks runs first.
+    ///
+    /// # Errors
+    /// None today (kept fallible for the callers).
+    #[allow(clippy::unused_async)]
+    pub async fn ack(&self, ack: &AckRecord) -> Result<(), EngineError> {
+        let key = (
+            ack.cluster_id.clone(),
+            ack.node_name.clone(),
+            ack.service.clone(),
+        );
+        self.pending_acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, ack.clone());
+        Ok(())
+    }
+
+    /// Writes every pending ack in one transaction ([`Store::ack_many`]) and returns how
+    /// many. On return, every ack taken before the call is in the store (or the error is
+    /// returned). On failure the acks are kept for the next flush, except where a newer
+    /// ack of the same key arrived meanwhile (the newer one wins).
     ///
     /// # Errors
     /// A store error.
-    pub async fn ack(&self, ack: &AckRecord) -> Result<(), EngineError> {
-        Ok(self.store.ack(ack).await?)
+    pub async fn flush_acks(&self) -> Result<usize, EngineError> {
+        let _serial = self.ack_flush.lock().await;
+        let batch: Vec<AckRecord> = std::mem::take(
+            &mut *self
+                .pending_acks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_values()
+        .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.ack_many(&batch).await {
+            Ok(()) => {
+                self.metrics.acks_flushed.inc_by(batch.len() as u64);
+                debug!(acks = batch.len(), "acks written");
+                Ok(batch.len())
+            }
+            Err(e) => {
+                let mut pending = self
+                    .pending_acks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for a in batch {
+                    let key = (a.cluster_id.clone(), a.node_name.clone(), a.service.clone());
+                    pending.entry(key).or_insert(a);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// How many acks wait for the next flush.
+    #[must_use]
+    pub fn pending_acks(&self) -> usize {
+        self.pending_acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// The ack flusher: [`Engine::flush_acks`] every `interval` until `shutdown` turns
+    /// true, then a last flush. A failed flush is logged and retried on the next tick.
+    pub async fn flush_acks_every(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(e) = self.flush_acks().await {
+                warn!(error = %e, pending = self.pending_acks(), "writing acks failed; retried");
+            }
+        }
+        if let Err(e) = self.flush_acks().await {
+            warn!(error = %e, pending = self.pending_acks(), "writing acks at shutdown failed");
+        }
     }
 
     /// The effective (policy, params) of a service (`""` = cluster-wide).
@@ -639,8 +741,10 @@ impl Engine {
     /// empty).
     ///
     /// # Errors
-    /// A store error.
+    /// A store error (also from writing the pending acks).
     pub async fn cluster_status(&self, import_names: bool) -> Result<ClusterReport, EngineError> {
+        // The acked generations are read from the store: the pending acks first.
+        self.flush_acks().await?;
         let now = now_ms();
         let snap =
             Snapshot::read_for_status(&self.store, self.imports_cut(now), import_names).await?;

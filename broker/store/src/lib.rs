@@ -141,6 +141,35 @@ pub(crate) fn values_list(backend: Backend, rows: usize, cols: usize) -> String 
         .join(", ")
 }
 
+/// The rows of `rows` with a distinct `key`, the last of each key kept, in the order of
+/// their first occurrence: what a multi-row upsert may insert (PostgreSQL refuses one that
+/// touches a row twice: "ON CONFLICT DO UPDATE command cannot affect row a second time"),
+/// with the result of upserting `rows` one by one. Borrows when every key is distinct.
+pub(crate) fn last_per_key<'a, T, K, F>(rows: &'a [T], key: F) -> std::borrow::Cow<'a, [T]>
+where
+    T: Clone,
+    K: std::hash::Hash + Eq + 'a,
+    F: Fn(&'a T) -> K,
+{
+    let mut slot: std::collections::HashMap<K, usize> =
+        std::collections::HashMap::with_capacity(rows.len());
+    let mut out: Vec<&'a T> = Vec::with_capacity(rows.len());
+    for r in rows {
+        match slot.entry(key(r)) {
+            std::collections::hash_map::Entry::Occupied(e) => out[*e.get()] = r,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(r);
+            }
+        }
+    }
+    if out.len() == rows.len() {
+        std::borrow::Cow::Borrowed(rows)
+    } else {
+        std::borrow::Cow::Owned(out.into_iter().cloned().collect())
+    }
+}
+
 /// The store (cheap to clone: a connection pool).
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -297,7 +326,19 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{values_list, Backend};
+    use super::{last_per_key, values_list, Backend};
+
+    #[test]
+    fn last_per_key_keeps_the_last_of_each_key_in_first_order() {
+        let rows = [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)];
+        let out = last_per_key(&rows, |r| r.0);
+        assert_eq!(&*out, &[("a", 3), ("b", 5), ("c", 4)]);
+        let distinct = [("a", 1), ("b", 2)];
+        assert!(matches!(
+            last_per_key(&distinct, |r| r.0),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn values_list_numbers_every_postgres_cell_once_in_order() {

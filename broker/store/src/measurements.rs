@@ -8,7 +8,11 @@ use sqlx::Row;
 use crate::records::{
     CapacityRecord, ImportDeclaration, ReportRecord, RpsRecord, RttRecord, WithoutVipRecord,
 };
-use crate::{b2i, values_list, Result, Store, StoreError, WEIGHT_ROWS_PER_INSERT};
+use crate::{b2i, last_per_key, values_list, Result, Store, StoreError, WEIGHT_ROWS_PER_INSERT};
+
+/// Samples per INSERT statement in [`Store::store_report`] (at most 7 parameters each, under
+/// SQLite's 32,766 and PostgreSQL's 65,535 bind limits).
+const SAMPLE_ROWS_PER_INSERT: usize = 1000;
 
 /// The nodes whose imports count as of a cut (`$1` = `$2` = the cut): those heard from
 /// since, or all of a cluster's when none was. Followed by a SELECT and [`COUNTED_FROM`].
@@ -76,54 +80,87 @@ impl Store {
                 .await?;
             }
         }
-        for s in &report.rtt {
-            sqlx::query(
+        // Multi-row upserts, one statement per SAMPLE_ROWS_PER_INSERT rows; a key stated
+        // twice keeps its last sample (as row-by-row upserts did; PostgreSQL refuses a
+        // multi-row upsert that touches one row twice).
+        let rtt = last_per_key(&report.rtt, |s| {
+            (s.src.as_str(), s.dst.as_str(), s.node_name.as_str())
+        });
+        for chunk in rtt.chunks(SAMPLE_ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO rtt_latest (src, dst, node_name, rtt_ms, loss_ratio, reachable, \
-                 measured_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 measured_at_ms) VALUES {} \
                  ON CONFLICT (src, dst, node_name) DO UPDATE SET rtt_ms = excluded.rtt_ms, \
                  loss_ratio = excluded.loss_ratio, reachable = excluded.reachable, \
                  measured_at_ms = excluded.measured_at_ms",
-            )
-            .bind(&s.src)
-            .bind(&s.dst)
-            .bind(&s.node_name)
-            .bind(s.rtt_ms)
-            .bind(s.loss_ratio)
-            .bind(b2i(s.reachable))
-            .bind(s.measured_at_ms)
-            .execute(&mut *tx)
-            .await?;
+                values_list(self.backend, chunk.len(), 7)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for s in chunk {
+                q = q
+                    .bind(&s.src)
+                    .bind(&s.dst)
+                    .bind(&s.node_name)
+                    .bind(s.rtt_ms)
+                    .bind(s.loss_ratio)
+                    .bind(b2i(s.reachable))
+                    .bind(s.measured_at_ms);
+            }
+            q.execute(&mut *tx).await?;
         }
-        for s in &report.rps {
-            sqlx::query(
+        let rps = last_per_key(&report.rps, |s| {
+            (
+                s.src.as_str(),
+                s.service.as_str(),
+                s.dst.as_str(),
+                s.node_name.as_str(),
+            )
+        });
+        for chunk in rps.chunks(SAMPLE_ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO rps_latest (src, service, dst, node_name, rps, measured_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 VALUES {} \
                  ON CONFLICT (src, service, dst, node_name) DO UPDATE SET rps = excluded.rps, \
                  measured_at_ms = excluded.measured_at_ms",
-            )
-            .bind(&s.src)
-            .bind(&s.service)
-            .bind(&s.dst)
-            .bind(&s.node_name)
-            .bind(s.rps)
-            .bind(s.measured_at_ms)
-            .execute(&mut *tx)
-            .await?;
+                values_list(self.backend, chunk.len(), 6)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for s in chunk {
+                q = q
+                    .bind(&s.src)
+                    .bind(&s.service)
+                    .bind(&s.dst)
+                    .bind(&s.node_name)
+                    .bind(s.rps)
+                    .bind(s.measured_at_ms);
+            }
+            q.execute(&mut *tx).await?;
         }
-        for s in &report.capacity {
-            sqlx::query(
+        let capacity = last_per_key(&report.capacity, |s| {
+            (
+                s.cluster_id.as_str(),
+                s.service.as_str(),
+                s.node_name.as_str(),
+            )
+        });
+        for chunk in capacity.chunks(SAMPLE_ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
-                 measured_at_ms) VALUES ($1, $2, $3, $4, $5) \
+                 measured_at_ms) VALUES {} \
                  ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
                  capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms",
-            )
-            .bind(&s.cluster_id)
-            .bind(&s.service)
-            .bind(&s.node_name)
-            .bind(s.capacity_rps)
-            .bind(s.measured_at_ms)
-            .execute(&mut *tx)
-            .await?;
+                values_list(self.backend, chunk.len(), 5)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for s in chunk {
+                q = q
+                    .bind(&s.cluster_id)
+                    .bind(&s.service)
+                    .bind(&s.node_name)
+                    .bind(s.capacity_rps)
+                    .bind(s.measured_at_ms);
+            }
+            q.execute(&mut *tx).await?;
         }
         if let Some(services) = &report.imports {
             self.replace_imports(&mut tx, report, services).await?;
