@@ -84,7 +84,7 @@ impl Store {
             .bind(holder)
             .bind(millis(lease))
             .bind(i64::from(force))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.lease_pool)
             .await?;
         row.map(|r| {
             Ok(LeaderTerm {
@@ -114,7 +114,7 @@ impl Store {
             .bind(&leader.holder)
             .bind(leader.term)
             .bind(millis(lease))
-            .execute(&self.pool)
+            .execute(&self.lease_pool)
             .await?
             .rows_affected();
         Ok(n == 1)
@@ -131,7 +131,7 @@ impl Store {
         )
         .bind(&leader.holder)
         .bind(leader.term)
-        .execute(&self.pool)
+        .execute(&self.lease_pool)
         .await?;
         Ok(())
     }
@@ -146,7 +146,7 @@ impl Store {
             "SELECT holder, term, expires_at_ms, {now} AS now_ms FROM leader_lease WHERE id = 1"
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&self.pool)
+            .fetch_one(&self.lease_pool)
             .await?;
         Ok(LeaseState {
             holder: r.try_get("holder")?,

@@ -174,6 +174,9 @@ where
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Leadership's own connections (PostgreSQL: a separate pool of 2, so lease renewals never
+    /// queue behind a fleet's report and ack writes; SQLite: the same pool).
+    lease_pool: AnyPool,
     backend: Backend,
     limits: StoreLimits,
     /// The URL connected with.
@@ -224,6 +227,16 @@ impl Store {
                 .await?;
         }
         sqlx::migrate!("../../migrations").run(&pool).await?;
+        let lease_pool = match backend {
+            Backend::Sqlite => pool.clone(),
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
         let channel = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
@@ -237,6 +250,7 @@ impl Store {
         };
         Ok(Self {
             pool,
+            lease_pool,
             backend,
             limits: StoreLimits::default(),
             url: url.to_owned(),
@@ -321,6 +335,7 @@ impl Store {
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.lease_pool.close().await;
     }
 }
 
