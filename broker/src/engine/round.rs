@@ -333,7 +333,7 @@ fn of_service<'a>(
 
 /// Publication hysteresis: every service of `entries` whose new entries [`hold`] against the
 /// published ones gets its published entries back (weights, reason and computation time), so
-/// nothing of it is re-published. Returns how many services were held.
+/// nothing of it is re-published. Returns how many services had a change held back.
 fn apply_hysteresis(
     current: &Published,
     entries: &mut BTreeMap<PairKey, Entry>,
@@ -354,7 +354,14 @@ fn apply_hysteresis(
         if !hold(&published, &new, threshold) {
             continue;
         }
-        held += 1;
+        // Counted only when something was actually held back.
+        if new
+            .iter()
+            .zip(&published)
+            .any(|((_, a), (_, b))| !a.same_as(b))
+        {
+            held += 1;
+        }
         let keep: Vec<(PairKey, Entry)> = published
             .into_iter()
             .map(|(k, e)| (k.clone(), e.clone()))
