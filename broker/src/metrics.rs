@@ -54,6 +54,9 @@ pub struct Metrics {
     pub stale_inputs: Gauge,
     /// Services currently served with their previous (stale-flagged) weights.
     pub stale_services: Gauge,
+    /// Services re-solved whose weights stayed within `--publish-threshold` of the published
+    /// ones and were not re-published (publication hysteresis).
+    pub held_services: Counter,
     /// The latest published weights generation.
     pub generation: Gauge,
     /// Open WatchWeights streams.
@@ -105,6 +108,7 @@ impl Metrics {
         let expired_clusters = Gauge::default();
         let stale_inputs = Gauge::default();
         let stale_services = Gauge::default();
+        let held_services = Counter::default();
         let generation = Gauge::default();
         let watchers = Gauge::default();
         let leader = Gauge::default();
@@ -186,6 +190,11 @@ impl Metrics {
             stale_services.clone(),
         );
         registry.register(
+            "held_services",
+            "Services re-solved within --publish-threshold of their published weights, not re-published",
+            held_services.clone(),
+        );
+        registry.register(
             "generation",
             "Latest published weights generation",
             generation.clone(),
@@ -219,6 +228,7 @@ impl Metrics {
             expired_clusters,
             stale_inputs,
             stale_services,
+            held_services,
             generation,
             watchers,
             leader,

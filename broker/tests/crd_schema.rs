@@ -20,12 +20,16 @@ const FALLBACK: ClusterPolicy = ClusterPolicy {
 fn all_policies() -> Vec<Policy> {
     let v = vec![
         Policy::RoundRobin,
+        Policy::LocalFirstRoundRobin,
         Policy::WeightedRoundRobin,
         Policy::Optimized,
     ];
     for p in &v {
         match p {
-            Policy::RoundRobin | Policy::WeightedRoundRobin | Policy::Optimized => {}
+            Policy::RoundRobin
+            | Policy::LocalFirstRoundRobin
+            | Policy::WeightedRoundRobin
+            | Policy::Optimized => {}
         }
     }
     v

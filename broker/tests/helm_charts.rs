@@ -188,6 +188,7 @@ fn helm_broker_policy_values_are_valid_crd_values() {
             .expect("helpers");
     for v in [
         "round-robin",
+        "local-first-round-robin",
         "weighted-round-robin",
         "optimized",
         "cost",

@@ -20,6 +20,7 @@ impl From<Policy> for LoadBalancing {
     fn from(p: Policy) -> Self {
         match p {
             Policy::RoundRobin => Self::RoundRobin,
+            Policy::LocalFirstRoundRobin => Self::LocalFirstRoundRobin,
             Policy::WeightedRoundRobin => Self::WeightedRoundRobin,
             Policy::Optimized => Self::Optimized,
         }
@@ -66,6 +67,7 @@ pub fn policy(field: &'static str, v: i32) -> Result<Option<Policy>, UnknownEnum
     decode(field, v, |w| match w {
         LoadBalancing::Unspecified => None,
         LoadBalancing::RoundRobin => Some(Policy::RoundRobin),
+        LoadBalancing::LocalFirstRoundRobin => Some(Policy::LocalFirstRoundRobin),
         LoadBalancing::WeightedRoundRobin => Some(Policy::WeightedRoundRobin),
         LoadBalancing::Optimized => Some(Policy::Optimized),
     })

@@ -25,8 +25,8 @@ mod lp;
 use ballast_model::data::RegionData;
 use ballast_model::transport::{solve_transport, TransportProblem};
 use ballast_model::{
-    cost_matrix, solve, validate, Cluster, Matrix, Params, Policy, PriceTable, Problem,
-    ServiceInput, SolveOptions, Status, LIVENESS_FLOOR_RPS,
+    cost_matrix, liveness_floor_rps, solve, validate, Cluster, Matrix, Params, Policy, PriceTable,
+    Problem, ServiceInput, SolveOptions, Status,
 };
 use lp::solve_lp_within;
 
@@ -165,7 +165,11 @@ fn transport(problem: &Problem) -> TransportProblem {
         supply: svc.demand_rps.values().copied().collect(),
         capacity: svc.capacity_rps.values().copied().collect(),
         cost,
-        floor: LIVENESS_FLOOR_RPS,
+        floor: svc
+            .demand_rps
+            .values()
+            .map(|d| liveness_floor_rps(*d, dests.len()))
+            .collect(),
     }
 }
 

@@ -13,7 +13,9 @@
 
 /// Damps one source's row. `target`, `previous` and the result are aligned on the same
 /// destinations; `previous` may be all zero (no history: the target is returned);
-/// `floor` is the liveness floor as a weight (0 when there is none).
+/// `floor` is the liveness floor as a weight (0 when there is none): for `optimized`,
+/// `liveness_floor_rps(N, |T|) / N` = min(1/N, 0.01, 0.1/|T|) — a share of the source's own
+/// demand, so it is the same 0.01 (or 0.1/|T|) for every source below 100 rps.
 #[must_use]
 pub fn damp_row(target: &[f64], previous: &[f64], floor: f64, max_step: f64) -> Vec<f64> {
     let total: f64 = previous.iter().sum();

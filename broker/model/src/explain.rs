@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::optimized::LIVENESS_FLOOR_RPS;
+use super::optimized::liveness_floor_rps;
 use super::service::{flows, run_policy, Costs};
 use super::{validate, ModelError, Params, Policy, Problem, Status};
 
@@ -12,7 +12,8 @@ use super::{validate, ModelError, Params, Policy, Problem, Status};
 pub enum Binding {
     /// `optimized`: the destination's capacity is used up (by all sources together).
     CapacityFull,
-    /// `optimized`: this source sends only the liveness floor there.
+    /// `optimized`: this source sends only its liveness floor there
+    /// ([`crate::liveness_floor_rps`]: a share of its demand).
     LivenessFloor,
     /// The destination is the source itself, or costs 0 (weighted-round-robin sends it all).
     LocalPreference,
@@ -46,6 +47,9 @@ pub struct Explanation {
     pub status: Status,
     pub reason: Option<String>,
     pub demand_rps: f64,
+    /// `optimized`: the liveness floor of this source to each destination (RPS; 0 for the
+    /// other policies and for a source without demand).
+    pub liveness_floor_rps: f64,
     pub destinations: Vec<DestinationExplanation>,
 }
 
@@ -77,6 +81,11 @@ pub fn explain(problem: &Problem, service: &str, source: &str) -> Result<Explana
     let flow = flows(&view, &dense);
     let nt = view.dests.len();
     let lp_bound = view.policy == Policy::Optimized && dense.status == Status::Optimal;
+    let floor_rps = if view.policy == Policy::Optimized {
+        liveness_floor_rps(view.demand[s], nt)
+    } else {
+        0.0
+    };
     let mut destinations = Vec::with_capacity(nt);
     if !dense.weights.is_empty() {
         for (t, dst) in view.dest_ids.iter().enumerate() {
@@ -88,7 +97,8 @@ pub fn explain(problem: &Problem, service: &str, source: &str) -> Result<Explana
                 dense.weights[s * nt + t],
             );
             let capacity_full = lp_bound && total >= cap - 1e-6 * cap.max(1.0);
-            let liveness_floor = lp_bound && view.demand[s] > 0.0 && f <= LIVENESS_FLOOR_RPS + 1e-6;
+            let liveness_floor =
+                lp_bound && view.demand[s] > 0.0 && f <= floor_rps + 1e-7 * view.demand[s].max(1.0);
             let local_preference = w > 0.0 && (*dst == source || cost <= 0.0);
             let binding = [
                 (capacity_full, Binding::CapacityFull),
@@ -120,6 +130,7 @@ pub fn explain(problem: &Problem, service: &str, source: &str) -> Result<Explana
         status: dense.status,
         reason: dense.reason,
         demand_rps: view.demand[s],
+        liveness_floor_rps: floor_rps,
         destinations,
     })
 }

@@ -14,9 +14,11 @@
 //! - [`cost`]: cost = a·RTT + b·price·1000, (a, b) per [`Params`]; explicit `cost` wins.
 //! - sources are the keys of `demand_rps`; destinations are `capacity_rps` entries > 0; a
 //!   cluster that is both may serve itself at cost(s, s) and that traffic uses its capacity.
-//! - `round-robin`, `weighted-round-robin` (`round_robin.rs`); `optimized` (`optimized.rs`)
+//! - `round-robin`, `local-first-round-robin` (the source's own cluster when it serves, else
+//!   round-robin), `weighted-round-robin` (`round_robin.rs`); `optimized` (`optimized.rs`)
 //!   solved exactly by [`transport`], checked against a general LP library (good_lp +
-//!   microlp, `tests/reference/lp.rs`, a dev-dependency only).
+//!   microlp, `tests/reference/lp.rs`, a dev-dependency only), with a liveness floor that is
+//!   a share of each source's demand ([`liveness_floor_rps`]: min(1 rps, 1 %, 10 % / |T|)).
 //! - infeasible or nothing serving: [`Status::Degraded`] with a reason, never an error.
 //! - [`damping`]: `SolveOptions::max_step` bounds each weight's move per round.
 //! - [`explain`]: per destination cost, flow, weight and the binding constraints.
@@ -138,6 +140,8 @@ mod validate;
 pub use cost::{cost_matrix, Tier};
 pub use error::ModelError;
 pub use explain::{explain, Binding, DestinationExplanation, Explanation};
-pub use optimized::LIVENESS_FLOOR_RPS;
+pub use optimized::{
+    liveness_floor_rps, LIVENESS_FLOOR_RPS, LIVENESS_FLOOR_SHARE, LIVENESS_FLOOR_TOTAL_SHARE,
+};
 pub use service::solve;
 pub use validate::validate;

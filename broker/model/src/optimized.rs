@@ -1,5 +1,25 @@
-//! `optimized`: the transportation LP (see [`super::transport`]) with the liveness floor of
-//! [`LIVENESS_FLOOR_RPS`] on every (source, serving destination) pair.
+//! `optimized`: the transportation LP (see [`super::transport`]) with a liveness floor on
+//! every (source, serving destination) pair.
+//!
+//! The floor is a small share of the source's own demand, not an absolute rate
+//! ([`liveness_floor_rps`]): per destination
+//!
+//! ```text
+//! floor(s) = min(1 rps, 1 % of N(s), 10 % of N(s) / |T|)
+//! ```
+//!
+//! - 1 % keeps every serving destination probed by real traffic (a source at 100 rps sends
+//!   1 rps to each) while a low-demand source still goes where it should: a source at 3 rps
+//!   sends 0.03 rps (weight 0.01) to a far cluster instead of a third of its traffic, as an
+//!   absolute 1-rps floor forced (issue 13: 0.33 to a cluster 150 ms away).
+//! - 1 rps caps it for busy sources (1,000 rps: 1 rps, weight 0.001), as before.
+//! - 10 % / |T| caps what the floors of one source take together: at most 10 % of its
+//!   demand however many clusters serve (beyond 10 serving clusters each floor shrinks), so
+//!   the floor never turns `optimized` back into round-robin, and a source's floors are
+//!   always feasible on their own (no "demand below the floor" for any demand > 0).
+//!
+//! As a weight the floor is `floor(s) / N(s)` = min(1/N(s), 0.01, 0.1/|T|): what damping
+//! lifts a row to ([`super::damping`]) and what `explain` reports as `liveness-floor`.
 //!
 //! Decisions:
 //! - Only sources with demand > 0 take part in the LP. A source with zero demand still gets a
@@ -8,9 +28,9 @@
 //! - A source that also serves may serve itself: its own cluster is a destination like any
 //!   other, at cost(s, s) (0 ms RTT unless measured, same-zone price), and that traffic counts
 //!   against its capacity.
-//! - Infeasible (Σ demand > Σ capacity, a demand below |T|·floor, a capacity below
-//!   |S|·floor), or the solver failing to converge (not expected): never an error and never `optimal` — `degraded`, a reason listing what is
-//!   wrong, and every source's weights ∝ capacity.
+//! - Infeasible (Σ demand > Σ capacity, a capacity below the sum of the sources' floors),
+//!   or the solver failing to converge (not expected): never an error and never `optimal` —
+//!   `degraded`, a reason listing what is wrong, and every source's weights ∝ capacity.
 
 use std::fmt::Write as _;
 
@@ -18,9 +38,31 @@ use super::service::{Dense, View};
 use super::transport::{solve_transport, Infeasible, TransportProblem};
 use super::Status;
 
-/// The liveness floor: every serving destination receives at least this much from every
-/// source with demand (RPS), so it keeps being probed and never starves.
+/// The liveness floor's cap (RPS): a busy source sends at least this much to every serving
+/// destination, so it keeps being probed and never starves ([`liveness_floor_rps`]).
 pub const LIVENESS_FLOOR_RPS: f64 = 1.0;
+
+/// The liveness floor per destination as a share of the source's demand (1 %).
+pub const LIVENESS_FLOOR_SHARE: f64 = 0.01;
+
+/// The most the floors of one source take together, as a share of its demand (10 %).
+pub const LIVENESS_FLOOR_TOTAL_SHARE: f64 = 0.1;
+
+/// The liveness floor (RPS) from a source with `demand_rps` to each of `serving` destinations:
+/// `min(LIVENESS_FLOOR_RPS, LIVENESS_FLOOR_SHARE · demand, LIVENESS_FLOOR_TOTAL_SHARE ·
+/// demand / serving)`; 0 when the demand or the number of destinations is 0 (see the module
+/// doc for why).
+#[must_use]
+pub fn liveness_floor_rps(demand_rps: f64, serving: usize) -> f64 {
+    if demand_rps.is_nan() || demand_rps <= 0.0 || serving == 0 {
+        return 0.0;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let per_dest_total = LIVENESS_FLOOR_TOTAL_SHARE * demand_rps / serving as f64;
+    LIVENESS_FLOOR_RPS
+        .min(LIVENESS_FLOOR_SHARE * demand_rps)
+        .min(per_dest_total)
+}
 
 pub(crate) fn optimized(view: &View<'_>) -> Dense {
     let (ns, nt) = (view.sources.len(), view.dests.len());
@@ -36,7 +78,10 @@ pub(crate) fn optimized(view: &View<'_>) -> Dense {
         supply: active.iter().map(|&s| view.demand[s]).collect(),
         capacity: view.capacity.clone(),
         cost,
-        floor: LIVENESS_FLOOR_RPS,
+        floor: active
+            .iter()
+            .map(|&s| liveness_floor_rps(view.demand[s], nt))
+            .collect(),
     };
     match solve_transport(&problem) {
         Ok(solution) => {
@@ -45,7 +90,7 @@ pub(crate) fn optimized(view: &View<'_>) -> Dense {
             let mut used = vec![0.0; nt];
             for (k, &s) in active.iter().enumerate() {
                 let n = view.demand[s];
-                floor[s] = LIVENESS_FLOOR_RPS / n;
+                floor[s] = problem.floor[k] / n;
                 for t in 0..nt {
                     let f = solution.flow[k * nt + t];
                     used[t] += f;
@@ -118,8 +163,8 @@ fn describe(view: &View<'_>, active: &[usize], reasons: &[Infeasible]) -> String
                 need,
             } => write!(
                 out,
-                "demand {supply} rps from {} is below the liveness floor ({need} rps: \
-                 {LIVENESS_FLOOR_RPS} rps to each of {} serving clusters)",
+                "demand {supply} rps from {} is below its liveness floor ({need} rps in all to \
+                 {} serving clusters)",
                 view.source_ids[active[*source]],
                 view.dests.len()
             ),
@@ -129,9 +174,10 @@ fn describe(view: &View<'_>, active: &[usize], reasons: &[Infeasible]) -> String
                 need,
             } => write!(
                 out,
-                "capacity {capacity} rps of {} is below the liveness floor ({need} rps: \
-                 {LIVENESS_FLOOR_RPS} rps from each of {} sources)",
+                "capacity {capacity} rps of {} is below the liveness floor ({need:.3} rps: \
+                 min({LIVENESS_FLOOR_RPS} rps, {}% of demand) from each of {} sources)",
                 view.dest_ids[*destination],
+                LIVENESS_FLOOR_SHARE * 100.0,
                 active.len()
             ),
             Infeasible::Malformed => write!(out, "malformed instance"),

@@ -1,4 +1,4 @@
-//! `round-robin` and `weighted-round-robin`.
+//! `round-robin`, `local-first-round-robin` and `weighted-round-robin`.
 
 use super::service::{Dense, View};
 use super::{ModelError, Status};
@@ -17,6 +17,27 @@ pub(crate) fn round_robin(view: &View<'_>) -> Dense {
         reason: None,
         floor: vec![0.0; ns],
     }
+}
+
+/// Submariner Lighthouse's local preference: a source whose own cluster serves (capacity >
+/// 0: ready, healthy backends) sends everything there (weight 1, the others 0); a source whose
+/// cluster does not serve — it has no backends, or they are unhealthy / report no capacity —
+/// spreads equally over the serving clusters, as `round-robin` does. Capacity is not
+/// otherwise looked at: the local cluster takes its own traffic however loaded it is.
+pub(crate) fn local_first_round_robin(view: &View<'_>) -> Dense {
+    let mut dense = round_robin(view);
+    let nt = view.dests.len();
+    if nt == 0 {
+        return dense;
+    }
+    for (s, id) in view.source_ids.iter().enumerate() {
+        if let Some(local) = view.dest_ids.iter().position(|t| t == id) {
+            let row = &mut dense.weights[s * nt..(s + 1) * nt];
+            row.fill(0.0);
+            row[local] = 1.0;
+        }
+    }
+    dense
 }
 
 /// Weight ∝ 1/cost per source. A cost of 0 means "always this cluster" (weight 1, the

@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::cost::{self, CostModel};
 use super::damping::damp_row;
 use super::optimized::optimized;
-use super::round_robin::{round_robin, weighted_round_robin};
+use super::round_robin::{local_first_round_robin, round_robin, weighted_round_robin};
 use super::{
     validate, Matrix, ModelError, Params, Policy, Problem, ServiceInput, ServiceSolution,
     SolveOptions, Status,
@@ -130,6 +130,7 @@ impl<'p> Costs<'p> {
 pub(crate) fn run_policy(view: &View<'_>) -> Result<Dense, ModelError> {
     match view.policy {
         Policy::RoundRobin => Ok(round_robin(view)),
+        Policy::LocalFirstRoundRobin => Ok(local_first_round_robin(view)),
         Policy::WeightedRoundRobin => weighted_round_robin(view),
         Policy::Optimized => Ok(optimized(view)),
     }

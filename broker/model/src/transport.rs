@@ -4,11 +4,12 @@
 //! minimise   Σ cost(s,t)·n(s,t)
 //! subject to Σ_t n(s,t) = supply(s)      for every source s
 //!            Σ_s n(s,t) ≤ capacity(t)    for every destination t
-//!            n(s,t) ≥ floor              for every pair (the liveness floor)
+//!            n(s,t) ≥ floor(s)           for every pair (the liveness floor, per source)
 //! ```
 //!
-//! Method: the floor is shifted out first (n = floor + m, m ≥ 0; supply and capacity shrink by
-//! floor·|T| and floor·|S|; the objective gains the constant floor·Σ cost), which leaves a plain
+//! Method: the floor is shifted out first (n = floor(s) + m, m ≥ 0; supply(s) shrinks by
+//! floor(s)·|T|, capacity by Σ_s floor(s); the objective gains the constant
+//! Σ floor(s)·cost(s,t)), which leaves a plain
 //! transportation problem on the complete bipartite graph with uncapacitated arcs. That is a
 //! min-cost flow solved by successive shortest paths with node potentials (Johnson
 //! reweighting, so Dijkstra works on non-negative reduced costs): sources are added one at a
@@ -33,8 +34,9 @@ pub struct TransportProblem {
     pub capacity: Vec<f64>,
     /// `supply.len() * capacity.len()` non-negative costs, row-major.
     pub cost: Vec<f64>,
-    /// Minimum flow on every (source, destination) pair; 1.0 RPS for the liveness rule.
-    pub floor: f64,
+    /// Minimum flow from each source to every destination (RPS), one per source: the
+    /// liveness floor (`optimized` uses [`crate::liveness_floor_rps`]). All zero = no floor.
+    pub floor: Vec<f64>,
 }
 
 /// An optimal flow. `flow` is row-major like [`TransportProblem::cost`].
@@ -47,13 +49,13 @@ pub struct TransportSolution {
 /// Why an instance has no feasible flow (indices into the problem's vectors).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Infeasible {
-    /// `supply[source] < floor · n_dest`.
+    /// `supply[source] < floor[source] · n_dest`.
     SupplyBelowFloor {
         source: usize,
         supply: f64,
         need: f64,
     },
-    /// `capacity[destination] < floor · n_source`.
+    /// `capacity[destination] < Σ floor`.
     CapacityBelowFloor {
         destination: usize,
         capacity: f64,
@@ -61,7 +63,8 @@ pub enum Infeasible {
     },
     /// `Σ supply > Σ capacity`.
     SupplyAboveCapacity { supply: f64, capacity: f64 },
-    /// The sizes do not match (`cost.len() != supply.len() * capacity.len()`).
+    /// The sizes do not match (`cost.len() != supply.len() * capacity.len()`, or
+    /// `floor.len() != supply.len()`), or a floor is negative or not finite.
     Malformed,
     /// The solver stopped without shipping every supply (numerical trouble; not expected).
     NotConverged { source: usize, left: f64 },
@@ -89,7 +92,11 @@ impl TransportProblem {
     #[must_use]
     pub fn infeasibility(&self) -> Vec<Infeasible> {
         let (ns, nt) = (self.n_source(), self.n_dest());
-        if self.cost.len() != ns * nt || (ns > 0 && nt == 0) {
+        if self.cost.len() != ns * nt
+            || (ns > 0 && nt == 0)
+            || self.floor.len() != ns
+            || self.floor.iter().any(|f| !f.is_finite() || *f < 0.0)
+        {
             return vec![Infeasible::Malformed];
         }
         let mut out = Vec::new();
@@ -102,9 +109,10 @@ impl TransportProblem {
                 capacity: total_capacity,
             });
         }
-        #[allow(clippy::cast_precision_loss)]
-        let (need_s, need_t) = (self.floor * nt as f64, self.floor * ns as f64);
+        let need_t: f64 = self.floor.iter().sum();
         for (s, &supply) in self.supply.iter().enumerate() {
+            #[allow(clippy::cast_precision_loss)]
+            let need_s = self.floor[s] * nt as f64;
             if supply + tol < need_s {
                 out.push(Infeasible::SupplyBelowFloor {
                     source: s,
@@ -185,11 +193,16 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
             objective: 0.0,
         });
     }
-    #[allow(clippy::cast_precision_loss)]
-    let (shift_s, shift_t) = (p.floor * nt as f64, p.floor * ns as f64);
+    let shift_t: f64 = p.floor.iter().sum();
     let total_supply: f64 = p.supply.iter().sum();
     let eps = tolerance(total_supply);
-    let mut supply: Vec<f64> = p.supply.iter().map(|s| (s - shift_s).max(0.0)).collect();
+    #[allow(clippy::cast_precision_loss)]
+    let mut supply: Vec<f64> = p
+        .supply
+        .iter()
+        .zip(&p.floor)
+        .map(|(s, f)| (s - f * nt as f64).max(0.0))
+        .collect();
     let mut spare: Vec<f64> = p.capacity.iter().map(|c| (c - shift_t).max(0.0)).collect();
     let mut flow = vec![0.0_f64; ns * nt];
     // users[t]: sources that may have positive flow to t (backward arcs); in_users dedupes.
@@ -328,8 +341,10 @@ pub fn solve_transport(p: &TransportProblem) -> Result<TransportSolution, Vec<In
     {
         return Err(vec![Infeasible::NotConverged { source, left }]);
     }
-    for f in &mut flow {
-        *f += p.floor;
+    for (s, row) in flow.chunks_mut(nt).enumerate() {
+        for f in row {
+            *f += p.floor[s];
+        }
     }
     let objective = p.objective(&flow);
     Ok(TransportSolution { flow, objective })

@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 
 use ballast_model::{
-    cost_matrix, explain, solve, validate, Binding, Cluster, Matrix, ModelError, Params, Policy,
-    PriceTable, Problem, ServiceInput, SolveOptions, Status,
+    cost_matrix, explain, liveness_floor_rps, solve, validate, Binding, Cluster, Matrix,
+    ModelError, Params, Policy, PriceTable, Problem, ServiceInput, SolveOptions, Status,
+    LIVENESS_FLOOR_RPS, LIVENESS_FLOOR_SHARE,
 };
 
 const PRICES: PriceTable = PriceTable {
@@ -148,6 +149,70 @@ fn round_robin_is_equal_over_serving_clusters_only() {
 }
 
 #[test]
+fn local_first_round_robin_keeps_a_serving_source_at_home_and_spreads_the_others() {
+    // c1 and c3 serve, c2 does not: c1 stays local, c2 spreads equally over c1 and c3.
+    let p = three_clusters(
+        Policy::LocalFirstRoundRobin,
+        None,
+        service(
+            "ns/svc",
+            &[("c1", 30.0), ("c2", 3.0), ("c3", 0.0)],
+            &[("c1", 10.0), ("c2", 0.0), ("c3", 10.0)],
+        ),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Optimal);
+    assert_eq!(w(&sol.weights, "c1", "c1"), 1.0);
+    assert_eq!(w(&sol.weights, "c1", "c3"), 0.0);
+    assert_eq!(w(&sol.weights, "c3", "c3"), 1.0, "zero demand: still local");
+    assert_eq!(w(&sol.weights, "c2", "c1"), 0.5);
+    assert_eq!(w(&sol.weights, "c2", "c3"), 0.5);
+    assert!(!sol.weights["c2"].contains_key("c2"));
+    let e = explain(&p, "ns/svc", "c1").expect("explains");
+    let local = e
+        .destinations
+        .iter()
+        .find(|d| d.destination == "c1")
+        .expect("c1");
+    assert!(local.local_preference);
+
+    // The plain round-robin stays selectable, per service too: c1 spreads.
+    let mut p = p;
+    p.services[0].policy = Some(Policy::RoundRobin);
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(w(&sol.weights, "c1", "c1"), 0.5);
+    assert_eq!(w(&sol.weights, "c1", "c3"), 0.5);
+}
+
+#[test]
+fn local_first_round_robin_spreads_when_the_local_cluster_has_no_capacity() {
+    // c1's backends are unhealthy (no ready pods: capacity 0, or no capacity at all).
+    for local in [Some(0.0), None] {
+        let mut capacity = vec![("c2", 10.0), ("c3", 10.0)];
+        if let Some(c) = local {
+            capacity.push(("c1", c));
+        }
+        let p = three_clusters(
+            Policy::LocalFirstRoundRobin,
+            None,
+            service("ns/svc", &[("c1", 30.0)], &capacity),
+        );
+        let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+        assert_eq!(sol.weights["c1"].len(), 2, "{local:?}");
+        assert_eq!(w(&sol.weights, "c1", "c2"), 0.5);
+        assert_eq!(w(&sol.weights, "c1", "c3"), 0.5);
+    }
+    // Nothing serves: no weights, degraded, as for round-robin.
+    let p = three_clusters(
+        Policy::LocalFirstRoundRobin,
+        None,
+        service("ns/svc", &[("c1", 30.0)], &[("c1", 0.0)]),
+    );
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Degraded);
+}
+
+#[test]
 fn params_change_the_cost_ranking() {
     let mut p = three_clusters(Policy::Optimized, None, service("s", &[], &[]));
     // c1 -> c2: 40 ms cross-zone (10 price units); c1 -> c3: 5 ms internet (90 price units).
@@ -176,7 +241,8 @@ fn optimized_fills_the_cheap_cluster_up_to_capacity_keeping_the_floor() {
     assert!((w(&sol.flows, "c1", "c3") - 30.0).abs() < 1e-9);
     assert!((sol.objective - 370.0).abs() < 1e-9);
 
-    // Plenty of capacity: the expensive one still gets the liveness floor of 1 RPS.
+    // Plenty of capacity: the expensive one still gets the liveness floor, 1 RPS (the cap of
+    // min(1 rps, 1 % of 100 rps)).
     let p = three_clusters(
         Policy::Optimized,
         Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 10.0)])),
@@ -238,24 +304,101 @@ fn optimized_degrades_when_demand_exceeds_capacity() {
 }
 
 #[test]
-fn optimized_degrades_when_demand_is_below_the_liveness_floor() {
+fn optimized_degrades_when_a_capacity_is_below_the_sources_floors() {
+    // c1 at 200 rps has a floor of 1 rps to each destination; c3 serves only 0.5 rps.
     let p = three_clusters(
         Policy::Optimized,
         None,
         service(
             "ns/svc",
-            &[("c1", 1.5)],
-            &[("c1", 10.0), ("c2", 10.0), ("c3", 20.0)],
+            &[("c1", 200.0)],
+            &[("c1", 500.0), ("c2", 500.0), ("c3", 0.5)],
         ),
     );
     let sol = &solve(&p, &SolveOptions::default()).expect("degrades")[0];
     assert_eq!(sol.status, Status::Degraded);
     let reason = sol.reason.as_deref().expect("reason");
     assert!(
-        reason.contains("liveness floor") && reason.contains("c1"),
+        reason.contains("liveness floor") && reason.contains("c3"),
         "{reason}"
     );
-    assert!((w(&sol.weights, "c1", "c3") - 0.5).abs() < 1e-12);
+}
+
+#[test]
+fn the_liveness_floor_is_a_share_of_the_source_demand() {
+    // min(1 rps, 1 % of demand, 10 % of demand / serving clusters)
+    let cases = [
+        (3.0, 3, 0.03),
+        (1.5, 3, 0.015),
+        (100.0, 3, 1.0),
+        (1000.0, 3, 1.0),
+        (100.0, 50, 0.2),
+        (20.0, 20, 0.1),
+        (0.0, 3, 0.0),
+        (10.0, 0, 0.0),
+    ];
+    for (demand, serving, want) in cases {
+        let got = liveness_floor_rps(demand, serving);
+        assert!(
+            (got - want).abs() < 1e-12,
+            "{demand} rps over {serving}: {got}"
+        );
+    }
+    assert_eq!(LIVENESS_FLOOR_RPS, 1.0);
+    assert_eq!(LIVENESS_FLOOR_SHARE, 0.01);
+}
+
+#[test]
+fn a_low_demand_source_moves_away_from_a_far_cluster_like_a_busy_one() {
+    // c1 -> c2 raised by 150 ms each way (300 ms RTT); c1 serves itself. With the old absolute
+    // floor (1 rps), a source at 1.5 rps was refused as infeasible (weights ∝ capacity: 1/3 on
+    // c2); at 3 rps it had to send 1 rps — a third — to c2.
+    let rtt = [("c1", "c2", 300.0), ("c1", "c3", 8.0), ("c2", "c3", 300.0)];
+    for demand in [1.5, 3.0, 30.0, 300.0, 3000.0] {
+        let mut p = three_clusters(
+            Policy::Optimized,
+            None,
+            service(
+                "ns/svc",
+                &[("c1", demand)],
+                &[("c1", 10_000.0), ("c2", 10_000.0), ("c3", 10_000.0)],
+            ),
+        );
+        p.params = Params::Performance;
+        p.rtt_ms = matrix(&rtt);
+        let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+        assert_eq!(
+            sol.status,
+            Status::Optimal,
+            "{demand} rps: {:?}",
+            sol.reason
+        );
+        let far = w(&sol.weights, "c1", "c2");
+        let floor = liveness_floor_rps(demand, 3);
+        assert!(
+            (far - floor / demand).abs() < 1e-9,
+            "{demand} rps: c2 {far}"
+        );
+        assert!(
+            far <= LIVENESS_FLOOR_SHARE + 1e-12,
+            "{demand} rps: c2 {far}"
+        );
+        assert!(w(&sol.weights, "c1", "c1") >= 0.98 - 1e-12, "{demand} rps");
+        let e = explain(&p, "ns/svc", "c1").expect("explains");
+        assert!((e.liveness_floor_rps - floor).abs() < 1e-12);
+        let c2 = e
+            .destinations
+            .iter()
+            .find(|d| d.destination == "c2")
+            .expect("c2");
+        assert!(c2.liveness_floor, "{demand} rps: {e:?}");
+        let c1 = e
+            .destinations
+            .iter()
+            .find(|d| d.destination == "c1")
+            .expect("c1");
+        assert!(!c1.liveness_floor);
+    }
 }
 
 #[test]
@@ -413,7 +556,11 @@ fn damping_keeps_the_liveness_floor_for_a_new_destination() {
         .insert("ns/svc".into(), matrix(&[("c1", "c2", 1.0)]));
     let sol = &solve(&p, &options).expect("solves")[0];
     let (a, b) = (w(&sol.weights, "c1", "c2"), w(&sol.weights, "c1", "c3"));
-    assert!(b >= 0.1 - 1e-12, "floor 1 rps of 10 -> weight 0.1, got {b}");
+    // Floor min(1 rps, 1 % of 10 rps) = 0.1 rps -> weight 0.01, at once.
+    assert!(
+        b >= 0.01 - 1e-12,
+        "floor 0.1 rps of 10 -> weight 0.01, got {b}"
+    );
     assert!((a + b - 1.0).abs() < 1e-12);
     assert!((w(&sol.flows, "c1", "c3") - 10.0 * b).abs() < 1e-9);
 }

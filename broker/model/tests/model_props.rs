@@ -9,8 +9,8 @@ mod lp;
 use ballast_model::damping::damp_row;
 use ballast_model::transport::{solve_transport, TransportProblem};
 use ballast_model::{
-    solve, Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput, SolveOptions,
-    Status, LIVENESS_FLOOR_RPS,
+    liveness_floor_rps, solve, Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput,
+    SolveOptions, Status, LIVENESS_FLOOR_RPS,
 };
 use lp::solve_lp;
 use proptest::prelude::*;
@@ -25,13 +25,18 @@ fn instance() -> impl Strategy<Value = TransportProblem> {
                 prop_oneof![3 => 0.0f64..100.0, 1 => Just(0.0), 1 => Just(7.0)],
                 ns * nt,
             ),
+            // Per-source floors: none, the largest `optimized` uses (1 rps), and in between.
+            prop::collection::vec(
+                prop_oneof![1 => Just(0.0), 1 => Just(LIVENESS_FLOOR_RPS), 2 => 0.0f64..1.5],
+                ns,
+            ),
         )
-            .prop_map(move |(s, c, cost)| TransportProblem {
+            .prop_map(move |(s, c, cost, floor)| TransportProblem {
                 // Keep most instances above the floor so the optimum is exercised.
                 supply: s.into_iter().map(|x| x + nt as f64).collect(),
                 capacity: c.into_iter().map(|x| x + ns as f64).collect(),
                 cost,
-                floor: LIVENESS_FLOOR_RPS,
+                floor,
             })
     })
 }
@@ -54,9 +59,9 @@ fn tight_instance() -> impl Strategy<Value = TransportProblem> {
                         .iter()
                         .map(|x| (slack * total * x / share_total).max(ns as f64))
                         .collect(),
+                    floor: supply.iter().map(|x| liveness_floor_rps(*x, nt)).collect(),
                     supply,
                     cost,
-                    floor: LIVENESS_FLOOR_RPS,
                 }
             })
     })
@@ -71,7 +76,7 @@ fn check_feasible_flow(p: &TransportProblem, flow: &[f64]) {
             "demand"
         );
         for t in 0..nt {
-            assert!(flow[s * nt + t] >= p.floor - 1e-7, "liveness");
+            assert!(flow[s * nt + t] >= p.floor[s] - 1e-7, "liveness");
         }
     }
     for t in 0..nt {
@@ -112,6 +117,55 @@ proptest! {
             (sol.objective - lp.objective).abs() <= 1e-6 * scale,
             "dedicated {} vs lp {}", sol.objective, lp.objective
         );
+    }
+
+    /// Issue 13: a source moves away from far clusters whatever its demand. One source c0
+    /// that serves itself (cost 0) and `n` other serving clusters far away, plenty of
+    /// capacity: every far weight is the floor share, at most 1 %, and the floors together
+    /// take at most 10 % of the source's demand — at 0.05 rps as at 100,000.
+    #[test]
+    fn a_source_of_any_demand_sends_only_its_floor_share_to_far_clusters(
+        demand in prop_oneof![0.05f64..10.0, 10.0f64..1e5],
+        n in 1usize..30,
+        far_cost in 1.0f64..500.0,
+    ) {
+        let ids: Vec<String> = (0..=n).map(|i| format!("c{i}")).collect();
+        let clusters = ids
+            .iter()
+            .map(|id| Cluster { id: id.clone(), region: "r".into(), zone: "z".into(), provider: "p".into() })
+            .collect();
+        let mut cost = Matrix::new();
+        for t in &ids {
+            cost.entry("c0".into()).or_default().insert(t.clone(), if t == "c0" { 0.0 } else { far_cost });
+        }
+        let problem = Problem {
+            policy: Policy::Optimized,
+            params: Params::Performance,
+            clusters,
+            rtt_ms: Matrix::new(),
+            prices: PriceTable { same_zone: 0.0, cross_zone: 0.01, cross_region: 0.02, internet: 0.09 },
+            cost: Some(cost),
+            services: vec![ServiceInput {
+                name: "ns/svc".into(),
+                demand_rps: BTreeMap::from([("c0".to_string(), demand)]),
+                capacity_rps: ids.iter().map(|id| (id.clone(), 10.0 * demand)).collect(),
+                policy: None,
+                params: None,
+            }],
+        };
+        let sol = &solve(&problem, &SolveOptions::default()).expect("solves")[0];
+        prop_assert_eq!(sol.status, Status::Optimal, "{:?}", sol.reason);
+        let floor = liveness_floor_rps(demand, n + 1);
+        prop_assert!(floor <= LIVENESS_FLOOR_RPS);
+        prop_assert!(floor * (n + 1) as f64 <= 0.1 * demand * (1.0 + 1e-12));
+        let row = &sol.weights["c0"];
+        for (t, w) in row {
+            if t != "c0" {
+                prop_assert!((w - floor / demand).abs() < 1e-9, "{t}: {w}");
+                prop_assert!(*w <= 0.01 + 1e-12, "{t}: {w}");
+            }
+        }
+        prop_assert!(row["c0"] >= 0.9 - 1e-9);
     }
 
     #[test]
@@ -198,7 +252,9 @@ proptest! {
                 let total: f64 = row.values().sum();
                 prop_assert!((total - demand[src]).abs() <= 1e-6 * demand[src].max(1.0));
                 for (dst, f) in row {
-                    prop_assert!(*f >= LIVENESS_FLOOR_RPS - 1e-7, "liveness {src}->{dst}");
+                    let floor = liveness_floor_rps(demand[src], row.len());
+                    prop_assert!(floor <= LIVENESS_FLOOR_RPS && floor <= 0.01 * demand[src] + 1e-12);
+                    prop_assert!(*f >= floor - 1e-7, "liveness {src}->{dst}");
                     *used.entry(dst.as_str()).or_default() += f;
                 }
             }
@@ -211,7 +267,7 @@ proptest! {
                 supply: (0..ns).map(|s| p.supply[s]).collect(),
                 capacity: d.iter().map(|x| capacity[x]).collect(),
                 cost: (0..ns).flat_map(|s| d.iter().map(move |x| (s, x))).map(|(s, x)| cost[&cid(s)][x]).collect(),
-                floor: LIVENESS_FLOOR_RPS,
+                floor: (0..ns).map(|s| liveness_floor_rps(p.supply[s], d.len())).collect(),
             };
             let lp = solve_lp(&tp).expect("feasible");
             prop_assert!((sol.objective - lp.objective).abs() <= 1e-6 * lp.objective.abs().max(1.0));

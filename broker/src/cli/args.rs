@@ -9,7 +9,9 @@ use clap::Args;
 
 use ballast_types::{Params, Policy};
 
-use crate::engine::{EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES};
+use crate::engine::{
+    EngineConfig, DEFAULT_KEEP_GENERATIONS, DEFAULT_PRICES, DEFAULT_PUBLISH_THRESHOLD,
+};
 use crate::server::ServeConfig;
 use crate::standby::ReuseportConfig;
 use crate::tls::TlsFiles;
@@ -30,6 +32,16 @@ fn max_step(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if v.is_nan() || v <= 0.0 || v > 1.0 {
         return Err(format!("{v} is outside (0, 1]"));
+    }
+    Ok(v)
+}
+
+fn publish_threshold(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || !(0.0..=0.5).contains(&v) {
+        return Err(format!(
+            "{v} is outside [0, 0.5] (a weight move; 0 = publish every change)"
+        ));
     }
     Ok(v)
 }
@@ -138,6 +150,11 @@ pub struct ServeArgs {
     /// Herd damping: the largest change of one weight per round, in (0, 1]; 1 = undamped.
     #[arg(long, env = "BALLAST_MAX_STEP", default_value = "0.2", value_parser = max_step)]
     pub max_step: f64,
+    /// Publication hysteresis, in [0, 0.5]: a service's weights are re-published only when
+    /// some weight moves by more than this from the published one, or its status, policy,
+    /// params, sources or destinations change; 0 = every change is published.
+    #[arg(long, env = "BALLAST_PUBLISH_THRESHOLD", default_value_t = DEFAULT_PUBLISH_THRESHOLD, value_parser = publish_threshold)]
+    pub publish_threshold: f64,
     /// Largest accepted gRPC message, bytes.
     #[arg(long, env = "BALLAST_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -339,6 +356,7 @@ impl ServeArgs {
             } else {
                 Some(self.max_step)
             },
+            publish_threshold: self.publish_threshold,
             default_demand_rps: self.default_demand_rps,
             policy: self.policy,
             params: self.params,
@@ -454,6 +472,32 @@ mod tests {
         for listen in ["127.0.0.1:7443", "127.9.0.1:1", "[::1]:7443"] {
             let cli = Cli::try_parse_from(["serve", "--insecure", "--listen", listen]).unwrap();
             assert!(cli.serve.to_config().unwrap().tls.is_none(), "{listen}");
+        }
+    }
+
+    #[test]
+    fn publish_threshold_defaults_to_two_hundredths_and_is_validated() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["serve", "--insecure"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        let cfg = |args: &[&str]| parse(args).unwrap().serve.to_config().unwrap();
+        assert_eq!(cfg(&[]).engine.publish_threshold, 0.02);
+        assert_eq!(
+            cfg(&["--publish-threshold", "0"]).engine.publish_threshold,
+            0.0
+        );
+        assert_eq!(
+            cfg(&["--publish-threshold", "0.05"])
+                .engine
+                .publish_threshold,
+            0.05
+        );
+        for bad in ["-0.01", "0.6", "NaN", "inf", "x"] {
+            let arg = format!("--publish-threshold={bad}");
+            let e = parse(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("--publish-threshold"), "{bad}: {e}");
         }
     }
 

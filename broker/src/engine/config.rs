@@ -14,6 +14,10 @@ pub struct EngineConfig {
     pub stale_after: Duration,
     /// Herd damping: the largest move of one weight per round (`None` = undamped).
     pub max_step: Option<f64>,
+    /// Publication hysteresis: a service is re-published only when some weight moved by more
+    /// than this from the published one, or its status, policy, params, sources or
+    /// destinations changed (0 = every change is published). See [`super::round`].
+    pub publish_threshold: f64,
     /// Demand (RPS) of a source that reported no RPS for a service yet.
     pub default_demand_rps: f64,
     /// The cluster-wide policy when none is stored.
@@ -37,6 +41,12 @@ pub struct EngineConfig {
     pub max_services: u64,
 }
 
+/// Default of [`EngineConfig::publish_threshold`] (and `--publish-threshold`): 0.02, two
+/// slots in a hundred of the agents' selection table — below what a client can tell apart
+/// from sampling noise at a few connections per second, and well above the weight jitter a
+/// steady load's measured demand causes.
+pub const DEFAULT_PUBLISH_THRESHOLD: f64 = 0.02;
+
 /// Default of [`EngineConfig::max_services`] (and `--max-services`).
 pub const DEFAULT_MAX_SERVICES: u64 = 50_000;
 
@@ -54,6 +64,7 @@ impl Default for EngineConfig {
         Self {
             stale_after: Duration::from_secs(60),
             max_step: Some(0.2),
+            publish_threshold: DEFAULT_PUBLISH_THRESHOLD,
             default_demand_rps: 10.0,
             policy: Policy::Optimized,
             params: Params::Mixed,

@@ -3,7 +3,9 @@
 //!
 //! A pure core inside an I/O shell:
 //! - [`plan`] (pure): a [`Snapshot`] of the store -> one problem per service ([`Inputs`]);
-//! - [`round`] (pure): inputs + what is published -> the next entries ([`RoundOutcome`]);
+//! - [`round`] (pure): inputs + what is published -> the next entries ([`RoundOutcome`]),
+//!   with publication hysteresis (`--publish-threshold`: a service whose weights moved by no
+//!   more than the threshold and whose class did not change keeps its published entries);
 //! - [`status`] (pure): a snapshot -> each cluster's status for operators;
 //! - this module (the shell): reads snapshots, persists and publishes rounds, keeps the
 //!   metrics, runs the solve loop, and offers the operations the gRPC layer calls
@@ -45,7 +47,7 @@ pub mod status;
 
 pub use config::{
     EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SERVICES,
-    DEFAULT_PRICES,
+    DEFAULT_PRICES, DEFAULT_PUBLISH_THRESHOLD,
 };
 pub use leadership::{default_replica_id, ReplicaConfig};
 pub use peers::Peer;
@@ -853,6 +855,7 @@ impl Engine {
             info!(expired = ?inputs.expired, "clusters not heard from within the expiry are left out");
         }
         self.metrics.stale_services.set(gauge(out.stale_services));
+        self.metrics.held_services.inc_by(out.held_services as u64);
         let duration = started.elapsed();
         self.metrics.solve_duration.observe(duration.as_secs_f64());
         let run = SolverRunRecord {

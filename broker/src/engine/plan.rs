@@ -11,9 +11,9 @@
 //!   reporting its full set without it (`ReportRequest.full_set`), so a service whose
 //!   capacity a cluster withdrew is solved again without that cluster, not left stale;
 //! - demand `N(s)` = sum over the nodes of `s` and over destinations of their fresh RPS samples;
-//!   when a source has no RPS yet (or 0), it gets a small default demand,
-//!   `max(--default-demand-rps, number of serving clusters)`, so that weights exist from the
-//!   start and the liveness floor (1 RPS per serving destination) is feasible;
+//!   when a source has no RPS yet (or 0), it gets the default demand `--default-demand-rps`,
+//!   so that weights exist from the start (the liveness floor is a share of the demand, so any
+//!   demand > 0 meets it);
 //! - sources are the clusters that import the service, as their agents declare
 //!   (`ReportRequest.imports`, sent when they change): per cluster, the union of the latest
 //!   declarations of its nodes heard from within the stale-after age, or of all its nodes'
@@ -371,8 +371,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 }
             }
         }
-        #[allow(clippy::cast_precision_loss)]
-        let floor = cfg.default_demand_rps.max(capacity_rps.len() as f64);
+        let floor = cfg.default_demand_rps;
         let reported = demand.get(svc);
         let demand_rps: BTreeMap<String, f64> = sources
             .iter()

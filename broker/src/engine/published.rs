@@ -1,6 +1,14 @@
 //! What the broker has published: per (service, source) an [`Entry`] of weights with its
 //! status, and the generation that holds them. Equality ignores when an entry was computed,
 //! so re-computing the same weights publishes nothing.
+//!
+//! Publication hysteresis ([`hold`]): a service whose new entries are of the same class as
+//! the published ones ([`Entry::same_class`]: status, policy, params, destinations and which
+//! of them get traffic) and whose weights all moved by at most the threshold
+//! (`--publish-threshold`) keeps its published entries, so a steady load with jittery
+//! measurements gives steady weights and no new generation. The comparison is against what
+//! is published, not the last computed weights, so a slow drift is published once it adds up
+//! to more than the threshold.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -32,6 +40,49 @@ impl Entry {
             && self.policy == other.policy
             && self.params == other.params
     }
+}
+
+impl Entry {
+    /// The same class of answer: status, policy, params, the same destinations, and the same
+    /// destinations with a weight > 0. The reason text and the weights themselves do not count.
+    #[must_use]
+    pub fn same_class(&self, other: &Entry) -> bool {
+        self.status == other.status
+            && self.policy == other.policy
+            && self.params == other.params
+            && self.weights.len() == other.weights.len()
+            && self
+                .weights
+                .iter()
+                .zip(&other.weights)
+                .all(|((ka, va), (kb, vb))| ka == kb && (*va > 0.0) == (*vb > 0.0))
+    }
+
+    /// The largest change of one weight from `other` (same destinations assumed; a
+    /// destination only one has counts its whole weight).
+    #[must_use]
+    pub fn max_move(&self, other: &Entry) -> f64 {
+        let one_way = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+            a.iter()
+                .map(|(k, v)| (v - b.get(k).copied().unwrap_or(0.0)).abs())
+                .fold(0.0, f64::max)
+        };
+        one_way(&self.weights, &other.weights).max(one_way(&other.weights, &self.weights))
+    }
+}
+
+/// Publication hysteresis for one service: whether its `new` entries (every source's) may be
+/// left unpublished in favour of the `published` ones — the same sources, each entry of the
+/// same class ([`Entry::same_class`]) and no weight moved by more than `threshold`. A
+/// threshold of 0 holds nothing (every change beyond 1e-9 is published).
+#[must_use]
+pub fn hold(published: &[(&PairKey, &Entry)], new: &[(&PairKey, &Entry)], threshold: f64) -> bool {
+    threshold > 0.0
+        && !published.is_empty()
+        && published.len() == new.len()
+        && published.iter().zip(new).all(|((ka, ea), (kb, eb))| {
+            ka == kb && ea.same_class(eb) && ea.max_move(eb) <= threshold
+        })
 }
 
 /// `(service, source)`.
@@ -120,6 +171,60 @@ mod tests {
             params: Params::Mixed,
             computed_at_ms: 1,
         }
+    }
+
+    fn key(src: &str) -> PairKey {
+        ("ns/web".to_string(), src.to_string())
+    }
+
+    fn row(w: &[(&str, f64)]) -> Entry {
+        Entry {
+            weights: w.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
+            ..entry(0.0)
+        }
+    }
+
+    #[test]
+    fn hysteresis_holds_small_moves_of_the_same_class_only() {
+        let k1 = key("c1");
+        let old = row(&[("c1", 0.98), ("c2", 0.01), ("c3", 0.01)]);
+        let held = |new: &Entry, threshold: f64| hold(&[(&k1, &old)], &[(&k1, new)], threshold);
+        // Jitter within the threshold (and a different reason text): held.
+        let mut jitter = row(&[("c1", 0.965), ("c2", 0.025), ("c3", 0.01)]);
+        jitter.reason = "damped".into();
+        assert!((jitter.max_move(&old) - 0.015).abs() < 1e-12);
+        assert!(held(&jitter, 0.02));
+        // A real move: published.
+        assert!(!held(
+            &row(&[("c1", 0.9), ("c2", 0.09), ("c3", 0.01)]),
+            0.02
+        ));
+        // Threshold 0: every change is published.
+        assert!(!held(&jitter, 0.0));
+        // A class change, however small the move: a destination appears or disappears, one
+        // starts or stops getting traffic, the status, policy or params change.
+        assert!(!held(&row(&[("c1", 0.99), ("c2", 0.01)]), 0.02));
+        assert!(!held(
+            &row(&[("c1", 0.99), ("c2", 0.01), ("c3", 0.0)]),
+            0.02
+        ));
+        let changes: [fn(&mut Entry); 4] = [
+            |e: &mut Entry| e.status = WeightsStatus::Stale,
+            |e: &mut Entry| e.status = WeightsStatus::Degraded,
+            |e: &mut Entry| e.policy = Policy::RoundRobin,
+            |e: &mut Entry| e.params = Params::Cost,
+        ];
+        for change in changes {
+            let mut e = old.clone();
+            change(&mut e);
+            assert!(!held(&e, 0.02), "{e:?}");
+        }
+        // A source appears or disappears: published.
+        let k2 = key("c2");
+        assert!(!hold(&[(&k1, &old)], &[(&k1, &old), (&k2, &old)], 0.02));
+        assert!(!hold(&[(&k1, &old), (&k2, &old)], &[(&k1, &old)], 0.02));
+        // Nothing published yet: published.
+        assert!(!hold(&[], &[(&k1, &old)], 0.02));
     }
 
     #[test]

@@ -10,7 +10,13 @@
 //! - otherwise solved, damped against the previous weights ([`EngineConfig::max_step`]);
 //!   a plan whose digest, previous weights and damping did not change reuses the last
 //!   solutions ([`RoundMemory`]);
-//! - a failed solve keeps the previous weights, flagged `degraded` with the error.
+//! - a failed solve keeps the previous weights, flagged `degraded` with the error;
+//! - publication hysteresis ([`EngineConfig::publish_threshold`], `--publish-threshold`): a
+//!   service whose new entries are of the same class as the published ones (status, policy,
+//!   params, destinations, which destinations get traffic, the same sources) and whose
+//!   weights all moved by at most the threshold keeps its published entries
+//!   ([`super::published::hold`]); a real move or any class change re-publishes the whole
+//!   service.
 //!
 //! A pair whose entry did not change keeps its published entry (and computation time); a new
 //! generation is made only when some pair changed, and then only the changed pairs are
@@ -25,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use super::plan::{Inputs, ServicePlan};
-use super::published::{same_entries, Entry, PairKey, Published};
+use super::published::{hold, same_entries, Entry, PairKey, Published};
 use super::EngineConfig;
 
 /// What one round remembers for the next: the digest of all its inputs (an identical round
@@ -88,6 +94,9 @@ pub struct Computed {
     pub detail: String,
     pub services: usize,
     pub stale_services: usize,
+    /// Services whose new weights were within the publish threshold of the published ones
+    /// and were not re-published (hysteresis).
+    pub held_services: usize,
     /// The memory for the next round.
     pub memory: RoundMemory,
 }
@@ -251,6 +260,8 @@ pub fn round(
         }
     }
 
+    let held_services = apply_hysteresis(current, &mut t.entries, cfg.publish_threshold);
+
     // A pair whose weights did not change keeps its entry as published before (with its
     // computation time), so the entries in memory are what the store holds and reloads.
     for (k, e) in &mut t.entries {
@@ -300,12 +311,70 @@ pub fn round(
             .join("; "),
         services: inputs.services.len(),
         stale_services: t.stale_services,
+        held_services,
         entries: t.entries,
         memory: RoundMemory {
             last_digest: digest,
             solved: t.solved,
         },
     }))
+}
+
+/// The entries of `svc` in `entries`.
+fn of_service<'a>(
+    entries: &'a BTreeMap<PairKey, Entry>,
+    svc: &str,
+) -> Vec<(&'a PairKey, &'a Entry)> {
+    entries
+        .range((svc.to_owned(), String::new())..)
+        .take_while(|((s, _), _)| s == svc)
+        .collect()
+}
+
+/// Publication hysteresis: every service of `entries` whose new entries [`hold`] against the
+/// published ones gets its published entries back (weights, reason and computation time), so
+/// nothing of it is re-published. Returns how many services had a change held back.
+fn apply_hysteresis(
+    current: &Published,
+    entries: &mut BTreeMap<PairKey, Entry>,
+    threshold: f64,
+) -> usize {
+    if threshold <= 0.0 {
+        return 0;
+    }
+    let services: Vec<String> = {
+        let mut v: Vec<String> = entries.keys().map(|(svc, _)| svc.clone()).collect();
+        v.dedup();
+        v
+    };
+    let mut held = 0;
+    for svc in services {
+        let published = of_service(&current.entries, &svc);
+        let new = of_service(entries, &svc);
+        if !hold(&published, &new, threshold) {
+            continue;
+        }
+        // Counted only when something was actually held back.
+        if new
+            .iter()
+            .zip(&published)
+            .any(|((_, a), (_, b))| !a.same_as(b))
+        {
+            held += 1;
+        }
+        let keep: Vec<(PairKey, Entry)> = published
+            .into_iter()
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        entries.extend(keep);
+    }
+    if held > 0 {
+        debug!(
+            held,
+            threshold, "services within the publish threshold keep their published weights"
+        );
+    }
+    held
 }
 
 /// The rows of every pair of `entries` that is new or changed against `current`.

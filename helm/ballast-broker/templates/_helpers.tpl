@@ -53,8 +53,8 @@ app.kubernetes.io/part-of: ballast
 
 {{/* Checks the values that have a closed set of choices; fails the render with the field name. */}}
 {{- define "ballast-broker.validate" -}}
-{{- if not (has .Values.serviceDiscoveryLoadBalancing (list "round-robin" "weighted-round-robin" "optimized")) }}
-{{- fail (printf "serviceDiscoveryLoadBalancing: %q is not one of round-robin, weighted-round-robin, optimized" .Values.serviceDiscoveryLoadBalancing) }}
+{{- if not (has .Values.serviceDiscoveryLoadBalancing (list "round-robin" "local-first-round-robin" "weighted-round-robin" "optimized")) }}
+{{- fail (printf "serviceDiscoveryLoadBalancing: %q is not one of round-robin, local-first-round-robin, weighted-round-robin, optimized" .Values.serviceDiscoveryLoadBalancing) }}
 {{- end }}
 {{- if not (has .Values.optimizedLoadBalancingParams (list "cost" "performance" "mixed")) }}
 {{- fail (printf "optimizedLoadBalancingParams: %q is not one of cost, performance, mixed" .Values.optimizedLoadBalancingParams) }}
@@ -152,6 +152,8 @@ Secret in deployment.yaml, never passed as an argument (visible in /proc/PID/cmd
 - {{ .Values.limits.maxServices | int | toString | quote }}
 - --max-step
 - {{ .Values.solver.maxStep | quote }}
+- --publish-threshold
+- {{ .Values.solver.publishThreshold | quote }}
 - --keep-generations
 - {{ .Values.solver.keepGenerations | quote }}
 {{- range .Values.extraArgs }}

@@ -2,7 +2,8 @@
 //! version `v1alpha1`, the Submariner-style settings):
 //!
 //! - [`LoadBalancingPolicy`], **cluster-scoped, a singleton named `default`**: the cluster-wide
-//!   `serviceDiscoveryLoadBalancing` (`round-robin | weighted-round-robin | optimized`) and
+//!   `serviceDiscoveryLoadBalancing` (`round-robin | local-first-round-robin |
+//!   weighted-round-robin | optimized`) and
 //!   `optimizedLoadBalancingParams` (`cost | performance | mixed`);
 //! - [`ServiceLoadBalancingPolicy`], **namespaced**: a per-service override naming a
 //!   ServiceImport in its own namespace (`spec.serviceImportName`).
@@ -93,7 +94,7 @@ policy_resource! {
     pub struct LoadBalancingPolicySpec {
         /// How traffic to a ServiceImport is split across clusters. Left out: the broker's default.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
+        #[schemars(extend("enum" = ["round-robin", "local-first-round-robin", "weighted-round-robin", "optimized"]))]
         pub service_discovery_load_balancing: Option<String>,
         /// What `optimized` (and `weighted-round-robin`) minimise: egress cost, latency, or both.
         /// Left out: the broker's default.
@@ -129,7 +130,7 @@ policy_resource! {
         pub service_import_name: String,
         /// Override of the cluster-wide `serviceDiscoveryLoadBalancing`. Left out: inherited.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        #[schemars(extend("enum" = ["round-robin", "weighted-round-robin", "optimized"]))]
+        #[schemars(extend("enum" = ["round-robin", "local-first-round-robin", "weighted-round-robin", "optimized"]))]
         pub service_discovery_load_balancing: Option<String>,
         /// Override of the cluster-wide `optimizedLoadBalancingParams`. Left out: inherited.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,7 +203,8 @@ fn parse_field<T: std::str::FromStr>(
         .transpose()
 }
 
-const POLICY_VALUES: &str = "round-robin | weighted-round-robin | optimized";
+const POLICY_VALUES: &str =
+    "round-robin | local-first-round-robin | weighted-round-robin | optimized";
 const PARAMS_VALUES: &str = "cost | performance | mixed";
 
 fn parse_choice(

@@ -59,9 +59,12 @@ macro_rules! spelled_enum {
 }
 
 spelled_enum! {
-    /// Submariner-style `serviceDiscoveryLoadBalancing`.
+    /// Submariner-style `serviceDiscoveryLoadBalancing`. `local-first-round-robin` is
+    /// Submariner Lighthouse's behaviour: the source's own cluster when it serves, else an
+    /// equal split; `round-robin` keeps the equal split over every serving cluster.
     Policy {
         RoundRobin = "round-robin",
+        LocalFirstRoundRobin = "local-first-round-robin",
         WeightedRoundRobin = "weighted-round-robin",
         Optimized = "optimized",
     }
@@ -109,6 +112,10 @@ mod tests {
             assert_eq!(s.to_string().parse::<WeightsStatus>().unwrap(), *s);
         }
         assert_eq!(Policy::WeightedRoundRobin.as_str(), "weighted-round-robin");
+        assert_eq!(
+            "local-first-round-robin".parse::<Policy>().unwrap(),
+            Policy::LocalFirstRoundRobin
+        );
     }
 
     #[test]
@@ -116,7 +123,7 @@ mod tests {
         let e = "fastest".parse::<Policy>().unwrap_err();
         assert_eq!(
             e.to_string(),
-            "\"fastest\" is not one of round-robin weighted-round-robin optimized"
+            "\"fastest\" is not one of round-robin local-first-round-robin weighted-round-robin optimized"
         );
         assert!(
             "Optimized".parse::<Policy>().is_err(),

@@ -34,7 +34,12 @@ pub fn solve_lp_within(
         return Err("cost has the wrong size".into());
     }
     let mut vars = ProblemVariables::new();
-    let x: Vec<Variable> = vars.add_vector(variable().min(p.floor), ns * nt);
+    if p.floor.len() != ns {
+        return Err("floor has the wrong size".into());
+    }
+    let x: Vec<Variable> = (0..ns * nt)
+        .map(|k| vars.add(variable().min(p.floor[k / nt.max(1)])))
+        .collect();
     let mut objective = Expression::with_capacity(ns * nt);
     for (v, c) in x.iter().zip(&p.cost) {
         objective.add_mul(*c, *v);
