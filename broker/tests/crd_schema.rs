@@ -277,6 +277,7 @@ fn crd_settings_apply_to_problem_sets_overrides_per_service() {
         capacity_rps: Default::default(),
         policy: Some(Policy::Optimized),
         params: Some(Params::Mixed),
+        service_time: Default::default(),
     };
     let mut problem = Problem {
         policy: Policy::Optimized,
@@ -289,6 +290,7 @@ fn crd_settings_apply_to_problem_sets_overrides_per_service() {
             cross_region: 0.02,
             internet: 0.09,
         },
+        pair_prices: Default::default(),
         cost: None,
         services: vec![svc("demo/echo"), svc("demo/web")],
     };

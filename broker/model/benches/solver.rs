@@ -139,6 +139,7 @@ fn optimized_problem(data: &Data, n: usize, slack: f64, rng: &mut Rng) -> Proble
         clusters,
         rtt_ms,
         prices: data.prices,
+        pair_prices: Default::default(),
         cost: None,
         services: vec![ServiceInput {
             name: "bench/svc".into(),
@@ -146,6 +147,7 @@ fn optimized_problem(data: &Data, n: usize, slack: f64, rng: &mut Rng) -> Proble
             capacity_rps: capacity,
             policy: None,
             params: None,
+            service_time: Default::default(),
         }],
     }
 }
@@ -258,6 +260,7 @@ fn main() {
                 capacity_rps: capacity,
                 policy: None,
                 params: None,
+                service_time: Default::default(),
             }
         })
         .collect();
@@ -267,6 +270,7 @@ fn main() {
         clusters,
         rtt_ms,
         prices: data.prices,
+        pair_prices: Default::default(),
         cost: None,
         services,
     };

@@ -5,7 +5,9 @@
 //!   direction is used (a round trip crosses the same two paths); a cluster to itself is 0 ms;
 //!   a pair with neither direction measured is assumed as slow as the slowest measured pair
 //!   ([`MISSING_RTT_FALLBACK_MS`] when nothing is measured) — pessimistic, never free.
-//! - price in USD per GB from the operator's [`PriceTable`], by tier ([`Tier`]), scaled by
+//! - price in USD per GB: the problem's `pair_prices` entry for the ordered pair (a region
+//!   price table: providers price inter-region transfer by source region and continent, see
+//!   [`crate::egress_prices`]), else the operator's [`PriceTable`] by tier ([`Tier`]); scaled by
 //!   [`PRICE_SCALE`] = 1000 (i.e. milli-USD per GB): cross-region at 0.02 USD/GB weighs 20,
 //!   like 20 ms of RTT; internet egress at 0.09 USD/GB weighs like 90 ms.
 //! - (a, b) per [`Params`]: `performance` = (0.9, 0.1), `mixed` = (0.5, 0.5),
@@ -66,6 +68,18 @@ impl PriceTable {
     }
 }
 
+/// The egress price (USD/GB) from cluster `src` to cluster `dst` as the cost uses it: the
+/// problem's `pair_prices` entry, else the tier's price. `None` for an unknown cluster.
+#[must_use]
+pub fn egress_price(problem: &Problem, src: &str, dst: &str) -> Option<f64> {
+    if let Some(p) = problem.pair_prices.get(src).and_then(|row| row.get(dst)) {
+        return Some(*p);
+    }
+    let a = problem.clusters.iter().find(|c| c.id == src)?;
+    let b = problem.clusters.iter().find(|c| c.id == dst)?;
+    Some(problem.prices.price(tier(a, b)))
+}
+
 /// (a, b) in cost = a·RTT_ms + b·price_usd_per_gb·[`PRICE_SCALE`].
 #[must_use]
 pub fn coefficients(params: Params) -> (f64, f64) {
@@ -112,8 +126,10 @@ pub(crate) struct CostModel<'a> {
     a: f64,
     b: f64,
     missing_rtt: f64,
-    /// `rtt_ms` / `cost` rows by cluster index (one map lookup per pair instead of two).
+    /// `rtt_ms` / `cost` / `pair_prices` rows by cluster index (one map lookup per pair
+    /// instead of two).
     rtt_rows: Vec<Option<&'a Row>>,
+    price_rows: Vec<Option<&'a Row>>,
     cost_rows: Vec<Option<&'a Row>>,
     cache: Vec<f64>,
 }
@@ -143,6 +159,7 @@ impl<'a> CostModel<'a> {
             b,
             missing_rtt,
             rtt_rows: rows(problem, Some(&problem.rtt_ms)),
+            price_rows: rows(problem, Some(&problem.pair_prices)),
             cost_rows: rows(problem, problem.cost.as_ref()),
             cache: vec![f64::NAN; n * n],
         }
@@ -160,6 +177,16 @@ impl<'a> CostModel<'a> {
             .unwrap_or(if s == t { 0.0 } else { self.missing_rtt })
     }
 
+    /// Egress price (USD/GB) from cluster `s` to cluster `t`: the pair's entry in
+    /// `pair_prices`, else the tier's price.
+    pub(crate) fn price(&self, s: usize, t: usize) -> f64 {
+        let (cs, ct) = (&self.problem.clusters[s], &self.problem.clusters[t]);
+        self.price_rows[s]
+            .and_then(|row| row.get(&ct.id))
+            .copied()
+            .unwrap_or_else(|| self.problem.prices.price(tier(cs, ct)))
+    }
+
     /// cost(s, t), cached.
     pub(crate) fn cost(&mut self, s: usize, t: usize) -> f64 {
         let n = self.problem.clusters.len();
@@ -167,10 +194,10 @@ impl<'a> CostModel<'a> {
         if !cached.is_nan() {
             return cached;
         }
-        let (cs, ct) = (&self.problem.clusters[s], &self.problem.clusters[t]);
+        let ct = &self.problem.clusters[t];
         let explicit = self.cost_rows[s].and_then(|row| row.get(&ct.id)).copied();
         let value = explicit.unwrap_or_else(|| {
-            let price = self.problem.prices.price(tier(cs, ct)) * PRICE_SCALE;
+            let price = self.price(s, t) * PRICE_SCALE;
             self.a * self.rtt(s, t) + self.b * price
         });
         self.cache[s * n + t] = value;

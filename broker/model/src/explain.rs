@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::load_aware::LoadCurve;
 use super::optimized::liveness_floor_rps;
 use super::service::{flows, run_policy, Costs};
 use super::{validate, ModelError, Params, Policy, Problem, Status};
@@ -24,12 +25,28 @@ pub enum Binding {
 pub struct DestinationExplanation {
     pub destination: String,
     pub cost: f64,
+    /// The egress price (USD/GB) of a request's traffic between the source and this
+    /// destination that the cost used: the region price table's (both directions blended,
+    /// see `egress_prices::EgressPrices::request_price`), or the tier's where the table does
+    /// not cover the pair.
+    pub usd_per_gb: f64,
     /// RPS from this source.
     pub flow: f64,
     pub weight: f64,
     pub capacity_rps: f64,
     /// RPS into this destination from every source of the service.
     pub total_flow_rps: f64,
+    /// The destination's service-time curve, when the service has one for it (load-aware
+    /// `optimized` uses it; the other policies ignore it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_time: Option<LoadCurve>,
+    /// Service time per request at `total_flow_rps` on that curve (ms; 0 without a curve).
+    pub service_ms: f64,
+    /// What one more RPS from this source to this destination would cost: `cost` plus, when
+    /// the solve is load-aware, the latency weight times the curve's marginal service time
+    /// at the destination's load. In a load-aware optimum every destination that gets more
+    /// than its floor and is not full has the same marginal cost (the one that set the split).
+    pub marginal_cost: f64,
     pub capacity_full: bool,
     pub liveness_floor: bool,
     pub local_preference: bool,
@@ -108,13 +125,25 @@ pub fn explain(problem: &Problem, service: &str, source: &str) -> Result<Explana
             .into_iter()
             .filter_map(|(on, b)| on.then_some(b))
             .collect();
+            let curve = view.svc.service_time.get(*dst).copied();
+            let service_ms = curve.map_or(0.0, |c| c.service_ms(total));
+            let marginal_cost = match curve {
+                Some(c) if view.policy == Policy::Optimized && view.load_aware() => {
+                    cost + view.latency_weight * c.marginal(total)
+                }
+                _ => cost,
+            };
             destinations.push(DestinationExplanation {
                 destination: (*dst).to_owned(),
                 cost,
+                usd_per_gb: crate::cost::egress_price(problem, source, dst).unwrap_or(0.0),
                 flow: f,
                 weight: w,
                 capacity_rps: cap,
                 total_flow_rps: total,
+                service_time: curve,
+                service_ms,
+                marginal_cost,
                 capacity_full,
                 liveness_floor,
                 local_preference,

@@ -11,7 +11,8 @@
 //!
 //! Layout and decisions (each module documents its own):
 //! - [`validate`]: every bad value is an error naming its field path.
-//! - [`cost`]: cost = a·RTT + b·price·1000, (a, b) per [`Params`]; explicit `cost` wins.
+//! - [`cost`]: cost = a·RTT + b·price·1000, (a, b) per [`Params`]; explicit `cost` wins;
+//!   price = `pair_prices` (from [`egress_prices`]: per provider and source region) or the tier.
 //! - sources are the keys of `demand_rps`; destinations are `capacity_rps` entries > 0; a
 //!   cluster that is both may serve itself at cost(s, s) and that traffic uses its capacity.
 //! - `round-robin`, `local-first-round-robin` (the source's own cluster when it serves, else
@@ -66,6 +67,12 @@ pub struct ServiceInput {
     /// Per-service override of the cluster-wide params.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Params>,
+    /// Service time per request as a function of load, per serving cluster
+    /// ([`load_aware::LoadCurve`]). With any curve and params other than `cost`, `optimized`
+    /// adds the service time at the resulting load to every request's cost (load-aware,
+    /// [`load_aware`]); clusters without a curve add none. Empty: the linear model.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_time: BTreeMap<String, load_aware::LoadCurve>,
 }
 
 /// Everything a solve needs.
@@ -79,6 +86,11 @@ pub struct Problem {
     #[serde(default)]
     pub rtt_ms: Matrix,
     pub prices: PriceTable,
+    /// Egress price per ordered pair of clusters (USD/GB), `src -> dst -> price`, where a
+    /// region price table covers the pair ([`egress_prices::EgressPrices`]); pairs it does not
+    /// list are priced by tier from `prices`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pair_prices: Matrix,
     /// Explicit cost matrix; when present it is used as is instead of a*RTT + b*price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Matrix>,
@@ -129,15 +141,17 @@ pub struct SolveOptions {
 pub mod cost;
 pub mod damping;
 pub mod data;
+pub mod egress_prices;
 mod error;
 mod explain;
+pub mod load_aware;
 mod optimized;
 mod round_robin;
 mod service;
 pub mod transport;
 mod validate;
 
-pub use cost::{cost_matrix, Tier};
+pub use cost::{cost_matrix, egress_price, Tier};
 pub use error::ModelError;
 pub use explain::{explain, Binding, DestinationExplanation, Explanation};
 pub use optimized::{

@@ -21,6 +21,11 @@
 //! As a weight the floor is `floor(s) / N(s)` = min(1/N(s), 0.01, 0.1/|T|): what damping
 //! lifts a row to ([`super::damping`]) and what `explain` reports as `liveness-floor`.
 //!
+//! Load-aware (see [`super::load_aware`]): when the service states service-time curves and the
+//! params weigh latency (`performance`, `mixed`), each request also pays its destination's
+//! service time at the load the solution puts there (convex), solved by
+//! [`super::load_aware::solve_convex`]; `cost` stays linear in $.
+//!
 //! Decisions:
 //! - Only sources with demand > 0 take part in the LP. A source with zero demand still gets a
 //!   valid split for its next new connection: weights ∝ the spare capacity the LP left on each
@@ -34,6 +39,7 @@
 
 use std::fmt::Write as _;
 
+use super::load_aware::{solve_convex, ConvexTransport, DEFAULT_SEGMENTS};
 use super::service::{Dense, View};
 use super::transport::{solve_transport, Infeasible, TransportProblem};
 use super::Status;
@@ -74,25 +80,41 @@ pub(crate) fn optimized(view: &View<'_>) -> Dense {
     for &s in &active {
         cost.extend_from_slice(&view.cost[s * nt..(s + 1) * nt]);
     }
-    let problem = TransportProblem {
-        supply: active.iter().map(|&s| view.demand[s]).collect(),
-        capacity: view.capacity.clone(),
-        cost,
-        floor: active
-            .iter()
-            .map(|&s| liveness_floor_rps(view.demand[s], nt))
-            .collect(),
+    let supply: Vec<f64> = active.iter().map(|&s| view.demand[s]).collect();
+    let floors: Vec<f64> = active
+        .iter()
+        .map(|&s| liveness_floor_rps(view.demand[s], nt))
+        .collect();
+    let solved = if view.load_aware() {
+        solve_convex(&ConvexTransport {
+            floor: floors.clone(),
+            supply,
+            capacity: view.capacity.clone(),
+            cost,
+            curve: view.curve.clone(),
+            latency_weight: view.latency_weight,
+            segments: DEFAULT_SEGMENTS,
+        })
+        .map(|s| s.flow)
+    } else {
+        solve_transport(&TransportProblem {
+            supply,
+            capacity: view.capacity.clone(),
+            cost,
+            floor: floors.clone(),
+        })
+        .map(|s| s.flow)
     };
-    match solve_transport(&problem) {
-        Ok(solution) => {
+    match solved {
+        Ok(flow) => {
             let mut weights = vec![0.0; ns * nt];
             let mut floor = vec![0.0; ns];
             let mut used = vec![0.0; nt];
             for (k, &s) in active.iter().enumerate() {
                 let n = view.demand[s];
-                floor[s] = problem.floor[k] / n;
+                floor[s] = floors[k] / n;
                 for t in 0..nt {
-                    let f = solution.flow[k * nt + t];
+                    let f = flow[k * nt + t];
                     used[t] += f;
                     weights[s * nt + t] = f / n;
                 }

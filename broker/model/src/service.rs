@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::cost::{self, CostModel};
 use super::damping::damp_row;
+use super::load_aware::LoadCurve;
 use super::optimized::optimized;
 use super::round_robin::{local_first_round_robin, round_robin, weighted_round_robin};
 use super::{
@@ -28,6 +29,18 @@ pub(crate) struct View<'p> {
     pub capacity: Vec<f64>,
     /// `sources × dests`, row-major.
     pub cost: Vec<f64>,
+    /// Service time curve per destination (zero where the service states none).
+    pub curve: Vec<LoadCurve>,
+    /// Cost units per ms of latency under the params (the RTT coefficient).
+    pub latency_weight: f64,
+}
+
+impl View<'_> {
+    /// Whether `optimized` is load-aware here: some destination has a curve that depends on
+    /// load or differs in base, and the params weigh latency (`cost` stays linear in $).
+    pub(crate) fn load_aware(&self) -> bool {
+        self.params != Params::Cost && self.curve.iter().any(|c| *c != LoadCurve::ZERO)
+    }
 }
 
 /// A policy's answer in dense form.
@@ -111,6 +124,15 @@ impl<'p> Costs<'p> {
                 cost.push(model.cost(s, t));
             }
         }
+        let curve = dest_ids
+            .iter()
+            .map(|id| {
+                svc.service_time
+                    .get(*id)
+                    .copied()
+                    .unwrap_or(LoadCurve::ZERO)
+            })
+            .collect();
         View {
             index,
             svc,
@@ -123,6 +145,8 @@ impl<'p> Costs<'p> {
             dests,
             capacity,
             cost,
+            curve,
+            latency_weight: cost::coefficients(params).0,
         }
     }
 }

@@ -47,6 +47,7 @@ pub fn validate(problem: &Problem) -> Result<(), ModelError> {
         check_value(|| format!("prices.{field}"), value)?;
     }
     check_matrix("rtt_ms", &problem.rtt_ms, &ids)?;
+    check_matrix("pair_prices", &problem.pair_prices, &ids)?;
     if let Some(cost) = &problem.cost {
         check_matrix("cost", cost, &ids)?;
     }
@@ -63,6 +64,13 @@ pub fn validate(problem: &Problem) -> Result<(), ModelError> {
                 format!("services[{i}].name"),
                 format!("duplicate service name {:?}", svc.name),
             ));
+        }
+        for (cluster, curve) in &svc.service_time {
+            let path = || format!("services[{i}].service_time.{cluster}");
+            check_cluster(path, cluster, &ids)?;
+            curve
+                .check(&path())
+                .map_err(|(field, why)| ModelError::invalid(field, why))?;
         }
         for (field, map) in [
             ("demand_rps", &svc.demand_rps),

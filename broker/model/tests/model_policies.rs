@@ -45,6 +45,7 @@ fn service(name: &str, demand: &[(&str, f64)], capacity: &[(&str, f64)]) -> Serv
         capacity_rps: map(capacity),
         policy: None,
         params: None,
+        service_time: Default::default(),
     }
 }
 
@@ -59,6 +60,7 @@ fn three_clusters(policy: Policy, cost: Option<Matrix>, svc: ServiceInput) -> Pr
         ],
         rtt_ms: matrix(&[("c1", "c2", 1.0), ("c1", "c3", 8.0), ("c2", "c3", 9.0)]),
         prices: PRICES,
+        pair_prices: Default::default(),
         cost,
         services: vec![svc],
     }
@@ -588,4 +590,123 @@ fn explain_marks_local_preference_under_wrr() {
     assert!(!remote.local_preference && remote.weight == 0.0);
     let json = serde_json::to_value(&e).expect("serializes");
     assert_eq!(json["destinations"][0]["binding"][0], "local-preference");
+}
+
+#[test]
+fn load_aware_optimized_sends_less_to_the_cluster_that_slows_down_faster() {
+    use ballast_model::load_aware::LoadCurve;
+    // c2 and c3 cost the same per request; c2's service time grows 10x faster with load.
+    // Equal marginal cost: 2 x 0.1 x f2 = 2 x 0.01 x f3 with f2 + f3 = 100 → f2 = 9.09.
+    let mut svc = service("ns/svc", &[("c1", 100.0)], &[("c2", 500.0), ("c3", 500.0)]);
+    svc.service_time = [
+        (
+            "c2".to_owned(),
+            LoadCurve {
+                base_ms: 5.0,
+                slope_ms_per_rps: 0.1,
+            },
+        ),
+        (
+            "c3".to_owned(),
+            LoadCurve {
+                base_ms: 5.0,
+                slope_ms_per_rps: 0.01,
+            },
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let equal = Some(matrix(&[("c1", "c2", 1.0), ("c1", "c3", 1.0)]));
+    let p = three_clusters(Policy::Optimized, equal.clone(), svc.clone());
+    let sol = &solve(&p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(sol.status, Status::Optimal);
+    let (f2, f3) = (w(&sol.flows, "c1", "c2"), w(&sol.flows, "c1", "c3"));
+    assert!((f2 - 100.0 / 11.0).abs() < 1.0, "c2 gets {f2}, want ~9.09");
+    assert!((f2 + f3 - 100.0).abs() < 1e-6);
+
+    // explain shows each curve, the service time at the load and the marginal cost that set
+    // the split: equal on c2 and c3 (within the interpolation's tolerance).
+    let e = explain(&p, "ns/svc", "c1").expect("explains");
+    let d = |id: &str| {
+        e.destinations
+            .iter()
+            .find(|d| d.destination == id)
+            .expect("serves")
+            .clone()
+    };
+    let (d2, d3) = (d("c2"), d("c3"));
+    assert_eq!(d2.service_time.map(|c| c.slope_ms_per_rps), Some(0.1));
+    assert!(
+        (d2.service_ms - (5.0 + 0.1 * f2)).abs() < 1e-9,
+        "{}",
+        d2.service_ms
+    );
+    assert!(
+        d2.marginal_cost > d2.cost + 5.0 * 0.9 * 0.5,
+        "{}",
+        d2.marginal_cost
+    );
+    assert!(
+        (d2.marginal_cost - d3.marginal_cost).abs() < 0.05 * d2.marginal_cost,
+        "c2 {} vs c3 {}",
+        d2.marginal_cost,
+        d3.marginal_cost
+    );
+
+    // A steeper c2 slope moves traffic further off it.
+    svc.service_time.insert(
+        "c2".into(),
+        LoadCurve {
+            base_ms: 5.0,
+            slope_ms_per_rps: 0.4,
+        },
+    );
+    let p = three_clusters(Policy::Optimized, equal.clone(), svc.clone());
+    let steeper = w(
+        &solve(&p, &SolveOptions::default()).expect("solves")[0].flows,
+        "c1",
+        "c2",
+    );
+    assert!(
+        steeper < f2 - 4.0,
+        "c2 {steeper} should fall well below {f2}"
+    );
+
+    // Params `cost` stays linear in $: the curves change nothing.
+    let mut cost_p = three_clusters(Policy::Optimized, equal.clone(), svc.clone());
+    cost_p.params = Params::Cost;
+    let mut plain = svc;
+    plain.service_time.clear();
+    let mut plain_p = three_clusters(Policy::Optimized, equal, plain);
+    plain_p.params = Params::Cost;
+    let a = &solve(&cost_p, &SolveOptions::default()).expect("solves")[0];
+    let b = &solve(&plain_p, &SolveOptions::default()).expect("solves")[0];
+    assert_eq!(a.flows, b.flows);
+}
+
+#[test]
+fn service_time_curves_are_validated_naming_the_field() {
+    use ballast_model::load_aware::LoadCurve;
+    let mut svc = service("ns/svc", &[("c1", 100.0)], &[("c2", 500.0)]);
+    svc.service_time.insert(
+        "c2".into(),
+        LoadCurve {
+            base_ms: 1.0,
+            slope_ms_per_rps: -0.5,
+        },
+    );
+    let p = three_clusters(Policy::Optimized, None, svc.clone());
+    assert!(
+        invalid(&p).starts_with("services[0].service_time.c2.slope_ms_per_rps: "),
+        "{}",
+        invalid(&p)
+    );
+    svc.service_time.clear();
+    svc.service_time.insert("cx".into(), LoadCurve::ZERO);
+    let p = three_clusters(Policy::Optimized, None, svc);
+    assert!(
+        invalid(&p).contains("unknown cluster \"cx\""),
+        "{}",
+        invalid(&p)
+    );
 }

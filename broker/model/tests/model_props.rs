@@ -144,6 +144,7 @@ proptest! {
             clusters,
             rtt_ms: Matrix::new(),
             prices: PriceTable { same_zone: 0.0, cross_zone: 0.01, cross_region: 0.02, internet: 0.09 },
+            pair_prices: Default::default(),
             cost: Some(cost),
             services: vec![ServiceInput {
                 name: "ns/svc".into(),
@@ -151,6 +152,7 @@ proptest! {
                 capacity_rps: ids.iter().map(|id| (id.clone(), 10.0 * demand)).collect(),
                 policy: None,
                 params: None,
+                service_time: Default::default(),
             }],
         };
         let sol = &solve(&problem, &SolveOptions::default()).expect("solves")[0];
@@ -230,6 +232,7 @@ proptest! {
             clusters,
             rtt_ms: Matrix::new(),
             prices: PriceTable { same_zone: 0.0, cross_zone: 0.01, cross_region: 0.02, internet: 0.09 },
+            pair_prices: Default::default(),
             cost: Some(cost.clone()),
             services: vec![ServiceInput {
                 name: "ns/svc".into(),
@@ -237,6 +240,7 @@ proptest! {
                 capacity_rps: capacity.clone(),
                 policy: None,
                 params: None,
+                service_time: Default::default(),
             }],
         };
         let sol = &solve(&problem, &SolveOptions::default()).expect("valid problem")[0];

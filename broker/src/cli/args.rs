@@ -54,6 +54,24 @@ fn price(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// `--egress-prices`: `builtin`, `none` or a file of operator rows over the built-in ones;
+/// the whole file is checked before the broker starts.
+fn region_prices(value: &str) -> Result<ballast_model::egress_prices::EgressPrices, String> {
+    use ballast_model::egress_prices::EgressPrices;
+    let builtin = || EgressPrices::builtin().map_err(|e| format!("--egress-prices builtin: {e}"));
+    match value {
+        "builtin" => builtin(),
+        "none" => Ok(EgressPrices::none()),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--egress-prices {path}: cannot read: {e}"))?;
+            builtin()?
+                .with_operator_table(path, &text)
+                .map_err(|e| format!("--egress-prices {e}"))
+        }
+    }
+}
+
 fn positive(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if !v.is_finite() || v <= 0.0 {
@@ -220,6 +238,19 @@ pub struct ServeArgs {
     /// Egress price, internet / another provider (USD/GB).
     #[arg(long, env = "BALLAST_PRICE_INTERNET", value_parser = price, default_value_t = DEFAULT_PRICES.internet)]
     pub price_internet: f64,
+    /// Egress prices per (provider, source region, destination): `builtin` (the table
+    /// compiled from the providers' public price lists, `broker/data/region_egress_prices.csv`),
+    /// `none` (the four tiers above for every pair), or a CSV file of the same shape
+    /// (`provider,from,to,usd_per_gb[,source]`) whose rows win over the built-in ones
+    /// (negotiated rates). The tiers still price what the table does not cover (zones of one
+    /// region, unknown regions or providers).
+    #[arg(
+        long,
+        env = "BALLAST_EGRESS_PRICES",
+        value_name = "builtin|none|FILE",
+        default_value = "builtin"
+    )]
+    pub egress_prices: String,
     /// Hot standby on one host: bind the gRPC port with SO_REUSEPORT and steer it with an
     /// sk_reuseport BPF program (root or CAP_BPF + CAP_NET_ADMIN, kernel >= 5.14): new
     /// connections go to the process holding the SQLite lock, to a second `serve` on the same
@@ -322,6 +353,7 @@ impl ServeArgs {
             None => crate::engine::default_replica_id(),
         };
         let reuseport = self.reuseport_config()?;
+        let region_prices = std::sync::Arc::new(region_prices(&self.egress_prices)?);
         let mut c = ServeConfig::new(self.listen, self.database.clone(), tls);
         c.reuseport = reuseport;
         c.replica = crate::engine::ReplicaConfig {
@@ -366,6 +398,7 @@ impl ServeArgs {
                 cross_region: self.price_cross_region,
                 internet: self.price_internet,
             },
+            region_prices,
             keep_generations: self.keep_generations,
             cluster_expiry: (!self.cluster_expiry.is_zero()).then_some(self.cluster_expiry),
             store_limits: ballast_store::StoreLimits {
@@ -499,6 +532,41 @@ mod tests {
             let e = parse(&[&arg]).unwrap_err().to_string();
             assert!(e.contains("--publish-threshold"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn egress_prices_are_builtin_none_or_an_operator_file_checked_whole() {
+        let cfg = |args: &[&str]| {
+            let mut v = vec!["serve", "--insecure"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().serve.to_config()
+        };
+        let price = |c: &ServeConfig| {
+            c.engine
+                .region_prices
+                .price("aws", "sa-east-1", "aws", "us-east-1")
+                .map(|m| m.usd_per_gb)
+        };
+        assert_eq!(price(&cfg(&[]).unwrap()), Some(0.138));
+        assert_eq!(price(&cfg(&["--egress-prices", "none"]).unwrap()), None);
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("negotiated.csv");
+        std::fs::write(&good, "provider,from,to,usd_per_gb\naws,*,*,0.004\n").unwrap();
+        let c = cfg(&["--egress-prices", good.to_str().unwrap()]).unwrap();
+        assert_eq!(price(&c), Some(0.004));
+        let bad = dir.path().join("bad.csv");
+        std::fs::write(
+            &bad,
+            "provider,from,to,usd_per_gb\naws,*,*,0.004\naws,us-east-1,*,-1\n",
+        )
+        .unwrap();
+        let e = cfg(&["--egress-prices", bad.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.starts_with("--egress-prices ") && e.contains("row 3, usd_per_gb"),
+            "{e}"
+        );
+        let e = cfg(&["--egress-prices", "/nonexistent/prices.csv"]).unwrap_err();
+        assert!(e.contains("--egress-prices /nonexistent/prices.csv"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! cluster-wide policy and prices when none are stored, retention and cluster expiry.
 
 use std::num::NonZeroU64;
+use std::sync::Arc;
 use std::time::Duration;
+
+use ballast_model::egress_prices::EgressPrices;
 
 use ballast_model::{Params, Policy, PriceTable};
 use ballast_store::StoreLimits;
@@ -24,8 +27,13 @@ pub struct EngineConfig {
     pub policy: Policy,
     /// The cluster-wide params when none are stored.
     pub params: Params,
-    /// Egress prices when none are stored.
+    /// Egress prices per tier when none are stored: for the pairs `region_prices` does not
+    /// cover (zones of one region, regions or providers the table does not know).
     pub prices: PriceTable,
+    /// Egress prices per (provider, source region, destination): the built-in table of
+    /// `broker/data/region_egress_prices.csv` with the operator's rows over it
+    /// (`--egress-prices`), or none (tiers only).
+    pub region_prices: Arc<EgressPrices>,
     /// Retention: how many published generations the store keeps (the newest ones); older
     /// ones are pruned after every publish.
     pub keep_generations: NonZeroU64,
@@ -69,6 +77,7 @@ impl Default for EngineConfig {
             policy: Policy::Optimized,
             params: Params::Mixed,
             prices: DEFAULT_PRICES,
+            region_prices: Arc::new(builtin_region_prices()),
             keep_generations: DEFAULT_KEEP_GENERATIONS,
             cluster_expiry: Some(DEFAULT_CLUSTER_EXPIRY),
             store_limits: StoreLimits::default(),
@@ -85,3 +94,10 @@ pub const DEFAULT_PRICES: PriceTable = PriceTable {
     cross_region: 0.02,
     internet: 0.09,
 };
+
+/// The built-in region price table; empty (tiers only) if the embedded data did not parse,
+/// which this crate's tests and `ballast-model`'s rule out.
+#[must_use]
+pub fn builtin_region_prices() -> EgressPrices {
+    EgressPrices::builtin().unwrap_or_default()
+}

@@ -29,9 +29,10 @@
 //! only stale samples, the plan says so ([`ServicePlan::stale`]) and the round keeps the
 //! service's previous weights.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use ballast_model::egress_prices::DEFAULT_REQUEST_BYTE_SHARE;
 use ballast_model::{Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput};
 use ballast_store::{ImportDeclaration, PolicyRecord};
 use serde::Serialize;
@@ -180,6 +181,36 @@ pub fn prices(rows: &[(String, f64)], cfg: &EngineConfig) -> PriceTable {
         }
     }
     p
+}
+
+/// The region price table's price of a request's traffic for every ordered pair of
+/// `clusters` it covers in both directions (`src -> dst -> USD/GB`: request bytes at the
+/// source's price, response bytes at the destination's, one half each until bytes are
+/// measured); one table lookup per distinct (provider, region) pair.
+fn pair_prices(clusters: &[Cluster], cfg: &EngineConfig) -> Matrix {
+    let mut memo: HashMap<(&str, &str, &str, &str), Option<f64>> = HashMap::new();
+    let mut out = Matrix::new();
+    for a in clusters {
+        for b in clusters {
+            let key = (
+                a.provider.as_str(),
+                a.region.as_str(),
+                b.provider.as_str(),
+                b.region.as_str(),
+            );
+            let price = *memo.entry(key).or_insert_with(|| {
+                cfg.region_prices.request_price(
+                    (key.0, key.1),
+                    (key.2, key.3),
+                    DEFAULT_REQUEST_BYTE_SHARE,
+                )
+            });
+            if let Some(p) = price {
+                out.entry(a.id.clone()).or_default().insert(b.id.clone(), p);
+            }
+        }
+    }
+    out
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -334,6 +365,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
             provider: c.provider.clone(),
         })
         .collect();
+    let pair_prices = pair_prices(&model_clusters, cfg);
     let services: BTreeSet<&String> = cap.keys().chain(demand.keys()).collect();
     let mut out = Inputs {
         clusters: clusters.len(),
@@ -390,6 +422,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                     clusters: model_clusters.clone(),
                     rtt_ms: rtt_ms.clone(),
                     prices,
+                    pair_prices: pair_prices.clone(),
                     cost: None,
                     services: vec![ServiceInput {
                         name: svc.clone(),
@@ -397,6 +430,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                         capacity_rps,
                         policy: None,
                         params: None,
+                        service_time: Default::default(),
                     }],
                 },
                 stale,

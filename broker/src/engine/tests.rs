@@ -612,3 +612,30 @@ fn a_steady_load_with_noisy_measurements_publishes_a_handful_of_generations_an_h
         assert!(g[2] <= g[1] && g[1] <= g[0], "{policy} {mean}: {g:?}");
     }
 }
+
+#[test]
+fn the_plan_prices_region_pairs_from_the_table_and_tiers_where_it_has_none() {
+    let mut s = fleet();
+    s.clusters.push(ClusterRecord {
+        provider: "azure".into(),
+        ..cluster("c4", "westeurope")
+    });
+    s.clusters.push(cluster("c5", "sa-east-1"));
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC].problem;
+    let price = |a: &str, b: &str| p.pair_prices.get(a).and_then(|r| r.get(b)).copied();
+    // us-east-1 <-> us-east-2: AWS's 0.01 both ways.
+    assert_eq!(price("c1", "c2"), Some(0.01));
+    // Virginia -> São Paulo: request bytes at 0.02, response bytes back at 0.138.
+    assert!((price("c1", "c5").unwrap() - 0.079).abs() < 1e-12);
+    // To Azure: each side's internet rate (AWS Virginia 0.09, Azure Europe 0.0875).
+    assert!((price("c1", "c4").unwrap() - 0.08875).abs() < 1e-12);
+    // A cluster to itself is the tiers' (same zone): not in the table.
+    assert_eq!(price("c1", "c1"), None);
+    let tiers_only = EngineConfig {
+        region_prices: std::sync::Arc::new(ballast_model::egress_prices::EgressPrices::none()),
+        ..cfg()
+    };
+    let inputs = plan(&s, &tiers_only, NOW);
+    assert!(inputs.services[SVC].problem.pair_prices.is_empty());
+}

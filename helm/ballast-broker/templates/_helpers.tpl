@@ -59,6 +59,9 @@ app.kubernetes.io/part-of: ballast
 {{- if not (has .Values.optimizedLoadBalancingParams (list "cost" "performance" "mixed")) }}
 {{- fail (printf "optimizedLoadBalancingParams: %q is not one of cost, performance, mixed" .Values.optimizedLoadBalancingParams) }}
 {{- end }}
+{{- if not (has .Values.egressPrices.table (list "builtin" "none")) }}
+{{- fail (printf "egressPrices.table: %q is not one of builtin, none" .Values.egressPrices.table) }}
+{{- end }}
 {{- if not (has .Values.storage.type (list "sqlite" "postgres")) }}
 {{- fail (printf "storage.type: %q is not one of sqlite, postgres" .Values.storage.type) }}
 {{- end }}
@@ -156,6 +159,12 @@ Secret in deployment.yaml, never passed as an argument (visible in /proc/PID/cmd
 - {{ .Values.solver.publishThreshold | quote }}
 - --keep-generations
 - {{ .Values.solver.keepGenerations | quote }}
+- --egress-prices
+{{- if .Values.egressPrices.operatorRows }}
+- /etc/ballast/prices/egress_prices.csv
+{{- else }}
+- {{ .Values.egressPrices.table | quote }}
+{{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
