@@ -470,6 +470,7 @@ fn report_of(a: &AgentSpec, sh: &Shared, first: bool) -> ReportRequest {
                 CAPACITY
             },
             measured_at_ms: 0,
+            service_time: None,
         })
         .collect();
     ReportRequest {

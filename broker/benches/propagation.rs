@@ -52,6 +52,7 @@ fn services_report(cluster: &str, services: &[String], rps: f64) -> ReportReques
                 service: s.clone(),
                 capacity_rps: rps,
                 measured_at_ms: 0,
+                service_time: None,
             })
             .collect(),
         ..ReportRequest::default()

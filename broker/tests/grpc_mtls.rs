@@ -456,6 +456,33 @@ async fn invalid_reports_are_rejected_naming_the_field() {
             },
             "capacity[0].capacity_rps",
         ),
+        // a service-time curve that falls with load (not convex) or is not a number
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut c = cap("a/b", 10.0);
+                c.service_time = Some(ballast_proto::v1::ServiceTimeCurve {
+                    base_ms: 5.0,
+                    slope_ms_per_rps: -0.1,
+                });
+                m.capacity = vec![c];
+                m
+            },
+            "capacity[0].service_time.slope_ms_per_rps",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut c = cap("a/b", 10.0);
+                c.service_time = Some(ballast_proto::v1::ServiceTimeCurve {
+                    base_ms: f64::INFINITY,
+                    slope_ms_per_rps: 0.1,
+                });
+                m.capacity = vec![c];
+                m
+            },
+            "capacity[0].service_time.base_ms",
+        ),
         (
             {
                 let mut m = report("c1", "n1");
@@ -905,5 +932,83 @@ async fn explain_states_the_solved_capacity_of_a_cluster_once_over_its_nodes() {
         .unwrap_or_else(|| panic!("a row for c2 in\n{out}"));
     assert!(row.contains("1000.0"), "{row}");
     drop(watch);
+    b.stop().await;
+}
+
+/// Declared service-time curves travel with the capacity over real gRPC, and the load-aware
+/// solve uses them: c1 serves its own 100 rps but slows down steeply with load (1 ms per
+/// rps), c2 is 5 ms away and barely slows down; `optimized` (params mixed) moves most of c1's
+/// traffic to c2, and explain shows each curve and the marginal cost.
+#[tokio::test]
+async fn declared_service_time_curves_move_weight_to_the_cluster_that_slows_down_less() {
+    use ballast_proto::v1::ServiceTimeCurve;
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, b, mut a1, mut a2) = broker_with_c1_c2(dir.path()).await;
+    let curve = |service: &str, base_ms: f64, slope_ms_per_rps: f64| {
+        let mut c = cap(service, 1000.0);
+        c.service_time = Some(ServiceTimeCurve {
+            base_ms,
+            slope_ms_per_rps,
+        });
+        c
+    };
+    let mut m2 = report("c2", "n1");
+    m2.rtt = vec![rtt("c1", 5.0)];
+    m2.capacity = vec![curve("ns/web", 5.0, 0.001)];
+    send_reports(&mut a2, vec![m2]).await.unwrap();
+    let mut m1 = report("c1", "n1");
+    m1.rtt = vec![rtt("c2", 5.0)];
+    m1.rps = vec![rps("ns/web", "c1", 100.0)];
+    m1.capacity = vec![curve("ns/web", 5.0, 1.0)];
+    send_reports(&mut a1, vec![m1]).await.unwrap();
+    let mut op = admin(b.addr, &bundle).await;
+    let mut last = std::collections::BTreeMap::new();
+    // Rounds are damped (a bounded step per round): run rounds until the weights settle.
+    for _ in 0..30 {
+        b.engine().run_round().await.unwrap();
+        let w = op
+            .get_weights(GetWeightsRequest {
+                service: "ns/web".into(),
+                source_cluster_id: "c1".into(),
+                ..GetWeightsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(w) = w.weights.first() {
+            last = w.weights.clone().into_iter().collect();
+            if last.get("c2").copied().unwrap_or(0.0) > 0.8 {
+                break;
+            }
+        }
+    }
+    assert!(
+        last.get("c2").copied().unwrap_or(0.0) > 0.8,
+        "c1 should send most to c2: {last:?}"
+    );
+    let ex = op
+        .explain(ballast_proto::v1::ExplainRequest {
+            service: "ns/web".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let note = |id: &str| {
+        ex.destinations
+            .iter()
+            .find(|d| d.cluster_id == id)
+            .unwrap_or_else(|| panic!("{id} in {:?}", ex.destinations))
+            .notes
+            .join("; ")
+    };
+    assert!(note("c1").contains("(5 + 1 ms/rps)"), "{}", note("c1"));
+    assert!(note("c2").contains("(5 + 0.001 ms/rps)"), "{}", note("c2"));
+    assert!(note("c2").contains("marginal cost"), "{}", note("c2"));
+    assert!(
+        ex.detail_json.contains("\"slope_ms_per_rps\":1.0"),
+        "{}",
+        ex.detail_json
+    );
     b.stop().await;
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::catalog::{Catalog, ServiceName};
+use crate::catalog::{Catalog, ServiceName, ServiceTime};
 
 /// Capacity of one local service.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -12,6 +12,9 @@ pub struct Capacity {
     pub ready_pods: usize,
     /// `rps_per_pod × ready_pods`.
     pub rps: f64,
+    /// The cluster's service-time curve when one pod's is declared: the per-pod slope divided
+    /// by the ready pods (the load spreads over them); the per-pod curve with no ready pod.
+    pub service_time: Option<ServiceTime>,
 }
 
 /// Capacity of every service for which this cluster declares a per-pod capacity. A service
@@ -30,6 +33,10 @@ pub fn local_capacities(catalog: &Catalog) -> BTreeMap<ServiceName, Capacity> {
                     rps_per_pod,
                     ready_pods,
                     rps: rps_per_pod * ready_pods as f64,
+                    service_time: svc.service_time_per_pod.map(|c| ServiceTime {
+                        base_ms: c.base_ms,
+                        slope_ms_per_rps: c.slope_ms_per_rps / ready_pods.max(1) as f64,
+                    }),
                 },
             ))
         })
@@ -54,9 +61,10 @@ mod tests {
             vips: vec![],
             ports: vec![],
             capacity_rps_per_pod: cap,
+            service_time_per_pod: None,
             endpoints,
         };
-        let services = [
+        let mut services = [
             svc(
                 "a/web",
                 Some(150.0),
@@ -70,6 +78,10 @@ mod tests {
             svc("a/db", Some(10.0), vec![ep([127, 0, 0, 6], "west", true)]),
             svc("a/undeclared", None, vec![ep([127, 0, 0, 7], "east", true)]),
         ];
+        services[0].service_time_per_pod = Some(ServiceTime {
+            base_ms: 10.0,
+            slope_ms_per_rps: 0.4,
+        });
         let catalog = Catalog {
             local: "east".into(),
             clusters: BTreeMap::new(),
@@ -80,9 +92,18 @@ mod tests {
         let web = caps[&ServiceName::parse("a/web").expect("valid")];
         assert_eq!(web.ready_pods, 2);
         assert!((web.rps - 300.0).abs() < 1e-9);
+        // Two ready pods share the load: the cluster's slope is half a pod's.
+        assert_eq!(
+            web.service_time,
+            Some(ServiceTime {
+                base_ms: 10.0,
+                slope_ms_per_rps: 0.2
+            })
+        );
         let db = caps[&ServiceName::parse("a/db").expect("valid")];
         assert_eq!(db.ready_pods, 0);
         assert_eq!(db.rps, 0.0);
+        assert_eq!(db.service_time, None);
         assert_eq!(caps.len(), 2);
     }
 }

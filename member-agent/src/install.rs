@@ -434,6 +434,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             }],
             capacity_rps_per_pod: None,
+            service_time_per_pod: None,
             endpoints,
         }
     }

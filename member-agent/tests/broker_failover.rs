@@ -44,6 +44,7 @@ fn cap(rps: f64) -> CapacitySample {
         service: "shop/web".into(),
         capacity_rps: rps,
         measured_at_ms: 0,
+        service_time: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn cap(service: &str, rps: f64) -> CapacitySample {
         service: service.into(),
         capacity_rps: rps,
         measured_at_ms: 0,
+        service_time: None,
     }
 }
 

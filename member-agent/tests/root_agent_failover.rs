@@ -114,6 +114,7 @@ async fn west_serves(bundle: &Bundle, port: u16) {
             service: "t/web".into(),
             capacity_rps: 1000.0,
             measured_at_ms: 0,
+            service_time: None,
         }],
         ..ReportRequest::default()
     }]))

@@ -10,6 +10,9 @@
 //!   fact); the serving clusters are those with `cap(t) > 0`. A node withdraws a fact by
 //!   reporting its full set without it (`ReportRequest.full_set`), so a service whose
 //!   capacity a cluster withdrew is solved again without that cluster, not left stale;
+//! - service time at `t`: the curve `base + slope x load` declared with the sample counted as
+//!   `cap(t)` (agents send it from the ServiceExport annotation `ballast.io/service-time` or
+//!   the topology file), for serving clusters; load-aware `optimized` uses it;
 //! - demand `N(s)` = sum over the nodes of `s` and over destinations of their fresh RPS samples;
 //!   when a source has no RPS yet (or 0), it gets the default demand `--default-demand-rps`,
 //!   so that weights exist from the start (the liveness floor is a share of the demand, so any
@@ -33,8 +36,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use ballast_model::egress_prices::DEFAULT_REQUEST_BYTE_SHARE;
+use ballast_model::load_aware::LoadCurve;
 use ballast_model::{Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput};
-use ballast_store::{ImportDeclaration, PolicyRecord};
+use ballast_store::{CapacityRecord, ImportDeclaration, PolicyRecord};
 use serde::Serialize;
 use tracing::{debug, warn};
 
@@ -314,6 +318,45 @@ fn fold_fresh<'a>(
         .collect()
 }
 
+/// `service -> cluster -> curve`: the declared service-time curve of the sample that
+/// [`Fold::Newest`] counts as the cluster's capacity (the newest fresh one, the largest among
+/// equally new), when that sample carried a curve.
+fn service_time_curves(
+    snap: &Snapshot,
+    known: &BTreeSet<&str>,
+    cut: i64,
+) -> BTreeMap<String, BTreeMap<String, LoadCurve>> {
+    let mut best: BTreeMap<(&str, &str), &CapacityRecord> = BTreeMap::new();
+    for c in &snap.capacity {
+        if c.measured_at_ms < cut || !known.contains(c.cluster_id.as_str()) {
+            continue;
+        }
+        let key = (c.service.as_str(), c.cluster_id.as_str());
+        let newer = best.get(&key).is_none_or(|b| {
+            c.measured_at_ms > b.measured_at_ms
+                || (c.measured_at_ms == b.measured_at_ms && c.capacity_rps > b.capacity_rps)
+        });
+        if newer {
+            best.insert(key, c);
+        }
+    }
+    let mut out: BTreeMap<String, BTreeMap<String, LoadCurve>> = BTreeMap::new();
+    for ((svc, cluster), c) in best {
+        if let (Some(base_ms), Some(slope_ms_per_rps)) =
+            (c.service_base_ms, c.service_slope_ms_per_rps)
+        {
+            out.entry(svc.to_owned()).or_default().insert(
+                cluster.to_owned(),
+                LoadCurve {
+                    base_ms,
+                    slope_ms_per_rps,
+                },
+            );
+        }
+    }
+    out
+}
+
 /// Builds every service's problem from `snap` as of `now_ms`.
 #[must_use]
 pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
@@ -341,6 +384,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
         &known,
         cut,
     );
+    let curves = service_time_curves(snap, &known, cut);
     let imports = imports(&snap.imports, cfg, now_ms);
     let imports_of = |cluster: &str, svc: &str| {
         imports
@@ -412,6 +456,15 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 ((*s).to_string(), if d > 0.0 { d } else { floor })
             })
             .collect();
+        let service_time: BTreeMap<String, LoadCurve> = curves
+            .get(svc)
+            .map(|m| {
+                m.iter()
+                    .filter(|(t, _)| capacity_rps.contains_key(*t))
+                    .map(|(t, c)| (t.clone(), *c))
+                    .collect()
+            })
+            .unwrap_or_default();
         let (policy, params) = resolve_policy(&snap.policies, svc, cfg);
         out.services.insert(
             svc.clone(),
@@ -430,7 +483,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                         capacity_rps,
                         policy: None,
                         params: None,
-                        service_time: Default::default(),
+                        service_time,
                     }],
                 },
                 stale,

@@ -48,6 +48,8 @@ fn cap(c: &str, node: &str, capacity_rps: f64, at: i64) -> CapacityRecord {
         node_name: node.into(),
         capacity_rps,
         measured_at_ms: at,
+        service_base_ms: None,
+        service_slope_ms_per_rps: None,
     }
 }
 
@@ -161,6 +163,66 @@ fn plan_counts_cluster_facts_once_and_takes_the_median_rtt() {
     assert_eq!(p.services[0].capacity_rps["c3"], 1_000.0, "not 2 x 1,000");
     assert_eq!(p.rtt_ms["c1"]["c2"], 20.0);
     assert!(inputs.services[SVC].stale.is_empty());
+}
+
+#[test]
+fn plan_takes_the_service_time_curve_of_the_capacity_sample_it_counts() {
+    let mut s = fleet();
+    let with_curve = |mut c: CapacityRecord, base: f64, slope: f64| {
+        c.service_base_ms = Some(base);
+        c.service_slope_ms_per_rps = Some(slope);
+        c
+    };
+    s.capacity = vec![
+        // c2: n2's sample is the newest, so its curve is the cluster's (not n1's)
+        with_curve(cap("c2", "n1", 1_000.0, NOW - 1_000), 50.0, 1.0),
+        with_curve(cap("c2", "n2", 1_000.0, NOW), 5.0, 0.02),
+        // c3: no curve declared
+        cap("c3", "n1", 1_000.0, NOW),
+        // c1: declares a curve but serves nothing (capacity 0): not a destination
+        with_curve(cap("c1", "n1", 0.0, NOW), 1.0, 1.0),
+    ];
+    let inputs = plan(&s, &cfg(), NOW);
+    let svc = &inputs.services[SVC].problem.services[0];
+    assert_eq!(svc.service_time.len(), 1, "{:?}", svc.service_time);
+    let c2 = svc.service_time["c2"];
+    assert_eq!((c2.base_ms, c2.slope_ms_per_rps), (5.0, 0.02));
+
+    // A stale curve is never used: c2's only sample is too old -> capacity stale, no curve.
+    s.capacity = vec![
+        with_curve(cap("c2", "n1", 1_000.0, NOW - 3_600_000), 5.0, 0.02),
+        cap("c3", "n1", 1_000.0, NOW),
+    ];
+    let inputs = plan(&s, &cfg(), NOW);
+    assert!(inputs.services[SVC].problem.services[0]
+        .service_time
+        .is_empty());
+}
+
+#[test]
+fn load_aware_round_moves_weight_off_the_cluster_that_declares_a_steeper_curve() {
+    // c2 and c3 at equal distance from c1 with ample capacity; c1 sends 100 rps.
+    let mut s = fleet();
+    s.rtt.retain(|r| r.src != "c1");
+    s.rtt.push(rtt("c1", "c2", "n1", 40.0, NOW));
+    s.rtt.push(rtt("c1", "c3", "n1", 40.0, NOW));
+    s.rps = vec![rps("c1", "c2", "n1", 50.0), rps("c1", "c3", "n1", 50.0)];
+    s.clusters[2].region = "us-east-2".into();
+    let linear = first_round(&plan(&s, &cfg(), NOW));
+    let w_lin = weights(&linear, "c1");
+    let mut steep = cap("c2", "n1", 1_000.0, NOW);
+    steep.service_base_ms = Some(5.0);
+    steep.service_slope_ms_per_rps = Some(1.0);
+    let mut gentle = cap("c3", "n1", 1_000.0, NOW);
+    gentle.service_base_ms = Some(5.0);
+    gentle.service_slope_ms_per_rps = Some(0.01);
+    s.capacity = vec![steep, gentle];
+    let aware = first_round(&plan(&s, &cfg(), NOW));
+    let w = weights(&aware, "c1");
+    assert!(
+        w["c2"] < 0.2 && w["c3"] > 0.8,
+        "load-aware {w:?} (linear gave {w_lin:?})"
+    );
 }
 
 #[test]

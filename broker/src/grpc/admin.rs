@@ -362,6 +362,16 @@ impl Admin for AdminService {
                 if d.local_preference {
                     notes.push("local preference (cost 0)".to_string());
                 }
+                if let Some(c) = d.service_time {
+                    notes.push(format!(
+                        "service time {:.1} ms at {:.1} rps ({} + {} ms/rps), marginal cost {:.2}",
+                        d.service_ms,
+                        d.total_flow_rps,
+                        c.base_ms,
+                        c.slope_ms_per_rps,
+                        d.marginal_cost
+                    ));
+                }
                 ExplainDestination {
                     cluster_id: d.destination.clone(),
                     cost: d.cost,

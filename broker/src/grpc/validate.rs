@@ -96,6 +96,8 @@ pub const MAX_RTT_MS: f64 = 600_000.0;
 pub const MAX_RPS: f64 = 1e9;
 /// The largest capacity accepted per sample, requests per second.
 pub const MAX_CAPACITY_RPS: f64 = 1e9;
+/// The largest service time (ms) and service-time slope (ms per RPS) accepted.
+pub const MAX_SERVICE_TIME_MS: f64 = 600_000.0;
 
 /// [`check_num`] and at most `max` (`what` names the bound): physical bounds keep every sum
 /// the broker forms over nodes and clusters finite.
@@ -240,12 +242,32 @@ pub fn validate_report(
             MAX_CAPACITY_RPS,
             "the largest capacity accepted",
         )?;
+        let curve = match &s.service_time {
+            Some(c) => {
+                check_bounded(
+                    &format!("{f}.service_time.base_ms"),
+                    c.base_ms,
+                    MAX_SERVICE_TIME_MS,
+                    "the longest service time accepted",
+                )?;
+                check_bounded(
+                    &format!("{f}.service_time.slope_ms_per_rps"),
+                    c.slope_ms_per_rps,
+                    MAX_SERVICE_TIME_MS,
+                    "the steepest service-time slope accepted",
+                )?;
+                (Some(c.base_ms), Some(c.slope_ms_per_rps))
+            }
+            None => (None, None),
+        };
         rec.capacity.push(CapacityRecord {
             cluster_id: m.cluster_id.clone(),
             service: s.service.clone(),
             node_name: m.node_name.clone(),
             capacity_rps: s.capacity_rps,
             measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
+            service_base_ms: curve.0,
+            service_slope_ms_per_rps: curve.1,
         });
     }
     if let Some(imports) = &m.imports {

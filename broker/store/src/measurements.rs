@@ -14,6 +14,9 @@ use crate::{b2i, last_per_key, values_list, Result, Store, StoreError, WEIGHT_RO
 /// SQLite's 32,766 and PostgreSQL's 65,535 bind limits).
 const SAMPLE_ROWS_PER_INSERT: usize = 1000;
 
+/// `capacity_latest.service_*` of a sample without a declared service-time curve.
+const NO_CURVE: f64 = -1.0;
+
 /// The nodes whose imports count as of a cut (`$1` = `$2` = the cut): those heard from
 /// since, or all of a cluster's when none was. Followed by a SELECT and [`COUNTED_FROM`].
 const COUNTED_IMPORTS: &str = "WITH h AS (SELECT d.cluster_id, d.node_name, \
@@ -146,10 +149,12 @@ impl Store {
         for chunk in capacity.chunks(SAMPLE_ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
-                 measured_at_ms) VALUES {} \
+                 measured_at_ms, service_base_ms, service_slope_ms_per_rps) VALUES {} \
                  ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
-                 capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms",
-                values_list(self.backend, chunk.len(), 5)
+                 capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms, \
+                 service_base_ms = excluded.service_base_ms, \
+                 service_slope_ms_per_rps = excluded.service_slope_ms_per_rps",
+                values_list(self.backend, chunk.len(), 7)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for s in chunk {
@@ -158,7 +163,12 @@ impl Store {
                     .bind(&s.service)
                     .bind(&s.node_name)
                     .bind(s.capacity_rps)
-                    .bind(s.measured_at_ms);
+                    .bind(s.measured_at_ms)
+                    // Never NULL through sqlx's Any driver: PostgreSQL caches the statement
+                    // with the type of the first NULL it saw (an integer), and a later float
+                    // is refused. No curve is stored as -1 (a curve is never negative).
+                    .bind(s.service_base_ms.unwrap_or(NO_CURVE))
+                    .bind(s.service_slope_ms_per_rps.unwrap_or(NO_CURVE));
             }
             q.execute(&mut *tx).await?;
         }
@@ -499,7 +509,11 @@ impl Store {
     /// A database error.
     pub async fn capacity(&self) -> Result<Vec<CapacityRecord>> {
         Ok(sqlx::query_as::<_, CapacityRecord>(
-            "SELECT cluster_id, service, node_name, capacity_rps, measured_at_ms \
+            "SELECT cluster_id, service, node_name, capacity_rps, measured_at_ms, \
+             CASE WHEN service_base_ms >= 0 AND service_slope_ms_per_rps >= 0 \
+             THEN service_base_ms END AS service_base_ms, \
+             CASE WHEN service_base_ms >= 0 AND service_slope_ms_per_rps >= 0 \
+             THEN service_slope_ms_per_rps END AS service_slope_ms_per_rps \
              FROM capacity_latest ORDER BY cluster_id, service, node_name",
         )
         .fetch_all(&self.pool)

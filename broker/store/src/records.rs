@@ -59,6 +59,10 @@ pub struct CapacityRecord {
     pub node_name: String,
     pub capacity_rps: f64,
     pub measured_at_ms: i64,
+    /// The declared service-time curve (`base_ms + slope x load`), when the sample carried
+    /// one: both or neither.
+    pub service_base_ms: Option<f64>,
+    pub service_slope_ms_per_rps: Option<f64>,
 }
 
 /// One validated report of one agent, stored atomically.

@@ -212,6 +212,8 @@ pub fn report_of(
                 node_name: node.into(),
                 capacity_rps: *v,
                 measured_at_ms: at,
+                service_base_ms: None,
+                service_slope_ms_per_rps: None,
             })
             .collect(),
         imports: None,

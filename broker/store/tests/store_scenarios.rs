@@ -67,7 +67,29 @@ async fn store_roundtrip(url: &str) {
     assert_eq!((rps.len(), rps[0].rps), (1, 40.0));
     let cap = store.capacity().await.unwrap();
     assert_eq!((cap.len(), cap[0].capacity_rps), (1, 300.0));
+    assert_eq!(cap[0].service_base_ms, None, "no curve declared");
     assert_eq!(c1_n1(&store).await.last_report_ms, 200);
+    // A declared service-time curve is stored with its capacity sample, replaced with it, and
+    // dropped when a later sample carries none.
+    let mut with_curve = rep(20.0, 300);
+    with_curve.capacity[0].service_base_ms = Some(12.5);
+    with_curve.capacity[0].service_slope_ms_per_rps = Some(0.04);
+    store.store_report(&with_curve).await.unwrap();
+    let cap = store.capacity().await.unwrap();
+    assert_eq!(
+        (cap[0].service_base_ms, cap[0].service_slope_ms_per_rps),
+        (Some(12.5), Some(0.04))
+    );
+    store.store_report(&rep(20.0, 400)).await.unwrap();
+    let cap = store.capacity().await.unwrap();
+    assert_eq!(
+        (
+            cap.len(),
+            cap[0].service_base_ms,
+            cap[0].service_slope_ms_per_rps
+        ),
+        (1, None, None)
+    );
 
     store.set_price("cross_zone", 0.01, 1).await.unwrap();
     store.set_price("cross_zone", 0.03, 2).await.unwrap();

@@ -184,6 +184,7 @@ pub fn cap(service: &str, v: f64) -> CapacitySample {
         service: service.into(),
         capacity_rps: v,
         measured_at_ms: 0,
+        service_time: None,
     }
 }
 

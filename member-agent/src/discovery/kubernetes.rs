@@ -14,7 +14,9 @@
 //!   same namespace) and `multicluster.kubernetes.io/source-cluster` (the cluster the
 //!   endpoints run in). An endpoint is ready unless `conditions.ready` is `false`.
 //! - `ServiceExport` (same API group and version choice): the annotation
-//!   `ballast.io/capacity-rps-per-pod` on this cluster's export declares per-pod capacity.
+//!   `ballast.io/capacity-rps-per-pod` on this cluster's export declares per-pod capacity,
+//!   and `ballast.io/service-time` (`base_ms=20,slope_ms_per_rps=0.05`) one pod's service time
+//!   as a function of its load (what load-aware `optimized` weighs).
 //!
 //! Each kind is watched with a kube-runtime reflector; any change rebuilds the catalog from
 //! the three stores ([`build_catalog`], a pure function). An object that does not validate
@@ -41,13 +43,13 @@ use tokio::sync::{watch, Notify};
 use super::{CatalogWatch, Discovery, DiscoveryError, SourceStatus};
 use crate::catalog::{
     validate_cluster_id, Catalog, Cluster, ClusterId, Endpoint, Protocol, Service, ServiceName,
-    ServicePort,
+    ServicePort, ServiceTime,
 };
 
 pub use ballast_k8s_api::mcs::{
     ClusterStatus, McsVersion, ServiceExport, ServiceExportSpec, ServiceExportStatus,
     ServiceImport, ServiceImportPort, ServiceImportSpec, ServiceImportStatus, CAPACITY_ANNOTATION,
-    NO_VIP_REMEDY, SERVICE_NAME_LABEL, SOURCE_CLUSTER_LABEL,
+    NO_VIP_REMEDY, SERVICE_NAME_LABEL, SERVICE_TIME_ANNOTATION, SOURCE_CLUSTER_LABEL,
 };
 
 /// The MCS API versions the agent watches, per kind.
@@ -146,6 +148,23 @@ pub fn build_catalog(
                     message: format!(
                         "metadata.annotations[{CAPACITY_ANNOTATION}]: {v:?} is not a positive number"
                     ),
+                }),
+            }
+        }
+    }
+
+    // declared service times of this cluster's exports
+    let mut service_times: BTreeMap<(String, String), ServiceTime> = BTreeMap::new();
+    for ex in exports {
+        let (ns, name) = (ex.namespace().unwrap_or_default(), ex.name_any());
+        if let Some(v) = ex.annotations().get(SERVICE_TIME_ANNOTATION) {
+            match ServiceTime::parse(v) {
+                Ok(c) => {
+                    service_times.insert((ns, name), c);
+                }
+                Err(e) => problems.push(ObjectProblem {
+                    object: format!("ServiceExport {ns}/{name}"),
+                    message: format!("metadata.annotations[{SERVICE_TIME_ANNOTATION}]: {e}"),
                 }),
             }
         }
@@ -253,6 +272,7 @@ pub fn build_catalog(
             Ok(Imported::Service(mut svc)) => {
                 let key = (ns, n);
                 svc.capacity_rps_per_pod = capacities.get(&key).copied();
+                svc.service_time_per_pod = service_times.get(&key).copied();
                 let mut eps = endpoints.remove(&key).unwrap_or_default();
                 eps.sort();
                 eps.dedup();
@@ -328,6 +348,7 @@ fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Imported,
         vips,
         ports,
         capacity_rps_per_pod: None,
+        service_time_per_pod: None,
         endpoints: vec![],
     }))
 }

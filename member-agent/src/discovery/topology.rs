@@ -23,7 +23,7 @@ mod locate;
 use super::{CatalogWatch, Discovery, DiscoveryError, SourceStatus};
 use crate::catalog::{
     validate_cluster_id, Catalog, Cluster, ClusterId, Endpoint, Protocol, Service, ServiceName,
-    ServicePort,
+    ServicePort, ServiceTime,
 };
 
 /// Why a topology file was refused.
@@ -95,8 +95,27 @@ struct ServiceEntry {
     ports: Vec<PortEntry>,
     #[serde(default)]
     capacity_rps_per_pod: Option<Capacity>,
+    /// One pod's service time as a function of its load (see [`ServiceTime`]).
+    #[serde(default)]
+    service_time: Option<ServiceTimeEntry>,
     #[serde(default)]
     endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceTimeEntry {
+    base_ms: NonNegative,
+    slope_ms_per_rps: NonNegative,
+}
+
+impl ServiceTimeEntry {
+    fn curve(self) -> ServiceTime {
+        ServiceTime {
+            base_ms: self.base_ms.0,
+            slope_ms_per_rps: self.slope_ms_per_rps.0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,31 +227,65 @@ impl<'de> Deserialize<'de> for PortNumber {
     }
 }
 
+/// Deserializes a number (integer or float) that `check` accepts.
+fn checked_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    expecting: &'static str,
+    check: fn(f64) -> Result<f64, String>,
+) -> Result<f64, D::Error> {
+    struct V {
+        expecting: &'static str,
+        check: fn(f64) -> Result<f64, String>,
+    }
+    impl serde::de::Visitor<'_> for V {
+        type Value = f64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<f64, E> {
+            (self.check)(v).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<f64, E> {
+            self.visit_f64(v as f64)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<f64, E> {
+            self.visit_f64(v as f64)
+        }
+    }
+    d.deserialize_f64(V { expecting, check })
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Capacity(f64);
 impl<'de> Deserialize<'de> for Capacity {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Capacity;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a positive number")
+        checked_number(d, "a positive number", |c| {
+            if c.is_finite() && c > 0.0 {
+                Ok(c)
+            } else {
+                Err(format!("capacity {c} must be a positive number"))
             }
-            fn visit_f64<E: serde::de::Error>(self, c: f64) -> Result<Capacity, E> {
-                if c.is_finite() && c > 0.0 {
-                    Ok(Capacity(c))
-                } else {
-                    Err(E::custom(format!("capacity {c} must be a positive number")))
-                }
+        })
+        .map(Capacity)
+    }
+}
+
+/// A finite number >= 0 (a service time or its slope: one that falls with load is not convex).
+#[derive(Debug, Clone, Copy)]
+struct NonNegative(f64);
+impl<'de> Deserialize<'de> for NonNegative {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_number(d, "a finite number >= 0", |v| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "{v} is not a finite number >= 0 (a service time that falls with load is \
+                     not convex)"
+                ))
             }
-            fn visit_u64<E: serde::de::Error>(self, c: u64) -> Result<Capacity, E> {
-                self.visit_f64(c as f64)
-            }
-            fn visit_i64<E: serde::de::Error>(self, c: i64) -> Result<Capacity, E> {
-                self.visit_f64(c as f64)
-            }
-        }
-        d.deserialize_f64(V)
+        })
+        .map(NonNegative)
     }
 }
 
@@ -402,6 +455,7 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                     })
                     .collect(),
                 capacity_rps_per_pod: s.capacity_rps_per_pod.map(|c| c.0),
+                service_time_per_pod: s.service_time.map(ServiceTimeEntry::curve),
                 endpoints,
             },
         );
@@ -547,6 +601,7 @@ services:
     endpoints:
       - address: 127.0.2.2:5432
         cluster: west
+    service_time: { base_ms: 12, slope_ms_per_rps: 0.2 }
 "#;
 
     fn p(text: &str) -> Result<Catalog, TopologyError> {
@@ -566,6 +621,15 @@ services:
         let web = &c.services[&ServiceName::parse("shop/web").expect("name")];
         assert_eq!(web.vips, vec!["127.96.0.10".parse::<IpAddr>().expect("ip")]);
         assert_eq!(web.capacity_rps_per_pod, Some(250.0));
+        assert_eq!(web.service_time_per_pod, None);
+        let db = &c.services[&ServiceName::parse("shop/db").expect("valid")];
+        assert_eq!(
+            db.service_time_per_pod,
+            Some(ServiceTime {
+                base_ms: 12.0,
+                slope_ms_per_rps: 0.2
+            })
+        );
         assert_eq!(web.endpoints.len(), 2);
         assert!(web.endpoints[0].ready);
         assert!(!web.endpoints[1].ready);
@@ -631,6 +695,16 @@ services:
             &broken("capacity_rps_per_pod: 250", "capacity_rps_per_pod: -1"),
             "capacity_rps_per_pod",
             19,
+        );
+        assert_err(
+            &broken("slope_ms_per_rps: 0.2", "slope_ms_per_rps: -0.2"),
+            "services[1].service_time.slope_ms_per_rps",
+            30,
+        );
+        assert_err(
+            &broken("base_ms: 12,", "base: 12,"),
+            "services[1].service_time",
+            30,
         );
     }
 

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use ballast_proto::v1::{CapacitySample, ImportedServices, ReportRequest, RpsSample, RttSample};
+use ballast_proto::v1::{
+    CapacitySample, ImportedServices, ReportRequest, RpsSample, RttSample, ServiceTimeCurve,
+};
 
 use crate::capacity::local_capacities;
 use crate::catalog::{Catalog, Cluster, ClusterId, ServiceName};
@@ -72,6 +74,10 @@ pub fn build_report(
                 service: svc.to_string(),
                 capacity_rps: cap.rps,
                 measured_at_ms: 0,
+                service_time: cap.service_time.map(|c| ServiceTimeCurve {
+                    base_ms: c.base_ms,
+                    slope_ms_per_rps: c.slope_ms_per_rps,
+                }),
             })
             .collect(),
         // every service discovery knows is one this cluster imports (steers): the broker

@@ -104,6 +104,7 @@ fn service(name: &str, vip: &str) -> Service {
             protocol: Protocol::Tcp,
         }],
         capacity_rps_per_pod: None,
+        service_time_per_pod: None,
         endpoints: vec![ep("127.0.1.1:8080", "east"), ep("127.0.2.1:8080", "west")],
     }
 }

@@ -27,6 +27,9 @@ pub const SERVICE_NAME_LABEL: &str = "multicluster.kubernetes.io/service-name";
 pub const SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
 /// Annotation on a ServiceExport: requests per second one pod can serve.
 pub const CAPACITY_ANNOTATION: &str = "ballast.io/capacity-rps-per-pod";
+/// Annotation on a ServiceExport: one pod's service time per request as a function of the
+/// load on that pod, `base_ms=<ms>,slope_ms_per_rps=<ms per RPS>` (both finite, >= 0).
+pub const SERVICE_TIME_ANNOTATION: &str = "ballast.io/service-time";
 
 /// Lighthouse (Submariner): label (and, on its broker-side aggregated copies, annotation) with
 /// the namespace of the exported Service. Lighthouse puts it on the per-cluster "local"

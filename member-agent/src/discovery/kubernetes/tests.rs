@@ -59,7 +59,10 @@ fn export() -> Value {
         "kind": "ServiceExport",
         "metadata": {
             "name": "web", "namespace": "shop", "resourceVersion": "7",
-            "annotations": {CAPACITY_ANNOTATION: "120"}
+            "annotations": {
+                CAPACITY_ANNOTATION: "120",
+                SERVICE_TIME_ANNOTATION: "base_ms=12,slope_ms_per_rps=0.3"
+            }
         }
     })
 }
@@ -328,6 +331,17 @@ async fn import_and_slices_become_service_at_v1alpha1_against_mock_api() {
         }]
     );
     assert_eq!(web.capacity_rps_per_pod, Some(120.0));
+    assert_eq!(
+        web.service_time_per_pod,
+        Some(ServiceTime {
+            base_ms: 12.0,
+            slope_ms_per_rps: 0.3
+        })
+    );
+    // ... and reported with the capacity as the cluster's curve (one ready pod in east here).
+    let report = build_report("east", "node-1", &c, &PeerTable::new(), &BTreeMap::new());
+    let curve = report.capacity[0].service_time.expect("declared");
+    assert_eq!((curve.base_ms, curve.slope_ms_per_rps), (12.0, 0.3));
     let ready: Vec<(String, String)> = web
         .ready_endpoints_for(&web.ports[0])
         .iter()
@@ -689,6 +703,10 @@ fn invalid_objects_are_left_out_and_named() {
         .annotations
         .get_or_insert_default()
         .insert(CAPACITY_ANNOTATION.into(), "lots".into());
+    ex.metadata.annotations.get_or_insert_default().insert(
+        SERVICE_TIME_ANNOTATION.into(),
+        "base_ms=-1,slope_ms_per_rps=0".into(),
+    );
     let s: EndpointSlice =
         serde_json::from_value(slice("x", "Not_A_Label", &[("10.0.0.1", None)])).expect("slice");
     let (c, problems) = build_catalog(
@@ -714,9 +732,14 @@ fn invalid_objects_are_left_out_and_named() {
         "{msgs:?}"
     );
     assert!(
+        msgs.iter().any(|m| m.contains("ServiceExport shop/web")
+            && m.contains(&format!("[{SERVICE_TIME_ANNOTATION}]: base_ms: -1"))),
+        "{msgs:?}"
+    );
+    assert!(
         msgs.iter()
             .any(|m| m.contains("EndpointSlice shop/x") && m.contains(SOURCE_CLUSTER_LABEL)),
         "{msgs:?}"
     );
-    assert_eq!(problems.len(), 3);
+    assert_eq!(problems.len(), 4);
 }
