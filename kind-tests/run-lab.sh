@@ -84,6 +84,30 @@ echo "      broker moves c1's weight, in damped steps"
 "$LAB" delay c1 c2 150
 "$LAB" settle --from c1 --wait-secs 120
 "$LAB" load --from c1 --service demo/echo --connections 400
+echo "-- a quiet client: 3 connections/s from c1, c2 still 150 ms away. The liveness floor is a"
+echo "   share of the source's demand (min(1 rps, 1 %, 10 %/clusters)), so it goes where a busy"
+echo "   one goes; and a steady load publishes (almost) no new generation (hysteresis)"
+"$LAB" load --from c1 --service demo/echo --connections 120 --rate 3 >/dev/null # demand settles
+gen() { "$LAB" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin).get("generation") or 0)'; }
+g0=$(gen)
+"$LAB" load --from c1 --service demo/echo --connections 120 --rate 3 --json >"$tmp/quiet.json"
+g1=$(gen)
+python3 - "$tmp/quiet.json" "$g0" "$g1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+g0, g1 = int(sys.argv[2]), int(sys.argv[3])
+to_c2 = r["observed"].get("c2", 0.0)
+per_hour = (g1 - g0) / r["elapsed_s"] * 3600
+print(f"quiet client: {r['connections']} connections in {r['elapsed_s']:.0f} s, {r['failed']} failed; "
+      f"observed split {r['observed']} (weights {r.get('weights_end')})")
+print(f"generations published meanwhile: {g1 - g0} ({per_hour:.0f} per hour)")
+if r["failed"] != 0:
+    sys.exit("run-lab.sh: the quiet client's connections failed")
+if to_c2 > 0.10:
+    sys.exit(f"run-lab.sh: a 3-connection/s client still sends {to_c2:.0%} to c2 150 ms away")
+if g1 - g0 > 3:
+    sys.exit(f"run-lab.sh: {g1 - g0} generations in {r['elapsed_s']:.0f} s of steady load")
+PY
 echo "-- back to the default delay (the RTT average needs a few probes to come down)"
 "$LAB" delay c1 c2 --default
 "$LAB" settle --from c1 --stable-secs 8 --wait-secs 120
