@@ -405,6 +405,44 @@ mod tests {
         assert!(table.contains("5 failed"), "{table}");
     }
 
+    #[tokio::test]
+    async fn a_backend_with_a_service_time_curve_answers_slower_as_its_rate_rises() {
+        // A real echo backend on loopback, 5 ms + 0.5 ms per request of the last second.
+        async fn mean_ms(rate: f64, connections: usize) -> f64 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let slow =
+                std::sync::Arc::new(crate::echo::Slowdown::new(ballast_types::ServiceTime {
+                    base_ms: 5.0,
+                    slope_ms_per_rps: 0.5,
+                }));
+            let srv =
+                tokio::spawn(
+                    async move { crate::echo::serve_slowed_on(l, "c9", Some(slow)).await },
+                );
+            let r = run(LoadOptions {
+                target: addr,
+                host: "demo/echo".into(),
+                connections,
+                concurrency: 64,
+                timeout: Duration::from_secs(3),
+                progress: false,
+                rate: Some(rate),
+            })
+            .await
+            .unwrap();
+            srv.abort();
+            assert_eq!(r.failed, 0);
+            r.mean_latency_ms
+        }
+        // 10/s for 2 s: ~5 + 0.5 x 10 = 10 ms; 100/s for 2 s: ~5 + 0.5 x 100 = 55 ms (the
+        // first second ramps up from 5 ms, so the mean is a little lower).
+        let quiet = mean_ms(10.0, 20).await;
+        let busy = mean_ms(100.0, 200).await;
+        assert!((5.0..20.0).contains(&quiet), "quiet {quiet:.1} ms");
+        assert!((30.0..70.0).contains(&busy), "busy {busy:.1} ms");
+    }
+
     #[test]
     fn bad_options_are_rejected() {
         let mut o = LoadOptions {

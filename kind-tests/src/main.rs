@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ballast_lab::lab::{self, Lab, UpOptions};
 use ballast_lab::load::{self, LoadOptions};
-use ballast_types::{Params, Policy};
+use ballast_types::{Params, Policy, ServiceTime};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -234,6 +234,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A service's service time in one cluster: how its backends really slow under load
+    /// (--backends: restarts them, through readiness) and the curve the cluster declares in
+    /// its topology file (--declare: what the broker's load-aware optimized solves with).
+    /// A curve is `base_ms=<ms>,slope_ms_per_rps=<ms per RPS>` per pod, or `none`.
+    #[command(group(clap::ArgGroup::new("change").args(["backends", "declare"]).multiple(true).required(true)))]
+    ServiceTime {
+        cluster: String,
+        service: String,
+        /// The backends wait base + slope x (the pod's requests in the last second) per request.
+        #[arg(long, value_parser = parse_curve_or_none)]
+        backends: Option<CurveArg>,
+        /// The curve the cluster declares (ServiceExport annotation `ballast.io/service-time`).
+        #[arg(long, value_parser = parse_curve_or_none)]
+        declare: Option<CurveArg>,
+        #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 30)]
+        wait_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// (internal) The WAN emulator; `up` starts it in the wan namespace.
     #[command(hide = true)]
     WanForwarder,
@@ -244,7 +263,25 @@ enum Cmd {
         cluster: String,
         #[arg(long)]
         listen: SocketAddr,
+        /// Answer after base + slope x (this backend's requests in the last second) ms.
+        #[arg(long, value_parser = parse_curve)]
+        service_time: Option<ServiceTime>,
     },
+}
+
+/// A service-time curve, or `none` (`CurveArg(None)`).
+#[derive(Debug, Clone, Copy)]
+struct CurveArg(Option<ServiceTime>);
+
+fn parse_curve(s: &str) -> std::result::Result<ServiceTime, String> {
+    ServiceTime::parse(s)
+}
+
+fn parse_curve_or_none(s: &str) -> std::result::Result<CurveArg, String> {
+    if s == "none" {
+        return Ok(CurveArg(None));
+    }
+    parse_curve(s).map(|c| CurveArg(Some(c)))
 }
 
 fn runtime(multi: bool) -> Result<tokio::runtime::Runtime> {
@@ -591,9 +628,45 @@ fn real_main(cli: Cli) -> Result<()> {
             init_tracing("info");
             runtime(true)?.block_on(ballast_lab::wan::run_forwarder(lab.state_dir.clone()))?;
         }
-        Cmd::EchoServer { cluster, listen } => {
+        Cmd::ServiceTime {
+            cluster,
+            service,
+            backends,
+            declare,
+            wait_secs,
+            json,
+        } => {
+            init_tracing("warn");
+            let change = lab.set_service_time(
+                &cluster,
+                &service,
+                backends.map(|c| c.0),
+                declare.map(|c| c.0),
+                Duration::from_secs(wait_secs),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&change)?);
+            } else {
+                let show = |c: Option<ServiceTime>| c.map_or("none".to_string(), |c| c.to_string());
+                println!(
+                    "{service} in {cluster}: backends {}, declared {} per pod; the broker solves with {}{}",
+                    show(change.backends),
+                    show(change.declared),
+                    change.broker.map_or("no curve".to_string(), |c| format!(
+                        "{:.3} + {:.4} x load ms",
+                        c.base_ms, c.slope_ms_per_rps
+                    )),
+                    change.took_s.map_or(String::new(), |t| format!(" ({t:.1} s)"))
+                );
+            }
+        }
+        Cmd::EchoServer {
+            cluster,
+            listen,
+            service_time,
+        } => {
             init_tracing("info");
-            runtime(false)?.block_on(ballast_lab::echo::serve(&cluster, listen))?;
+            runtime(false)?.block_on(ballast_lab::echo::serve(&cluster, listen, service_time))?;
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use ballast_model::load_aware::LoadCurve;
 use ballast_proto::v1::{
     admin_client::AdminClient, ExplainRequest, GetWeightsRequest, GetWeightsResponse,
     ListClustersRequest, ListClustersResponse, LoadBalancing, OptimizedParams, SetPolicyRequest,
@@ -63,6 +64,25 @@ pub struct SolveView {
     /// service -> source cluster -> demand (RPS): the source's RPS summed over its nodes
     /// and destinations (the broker's small default while the source sends nothing).
     pub demand: BTreeMap<String, BTreeMap<String, f64>>,
+    /// service -> serving cluster -> the service-time curve of the cluster (per-pod curve
+    /// over its ready pods) the broker solved with, as seen from any source; a cluster
+    /// without one is absent.
+    #[serde(default)]
+    pub service_time: BTreeMap<String, BTreeMap<String, LoadCurve>>,
+}
+
+/// The part of the broker's `detail_json` (the model's explanation) the lab reads.
+#[derive(Debug, Deserialize)]
+struct ExplainDetail {
+    #[serde(default)]
+    destinations: Vec<ExplainDetailDestination>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExplainDetailDestination {
+    destination: String,
+    #[serde(default)]
+    service_time: Option<LoadCurve>,
 }
 
 /// Asks the broker, for every (service, source) it publishes weights for (only `service`'s
@@ -105,6 +125,16 @@ pub fn solve_view(cp: &ControlPlane, wan_netns: &str, service: Option<&str>) -> 
                 ex.service.clone(),
                 ex.solved_capacity_rps.into_iter().collect(),
             );
+            // An explanation the lab cannot read names no curve (the broker's JSON is the
+            // model's own serde output; a new field does not break this).
+            if let Ok(detail) = serde_json::from_str::<ExplainDetail>(&ex.detail_json) {
+                let curves = v.service_time.entry(ex.service.clone()).or_default();
+                for d in detail.destinations {
+                    if let Some(c) = d.service_time {
+                        curves.insert(d.destination, c);
+                    }
+                }
+            }
             v.demand
                 .entry(ex.service)
                 .or_default()

@@ -5,6 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use ballast_types::ServiceTime;
 use serde::Serialize;
 
 use crate::error::{LabError, Result};
@@ -42,6 +43,9 @@ struct TopoService {
     /// The local cluster's declaration; absent: none declared (capacity withdrawn).
     #[serde(skip_serializing_if = "Option::is_none")]
     capacity_rps_per_pod: Option<f64>,
+    /// The local cluster's declared service-time curve per pod; absent: none declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_time: Option<ServiceTime>,
     endpoints: Vec<TopoEndpoint>,
 }
 
@@ -83,27 +87,30 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
         services: state
             .services
             .iter()
-            .map(|s| TopoService {
-                name: s.name.clone(),
-                vips: vec![s.vip],
-                ports: vec![TopoPort {
-                    name: "http".into(),
-                    port: s.port,
-                    protocol: "TCP".into(),
-                }],
-                capacity_rps_per_pod: s.per_pod_capacity(local),
-                endpoints: s
-                    .backends
-                    .iter()
-                    .map(|b| TopoEndpoint {
-                        address: b.addr,
-                        cluster: b.cluster.clone(),
-                        ready: b.ready,
-                        port_name: "http".into(),
-                    })
-                    .collect(),
+            .map(|s| {
+                Ok(TopoService {
+                    name: s.name.clone(),
+                    vips: vec![s.vip],
+                    ports: vec![TopoPort {
+                        name: "http".into(),
+                        port: s.port,
+                        protocol: "TCP".into(),
+                    }],
+                    capacity_rps_per_pod: s.per_pod_capacity(local),
+                    service_time: s.declared_curve(local)?,
+                    endpoints: s
+                        .backends
+                        .iter()
+                        .map(|b| TopoEndpoint {
+                            address: b.addr,
+                            cluster: b.cluster.clone(),
+                            ready: b.ready,
+                            port_name: "http".into(),
+                        })
+                        .collect(),
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
     };
     let body = serde_yaml::to_string(&t).map_err(|e| LabError::Other(e.to_string()))?;
     Ok(format!(
@@ -145,5 +152,28 @@ mod tests {
         assert!(!c3.contains("capacity_rps_per_pod"), "{c3}");
         let c1 = topology_yaml(&s, "c1").unwrap();
         assert!(c1.contains("capacity_rps_per_pod: 2000"), "{c1}");
+    }
+
+    #[test]
+    fn only_the_declaring_cluster_writes_its_service_time() {
+        let mut s = crate::lab::state_tests::lab_state(3, 2);
+        s.services[0]
+            .declared_service_time
+            .insert("c2".into(), "base_ms=2,slope_ms_per_rps=1.5".into());
+        let c2 = topology_yaml(&s, "c2").unwrap();
+        assert!(
+            c2.contains("service_time:\n    base_ms: 2.0\n    slope_ms_per_rps: 1.5"),
+            "{c2}"
+        );
+        let c3 = topology_yaml(&s, "c3").unwrap();
+        assert!(!c3.contains("service_time"), "{c3}");
+        s.services[0]
+            .declared_service_time
+            .insert("c2".into(), "base_ms=-2,slope_ms_per_rps=1".into());
+        let e = topology_yaml(&s, "c2").unwrap_err().to_string();
+        assert!(
+            e.contains("declared_service_time") && e.contains("base_ms"),
+            "{e}"
+        );
     }
 }

@@ -4,10 +4,25 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{BackendState, ClusterState, Lab, LabState};
+use ballast_types::ServiceTime;
+
+use super::{BackendState, ClusterState, Lab, LabState, ServiceState};
 use crate::control;
 use crate::error::{LabError, Result};
 use crate::sys::{self, Placement};
+
+/// How backend `b` of `svc` slows under load: its cluster's per-pod curve, with the slope
+/// multiplied by the backends sharing its pod (each sees only its share of the pod's load,
+/// so that together they answer as one pod of that curve would).
+pub(super) fn backend_slowdown(
+    svc: &ServiceState,
+    b: &BackendState,
+) -> Result<Option<ServiceTime>> {
+    Ok(svc.backend_curve(&b.cluster)?.map(|c| ServiceTime {
+        base_ms: c.base_ms,
+        slope_ms_per_rps: c.slope_ms_per_rps * svc.backends_in_pod(&b.cluster, b.addr.ip()) as f64,
+    }))
+}
 
 impl Lab {
     pub(super) fn start_backend(
@@ -15,6 +30,7 @@ impl Lab {
         service: &str,
         c: &ClusterState,
         b: &mut BackendState,
+        slowdown: Option<ServiceTime>,
     ) -> Result<()> {
         let mut args = self.global_args();
         args.extend([
@@ -24,6 +40,9 @@ impl Lab {
             "--listen".into(),
             b.addr.to_string(),
         ]);
+        if let Some(curve) = slowdown {
+            args.extend(["--service-time".into(), curve.to_string()]);
+        }
         let role = format!("backend {service} {} {}", c.id, b.addr);
         let log = self.log(&format!("backend-{}-{}", c.id, b.addr.port()));
         let p = sys::spawn_daemon(
@@ -84,9 +103,15 @@ impl Lab {
         let note;
         if start {
             for svc in state.services.iter_mut().filter(|s| s.name == service) {
-                for b in svc.backends.iter_mut().filter(|b| b.cluster == cluster) {
+                let slowdowns = (0..svc.backends.len())
+                    .map(|i| backend_slowdown(svc, &svc.backends[i]))
+                    .collect::<Result<Vec<_>>>()?;
+                for (b, slowdown) in svc.backends.iter_mut().zip(slowdowns) {
+                    if b.cluster != cluster {
+                        continue;
+                    }
                     if !b.running() {
-                        self.start_backend(service, &c, b)?;
+                        self.start_backend(service, &c, b, slowdown)?;
                     }
                     b.ready = true;
                 }

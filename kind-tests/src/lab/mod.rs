@@ -14,6 +14,7 @@ mod backends;
 pub mod brokers;
 mod capacity;
 mod down;
+mod service_time;
 mod state;
 mod status;
 mod up;
@@ -35,6 +36,7 @@ use crate::wan::{self, LinkTable};
 pub use crate::sys::in_netns;
 pub use capacity::{capacity_rows, render_capacity, CapacityRow};
 pub use down::DownReport;
+pub use service_time::ServiceTimeChange;
 #[cfg(test)]
 pub(crate) use state::tests as state_tests;
 pub use state::{

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use ballast_types::Policy;
+use ballast_types::{Policy, ServiceTime};
 use serde::{Deserialize, Serialize};
 
 use crate::control::ControlPlane;
@@ -122,6 +122,14 @@ pub struct ServiceState {
     /// cluster not listed declares [`DEFAULT_PER_POD_CAPACITY`].
     #[serde(default)]
     pub per_pod_capacity: BTreeMap<String, Option<f64>>,
+    /// How each cluster's backends really slow under load, per pod (the spelling of
+    /// [`ServiceTime`]); a cluster not listed: they do not.
+    #[serde(default)]
+    pub backend_service_time: BTreeMap<String, String>,
+    /// The service-time curve per pod each cluster declares in its topology file (what the
+    /// broker's load-aware `optimized` solves with); a cluster not listed declares none.
+    #[serde(default)]
+    pub declared_service_time: BTreeMap<String, String>,
 }
 
 /// Capacity declared per pod of the demo service (requests per second): well above what the
@@ -137,6 +145,28 @@ impl ServiceState {
             .unwrap_or(Some(DEFAULT_PER_POD_CAPACITY))
     }
 
+    /// How `cluster`'s backends slow under load, per pod (None: they do not).
+    pub fn backend_curve(&self, cluster: &str) -> Result<Option<ServiceTime>> {
+        curve_of(&self.backend_service_time, cluster, "backend_service_time")
+    }
+
+    /// The per-pod curve `cluster` declares (None: none).
+    pub fn declared_curve(&self, cluster: &str) -> Result<Option<ServiceTime>> {
+        curve_of(
+            &self.declared_service_time,
+            cluster,
+            "declared_service_time",
+        )
+    }
+
+    /// The backends of the service in `cluster` that share `ip` (one pod).
+    pub fn backends_in_pod(&self, cluster: &str, ip: std::net::IpAddr) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.cluster == cluster && b.addr.ip() == ip)
+            .count()
+    }
+
     /// Ready pods of the service in `cluster` as an agent counts them: distinct addresses of
     /// its ready endpoints (the lab's two backends per cluster share the cluster's address,
     /// so they are one pod).
@@ -149,6 +179,19 @@ impl ServiceState {
             .collect();
         ips.len()
     }
+}
+
+fn curve_of(
+    map: &BTreeMap<String, String>,
+    cluster: &str,
+    field: &'static str,
+) -> Result<Option<ServiceTime>> {
+    map.get(cluster)
+        .map(|text| {
+            ServiceTime::parse(text)
+                .map_err(|e| LabError::invalid(field, format!("{cluster}: {e}")))
+        })
+        .transpose()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,6 +318,8 @@ pub(crate) mod tests {
                 port: DEMO_PORT,
                 backends,
                 per_pod_capacity: BTreeMap::new(),
+                backend_service_time: BTreeMap::new(),
+                declared_service_time: BTreeMap::new(),
             }],
             processes: Vec::new(),
             control: None,

@@ -349,17 +349,22 @@ impl Lab {
                 port: DEMO_PORT,
                 backends,
                 per_pod_capacity: Default::default(),
+                backend_service_time: Default::default(),
+                declared_service_time: Default::default(),
             });
         }
         let clusters = state.clusters.clone();
         for svc in &mut state.services {
-            for b in &mut svc.backends {
+            let slowdowns = (0..svc.backends.len())
+                .map(|i| super::backends::backend_slowdown(svc, &svc.backends[i]))
+                .collect::<Result<Vec<_>>>()?;
+            for (b, slowdown) in svc.backends.iter_mut().zip(slowdowns) {
                 if !b.running() {
                     let c = clusters
                         .iter()
                         .find(|c| c.id == b.cluster)
                         .ok_or_else(|| LabError::invalid("backend cluster", b.cluster.clone()))?;
-                    self.start_backend(&svc.name, c, b)?;
+                    self.start_backend(&svc.name, c, b, slowdown)?;
                 }
             }
         }

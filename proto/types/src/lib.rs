@@ -1,5 +1,5 @@
 //! ballast's vocabulary, spelled once: [`Policy`], [`Params`], [`WeightsStatus`],
-//! [`ClusterId`] and [`ServiceName`], with one validity rule each, their text spelling
+//! [`ClusterId`], [`ServiceName`] and [`ServiceTime`], with one validity rule each, their text spelling
 //! (`FromStr` / `Display`, the same as serde's and the CLIs'), and [`now_ms`].
 //!
 //! Every other crate (model, store, broker, agent, data plane, lab) takes these types or
@@ -8,9 +8,11 @@
 
 mod id;
 mod policy;
+mod service_time;
 
 pub use id::{ClusterId, InvalidName, ServiceName, MAX_SERVICE_NAME_LEN};
 pub use policy::{Params, Policy, UnknownValue, WeightsStatus};
+pub use service_time::ServiceTime;
 
 /// Milliseconds since the Unix epoch (0 before it, `i64::MAX` past year 292 million).
 #[must_use]
