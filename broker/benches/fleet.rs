@@ -471,6 +471,7 @@ fn report_of(a: &AgentSpec, sh: &Shared, first: bool) -> ReportRequest {
             },
             measured_at_ms: 0,
             service_time: None,
+            measured_service_ms: None,
         })
         .collect();
     ReportRequest {

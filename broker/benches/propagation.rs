@@ -53,6 +53,7 @@ fn services_report(cluster: &str, services: &[String], rps: f64) -> ReportReques
                 capacity_rps: rps,
                 measured_at_ms: 0,
                 service_time: None,
+                measured_service_ms: None,
             })
             .collect(),
         ..ReportRequest::default()

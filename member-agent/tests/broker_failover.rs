@@ -45,6 +45,7 @@ fn cap(rps: f64) -> CapacitySample {
         capacity_rps: rps,
         measured_at_ms: 0,
         service_time: None,
+        measured_service_ms: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn cap(service: &str, rps: f64) -> CapacitySample {
         capacity_rps: rps,
         measured_at_ms: 0,
         service_time: None,
+        measured_service_ms: None,
     }
 }
 

@@ -354,6 +354,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
         capacity_rps: 1000.0,
         measured_at_ms: 0,
         service_time: None,
+        measured_service_ms: None,
     };
     w.report(futures::stream::iter(vec![ReportRequest {
         cluster_id: "west".into(),

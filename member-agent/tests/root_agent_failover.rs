@@ -115,6 +115,7 @@ async fn west_serves(bundle: &Bundle, port: u16) {
             capacity_rps: 1000.0,
             measured_at_ms: 0,
             service_time: None,
+            measured_service_ms: None,
         }],
         ..ReportRequest::default()
     }]))

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 pub mod config;
+pub mod fit;
 pub mod leadership;
 pub mod peers;
 pub mod plan;
@@ -816,6 +817,28 @@ impl Engine {
         }
     }
 
+    /// Records this round's service-time points ([`fit::new_points`]) in the store and in
+    /// `snap`, and forgets the points older than the fit window. A store error is logged: the
+    /// round goes on with the points it has (the next round records them).
+    async fn record_service_time_points(&self, snap: &mut Snapshot, now: i64) {
+        let known: BTreeSet<&str> = snap
+            .clusters
+            .iter()
+            .map(|c| c.cluster_id.as_str())
+            .collect();
+        let points = fit::new_points(snap, &known, self.imports_cut(now));
+        if !points.is_empty() {
+            match self.store.record_service_time_points(&points).await {
+                Ok(()) => snap.service_time_points.extend(points),
+                Err(e) => warn!(error = %e, "recording service-time points failed"),
+            }
+        }
+        let before = self.imports_cut(now).saturating_sub(fit::window_ms());
+        if let Err(e) = self.store.prune_service_time_points(before).await {
+            warn!(error = %e, "pruning service-time points failed; retried next round");
+        }
+    }
+
     /// One solver round: plans from the store, runs the pure round, and publishes a new
     /// generation when anything changed. Returns the generation in force afterwards.
     ///
@@ -831,7 +854,8 @@ impl Engine {
         let now = now_ms();
         self.prune_imports(now).await;
         self.services_read_begins();
-        let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
+        let mut snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
+        self.record_service_time_points(&mut snap, now).await;
         let inputs = plan::plan(&snap, &self.cfg, now);
         self.reconcile_services(&snap);
         if let Err(e) = self.refresh_peers().await {

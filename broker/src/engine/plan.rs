@@ -10,9 +10,11 @@
 //!   fact); the serving clusters are those with `cap(t) > 0`. A node withdraws a fact by
 //!   reporting its full set without it (`ReportRequest.full_set`), so a service whose
 //!   capacity a cluster withdrew is solved again without that cluster, not left stale;
-//! - service time at `t`: the curve `base + slope x load` declared with the sample counted as
-//!   `cap(t)` (agents send it from the ServiceExport annotation `ballast.io/service-time` or
-//!   the topology file), for serving clusters; load-aware `optimized` uses it;
+//! - service time at `t`: the curve `base + slope x load` fitted from the points the agents'
+//!   probes measured ([`super::fit`]) when there are enough, else the one declared with the
+//!   sample counted as `cap(t)` (agents send it from the ServiceExport annotation
+//!   `ballast.io/service-time` or the topology file), else flat at the measured time; for
+//!   serving clusters; load-aware `optimized` uses it;
 //! - demand `N(s)` = sum over the nodes of `s` and over destinations of their fresh RPS samples;
 //!   when a source has no RPS yet (or 0), it gets the default demand `--default-demand-rps`,
 //!   so that weights exist from the start (the liveness floor is a share of the demand, so any
@@ -42,6 +44,7 @@ use ballast_store::{CapacityRecord, ImportDeclaration, PolicyRecord};
 use serde::Serialize;
 use tracing::{debug, warn};
 
+use super::fit::{self, CurveOrigin};
 use super::snapshot::Snapshot;
 use super::EngineConfig;
 
@@ -52,6 +55,8 @@ pub struct ServicePlan {
     pub problem: Problem,
     /// Why the service's inputs are stale (empty = fresh).
     pub stale: Vec<String>,
+    /// Where each serving cluster's service-time curve came from (clusters with one only).
+    pub service_time_origin: BTreeMap<String, CurveOrigin>,
 }
 
 impl ServicePlan {
@@ -325,7 +330,8 @@ fn service_time_curves(
     snap: &Snapshot,
     known: &BTreeSet<&str>,
     cut: i64,
-) -> BTreeMap<String, BTreeMap<String, LoadCurve>> {
+    now_ms: i64,
+) -> BTreeMap<String, BTreeMap<String, (LoadCurve, CurveOrigin)>> {
     let mut best: BTreeMap<(&str, &str), &CapacityRecord> = BTreeMap::new();
     for c in &snap.capacity {
         if c.measured_at_ms < cut || !known.contains(c.cluster_id.as_str()) {
@@ -340,18 +346,38 @@ fn service_time_curves(
             best.insert(key, c);
         }
     }
-    let mut out: BTreeMap<String, BTreeMap<String, LoadCurve>> = BTreeMap::new();
+    let mut out: BTreeMap<String, BTreeMap<String, (LoadCurve, CurveOrigin)>> = BTreeMap::new();
     for ((svc, cluster), c) in best {
         if let (Some(base_ms), Some(slope_ms_per_rps)) =
             (c.service_base_ms, c.service_slope_ms_per_rps)
         {
             out.entry(svc.to_owned()).or_default().insert(
                 cluster.to_owned(),
-                LoadCurve {
-                    base_ms,
-                    slope_ms_per_rps,
-                },
+                (
+                    LoadCurve {
+                        base_ms,
+                        slope_ms_per_rps,
+                    },
+                    CurveOrigin::Declared,
+                ),
             );
+        }
+    }
+    // Measured: a fit goes before a declaration, a flat measurement only where none is declared.
+    let measured = fit::measured_curves(
+        &snap.service_time_points,
+        now_ms.saturating_sub(fit::window_ms()),
+    );
+    for (svc, clusters) in measured {
+        for (cluster, (curve, origin)) in clusters {
+            if !known.contains(cluster.as_str()) {
+                continue;
+            }
+            let slot = out.entry(svc.clone()).or_default();
+            let declared = slot.contains_key(&cluster);
+            if matches!(origin, CurveOrigin::Fitted(_)) || !declared {
+                slot.insert(cluster, (curve, origin));
+            }
         }
     }
     out
@@ -384,7 +410,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
         &known,
         cut,
     );
-    let curves = service_time_curves(snap, &known, cut);
+    let curves = service_time_curves(snap, &known, cut, now_ms);
     let imports = imports(&snap.imports, cfg, now_ms);
     let imports_of = |cluster: &str, svc: &str| {
         imports
@@ -456,15 +482,22 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 ((*s).to_string(), if d > 0.0 { d } else { floor })
             })
             .collect();
-        let service_time: BTreeMap<String, LoadCurve> = curves
+        let serving_curves: BTreeMap<&String, &(LoadCurve, CurveOrigin)> = curves
             .get(svc)
             .map(|m| {
                 m.iter()
                     .filter(|(t, _)| capacity_rps.contains_key(*t))
-                    .map(|(t, c)| (t.clone(), *c))
                     .collect()
             })
             .unwrap_or_default();
+        let service_time: BTreeMap<String, LoadCurve> = serving_curves
+            .iter()
+            .map(|(t, (c, _))| ((*t).clone(), *c))
+            .collect();
+        let service_time_origin: BTreeMap<String, CurveOrigin> = serving_curves
+            .iter()
+            .map(|(t, (_, o))| ((*t).clone(), *o))
+            .collect();
         let (policy, params) = resolve_policy(&snap.policies, svc, cfg);
         out.services.insert(
             svc.clone(),
@@ -487,6 +520,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                     }],
                 },
                 stale,
+                service_time_origin,
             },
         );
     }

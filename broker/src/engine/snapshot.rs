@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ballast_store::{
     AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord, RpsRecord,
-    RttRecord, Store, StoreError, WithoutVipRecord,
+    RttRecord, ServiceTimePoint, Store, StoreError, WithoutVipRecord,
 };
 
 /// The stored facts a round or a status report is computed from.
@@ -27,6 +27,9 @@ pub struct Snapshot {
     pub policies: Vec<PolicyRecord>,
     /// `(tier, usd_per_gb)` set by the operator.
     pub prices: Vec<(String, f64)>,
+    /// Recent (load, measured service time) points per (service, cluster), for the fit
+    /// (read since [`super::fit::WINDOW`] before now; empty for status).
+    pub service_time_points: Vec<ServiceTimePoint>,
 }
 
 impl Snapshot {
@@ -47,6 +50,9 @@ impl Snapshot {
             without_vip: store.services_without_vip().await?,
             policies: store.policies().await?,
             prices: store.prices().await?,
+            service_time_points: store
+                .service_time_points(imports_cut_ms.saturating_sub(super::fit::window_ms()))
+                .await?,
         })
     }
 
@@ -74,6 +80,7 @@ impl Snapshot {
             without_vip: store.services_without_vip().await?,
             policies: Vec::new(),
             prices: Vec::new(),
+            service_time_points: Vec::new(),
         })
     }
 }

@@ -7,9 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ballast_store::{
     AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, RpsRecord, RttRecord,
+    ServiceTimePoint,
 };
 use ballast_types::WeightsStatus;
 
+use super::fit::{self, CurveOrigin};
 use super::plan::{plan, Inputs};
 use super::round::{round, Computed, RoundMemory, RoundOutcome};
 use super::status::cluster_status;
@@ -50,6 +52,7 @@ fn cap(c: &str, node: &str, capacity_rps: f64, at: i64) -> CapacityRecord {
         measured_at_ms: at,
         service_base_ms: None,
         service_slope_ms_per_rps: None,
+        measured_service_ms: None,
     }
 }
 
@@ -223,6 +226,120 @@ fn load_aware_round_moves_weight_off_the_cluster_that_declares_a_steeper_curve()
         w["c2"] < 0.2 && w["c3"] > 0.8,
         "load-aware {w:?} (linear gave {w_lin:?})"
     );
+}
+
+/// Points of `svc` at `cluster`: service time `base + slope x load` at loads 0, 10, ... 50.
+fn measured_line(cluster: &str, base: f64, slope: f64) -> Vec<ServiceTimePoint> {
+    (0..6)
+        .map(|i| {
+            let load = 10.0 * f64::from(i);
+            ServiceTimePoint {
+                service: SVC.into(),
+                cluster_id: cluster.into(),
+                at_ms: NOW - 10_000 + i64::from(i) * 1_000,
+                load_rps: load,
+                service_ms: base + slope * load,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn measured_points_fit_a_curve_that_goes_before_the_declared_one() {
+    let mut s = fleet();
+    s.rtt.retain(|r| r.src != "c1");
+    s.rtt.push(rtt("c1", "c2", "n1", 40.0, NOW));
+    s.rtt.push(rtt("c1", "c3", "n1", 40.0, NOW));
+    s.rps = vec![rps("c1", "c2", "n1", 50.0), rps("c1", "c3", "n1", 50.0)];
+    s.clusters[2].region = "us-east-2".into();
+    // c2 declares a flat curve, but its probes say it slows down steeply; c3 measures flat
+    // at one load only (no spread: no fit) and declares nothing.
+    let mut c2 = cap("c2", "n1", 1_000.0, NOW);
+    c2.service_base_ms = Some(5.0);
+    c2.service_slope_ms_per_rps = Some(0.0);
+    s.capacity = vec![c2, cap("c3", "n1", 1_000.0, NOW)];
+    s.service_time_points = measured_line("c2", 5.0, 1.0);
+    s.service_time_points
+        .extend(measured_line("c3", 6.0, 0.0).into_iter().map(|mut p| {
+            p.load_rps = 50.0;
+            p
+        }));
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC];
+    let curves = &p.problem.services[0].service_time;
+    assert!(
+        (curves["c2"].slope_ms_per_rps - 1.0).abs() < 1e-9,
+        "{curves:?}"
+    );
+    assert_eq!(p.service_time_origin["c2"], CurveOrigin::Fitted(6));
+    assert_eq!(curves["c3"].slope_ms_per_rps, 0.0);
+    assert!((curves["c3"].base_ms - 6.0).abs() < 1e-9);
+    assert_eq!(p.service_time_origin["c3"], CurveOrigin::Measured(6));
+    let w = weights(&first_round(&inputs), "c1");
+    assert!(w["c2"] < 0.2 && w["c3"] > 0.8, "{w:?}");
+
+    // Points older than the fit window count no more: back to the declared curve.
+    let later = NOW + fit::window_ms() + 60_000;
+    let mut old = s.clone();
+    for c in &mut old.capacity {
+        c.measured_at_ms = later;
+    }
+    for r in &mut old.rtt {
+        r.measured_at_ms = later;
+    }
+    for r in &mut old.rps {
+        r.measured_at_ms = later;
+    }
+    for a in &mut old.agents {
+        a.last_report_ms = later;
+    }
+    let inputs = plan(&old, &cfg(), later);
+    let p = &inputs.services[SVC];
+    assert_eq!(
+        p.service_time_origin.get("c2"),
+        Some(&CurveOrigin::Declared)
+    );
+    assert_eq!(
+        p.problem.services[0].service_time["c2"].slope_ms_per_rps,
+        0.0
+    );
+    assert!(!p.service_time_origin.contains_key("c3"));
+}
+
+#[test]
+fn new_points_pair_the_median_measured_time_with_the_load_on_the_cluster_once_per_interval() {
+    let mut s = fleet();
+    s.rps = vec![
+        rps("c1", "c2", "n1", 30.0),
+        rps("c1", "c2", "n2", 12.0),
+        rps("c3", "c2", "n1", 8.0),
+        rps("c1", "c3", "n1", 99.0),
+    ];
+    let mut a = cap("c2", "n1", 1_000.0, NOW);
+    a.measured_service_ms = Some(10.0);
+    let mut b = cap("c2", "n2", 1_000.0, NOW - 500);
+    b.measured_service_ms = Some(14.0);
+    let mut stale = cap("c2", "n3", 1_000.0, NOW - 3_600_000);
+    stale.measured_service_ms = Some(500.0);
+    s.capacity = vec![a, b, stale, cap("c3", "n1", 1_000.0, NOW)];
+    let known: BTreeSet<&str> = ["c1", "c2", "c3"].into();
+    let cut = NOW - 60_000;
+    let pts = fit::new_points(&s, &known, cut);
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert_eq!(
+        (
+            pts[0].cluster_id.as_str(),
+            pts[0].at_ms,
+            pts[0].load_rps,
+            pts[0].service_ms
+        ),
+        ("c2", NOW, 50.0, 12.0)
+    );
+    // recorded: the next round adds none until a sample POINT_INTERVAL_MS newer arrives
+    s.service_time_points = pts;
+    assert!(fit::new_points(&s, &known, cut).is_empty());
+    s.capacity[0].measured_at_ms = NOW + fit::POINT_INTERVAL_MS;
+    assert_eq!(fit::new_points(&s, &known, cut).len(), 1);
 }
 
 #[test]

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::validate::{check_cluster_id, check_service, engine_status, invalid};
 use super::watch::update_of;
+use crate::engine::fit::CurveOrigin;
 use crate::engine::{ClusterStatus, Engine, PolicyChange};
 
 /// `ballast.v1.Admin`.
@@ -363,8 +364,16 @@ impl Admin for AdminService {
                     notes.push("local preference (cost 0)".to_string());
                 }
                 if let Some(c) = d.service_time {
+                    let origin = match plan.service_time_origin.get(&d.destination) {
+                        Some(CurveOrigin::Fitted(n)) => format!("fitted from {n} measured points"),
+                        Some(CurveOrigin::Measured(n)) => {
+                            format!("flat at the median of {n} measured points")
+                        }
+                        Some(CurveOrigin::Declared) | None => "declared".to_string(),
+                    };
                     notes.push(format!(
-                        "service time {:.1} ms at {:.1} rps ({} + {} ms/rps), marginal cost {:.2}",
+                        "service time {:.1} ms at {:.1} rps ({:.3} + {:.4} ms/rps, {origin}), \
+                         marginal cost {:.2}",
                         d.service_ms,
                         d.total_flow_rps,
                         c.base_ms,

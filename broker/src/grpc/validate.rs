@@ -260,6 +260,14 @@ pub fn validate_report(
             }
             None => (None, None),
         };
+        if let Some(ms) = s.measured_service_ms {
+            check_bounded(
+                &format!("{f}.measured_service_ms"),
+                ms,
+                MAX_SERVICE_TIME_MS,
+                "the longest service time accepted",
+            )?;
+        }
         rec.capacity.push(CapacityRecord {
             cluster_id: m.cluster_id.clone(),
             service: s.service.clone(),
@@ -268,6 +276,7 @@ pub fn validate_report(
             measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
             service_base_ms: curve.0,
             service_slope_ms_per_rps: curve.1,
+            measured_service_ms: s.measured_service_ms,
         });
     }
     if let Some(imports) = &m.imports {

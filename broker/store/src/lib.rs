@@ -29,6 +29,7 @@ mod notify;
 mod records;
 mod registry;
 mod runs;
+mod service_time;
 mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -37,8 +38,8 @@ pub use lease::{LeaderTerm, LeaseState};
 pub use notify::{GenerationListener, Notice};
 pub use records::{
     AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
-    PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, SolverRunRecord,
-    StoredPolicy, WeightRecord, WithoutVipRecord,
+    PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, ServiceTimePoint,
+    SolverRunRecord, StoredPolicy, WeightRecord, WithoutVipRecord,
 };
 
 /// What can go wrong in the store.

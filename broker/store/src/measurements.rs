@@ -149,12 +149,14 @@ impl Store {
         for chunk in capacity.chunks(SAMPLE_ROWS_PER_INSERT) {
             let sql = format!(
                 "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
-                 measured_at_ms, service_base_ms, service_slope_ms_per_rps) VALUES {} \
+                 measured_at_ms, service_base_ms, service_slope_ms_per_rps, \
+                 measured_service_ms) VALUES {} \
                  ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
                  capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms, \
                  service_base_ms = excluded.service_base_ms, \
-                 service_slope_ms_per_rps = excluded.service_slope_ms_per_rps",
-                values_list(self.backend, chunk.len(), 7)
+                 service_slope_ms_per_rps = excluded.service_slope_ms_per_rps, \
+                 measured_service_ms = excluded.measured_service_ms",
+                values_list(self.backend, chunk.len(), 8)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for s in chunk {
@@ -168,7 +170,8 @@ impl Store {
                     // with the type of the first NULL it saw (an integer), and a later float
                     // is refused. No curve is stored as -1 (a curve is never negative).
                     .bind(s.service_base_ms.unwrap_or(NO_CURVE))
-                    .bind(s.service_slope_ms_per_rps.unwrap_or(NO_CURVE));
+                    .bind(s.service_slope_ms_per_rps.unwrap_or(NO_CURVE))
+                    .bind(s.measured_service_ms.unwrap_or(NO_CURVE));
             }
             q.execute(&mut *tx).await?;
         }
@@ -513,7 +516,9 @@ impl Store {
              CASE WHEN service_base_ms >= 0 AND service_slope_ms_per_rps >= 0 \
              THEN service_base_ms END AS service_base_ms, \
              CASE WHEN service_base_ms >= 0 AND service_slope_ms_per_rps >= 0 \
-             THEN service_slope_ms_per_rps END AS service_slope_ms_per_rps \
+             THEN service_slope_ms_per_rps END AS service_slope_ms_per_rps, \
+             CASE WHEN measured_service_ms >= 0 THEN measured_service_ms END \
+             AS measured_service_ms \
              FROM capacity_latest ORDER BY cluster_id, service, node_name",
         )
         .fetch_all(&self.pool)

@@ -63,6 +63,23 @@ pub struct CapacityRecord {
     /// one: both or neither.
     pub service_base_ms: Option<f64>,
     pub service_slope_ms_per_rps: Option<f64>,
+    /// The service time (ms) the node measured on the cluster's endpoints with the sample.
+    pub measured_service_ms: Option<f64>,
+}
+
+/// One point of a (service, cluster)'s service-time curve: the measured service time and the
+/// load the broker saw on the cluster then. The leader records them (one per
+/// [`ServiceTimePoint::at_ms`], keyed by the newest sample's time); every replica fits from them.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ServiceTimePoint {
+    pub service: String,
+    pub cluster_id: String,
+    /// When the newest sample in the point was measured (Unix ms).
+    pub at_ms: i64,
+    /// RPS sent to the cluster for the service then (every source, every node).
+    pub load_rps: f64,
+    /// The measured service time (ms): the median over the cluster's fresh node samples.
+    pub service_ms: f64,
 }
 
 /// One validated report of one agent, stored atomically.

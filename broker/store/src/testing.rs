@@ -214,6 +214,7 @@ pub fn report_of(
                 measured_at_ms: at,
                 service_base_ms: None,
                 service_slope_ms_per_rps: None,
+                measured_service_ms: None,
             })
             .collect(),
         imports: None,

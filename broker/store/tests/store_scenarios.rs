@@ -90,6 +90,44 @@ async fn store_roundtrip(url: &str) {
         ),
         (1, None, None)
     );
+    // A measured service time is stored with its sample (and none is none, not 0).
+    let mut measured = rep(20.0, 500);
+    measured.capacity[0].measured_service_ms = Some(7.25);
+    store.store_report(&measured).await.unwrap();
+    assert_eq!(
+        store.capacity().await.unwrap()[0].measured_service_ms,
+        Some(7.25)
+    );
+    store.store_report(&rep(20.0, 600)).await.unwrap();
+    assert_eq!(store.capacity().await.unwrap()[0].measured_service_ms, None);
+    // Service-time points: recorded once per (service, cluster, time), read from a time on,
+    // pruned before one.
+    let point = |at: i64, load: f64| ballast_store::ServiceTimePoint {
+        service: "ns/web".into(),
+        cluster_id: "c2".into(),
+        at_ms: at,
+        load_rps: load,
+        service_ms: 2.0 + load,
+    };
+    store
+        .record_service_time_points(&[point(1_000, 10.0), point(2_000, 20.0)])
+        .await
+        .unwrap();
+    // the same time again keeps the first point
+    store
+        .record_service_time_points(&[point(2_000, 99.0), point(3_000, 30.0)])
+        .await
+        .unwrap();
+    let pts = store.service_time_points(1_500).await.unwrap();
+    assert_eq!(
+        pts.iter()
+            .map(|p| (p.at_ms, p.load_rps))
+            .collect::<Vec<_>>(),
+        [(2_000, 20.0), (3_000, 30.0)]
+    );
+    assert_eq!(pts[1].service_ms, 32.0);
+    assert_eq!(store.prune_service_time_points(2_500).await.unwrap(), 2);
+    assert_eq!(store.service_time_points(0).await.unwrap().len(), 1);
 
     store.set_price("cross_zone", 0.01, 1).await.unwrap();
     store.set_price("cross_zone", 0.03, 2).await.unwrap();

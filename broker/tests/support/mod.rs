@@ -185,6 +185,7 @@ pub fn cap(service: &str, v: f64) -> CapacitySample {
         capacity_rps: v,
         measured_at_ms: 0,
         service_time: None,
+        measured_service_ms: None,
     }
 }
 

@@ -78,6 +78,7 @@ pub fn build_report(
                     base_ms: c.base_ms,
                     slope_ms_per_rps: c.slope_ms_per_rps,
                 }),
+                measured_service_ms: None,
             })
             .collect(),
         // every service discovery knows is one this cluster imports (steers): the broker
