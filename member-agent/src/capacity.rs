@@ -62,6 +62,7 @@ mod tests {
             ports: vec![],
             capacity_rps_per_pod: cap,
             service_time_per_pod: None,
+            service_time_probe: None,
             endpoints,
         };
         let mut services = [

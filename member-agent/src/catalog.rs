@@ -89,6 +89,9 @@ pub struct Service {
     pub capacity_rps_per_pod: Option<f64>,
     /// Declared service time of one pod of the local export; `None` when not declared.
     pub service_time_per_pod: Option<ServiceTime>,
+    /// The HTTP path the agent probes on the local cluster's ready endpoints to measure the
+    /// service time (see [`crate::service_probe`]); `None`: not probed.
+    pub service_time_probe: Option<String>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -194,6 +197,7 @@ mod tests {
             ],
             capacity_rps_per_pod: None,
             service_time_per_pod: None,
+            service_time_probe: None,
             endpoints: vec![
                 ep("127.0.0.2:8080", true, Some("http")),
                 ep("127.0.0.2:9090", true, Some("grpc")),

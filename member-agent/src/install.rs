@@ -435,6 +435,7 @@ mod tests {
             }],
             capacity_rps_per_pod: None,
             service_time_per_pod: None,
+            service_time_probe: None,
             endpoints,
         }
     }

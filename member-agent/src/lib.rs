@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod peers;
 pub mod prereq;
 pub mod probe;
+pub mod service_probe;
 pub mod session;
 pub mod steering;
 pub mod weights;

@@ -72,6 +72,13 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let status_task = metrics.follow_discovery_status(discovery.status.clone());
     let without_vip_task = metrics.follow_catalog(discovery.catalog.clone());
 
+    // service times measured on the local endpoints of services with a probe path
+    let (service_times_tx, service_times_rx) = watch::channel(std::sync::Arc::default());
+    let service_probe_task = tokio::spawn(ballast_agent::service_probe::run(
+        discovery.catalog.clone(),
+        ballast_agent::service_probe::ServiceProbeConfig::default(),
+        service_times_tx,
+    ));
     let (updates_tx, updates_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = mpsc::channel(1024);
     let (reports_tx, reports_rx) = watch::channel(None);
@@ -123,6 +130,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             acks: acks_tx,
             reports: reports_tx,
             installed_generation: gen_tx,
+            service_times: service_times_rx,
         },
     );
     let kubernetes = matches!(cfg.discovery, DiscoveryConfig::Kubernetes { .. });
@@ -135,7 +143,13 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     ready.set(false);
     tracing::info!(detach = %cfg.detach_on_exit, "shutting down");
     let _ = stop_tx.send(true);
-    for t in [targets_task, probe_task, status_task, without_vip_task] {
+    for t in [
+        targets_task,
+        probe_task,
+        status_task,
+        without_vip_task,
+        service_probe_task,
+    ] {
         t.abort();
     }
     if let Some(t) = session_task {

@@ -45,6 +45,7 @@ use crate::catalog::{
     validate_cluster_id, Catalog, Cluster, ClusterId, Endpoint, Protocol, Service, ServiceName,
     ServicePort, ServiceTime,
 };
+use crate::service_probe::{check_probe_path, PROBE_ANNOTATION};
 
 pub use ballast_k8s_api::mcs::{
     ClusterStatus, McsVersion, ServiceExport, ServiceExportSpec, ServiceExportStatus,
@@ -170,6 +171,23 @@ pub fn build_catalog(
         }
     }
 
+    // probe paths of this cluster's exports (service time measured by the agents)
+    let mut probes: BTreeMap<(String, String), String> = BTreeMap::new();
+    for ex in exports {
+        let (ns, name) = (ex.namespace().unwrap_or_default(), ex.name_any());
+        if let Some(v) = ex.annotations().get(PROBE_ANNOTATION) {
+            match check_probe_path(v) {
+                Ok(()) => {
+                    probes.insert((ns, name), v.clone());
+                }
+                Err(e) => problems.push(ObjectProblem {
+                    object: format!("ServiceExport {ns}/{name}"),
+                    message: format!("metadata.annotations[{PROBE_ANNOTATION}]: {e}"),
+                }),
+            }
+        }
+    }
+
     // endpoints by (namespace, service name)
     let mut endpoints: BTreeMap<(String, String), Vec<Endpoint>> = BTreeMap::new();
     for slice in slices {
@@ -273,6 +291,7 @@ pub fn build_catalog(
                 let key = (ns, n);
                 svc.capacity_rps_per_pod = capacities.get(&key).copied();
                 svc.service_time_per_pod = service_times.get(&key).copied();
+                svc.service_time_probe = probes.get(&key).cloned();
                 let mut eps = endpoints.remove(&key).unwrap_or_default();
                 eps.sort();
                 eps.dedup();
@@ -349,6 +368,7 @@ fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Imported,
         ports,
         capacity_rps_per_pod: None,
         service_time_per_pod: None,
+        service_time_probe: None,
         endpoints: vec![],
     }))
 }

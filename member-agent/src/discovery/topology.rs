@@ -98,6 +98,9 @@ struct ServiceEntry {
     /// One pod's service time as a function of its load (see [`ServiceTime`]).
     #[serde(default)]
     service_time: Option<ServiceTimeEntry>,
+    /// The HTTP path the agents probe on the local endpoints to measure the service time.
+    #[serde(default)]
+    service_time_probe: Option<String>,
     #[serde(default)]
     endpoints: Vec<EndpointEntry>,
 }
@@ -368,6 +371,10 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                 ));
             }
         }
+        if let Some(path) = &s.service_time_probe {
+            crate::service_probe::check_probe_path(path)
+                .map_err(|e| invalid(format!("{at}.service_time_probe"), e))?;
+        }
         if s.ports.is_empty() {
             return Err(invalid(
                 format!("{at}.ports"),
@@ -456,6 +463,7 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                     .collect(),
                 capacity_rps_per_pod: s.capacity_rps_per_pod.map(|c| c.0),
                 service_time_per_pod: s.service_time.map(ServiceTimeEntry::curve),
+                service_time_probe: s.service_time_probe.clone(),
                 endpoints,
             },
         );
@@ -602,6 +610,7 @@ services:
       - address: 127.0.2.2:5432
         cluster: west
     service_time: { base_ms: 12, slope_ms_per_rps: 0.2 }
+    service_time_probe: /healthz
 "#;
 
     fn p(text: &str) -> Result<Catalog, TopologyError> {
@@ -622,6 +631,7 @@ services:
         assert_eq!(web.vips, vec!["127.96.0.10".parse::<IpAddr>().expect("ip")]);
         assert_eq!(web.capacity_rps_per_pod, Some(250.0));
         assert_eq!(web.service_time_per_pod, None);
+        assert_eq!(web.service_time_probe, None);
         let db = &c.services[&ServiceName::parse("shop/db").expect("valid")];
         assert_eq!(
             db.service_time_per_pod,
@@ -636,6 +646,7 @@ services:
         let db = &c.services[&ServiceName::parse("shop/db").expect("name")];
         assert_eq!(db.ports[0].protocol, Protocol::Tcp);
         assert_eq!(db.ports[0].name, None);
+        assert_eq!(db.service_time_probe.as_deref(), Some("/healthz"));
         assert_eq!(c.probe_targets().len(), 1);
     }
 
@@ -657,6 +668,16 @@ services:
         let msg = err.to_string();
         assert!(msg.contains(field), "{msg:?} should name {field:?}");
         assert_eq!(err.line(), Some(line), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_probe_path_is_refused_naming_the_field() {
+        let e = broken(
+            "service_time_probe: /healthz",
+            "service_time_probe: healthz",
+        );
+        assert_err(&e, "services[1].service_time_probe", 31);
+        assert!(e.to_string().contains("does not start with '/'"), "{e}");
     }
 
     #[test]

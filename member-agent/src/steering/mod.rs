@@ -37,6 +37,7 @@ use crate::catalog::{Catalog, ClusterId, ServiceName};
 use crate::install::{desired_specs, rps_between, Installer, Refusal, Steering, Verdict};
 use crate::metrics::{FlowLabels, Metrics, ServiceLabels};
 use crate::probe::{self, PeerTable};
+use crate::service_probe::ServiceTimes;
 
 /// What the steering loop needs from the data plane; [`Installer`] is the real one.
 pub trait DataPlane: Send + 'static {
@@ -100,6 +101,8 @@ pub struct SteerIo {
     pub reports: watch::Sender<Option<ReportRequest>>,
     /// The highest generation installed.
     pub installed_generation: watch::Sender<u64>,
+    /// The service times the service probes measured last ([`crate::service_probe`]).
+    pub service_times: watch::Receiver<Arc<ServiceTimes>>,
 }
 
 /// A refused update kept for another try, with why it was refused.
@@ -378,6 +381,7 @@ impl<D: DataPlane> Steerer<D> {
             &catalog,
             &self.io.peers.borrow(),
             &self.rps,
+            &self.io.service_times.borrow(),
         );
         self.io.reports.send_replace(Some(report));
     }

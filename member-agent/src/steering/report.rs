@@ -2,6 +2,7 @@
 //! a VIP) and this
 //! cluster's identity for `Register`. Pure functions over the catalog and the probe table.
 
+use crate::service_probe::ServiceTimes;
 use std::collections::BTreeMap;
 
 use ballast_proto::v1::{
@@ -36,6 +37,7 @@ pub fn build_report(
     catalog: &Catalog,
     peers: &PeerTable,
     rps: &BTreeMap<(ServiceName, ClusterId), f64>,
+    measured: &ServiceTimes,
 ) -> ReportRequest {
     let rtt = peers
         .iter()
@@ -78,7 +80,7 @@ pub fn build_report(
                     base_ms: c.base_ms,
                     slope_ms_per_rps: c.slope_ms_per_rps,
                 }),
-                measured_service_ms: None,
+                measured_service_ms: measured.get(&svc).copied(),
             })
             .collect(),
         // every service discovery knows is one this cluster imports (steers): the broker

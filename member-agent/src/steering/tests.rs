@@ -105,6 +105,7 @@ fn service(name: &str, vip: &str) -> Service {
         }],
         capacity_rps_per_pod: None,
         service_time_per_pod: None,
+        service_time_probe: None,
         endpoints: vec![ep("127.0.1.1:8080", "east"), ep("127.0.2.1:8080", "west")],
     }
 }
@@ -181,6 +182,7 @@ fn rig(services: &[&str], pending_retry: Duration) -> Rig {
             acks: acks_tx,
             reports: reports_tx,
             installed_generation: gen_tx,
+            service_times: watch::channel(Arc::default()).1,
         },
     );
     Rig {

@@ -3,6 +3,7 @@
 //! (`tests/fixtures/mcs/`, see its README).
 #![allow(clippy::unwrap_used)]
 
+use crate::service_probe::PROBE_ANNOTATION;
 use std::io::Write;
 use std::sync::Mutex;
 
@@ -61,7 +62,8 @@ fn export() -> Value {
             "name": "web", "namespace": "shop", "resourceVersion": "7",
             "annotations": {
                 CAPACITY_ANNOTATION: "120",
-                SERVICE_TIME_ANNOTATION: "base_ms=12,slope_ms_per_rps=0.3"
+                SERVICE_TIME_ANNOTATION: "base_ms=12,slope_ms_per_rps=0.3",
+                PROBE_ANNOTATION: "/healthz"
             }
         }
     })
@@ -331,6 +333,7 @@ async fn import_and_slices_become_service_at_v1alpha1_against_mock_api() {
         }]
     );
     assert_eq!(web.capacity_rps_per_pod, Some(120.0));
+    assert_eq!(web.service_time_probe.as_deref(), Some("/healthz"));
     assert_eq!(
         web.service_time_per_pod,
         Some(ServiceTime {
@@ -339,9 +342,18 @@ async fn import_and_slices_become_service_at_v1alpha1_against_mock_api() {
         })
     );
     // ... and reported with the capacity as the cluster's curve (one ready pod in east here).
-    let report = build_report("east", "node-1", &c, &PeerTable::new(), &BTreeMap::new());
+    let report = build_report(
+        "east",
+        "node-1",
+        &c,
+        &PeerTable::new(),
+        &BTreeMap::new(),
+        &BTreeMap::from([(web.name.clone(), 17.5)]),
+    );
     let curve = report.capacity[0].service_time.expect("declared");
     assert_eq!((curve.base_ms, curve.slope_ms_per_rps), (12.0, 0.3));
+    // what the service probe measured goes with it
+    assert_eq!(report.capacity[0].measured_service_ms, Some(17.5));
     let ready: Vec<(String, String)> = web
         .ready_endpoints_for(&web.ports[0])
         .iter()
@@ -514,7 +526,14 @@ async fn lighthouse_and_v1beta1_objects_against_mock_api() {
         "{}",
         metrics.encode()
     );
-    let report = build_report("east", "node-1", &c, &PeerTable::new(), &BTreeMap::new());
+    let report = build_report(
+        "east",
+        "node-1",
+        &c,
+        &PeerTable::new(),
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+    );
     assert_eq!(report.services_without_vip, ["shop/cart"]);
     assert_eq!(
         report.imports.map(|i| i.services),
@@ -556,7 +575,14 @@ async fn lighthouse_and_v1beta1_objects_against_mock_api() {
         "{}",
         metrics.encode()
     );
-    let report = build_report("east", "node-1", &c, &PeerTable::new(), &BTreeMap::new());
+    let report = build_report(
+        "east",
+        "node-1",
+        &c,
+        &PeerTable::new(),
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+    );
     assert!(report.services_without_vip.is_empty());
     assert_eq!(warned().len(), 1);
     assert_eq!(
@@ -707,6 +733,10 @@ fn invalid_objects_are_left_out_and_named() {
         SERVICE_TIME_ANNOTATION.into(),
         "base_ms=-1,slope_ms_per_rps=0".into(),
     );
+    ex.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(PROBE_ANNOTATION.into(), "/a b".into());
     let s: EndpointSlice =
         serde_json::from_value(slice("x", "Not_A_Label", &[("10.0.0.1", None)])).expect("slice");
     let (c, problems) = build_catalog(
@@ -737,9 +767,14 @@ fn invalid_objects_are_left_out_and_named() {
         "{msgs:?}"
     );
     assert!(
+        msgs.iter().any(|m| m.contains("ServiceExport shop/web")
+            && m.contains(&format!("[{PROBE_ANNOTATION}]: \"/a b\" holds ' '"))),
+        "{msgs:?}"
+    );
+    assert!(
         msgs.iter()
             .any(|m| m.contains("EndpointSlice shop/x") && m.contains(SOURCE_CLUSTER_LABEL)),
         "{msgs:?}"
     );
-    assert_eq!(problems.len(), 4);
+    assert_eq!(problems.len(), 5);
 }
