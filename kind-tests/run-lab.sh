@@ -12,8 +12,9 @@
 #   3. c3's backends are stopped during a load: traffic shifts to c2, no failed connection
 #   4. optimized against round-robin: mean RTT and egress price of the observed split
 #   5. load-aware optimized: two clusters about as far, backends really slower under load;
-#      declaring their service-time curves moves traffic to the flatter one and lowers the
-#      measured mean request time against the linear model
+#      declaring their service-time curves, or letting the agents measure them (the broker
+#      fits), moves traffic to the flatter one and lowers the measured mean request time
+#      against the linear model
 #   6. broker failover (3 replicas on the lab's PostgreSQL): the leader is SIGKILLed while c1
 #      opens connections steadily; no connect fails, another replica leads within the lease
 #      time, and the weights still follow a changed delay afterwards
@@ -140,14 +141,16 @@ echo "== 4. optimized against round-robin from c1 (egress priced with broker/dat
 echo
 echo "== 5. load-aware optimized: c2 and c3 about as far from c1 (30 and 31 ms one way), their"
 echo "      backends really slower under load (c2: 2 ms + 1 ms per RPS per pod, c3: 2 ms +"
-echo "      0.25 ms per RPS). Undeclared, the linear model fills the nearer c2; declared"
-echo "      (topology service_time = ServiceExport annotation ballast.io/service-time), the"
-echo "      broker balances the marginal costs. Same backends, same 40 connections/s"
+echo "      0.25 ms per RPS). Unknown to the broker, the linear model fills the nearer c2;"
+echo "      declared (topology service_time = ServiceExport annotation ballast.io/service-time)"
+echo "      or measured (the agents probe their backends, service_time_probe = annotation"
+echo "      ballast.io/service-time-probe, and the broker fits the curves), the broker balances"
+echo "      the marginal costs. Same backends, same 40 connections/s"
 "$LAB" policy optimized --params performance >/dev/null
 "$LAB" delay c1 c2 30 >/dev/null
 "$LAB" delay c1 c3 31 >/dev/null
-"$LAB" service-time c2 demo/echo --backends base_ms=2,slope_ms_per_rps=1 --declare none
-"$LAB" service-time c3 demo/echo --backends base_ms=2,slope_ms_per_rps=0.25 --declare none
+"$LAB" service-time c2 demo/echo --backends base_ms=2,slope_ms_per_rps=1
+"$LAB" service-time c3 demo/echo --backends base_ms=2,slope_ms_per_rps=0.25
 "$LAB" settle --from c1 --wait-secs 120 >/dev/null
 measure() { # warm-up (the agents measure the demand, the broker re-solves), then 30 s measured
   "$LAB" load --from c1 --service demo/echo --connections 800 --rate 40 >/dev/null
@@ -156,25 +159,32 @@ measure() { # warm-up (the agents measure the demand, the broker re-solves), the
 measure "$tmp/linear.json"
 "$LAB" service-time c2 demo/echo --declare base_ms=2,slope_ms_per_rps=1
 "$LAB" service-time c3 demo/echo --declare base_ms=2,slope_ms_per_rps=0.25
-measure "$tmp/load-aware.json"
-python3 - "$tmp/linear.json" "$tmp/load-aware.json" <<'PY'
+measure "$tmp/declared.json"
+"$LAB" service-time c2 demo/echo --declare none --probe / >/dev/null
+"$LAB" service-time c3 demo/echo --declare none --probe / >/dev/null
+echo "-- declarations withdrawn, the agents of c2 and c3 probe GET / on their backends"
+measure "$tmp/measured.json"
+"$LAB" explain --from c1 --service demo/echo
+python3 - "$tmp/linear.json" "$tmp/declared.json" "$tmp/measured.json" <<'PY'
 import json, sys
-lin, la = (json.load(open(p)) for p in sys.argv[1:3])
-for name, r in (("linear (no curve declared)", lin), ("load-aware (curves declared)", la)):
-    print(f"{name:<29} split {', '.join(f'{c} {s:.0%}' for c, s in r['observed'].items())}; "
+lin, dec, mea = (json.load(open(p)) for p in sys.argv[1:4])
+for name, r in (("linear (nothing known)", lin), ("load-aware, curves declared", dec),
+                ("load-aware, curves measured", mea)):
+    print(f"{name:<28} split {', '.join(f'{c} {s:.0%}' for c, s in r['observed'].items())}; "
           f"mean request {r['mean_latency_ms']:.1f} ms (connect {r['mean_connect_ms']:.1f} ms); "
           f"{r['failed']} failed of {r['connections']}")
-drop = 1 - la["mean_latency_ms"] / lin["mean_latency_ms"]
-print(f"mean request time {drop:.1%} lower with the curves declared")
-if lin["failed"] or la["failed"]:
-    sys.exit("run-lab.sh: connections failed in the load-aware step")
-if la["observed"].get("c2", 0.0) > lin["observed"].get("c2", 0.0) - 0.2:
-    sys.exit("run-lab.sh: the declared curves did not move c1's traffic off the steeper c2")
-if drop < 0.08:
-    sys.exit("run-lab.sh: the mean request time did not drop by 8 % with the curves declared")
+for name, r in (("declared", dec), ("measured", mea)):
+    drop = 1 - r["mean_latency_ms"] / lin["mean_latency_ms"]
+    print(f"mean request time {drop:.1%} lower with the curves {name}")
+    if r["failed"] or lin["failed"]:
+        sys.exit("run-lab.sh: connections failed in the load-aware step")
+    if r["observed"].get("c2", 0.0) > lin["observed"].get("c2", 0.0) - 0.2:
+        sys.exit(f"run-lab.sh: the {name} curves did not move c1's traffic off the steeper c2")
+    if drop < 0.08:
+        sys.exit(f"run-lab.sh: the mean request time did not drop by 8 % with the curves {name}")
 PY
 for c in c2 c3; do
-  "$LAB" service-time "$c" demo/echo --backends none --declare none >/dev/null
+  "$LAB" service-time "$c" demo/echo --backends none --declare none --probe none >/dev/null
   "$LAB" delay c1 "$c" --default >/dev/null
 done
 "$LAB" policy optimized --params mixed >/dev/null

@@ -194,7 +194,13 @@ async fn kube_mock_api_policy_crd_listed_objects_become_settings() {
                 "default",
                 3,
                 &json!({"serviceDiscoveryLoadBalancing": "weighted-round-robin",
-                        "optimizedLoadBalancingParams": "cost"}),
+                        "optimizedLoadBalancingParams": "cost",
+                        "egressPrices": [
+                            {"provider": "aws", "from": "sa-east-1", "to": "*",
+                             "usdPerGb": 0.018, "note": "contract 2026"},
+                            {"provider": "gcp", "from": "continent:europe", "to": "internet",
+                             "usdPerGb": 0.05}
+                        ]}),
             )],
         ),
         (
@@ -232,6 +238,17 @@ async fn kube_mock_api_policy_crd_listed_objects_become_settings() {
         }
     );
     assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+    // The negotiated prices as the API server serves them (camelCase, optional note).
+    assert_eq!(s.egress_prices.len(), 2);
+    assert_eq!(
+        (
+            s.egress_prices[0].from.as_str(),
+            s.egress_prices[0].usd_per_gb,
+            s.egress_prices[0].note.as_deref()
+        ),
+        ("sa-east-1", 0.018, Some("contract 2026"))
+    );
+    assert_eq!(s.egress_prices[1].to, "internet");
     // Overrides apply per service and inherit what they leave out.
     assert_eq!(
         s.for_service("demo/echo"),

@@ -77,6 +77,7 @@ fn crd_schema_enums_are_the_models_values() {
         let spec = LoadBalancingPolicySpec {
             service_discovery_load_balancing: Some(v.clone()),
             optimized_load_balancing_params: None,
+            egress_prices: Vec::new(),
         };
         let c = PolicyChoice::try_from(&spec).expect("valid policy");
         assert_eq!(c.policy.map(|p| wire(&p)), Some(v.clone()));
@@ -113,6 +114,7 @@ fn crd_try_from_rejects_bad_values_naming_the_field() {
     let spec = LoadBalancingPolicySpec {
         service_discovery_load_balancing: Some("Round-Robin".into()),
         optimized_load_balancing_params: Some("cost".into()),
+        egress_prices: Vec::new(),
     };
     let e = PolicyChoice::try_from(&spec).expect_err("case matters");
     assert!(matches!(e, CrdError::InvalidValue { field, .. } if field == FIELD_POLICY));
@@ -125,6 +127,7 @@ fn crd_try_from_rejects_bad_values_naming_the_field() {
     let spec = LoadBalancingPolicySpec {
         service_discovery_load_balancing: None,
         optimized_load_balancing_params: Some("latency".into()),
+        egress_prices: Vec::new(),
     };
     let e = PolicyChoice::try_from(&spec).expect_err("not a params value");
     assert!(matches!(e, CrdError::InvalidValue { field, .. } if field == FIELD_PARAMS));
@@ -154,6 +157,7 @@ fn cluster_obj(name: &str, policy: Option<&str>, params: Option<&str>) -> LoadBa
         LoadBalancingPolicySpec {
             service_discovery_load_balancing: policy.map(str::to_string),
             optimized_load_balancing_params: params.map(str::to_string),
+            egress_prices: Vec::new(),
         },
     );
     o.metadata = ObjectMeta {
@@ -251,6 +255,58 @@ fn crd_settings_invalid_edit_keeps_last_accepted_values() {
     );
     assert_eq!(fresh.cluster, FALLBACK);
     assert!(!fresh.from_crd);
+}
+
+#[test]
+fn crd_egress_prices_are_checked_whole_and_a_bad_row_keeps_the_last_accepted_object() {
+    use ballast_k8s_api::policy::EgressPriceRow;
+    let row = |from: &str, usd_per_gb: f64| EgressPriceRow {
+        provider: "aws".into(),
+        from: from.into(),
+        to: "*".into(),
+        usd_per_gb,
+        note: Some("contract".into()),
+    };
+    let with_prices = |policy: &str, rows: Vec<EgressPriceRow>| {
+        let mut o = cluster_obj("default", Some(policy), None);
+        o.spec.egress_prices = rows;
+        o
+    };
+    let good = PolicySettings::from_objects(
+        &[with_prices("round-robin", vec![row("sa-east-1", 0.018)])],
+        &[],
+        FALLBACK,
+        None,
+    );
+    assert!(good.rejected.is_empty(), "{:?}", good.rejected);
+    assert_eq!(good.egress_prices, vec![row("sa-east-1", 0.018)]);
+    for (rows, named) in [
+        (
+            vec![row("sa-east-1", 0.018), row("us-east-1", -0.5)],
+            "spec.egressPrices[1].usdPerGb",
+        ),
+        (vec![row("us-moon-1", 0.01)], "spec.egressPrices[0].from"),
+        (
+            vec![row("us-east-1", 0.01), row("us-east-1", 0.02)],
+            "spec.egressPrices[1].from",
+        ),
+    ] {
+        // the policy of the same object changes too: nothing of it is applied
+        let bad = PolicySettings::from_objects(
+            &[with_prices("optimized", rows)],
+            &[],
+            FALLBACK,
+            Some(&good),
+        );
+        assert_eq!(bad.rejected.len(), 1, "{named}");
+        assert!(
+            bad.rejected[0].error.starts_with(named),
+            "{}",
+            bad.rejected[0].error
+        );
+        assert_eq!(bad.cluster, good.cluster, "{named}");
+        assert_eq!(bad.egress_prices, good.egress_prices, "{named}");
+    }
 }
 
 #[test]

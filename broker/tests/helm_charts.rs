@@ -179,6 +179,7 @@ fn helm_broker_policy_values_are_valid_crd_values() {
         optimized_load_balancing_params: values["optimizedLoadBalancingParams"]
             .as_str()
             .map(str::to_string),
+        egress_prices: Vec::new(),
     };
     let choice = ballast_k8s_api::policy::PolicyChoice::try_from(&spec).expect("valid defaults");
     assert!(choice.policy.is_some() && choice.params.is_some());

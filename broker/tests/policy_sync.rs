@@ -156,3 +156,42 @@ async fn an_invalid_object_keeps_its_stored_record_even_with_nothing_in_memory()
         .expect("apply");
     assert_eq!(sync.deleted, ["demo/web"]);
 }
+
+#[tokio::test]
+async fn crd_egress_prices_are_stored_replaced_and_kept_while_the_object_is_rejected() {
+    use ballast_k8s_api::policy::EgressPriceRow;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(&dir).await;
+    let row = |from: &str, usd_per_gb: f64| EgressPriceRow {
+        provider: "aws".into(),
+        from: from.into(),
+        to: "*".into(),
+        usd_per_gb,
+        note: None,
+    };
+    let mut s = settings(Some(Policy::Optimized), &[]);
+    s.egress_prices = vec![row("sa-east-1", 0.018), row("ap-southeast-1", 0.04)];
+    apply_settings(&engine, &s).await.expect("apply");
+    let stored = engine.store().crd_prices().await.expect("rows");
+    assert_eq!(
+        stored
+            .iter()
+            .map(|r| (r.from_region.as_str(), r.usd_per_gb))
+            .collect::<Vec<_>>(),
+        [("sa-east-1", 0.018), ("ap-southeast-1", 0.04)]
+    );
+    // The object is rejected now (a bad edit): the rows last applied stay.
+    let mut bad = s.clone();
+    bad.egress_prices.clear();
+    bad.rejected.push(Rejected {
+        object: "LoadBalancingPolicy/default".into(),
+        error: "spec.egressPrices[0].usdPerGb: -1 is not a finite non-negative price".into(),
+    });
+    apply_settings(&engine, &bad).await.expect("apply");
+    assert_eq!(engine.store().crd_prices().await.expect("rows").len(), 2);
+    // Accepted without prices: none any more.
+    let mut none = s.clone();
+    none.egress_prices.clear();
+    apply_settings(&engine, &none).await.expect("apply");
+    assert!(engine.store().crd_prices().await.expect("rows").is_empty());
+}

@@ -238,7 +238,7 @@ enum Cmd {
     /// (--backends: restarts them, through readiness) and the curve the cluster declares in
     /// its topology file (--declare: what the broker's load-aware optimized solves with).
     /// A curve is `base_ms=<ms>,slope_ms_per_rps=<ms per RPS>` per pod, or `none`.
-    #[command(group(clap::ArgGroup::new("change").args(["backends", "declare"]).multiple(true).required(true)))]
+    #[command(group(clap::ArgGroup::new("change").args(["backends", "declare", "probe"]).multiple(true).required(true)))]
     ServiceTime {
         cluster: String,
         service: String,
@@ -248,10 +248,24 @@ enum Cmd {
         /// The curve the cluster declares (ServiceExport annotation `ballast.io/service-time`).
         #[arg(long, value_parser = parse_curve_or_none)]
         declare: Option<CurveArg>,
+        /// The HTTP path the cluster's agents probe on its backends to measure the service
+        /// time (ServiceExport annotation `ballast.io/service-time-probe`), or `none`; the
+        /// broker fits the curve from what they measure.
+        #[arg(long)]
+        probe: Option<String>,
         #[arg(long, env = "BALLAST_LAB_WAIT_SECS", default_value_t = 30)]
         wait_secs: u64,
         #[arg(long)]
         json: bool,
+    },
+    /// Why the broker gives a source these weights for a service: per destination the cost,
+    /// flow, weight and notes (binding constraints, the service-time curve and its origin,
+    /// the marginal cost).
+    Explain {
+        #[arg(long)]
+        from: String,
+        #[arg(long, default_value = "demo/echo")]
+        service: String,
     },
     /// (internal) The WAN emulator; `up` starts it in the wan namespace.
     #[command(hide = true)]
@@ -371,6 +385,21 @@ fn real_main(cli: Cli) -> Result<()> {
                 if r.bpf_dir { "removed" } else { "absent" },
                 if r.state_dir { "removed" } else { "absent" },
             );
+        }
+        Cmd::Explain { from, service } => {
+            init_tracing("warn");
+            let rows = lab.explain(&service, &from)?;
+            println!("{service} from {from}:");
+            for d in rows {
+                println!(
+                    "  {:<6} cost {:>8.2}  flow {:>7.2} rps  weight {:>5.1}%  {}",
+                    d.cluster_id,
+                    d.cost,
+                    d.flow_rps,
+                    d.weight * 100.0,
+                    d.notes.join("; ")
+                );
+            }
         }
         Cmd::Brokers { json } => {
             init_tracing("warn");
@@ -633,6 +662,7 @@ fn real_main(cli: Cli) -> Result<()> {
             service,
             backends,
             declare,
+            probe,
             wait_secs,
             json,
         } => {
@@ -642,6 +672,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 &service,
                 backends.map(|c| c.0),
                 declare.map(|c| c.0),
+                probe.map(|p| (p != "none").then_some(p)),
                 Duration::from_secs(wait_secs),
             )?;
             if json {
@@ -649,9 +680,10 @@ fn real_main(cli: Cli) -> Result<()> {
             } else {
                 let show = |c: Option<ServiceTime>| c.map_or("none".to_string(), |c| c.to_string());
                 println!(
-                    "{service} in {cluster}: backends {}, declared {} per pod; the broker solves with {}{}",
+                    "{service} in {cluster}: backends {}, declared {} per pod, probe {}; the broker solves with {}{}",
                     show(change.backends),
                     show(change.declared),
+                    change.probe.as_deref().unwrap_or("none"),
                     change.broker.map_or("no curve".to_string(), |c| format!(
                         "{:.3} + {:.4} x load ms",
                         c.base_ms, c.slope_ms_per_rps

@@ -107,6 +107,17 @@ pub struct PriceRule {
     pub source: String,
 }
 
+/// One price row given outside a file (the policy CRD's `spec.egressPrices`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceRow {
+    pub provider: String,
+    pub from: String,
+    pub to: String,
+    pub usd_per_gb: f64,
+    /// Where the figure comes from (free text).
+    pub source: String,
+}
+
 #[derive(Deserialize)]
 struct RawRow {
     provider: String,
@@ -196,11 +207,6 @@ impl EgressPrices {
             .comment(Some(b'#'))
             .flexible(true)
             .from_reader(text.as_bytes());
-        let providers: BTreeSet<&str> = self.continents.keys().map(|(p, _)| p.as_str()).collect();
-        let continent_names: BTreeSet<&str> =
-            self.continents.values().map(String::as_str).collect();
-        let mut keys = BTreeSet::new();
-        let mut out = Vec::new();
         let headers = reader
             .headers()
             .map_err(|e| PriceTableError {
@@ -210,6 +216,7 @@ impl EgressPrices {
                 message: e.to_string(),
             })?
             .clone();
+        let mut rows = Vec::new();
         for record in reader.records() {
             let err = |line: u64, field: &'static str, message: String| PriceTableError {
                 table: table.to_owned(),
@@ -225,6 +232,66 @@ impl EgressPrices {
             let row: RawRow = record
                 .deserialize(Some(&headers))
                 .map_err(|e| err(line, "-", e.to_string()))?;
+            rows.push((line, row));
+        }
+        self.check_rows(table, rows)
+    }
+
+    /// These rules with `rows` over the operator's: a row here replaces an operator row of
+    /// the same (provider, from, to) and, like those, wins over every built-in row. Errors
+    /// name the row by its index in `rows` (as `row N`) and the field. Nothing is applied
+    /// unless every row is good.
+    ///
+    /// # Errors
+    /// The first bad row, as [`EgressPrices::with_operator_table`].
+    pub fn with_override_rows(
+        mut self,
+        table: &str,
+        rows: &[PriceRow],
+    ) -> Result<Self, PriceTableError> {
+        let raw = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    i as u64,
+                    RawRow {
+                        provider: r.provider.clone(),
+                        from: r.from.clone(),
+                        to: r.to.clone(),
+                        usd_per_gb: r.usd_per_gb.to_string(),
+                        source: r.source.clone(),
+                    },
+                )
+            })
+            .collect();
+        let over = self.check_rows(table, raw)?;
+        self.operator.retain(|o| {
+            !over
+                .iter()
+                .any(|n| n.provider == o.provider && n.from == o.from && n.to == o.to)
+        });
+        self.operator.splice(0..0, over);
+        Ok(self)
+    }
+
+    fn check_rows(
+        &self,
+        table: &str,
+        rows: Vec<(u64, RawRow)>,
+    ) -> Result<Vec<PriceRule>, PriceTableError> {
+        let providers: BTreeSet<&str> = self.continents.keys().map(|(p, _)| p.as_str()).collect();
+        let continent_names: BTreeSet<&str> =
+            self.continents.values().map(String::as_str).collect();
+        let mut keys = BTreeSet::new();
+        let mut out = Vec::new();
+        for (line, row) in rows {
+            let err = |line: u64, field: &'static str, message: String| PriceTableError {
+                table: table.to_owned(),
+                line,
+                field,
+                message,
+            };
             let provider = row.provider.to_ascii_lowercase();
             if !providers.contains(provider.as_str()) {
                 return Err(err(
@@ -508,6 +575,61 @@ mod tests {
         // Not covered by the operator: the built-in row.
         let m = t.price("aws", "sa-east-1", "gcp", "us-east1").unwrap();
         assert_eq!((m.usd_per_gb, m.operator), (0.15, false));
+    }
+
+    #[test]
+    fn override_rows_win_over_the_operator_file_and_bad_ones_are_named_by_index() {
+        let row = |from: &str, to: &str, usd_per_gb: f64| PriceRow {
+            provider: "aws".into(),
+            from: from.into(),
+            to: to.into(),
+            usd_per_gb,
+            source: "crd".into(),
+        };
+        let file = EgressPrices::builtin()
+            .unwrap()
+            .with_operator_table(
+                "negotiated.csv",
+                "provider,from,to,usd_per_gb,source\naws,*,*,0.005,contract 2026\naws,sa-east-1,*,0.05,contract\n",
+            )
+            .unwrap();
+        let t = file
+            .clone()
+            .with_override_rows("spec.egressPrices", &[row("sa-east-1", "*", 0.001)])
+            .unwrap();
+        // the same key: the override's figure
+        let m = t.price("aws", "sa-east-1", "aws", "us-east-1").unwrap();
+        assert_eq!(
+            (m.usd_per_gb, m.operator, m.rule.source.as_str()),
+            (0.001, true, "crd")
+        );
+        // another key of the file stays
+        let m = t.price("aws", "us-west-2", "aws", "us-east-1").unwrap();
+        assert_eq!(m.usd_per_gb, 0.005);
+        assert_eq!(t.operator_rules().len(), 2);
+        for (bad, named) in [
+            (
+                vec![row("us-east-1", "*", 0.01), row("us-east-1", "*", -1.0)],
+                "row 1, usd_per_gb",
+            ),
+            (vec![row("us-east-1", "*", f64::NAN)], "row 0, usd_per_gb"),
+            (vec![row("moon-1", "*", 0.01)], "row 0, from"),
+            (vec![row("internet", "*", 0.01)], "row 0, from"),
+            (
+                vec![row("us-east-1", "*", 0.01), row("us-east-1", "*", 0.02)],
+                "row 1, from",
+            ),
+        ] {
+            let e = file
+                .clone()
+                .with_override_rows("spec.egressPrices", &bad)
+                .expect_err(named)
+                .to_string();
+            assert!(
+                e.contains(named) && e.starts_with("spec.egressPrices"),
+                "{named}: {e}"
+            );
+        }
     }
 
     #[test]

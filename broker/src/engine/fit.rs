@@ -16,7 +16,8 @@
 //! [`MIN_SPREAD_SHARE`] of the largest (without spread the slope is noise). Without a fit the
 //! plan takes the declared curve, or else a flat curve at the median measured time
 //! ([`CurveOrigin::Measured`]): a fact at today's load, which moves traffic and so makes the
-//! spread the fit needs.
+//! spread the fit needs. Measured curves count only while the cluster's agents still send a
+//! measured time (a probe removed takes its curve with it at once, not after the window).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use ballast_model::load_aware::LoadCurve;
 use ballast_store::ServiceTimePoint;
 
+use super::plan::median;
 use super::snapshot::Snapshot;
 
 /// How far back points count.
@@ -52,19 +54,6 @@ pub enum CurveOrigin {
     Declared,
     /// Flat at the median of this many measured points (too little load spread to fit).
     Measured(usize),
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 /// The points this round adds (see the module docs): fresh samples are those measured at or
@@ -106,7 +95,7 @@ pub fn new_points(snap: &Snapshot, known: &BTreeSet<&str>, cut: i64) -> Vec<Serv
     }
     samples
         .into_iter()
-        .filter_map(|((service, cluster), (ms, at))| {
+        .filter_map(|((service, cluster), (mut ms, at))| {
             let due = last
                 .get(&(service, cluster))
                 .is_none_or(|l| at >= l.saturating_add(POINT_INTERVAL_MS));
@@ -115,7 +104,7 @@ pub fn new_points(snap: &Snapshot, known: &BTreeSet<&str>, cut: i64) -> Vec<Serv
                 cluster_id: cluster.to_owned(),
                 at_ms: at,
                 load_rps: load.get(&(service, cluster)).copied().unwrap_or(0.0),
-                service_ms: median(ms)?,
+                service_ms: median(&mut ms)?,
             })
             .filter(|_| due)
         })
@@ -187,7 +176,8 @@ pub fn measured_curves(
         let entry = match fit(&pts) {
             Some(c) => (c, CurveOrigin::Fitted(n)),
             None => {
-                let Some(m) = median(pts.iter().map(|p| p.1).collect()) else {
+                let mut times: Vec<f64> = pts.iter().map(|p| p.1).collect();
+                let Some(m) = median(&mut times) else {
                     continue;
                 };
                 (

@@ -34,10 +34,11 @@
 //! only stale samples, the plan says so ([`ServicePlan::stale`]) and the round keeps the
 //! service's previous weights.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use ballast_model::egress_prices::DEFAULT_REQUEST_BYTE_SHARE;
+use ballast_model::egress_prices::{EgressPrices, PriceRow, DEFAULT_REQUEST_BYTE_SHARE};
 use ballast_model::load_aware::LoadCurve;
 use ballast_model::{Cluster, Matrix, Params, Policy, PriceTable, Problem, ServiceInput};
 use ballast_store::{CapacityRecord, ImportDeclaration, PolicyRecord};
@@ -192,11 +193,47 @@ pub fn prices(rows: &[(String, f64)], cfg: &EngineConfig) -> PriceTable {
     p
 }
 
+/// The region price table in force: the broker's (built-in table and `--egress-prices` file)
+/// with the policy CRD's rows over it. Rows the table refuses (they were checked before they
+/// were stored, so only a table changed under them) are logged and left out, all of them.
+fn region_prices<'a>(snap: &Snapshot, cfg: &'a EngineConfig) -> Cow<'a, EgressPrices> {
+    if snap.crd_prices.is_empty() {
+        return Cow::Borrowed(cfg.region_prices.as_ref());
+    }
+    let rows: Vec<PriceRow> = snap
+        .crd_prices
+        .iter()
+        .map(|r| PriceRow {
+            provider: r.provider.clone(),
+            from: r.from_region.clone(),
+            to: r.to_region.clone(),
+            usd_per_gb: r.usd_per_gb,
+            source: if r.note.is_empty() {
+                "LoadBalancingPolicy/default".into()
+            } else {
+                r.note.clone()
+            },
+        })
+        .collect();
+    match cfg
+        .region_prices
+        .as_ref()
+        .clone()
+        .with_override_rows("LoadBalancingPolicy/default spec.egressPrices", &rows)
+    {
+        Ok(p) => Cow::Owned(p),
+        Err(e) => {
+            warn!(error = %e, "the policy's egress prices are left out");
+            Cow::Borrowed(cfg.region_prices.as_ref())
+        }
+    }
+}
+
 /// The region price table's price of a request's traffic for every ordered pair of
 /// `clusters` it covers in both directions (`src -> dst -> USD/GB`: request bytes at the
 /// source's price, response bytes at the destination's, one half each until bytes are
 /// measured); one table lookup per distinct (provider, region) pair.
-fn pair_prices(clusters: &[Cluster], cfg: &EngineConfig) -> Matrix {
+fn pair_prices(clusters: &[Cluster], prices: &EgressPrices) -> Matrix {
     let mut memo: HashMap<(&str, &str, &str, &str), Option<f64>> = HashMap::new();
     let mut out = Matrix::new();
     for a in clusters {
@@ -208,11 +245,7 @@ fn pair_prices(clusters: &[Cluster], cfg: &EngineConfig) -> Matrix {
                 b.region.as_str(),
             );
             let price = *memo.entry(key).or_insert_with(|| {
-                cfg.region_prices.request_price(
-                    (key.0, key.1),
-                    (key.2, key.3),
-                    DEFAULT_REQUEST_BYTE_SHARE,
-                )
+                prices.request_price((key.0, key.1), (key.2, key.3), DEFAULT_REQUEST_BYTE_SHARE)
             });
             if let Some(p) = price {
                 out.entry(a.id.clone()).or_default().insert(b.id.clone(), p);
@@ -222,7 +255,7 @@ fn pair_prices(clusters: &[Cluster], cfg: &EngineConfig) -> Matrix {
     out
 }
 
-fn median(v: &mut [f64]) -> Option<f64> {
+pub(super) fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -363,14 +396,26 @@ fn service_time_curves(
             );
         }
     }
-    // Measured: a fit goes before a declaration, a flat measurement only where none is declared.
+    // Measured: a fit goes before a declaration, a flat measurement only where none is
+    // declared; only while the cluster's agents still measure (a fresh sample carries a
+    // measured time): a probe removed takes its curve with it at once.
+    let probing: BTreeSet<(&str, &str)> = snap
+        .capacity
+        .iter()
+        .filter(|c| {
+            c.measured_service_ms.is_some()
+                && c.measured_at_ms >= cut
+                && known.contains(c.cluster_id.as_str())
+        })
+        .map(|c| (c.service.as_str(), c.cluster_id.as_str()))
+        .collect();
     let measured = fit::measured_curves(
         &snap.service_time_points,
         now_ms.saturating_sub(fit::window_ms()),
     );
     for (svc, clusters) in measured {
         for (cluster, (curve, origin)) in clusters {
-            if !known.contains(cluster.as_str()) {
+            if !probing.contains(&(svc.as_str(), cluster.as_str())) {
                 continue;
             }
             let slot = out.entry(svc.clone()).or_default();
@@ -435,7 +480,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
             provider: c.provider.clone(),
         })
         .collect();
-    let pair_prices = pair_prices(&model_clusters, cfg);
+    let pair_prices = pair_prices(&model_clusters, &region_prices(snap, cfg));
     let services: BTreeSet<&String> = cap.keys().chain(demand.keys()).collect();
     let mut out = Inputs {
         clusters: clusters.len(),

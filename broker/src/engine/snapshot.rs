@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use ballast_store::{
-    AgentRecord, CapacityRecord, ClusterRecord, ImportDeclaration, PolicyRecord, RpsRecord,
-    RttRecord, ServiceTimePoint, Store, StoreError, WithoutVipRecord,
+    AgentRecord, CapacityRecord, ClusterRecord, CrdPriceRecord, ImportDeclaration, PolicyRecord,
+    RpsRecord, RttRecord, ServiceTimePoint, Store, StoreError, WithoutVipRecord,
 };
 
 /// The stored facts a round or a status report is computed from.
@@ -30,6 +30,8 @@ pub struct Snapshot {
     /// Recent (load, measured service time) points per (service, cluster), for the fit
     /// (read since [`super::fit::WINDOW`] before now; empty for status).
     pub service_time_points: Vec<ServiceTimePoint>,
+    /// The policy CRD's egress price rows (empty for status).
+    pub crd_prices: Vec<CrdPriceRecord>,
 }
 
 impl Snapshot {
@@ -53,6 +55,7 @@ impl Snapshot {
             service_time_points: store
                 .service_time_points(imports_cut_ms.saturating_sub(super::fit::window_ms()))
                 .await?,
+            crd_prices: store.crd_prices().await?,
         })
     }
 
@@ -81,6 +84,7 @@ impl Snapshot {
             policies: Vec::new(),
             prices: Vec::new(),
             service_time_points: Vec::new(),
+            crd_prices: Vec::new(),
         })
     }
 }

@@ -257,7 +257,10 @@ fn measured_points_fit_a_curve_that_goes_before_the_declared_one() {
     let mut c2 = cap("c2", "n1", 1_000.0, NOW);
     c2.service_base_ms = Some(5.0);
     c2.service_slope_ms_per_rps = Some(0.0);
-    s.capacity = vec![c2, cap("c3", "n1", 1_000.0, NOW)];
+    c2.measured_service_ms = Some(55.0);
+    let mut c3 = cap("c3", "n1", 1_000.0, NOW);
+    c3.measured_service_ms = Some(6.0);
+    s.capacity = vec![c2, c3];
     s.service_time_points = measured_line("c2", 5.0, 1.0);
     s.service_time_points
         .extend(measured_line("c3", 6.0, 0.0).into_iter().map(|mut p| {
@@ -277,6 +280,19 @@ fn measured_points_fit_a_curve_that_goes_before_the_declared_one() {
     assert_eq!(p.service_time_origin["c3"], CurveOrigin::Measured(6));
     let w = weights(&first_round(&inputs), "c1");
     assert!(w["c2"] < 0.2 && w["c3"] > 0.8, "{w:?}");
+
+    // The probes removed (fresh samples without a measured time): the points are ignored.
+    let mut unprobed = s.clone();
+    for c in &mut unprobed.capacity {
+        c.measured_service_ms = None;
+    }
+    let inputs = plan(&unprobed, &cfg(), NOW);
+    let p = &inputs.services[SVC];
+    assert_eq!(
+        p.service_time_origin.get("c2"),
+        Some(&CurveOrigin::Declared)
+    );
+    assert!(!p.service_time_origin.contains_key("c3"));
 
     // Points older than the fit window count no more: back to the declared curve.
     let later = NOW + fit::window_ms() + 60_000;
@@ -817,4 +833,32 @@ fn the_plan_prices_region_pairs_from_the_table_and_tiers_where_it_has_none() {
     };
     let inputs = plan(&s, &tiers_only, NOW);
     assert!(inputs.services[SVC].problem.pair_prices.is_empty());
+
+    // The policy CRD's rows win: a negotiated rate out of São Paulo.
+    s.crd_prices = vec![ballast_store::CrdPriceRecord {
+        provider: "aws".into(),
+        from_region: "sa-east-1".into(),
+        to_region: "*".into(),
+        usd_per_gb: 0.018,
+        note: "contract 2026".into(),
+    }];
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC].problem;
+    let price = |a: &str, b: &str| p.pair_prices.get(a).and_then(|r| r.get(b)).copied();
+    assert!(
+        (price("c1", "c5").unwrap() - 0.019).abs() < 1e-12,
+        "{:?}",
+        price("c1", "c5")
+    );
+    assert_eq!(
+        price("c1", "c2"),
+        Some(0.01),
+        "other pairs keep the table's"
+    );
+    // A row the table refuses (e.g. a region it no longer knows): every CRD row left out.
+    s.crd_prices[0].from_region = "sa-moon-1".into();
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC].problem;
+    let price = |a: &str, b: &str| p.pair_prices.get(a).and_then(|r| r.get(b)).copied();
+    assert!((price("c1", "c5").unwrap() - 0.079).abs() < 1e-12);
 }

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use ballast_k8s_api::policy::{
-    CrdError, LoadBalancingPolicy, PolicyChoice, PolicyStatus, ServiceLoadBalancingPolicy,
-    ServiceOverrideSpec, CLUSTER_POLICY_NAME,
+    CrdError, EgressPriceRow, LoadBalancingPolicy, PolicyChoice, PolicyStatus,
+    ServiceLoadBalancingPolicy, ServiceOverrideSpec, CLUSTER_POLICY_NAME,
 };
+use ballast_model::egress_prices::{EgressPrices, PriceRow};
 use ballast_model::{Params, Policy, Problem};
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
@@ -49,7 +50,7 @@ impl fmt::Display for Rejected {
 }
 
 /// The policy the broker applies: cluster-wide pair plus per-service overrides.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicySettings {
     /// Cluster-wide pair: the `default` LoadBalancingPolicy over the broker's defaults.
     pub cluster: ClusterPolicy,
@@ -59,6 +60,57 @@ pub struct PolicySettings {
     pub services: BTreeMap<String, ServiceOverride>,
     /// Objects not accepted, with the field they got wrong.
     pub rejected: Vec<Rejected>,
+    /// The `default` LoadBalancingPolicy's `spec.egressPrices` (checked against the price
+    /// table's providers, regions and continents): over the broker's table and file.
+    #[serde(default)]
+    pub egress_prices: Vec<EgressPriceRow>,
+}
+
+/// The name `spec.egressPrices` errors and the engine's log give the CRD's price rows.
+pub const EGRESS_PRICES_FIELD: &str = "spec.egressPrices";
+
+/// The model's rows for `rows` (the CRD's).
+#[must_use]
+pub fn price_rows(rows: &[EgressPriceRow]) -> Vec<PriceRow> {
+    rows.iter()
+        .map(|r| PriceRow {
+            provider: r.provider.clone(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            usd_per_gb: r.usd_per_gb,
+            source: r
+                .note
+                .clone()
+                .unwrap_or_else(|| "LoadBalancingPolicy/default".into()),
+        })
+        .collect()
+}
+
+/// Checks the CRD's price rows against the built-in table's providers, regions and
+/// continents (and for a negative or non-finite price, a duplicate key, `internet` as a
+/// source), naming `spec.egressPrices[i].FIELD`.
+///
+/// # Errors
+/// The first bad row.
+pub fn check_egress_prices(rows: &[EgressPriceRow]) -> Result<(), CrdError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let base = EgressPrices::builtin().map_err(|e| CrdError::InvalidEgressPrice(e.to_string()))?;
+    base.with_override_rows(EGRESS_PRICES_FIELD, &price_rows(rows))
+        .map(|_| ())
+        .map_err(|e| {
+            let field = match e.field {
+                "usd_per_gb" => "usdPerGb",
+                "-" => "",
+                f => f,
+            };
+            let dot = if field.is_empty() { "" } else { "." };
+            CrdError::InvalidEgressPrice(format!(
+                "{EGRESS_PRICES_FIELD}[{}]{dot}{field}: {}",
+                e.line, e.message
+            ))
+        })
 }
 
 impl PolicySettings {
@@ -70,6 +122,7 @@ impl PolicySettings {
             from_crd: false,
             services: BTreeMap::new(),
             rejected: Vec::new(),
+            egress_prices: Vec::new(),
         }
     }
 
@@ -119,18 +172,23 @@ impl PolicySettings {
                 out.reject(object, &CrdError::NotSingleton(name));
                 continue;
             }
-            match PolicyChoice::try_from(&obj.spec) {
+            // the whole object or nothing: a bad price row keeps the policy as it was too
+            let checked = PolicyChoice::try_from(&obj.spec)
+                .and_then(|c| check_egress_prices(&obj.spec.egress_prices).map(|()| c));
+            match checked {
                 Ok(choice) => {
                     out.cluster = ClusterPolicy {
                         policy: choice.policy.unwrap_or(fallback.policy),
                         params: choice.params.unwrap_or(fallback.params),
                     };
                     out.from_crd = true;
+                    out.egress_prices.clone_from(&obj.spec.egress_prices);
                 }
                 Err(e) => {
                     if let Some(prev) = previous.filter(|p| p.from_crd) {
                         out.cluster = prev.cluster;
                         out.from_crd = true;
+                        out.egress_prices.clone_from(&prev.egress_prices);
                     }
                     out.reject(object, &e);
                 }

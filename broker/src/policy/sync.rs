@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::settings::PolicySettings;
 use crate::engine::{now_ms, Engine};
 use ballast_k8s_api::policy::CLUSTER_POLICY_NAME;
-use ballast_store::{CrdPolicy, CrdSync, StoreError};
+use ballast_store::{CrdPolicy, CrdPriceRecord, CrdSync, StoreError};
 
 /// The `source` of the cluster-wide record: the `default` LoadBalancingPolicy.
 #[must_use]
@@ -84,6 +84,34 @@ pub async fn apply_settings(
         .store()
         .sync_crd_policies(&desired, &keep, now_ms())
         .await?;
+    // The price rows of the `default` object, unless it is rejected now (then the rows last
+    // applied stay, as its policy does).
+    let default_rejected = settings
+        .rejected
+        .iter()
+        .any(|r| r.object == cluster_source());
+    let prices_changed = if default_rejected {
+        false
+    } else {
+        let rows: Vec<CrdPriceRecord> = settings
+            .egress_prices
+            .iter()
+            .map(|r| CrdPriceRecord {
+                provider: r.provider.clone(),
+                from_region: r.from.clone(),
+                to_region: r.to.clone(),
+                usd_per_gb: r.usd_per_gb,
+                note: r.note.clone().unwrap_or_default(),
+            })
+            .collect();
+        engine.store().sync_crd_prices(&rows).await?
+    };
+    if prices_changed {
+        info!(
+            rows = settings.egress_prices.len(),
+            "egress prices of the LoadBalancingPolicy applied"
+        );
+    }
     for r in &settings.rejected {
         warn!(object = %r.object, error = %r.error, "policy object rejected; last accepted value stays");
     }
@@ -101,7 +129,7 @@ pub async fn apply_settings(
         deleted = ?sync.deleted,
         "policy CRDs applied"
     );
-    if !sync.written.is_empty() || !sync.deleted.is_empty() {
+    if prices_changed || !sync.written.is_empty() || !sync.deleted.is_empty() {
         engine.trigger();
     }
     Ok(sync)

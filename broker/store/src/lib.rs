@@ -37,9 +37,9 @@ pub mod testing;
 pub use lease::{LeaderTerm, LeaseState};
 pub use notify::{GenerationListener, Notice};
 pub use records::{
-    AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdSync, ImportDeclaration,
-    PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord, ServiceTimePoint,
-    SolverRunRecord, StoredPolicy, WeightRecord, WithoutVipRecord,
+    AckRecord, AgentRecord, CapacityRecord, ClusterRecord, CrdPolicy, CrdPriceRecord, CrdSync,
+    ImportDeclaration, PolicyOrigin, PolicyRecord, PruneStats, ReportRecord, RpsRecord, RttRecord,
+    ServiceTimePoint, SolverRunRecord, StoredPolicy, WeightRecord, WithoutVipRecord,
 };
 
 /// What can go wrong in the store.

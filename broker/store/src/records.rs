@@ -67,6 +67,16 @@ pub struct CapacityRecord {
     pub measured_service_ms: Option<f64>,
 }
 
+/// One row of the policy CRD's egress prices, as stored.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CrdPriceRecord {
+    pub provider: String,
+    pub from_region: String,
+    pub to_region: String,
+    pub usd_per_gb: f64,
+    pub note: String,
+}
+
 /// One point of a (service, cluster)'s service-time curve: the measured service time and the
 /// load the broker saw on the cluster then. The leader records them (one per
 /// [`ServiceTimePoint::at_ms`], keyed by the newest sample's time); every replica fits from them.

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::Row;
 
-use crate::records::{CrdPolicy, CrdSync, PolicyOrigin, PolicyRecord, StoredPolicy};
+use crate::records::{
+    CrdPolicy, CrdPriceRecord, CrdSync, PolicyOrigin, PolicyRecord, StoredPolicy,
+};
 use crate::{Result, Store, StoreError};
 
 impl Store {
@@ -43,6 +45,56 @@ impl Store {
         rows.iter()
             .map(|r| Ok((r.try_get("tier")?, r.try_get("usd_per_gb")?)))
             .collect()
+    }
+
+    /// Replaces the policy CRD's egress price rows with `rows` (in their order), in one
+    /// transaction; returns whether they changed.
+    ///
+    /// # Errors
+    /// A database error; then nothing changed.
+    pub async fn sync_crd_prices(&self, rows: &[CrdPriceRecord]) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query_as::<_, CrdPriceRecord>(
+            "SELECT provider, from_region, to_region, usd_per_gb, note FROM crd_egress_prices \
+             ORDER BY position",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if current == rows {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM crd_egress_prices")
+            .execute(&mut *tx)
+            .await?;
+        for (i, r) in rows.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO crd_egress_prices (position, provider, from_region, to_region, \
+                 usd_per_gb, note) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(i64::try_from(i).unwrap_or(i64::MAX))
+            .bind(&r.provider)
+            .bind(&r.from_region)
+            .bind(&r.to_region)
+            .bind(r.usd_per_gb)
+            .bind(&r.note)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The policy CRD's egress price rows, in their order.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn crd_prices(&self) -> Result<Vec<CrdPriceRecord>> {
+        Ok(sqlx::query_as::<_, CrdPriceRecord>(
+            "SELECT provider, from_region, to_region, usd_per_gb, note FROM crd_egress_prices \
+             ORDER BY position",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Sets (inserts or replaces) a policy set through the Admin API (origin `admin`).

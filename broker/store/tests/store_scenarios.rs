@@ -128,6 +128,20 @@ async fn store_roundtrip(url: &str) {
     assert_eq!(pts[1].service_ms, 32.0);
     assert_eq!(store.prune_service_time_points(2_500).await.unwrap(), 2);
     assert_eq!(store.service_time_points(0).await.unwrap().len(), 1);
+    // The policy CRD's price rows: replaced as a whole, in order; unchanged is no change.
+    let price = |from: &str, usd_per_gb: f64| ballast_store::CrdPriceRecord {
+        provider: "aws".into(),
+        from_region: from.into(),
+        to_region: "*".into(),
+        usd_per_gb,
+        note: String::new(),
+    };
+    let rows = vec![price("sa-east-1", 0.018), price("ap-southeast-1", 0.04)];
+    assert!(store.sync_crd_prices(&rows).await.unwrap());
+    assert!(!store.sync_crd_prices(&rows).await.unwrap());
+    assert_eq!(store.crd_prices().await.unwrap(), rows);
+    assert!(store.sync_crd_prices(&rows[1..]).await.unwrap());
+    assert_eq!(store.crd_prices().await.unwrap(), rows[1..]);
 
     store.set_price("cross_zone", 0.01, 1).await.unwrap();
     store.set_price("cross_zone", 0.03, 2).await.unwrap();

@@ -218,6 +218,24 @@ pub fn set_policy(
     })
 }
 
+/// The broker's explanation of (service, source): per destination its cost, flow, weight
+/// and notes (the service-time curve, where it came from, the marginal cost).
+pub fn explain_rows(
+    cp: &ControlPlane,
+    wan_netns: &str,
+    service: &str,
+    source: &str,
+) -> Result<Vec<ballast_proto::v1::ExplainDestination>> {
+    let req = ExplainRequest {
+        service: service.to_string(),
+        source_cluster_id: source.to_string(),
+    };
+    call(cp, wan_netns, "Explain", |mut c| async move {
+        let ex = c.explain(req).await?.into_inner();
+        Ok(ex.destinations)
+    })
+}
+
 /// The lab's view of the two answers.
 fn view(w: GetWeightsResponse, c: ListClustersResponse) -> BrokerView {
     let mut v = BrokerView {

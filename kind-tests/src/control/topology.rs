@@ -46,6 +46,9 @@ struct TopoService {
     /// The local cluster's declared service-time curve per pod; absent: none declared.
     #[serde(skip_serializing_if = "Option::is_none")]
     service_time: Option<ServiceTime>,
+    /// The path the local cluster's agents probe to measure the service time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_time_probe: Option<String>,
     endpoints: Vec<TopoEndpoint>,
 }
 
@@ -98,6 +101,7 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
                     }],
                     capacity_rps_per_pod: s.per_pod_capacity(local),
                     service_time: s.declared_curve(local)?,
+                    service_time_probe: s.service_time_probe.get(local).cloned(),
                     endpoints: s
                         .backends
                         .iter()

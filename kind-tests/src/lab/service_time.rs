@@ -26,6 +26,8 @@ pub struct ServiceTimeChange {
     pub backends: Option<ServiceTime>,
     /// The declared per-pod curve now (None: none declared).
     pub declared: Option<ServiceTime>,
+    /// The path the cluster's agents probe now (None: not probed).
+    pub probe: Option<String>,
     /// The cluster's curve in the broker's last solve (per-pod over ready pods).
     pub broker: Option<LoadCurve>,
     /// How long the broker took to solve with the new declaration (when it changed).
@@ -63,8 +65,17 @@ impl Lab {
         service: &str,
         backends: Option<Option<ServiceTime>>,
         declare: Option<Option<ServiceTime>>,
+        probe: Option<Option<String>>,
         timeout: Duration,
     ) -> Result<ServiceTimeChange> {
+        if let Some(Some(path)) = &probe {
+            if !path.starts_with('/') || !path.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(LabError::invalid(
+                    "probe",
+                    format!("{path:?}: want a path starting with '/', visible ASCII only"),
+                ));
+            }
+        }
         for curve in [backends, declare].into_iter().flatten().flatten() {
             curve
                 .check()
@@ -80,6 +91,12 @@ impl Lab {
                     match b {
                         Some(c) => s.backend_service_time.insert(cluster.into(), c.to_string()),
                         None => s.backend_service_time.remove(cluster),
+                    };
+                }
+                if let Some(p) = &probe {
+                    match p {
+                        Some(path) => s.service_time_probe.insert(cluster.into(), path.clone()),
+                        None => s.service_time_probe.remove(cluster),
                     };
                 }
                 if let Some(d) = declare {
@@ -106,6 +123,7 @@ impl Lab {
             cluster: cluster.into(),
             backends: svc.backend_curve(cluster)?,
             declared: svc.declared_curve(cluster)?,
+            probe: svc.service_time_probe.get(cluster).cloned(),
             broker: None,
             took_s: None,
         };
@@ -113,6 +131,10 @@ impl Lab {
             return Ok(change);
         };
         control::write_topologies(&self.state_dir, &state)?;
+        if declare.is_none() {
+            // a probe alone: the broker's curve comes later, from the measurements
+            return Ok(change);
+        }
         let want = change
             .declared
             .and_then(|c| cluster_curve(c, svc.ready_pods(cluster)));
@@ -139,6 +161,20 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+impl Lab {
+    /// The broker's explanation of `service`'s weights from `source` ([`control::explain_rows`]).
+    pub fn explain(
+        &self,
+        service: &str,
+        source: &str,
+    ) -> Result<Vec<ballast_proto::v1::ExplainDestination>> {
+        let state = self.load_state()?;
+        state.cluster(source)?;
+        state.service(service)?;
+        control::explain_rows(state.control_plane()?, &state.wan_netns, service, source)
     }
 }
 

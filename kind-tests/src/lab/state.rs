@@ -130,6 +130,10 @@ pub struct ServiceState {
     /// broker's load-aware `optimized` solves with); a cluster not listed declares none.
     #[serde(default)]
     pub declared_service_time: BTreeMap<String, String>,
+    /// The HTTP path each cluster's agents probe on its backends to measure the service time
+    /// (topology `service_time_probe`); a cluster not listed: not probed.
+    #[serde(default)]
+    pub service_time_probe: BTreeMap<String, String>,
 }
 
 /// Capacity declared per pod of the demo service (requests per second): well above what the
@@ -320,6 +324,7 @@ pub(crate) mod tests {
                 per_pod_capacity: BTreeMap::new(),
                 backend_service_time: BTreeMap::new(),
                 declared_service_time: BTreeMap::new(),
+                service_time_probe: BTreeMap::new(),
             }],
             processes: Vec::new(),
             control: None,

@@ -351,6 +351,7 @@ impl Lab {
                 per_pod_capacity: Default::default(),
                 backend_service_time: Default::default(),
                 declared_service_time: Default::default(),
+                service_time_probe: Default::default(),
             });
         }
         let clusters = state.clusters.clone();

@@ -101,7 +101,36 @@ policy_resource! {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[schemars(extend("enum" = ["cost", "performance", "mixed"]))]
         pub optimized_load_balancing_params: Option<String>,
+        /// The operator's egress prices (negotiated rates), over the broker's price table and
+        /// its `--egress-prices` file: a row here wins over a row of either for the same
+        /// (provider, from, to). Left out: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(length(max = 1000))]
+        pub egress_prices: Vec<EgressPriceRow>,
     }
+}
+
+/// One row of a LoadBalancingPolicy's `egressPrices`: the columns of the
+/// broker's price table (`broker/data/region_egress_prices.csv`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPriceRow {
+    /// `aws`, `gcp` or `azure`.
+    #[schemars(length(min = 1, max = 32))]
+    pub provider: String,
+    /// The source: a region of the provider, `continent:<name>`, or `*`.
+    #[schemars(length(min = 1, max = 64))]
+    pub from: String,
+    /// The destination: a region of the provider, `continent:<name>`, `*`, or `internet`.
+    #[schemars(length(min = 1, max = 64))]
+    pub to: String,
+    /// USD per GB leaving `from` toward `to`.
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub usd_per_gb: f64,
+    /// Where the figure comes from (a contract, a quote); free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub note: Option<String>,
 }
 
 policy_resource! {
@@ -171,6 +200,10 @@ pub enum CrdError {
     Conflict { service: String, winner: String },
     #[error("metadata.namespace: a ServiceLoadBalancingPolicy is namespaced, but this object has no namespace")]
     MissingNamespace,
+    /// A row of `spec.egressPrices` the broker's price table refuses (the message names
+    /// `spec.egressPrices[i].FIELD`).
+    #[error("{0}")]
+    InvalidEgressPrice(String),
 }
 
 /// A policy / params pair with either half optional: what one object says.
