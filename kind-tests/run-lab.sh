@@ -157,23 +157,24 @@ measure() { # warm-up (the agents measure the demand, the broker re-solves), the
   "$LAB" load --from c1 --service demo/echo --connections 1200 --rate 40 --json >"$1"
 }
 measure "$tmp/linear.json"
-"$LAB" service-time c2 demo/echo --declare base_ms=2,slope_ms_per_rps=1
-"$LAB" service-time c3 demo/echo --declare base_ms=2,slope_ms_per_rps=0.25
-measure "$tmp/declared.json"
-"$LAB" service-time c2 demo/echo --declare none --probe / >/dev/null
-"$LAB" service-time c3 demo/echo --declare none --probe / >/dev/null
-echo "-- declarations withdrawn, the agents of c2 and c3 probe GET / on their backends"
+echo "-- the agents of c2 and c3 probe GET / on their backends; nothing is declared"
+"$LAB" service-time c2 demo/echo --probe / >/dev/null
+"$LAB" service-time c3 demo/echo --probe / >/dev/null
 measure "$tmp/measured.json"
 "$LAB" explain --from c1 --service demo/echo
+echo "-- the probes removed (their curves go with them), the curves declared instead"
+"$LAB" service-time c2 demo/echo --probe none --declare base_ms=2,slope_ms_per_rps=1
+"$LAB" service-time c3 demo/echo --probe none --declare base_ms=2,slope_ms_per_rps=0.25
+measure "$tmp/declared.json"
 python3 - "$tmp/linear.json" "$tmp/declared.json" "$tmp/measured.json" <<'PY'
 import json, sys
 lin, dec, mea = (json.load(open(p)) for p in sys.argv[1:4])
-for name, r in (("linear (nothing known)", lin), ("load-aware, curves declared", dec),
-                ("load-aware, curves measured", mea)):
+for name, r in (("linear (nothing known)", lin), ("load-aware, curves measured", mea),
+                ("load-aware, curves declared", dec)):
     print(f"{name:<28} split {', '.join(f'{c} {s:.0%}' for c, s in r['observed'].items())}; "
           f"mean request {r['mean_latency_ms']:.1f} ms (connect {r['mean_connect_ms']:.1f} ms); "
           f"{r['failed']} failed of {r['connections']}")
-for name, r in (("declared", dec), ("measured", mea)):
+for name, r in (("measured", mea), ("declared", dec)):
     drop = 1 - r["mean_latency_ms"] / lin["mean_latency_ms"]
     print(f"mean request time {drop:.1%} lower with the curves {name}")
     if r["failed"] or lin["failed"]:

@@ -194,13 +194,13 @@ async fn kube_mock_api_policy_crd_listed_objects_become_settings() {
                 "default",
                 3,
                 &json!({"serviceDiscoveryLoadBalancing": "weighted-round-robin",
-                        "optimizedLoadBalancingParams": "cost",
-                        "egressPrices": [
-                            {"provider": "aws", "from": "sa-east-1", "to": "*",
-                             "usdPerGb": 0.018, "note": "contract 2026"},
-                            {"provider": "gcp", "from": "continent:europe", "to": "internet",
-                             "usdPerGb": 0.05}
-                        ]}),
+                "optimizedLoadBalancingParams": "cost",
+                "egressPrices": [
+                    {"provider": "aws", "from": "sa-east-1", "to": "*",
+                     "usdPerGb": 0.018, "note": "contract 2026"},
+                    {"provider": "gcp", "from": "continent:europe", "to": "internet",
+                     "usdPerGb": 0.05}
+                ]}),
             )],
         ),
         (

@@ -956,6 +956,45 @@ async fn explain_states_the_solved_capacity_of_a_cluster_once_over_its_nodes() {
     b.stop().await;
 }
 
+/// The notes of destination `id` of an explanation, joined.
+fn notes_of(ex: &ballast_proto::v1::ExplainResponse, id: &str) -> String {
+    ex.destinations
+        .iter()
+        .find(|d| d.cluster_id == id)
+        .unwrap_or_else(|| panic!("{id} in {:?}", ex.destinations))
+        .notes
+        .join("; ")
+}
+
+/// Runs solver rounds until c1's weight on c2 for ns/web is above `share` (rounds are damped:
+/// a bounded step each), 30 at most; returns c1's last published weights.
+async fn rounds_until_c2_above(
+    b: &ballast_broker::server::Running,
+    op: &mut ballast_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    share: f64,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut last = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        b.engine().run_round().await.unwrap();
+        let w = op
+            .get_weights(GetWeightsRequest {
+                service: "ns/web".into(),
+                source_cluster_id: "c1".into(),
+                ..GetWeightsRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(w) = w.weights.first() {
+            last = w.weights.clone().into_iter().collect();
+            if last.get("c2").copied().unwrap_or(0.0) > share {
+                break;
+            }
+        }
+    }
+    last
+}
+
 /// Measured service times (the agents' probes) travel with the capacity over real gRPC; the
 /// leader pairs them with the load it sees on the cluster, fits the curve, and the load-aware
 /// solve and explain use it: c1 serves its own traffic and measures 5 ms + 1 ms per rps at
@@ -994,14 +1033,7 @@ async fn measured_service_times_are_fitted_into_a_curve_the_solve_uses() {
         .await
         .unwrap()
         .into_inner();
-    let note = |id: &str| {
-        ex.destinations
-            .iter()
-            .find(|d| d.cluster_id == id)
-            .unwrap_or_else(|| panic!("{id} in {:?}", ex.destinations))
-            .notes
-            .join("; ")
-    };
+    let note = |id: &str| notes_of(&ex, id);
     // "(B + S ms/rps, fitted from 8 measured points)". Not exactly 5 + 1: a solve round of the
     // broker's own loop may read the RPS just before a report and its sample just after, so a
     // point may pair a sample with the load of a moment before (as on a real fleet).
@@ -1023,25 +1055,7 @@ async fn measured_service_times_are_fitted_into_a_curve_the_solve_uses() {
         note("c2")
     );
     // and the solve moves c1's traffic toward c2 (damped: several rounds)
-    let mut last = std::collections::BTreeMap::new();
-    for _ in 0..30 {
-        b.engine().run_round().await.unwrap();
-        let w = op
-            .get_weights(GetWeightsRequest {
-                service: "ns/web".into(),
-                source_cluster_id: "c1".into(),
-                ..GetWeightsRequest::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(w) = w.weights.first() {
-            last = w.weights.clone().into_iter().collect();
-            if last.get("c2").copied().unwrap_or(0.0) > 0.5 {
-                break;
-            }
-        }
-    }
+    let last = rounds_until_c2_above(&b, &mut op, 0.5).await;
     assert!(
         last.get("c2").copied().unwrap_or(0.0) > 0.5,
         "c1 should send most of its 80 rps to c2: {last:?}"
@@ -1076,26 +1090,7 @@ async fn declared_service_time_curves_move_weight_to_the_cluster_that_slows_down
     m1.capacity = vec![curve("ns/web", 5.0, 1.0)];
     send_reports(&mut a1, vec![m1]).await.unwrap();
     let mut op = admin(b.addr, &bundle).await;
-    let mut last = std::collections::BTreeMap::new();
-    // Rounds are damped (a bounded step per round): run rounds until the weights settle.
-    for _ in 0..30 {
-        b.engine().run_round().await.unwrap();
-        let w = op
-            .get_weights(GetWeightsRequest {
-                service: "ns/web".into(),
-                source_cluster_id: "c1".into(),
-                ..GetWeightsRequest::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(w) = w.weights.first() {
-            last = w.weights.clone().into_iter().collect();
-            if last.get("c2").copied().unwrap_or(0.0) > 0.8 {
-                break;
-            }
-        }
-    }
+    let last = rounds_until_c2_above(&b, &mut op, 0.8).await;
     assert!(
         last.get("c2").copied().unwrap_or(0.0) > 0.8,
         "c1 should send most to c2: {last:?}"
@@ -1108,14 +1103,7 @@ async fn declared_service_time_curves_move_weight_to_the_cluster_that_slows_down
         .await
         .unwrap()
         .into_inner();
-    let note = |id: &str| {
-        ex.destinations
-            .iter()
-            .find(|d| d.cluster_id == id)
-            .unwrap_or_else(|| panic!("{id} in {:?}", ex.destinations))
-            .notes
-            .join("; ")
-    };
+    let note = |id: &str| notes_of(&ex, id);
     assert!(
         note("c1").contains("(5.000 + 1.0000 ms/rps, declared)"),
         "{}",

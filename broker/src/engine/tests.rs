@@ -113,6 +113,27 @@ fn fleet() -> Snapshot {
     }
 }
 
+/// `s` with every measurement and report made again at `at` (the same values).
+fn measured_again(s: &Snapshot, at: i64) -> Snapshot {
+    let mut s = s.clone();
+    for r in &mut s.rtt {
+        r.measured_at_ms = at;
+    }
+    for c in &mut s.capacity {
+        c.measured_at_ms = at;
+    }
+    for r in &mut s.rps {
+        r.measured_at_ms = at;
+    }
+    for c in &mut s.clusters {
+        c.updated_at_ms = at;
+    }
+    for a in &mut s.agents {
+        a.last_report_ms = at;
+    }
+    s
+}
+
 fn cfg() -> EngineConfig {
     EngineConfig::default()
 }
@@ -296,19 +317,7 @@ fn measured_points_fit_a_curve_that_goes_before_the_declared_one() {
 
     // Points older than the fit window count no more: back to the declared curve.
     let later = NOW + fit::window_ms() + 60_000;
-    let mut old = s.clone();
-    for c in &mut old.capacity {
-        c.measured_at_ms = later;
-    }
-    for r in &mut old.rtt {
-        r.measured_at_ms = later;
-    }
-    for r in &mut old.rps {
-        r.measured_at_ms = later;
-    }
-    for a in &mut old.agents {
-        a.last_report_ms = later;
-    }
+    let old = measured_again(&s, later);
     let inputs = plan(&old, &cfg(), later);
     let p = &inputs.services[SVC];
     assert_eq!(
@@ -746,22 +755,7 @@ fn generations_per_hour(
         let mut memory = RoundMemory::default();
         for (i, s) in snaps.iter().enumerate() {
             let now = NOW + 10_000 * i64::try_from(i).unwrap();
-            let mut s = s.clone();
-            for r in &mut s.rtt {
-                r.measured_at_ms = now;
-            }
-            for c in &mut s.capacity {
-                c.measured_at_ms = now;
-            }
-            for r in &mut s.rps {
-                r.measured_at_ms = now;
-            }
-            for c in &mut s.clusters {
-                c.updated_at_ms = now;
-            }
-            for a in &mut s.agents {
-                a.last_report_ms = now;
-            }
+            let s = measured_again(s, now);
             if let RoundOutcome::Computed(out) =
                 round(&plan(&s, cfg, now), &current, &memory, cfg, now)
             {

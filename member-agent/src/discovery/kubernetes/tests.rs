@@ -17,6 +17,22 @@ use crate::probe::PeerTable;
 use crate::steering::report::build_report;
 
 /// A fixture from `tests/fixtures/mcs/`, as JSON.
+/// The report node-1 of east sends for catalog `c`, no peers, no RPS, with `measured`
+/// service times.
+fn report_of(
+    c: &Catalog,
+    measured: &crate::service_probe::ServiceTimes,
+) -> ballast_proto::v1::ReportRequest {
+    build_report(
+        "east",
+        "node-1",
+        c,
+        &PeerTable::new(),
+        &BTreeMap::new(),
+        measured,
+    )
+}
+
 fn fixture(name: &str) -> Value {
     let path = format!("{}/tests/fixtures/mcs/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap();
@@ -342,14 +358,7 @@ async fn import_and_slices_become_service_at_v1alpha1_against_mock_api() {
         })
     );
     // ... and reported with the capacity as the cluster's curve (one ready pod in east here).
-    let report = build_report(
-        "east",
-        "node-1",
-        &c,
-        &PeerTable::new(),
-        &BTreeMap::new(),
-        &BTreeMap::from([(web.name.clone(), 17.5)]),
-    );
+    let report = report_of(&c, &BTreeMap::from([(web.name.clone(), 17.5)]));
     let curve = report.capacity[0].service_time.expect("declared");
     assert_eq!((curve.base_ms, curve.slope_ms_per_rps), (12.0, 0.3));
     // what the service probe measured goes with it
@@ -526,14 +535,7 @@ async fn lighthouse_and_v1beta1_objects_against_mock_api() {
         "{}",
         metrics.encode()
     );
-    let report = build_report(
-        "east",
-        "node-1",
-        &c,
-        &PeerTable::new(),
-        &BTreeMap::new(),
-        &BTreeMap::new(),
-    );
+    let report = report_of(&c, &BTreeMap::new());
     assert_eq!(report.services_without_vip, ["shop/cart"]);
     assert_eq!(
         report.imports.map(|i| i.services),
@@ -575,14 +577,7 @@ async fn lighthouse_and_v1beta1_objects_against_mock_api() {
         "{}",
         metrics.encode()
     );
-    let report = build_report(
-        "east",
-        "node-1",
-        &c,
-        &PeerTable::new(),
-        &BTreeMap::new(),
-        &BTreeMap::new(),
-    );
+    let report = report_of(&c, &BTreeMap::new());
     assert!(report.services_without_vip.is_empty());
     assert_eq!(warned().len(), 1);
     assert_eq!(
