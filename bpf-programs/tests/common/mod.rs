@@ -174,6 +174,35 @@ impl Backend {
         b
     }
 
+    /// A TCP backend that keeps each connection and answers every line with its id (a
+    /// keep-alive server); `accepted` counts connections.
+    pub fn tcp_lines() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let b = Self::new(addr, addr.port().to_string(), None, false);
+        let (a, s, reply) = (b.accepted.clone(), b.stop.clone(), format!("{}\n", b.id));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(c) = c else { continue };
+                a.fetch_add(1, Ordering::Relaxed);
+                let reply = reply.clone();
+                std::thread::spawn(move || {
+                    use std::io::{BufRead, BufReader};
+                    let mut w = c.try_clone().unwrap();
+                    for line in BufReader::new(c).lines() {
+                        if line.is_err() || w.write_all(reply.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        b
+    }
+
     pub fn udp() -> Self {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let id = s.local_addr().unwrap().port().to_string();

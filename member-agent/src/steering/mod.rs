@@ -34,7 +34,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::capacity::local_capacities;
 use crate::catalog::{Catalog, ClusterId, ServiceName};
-use crate::install::{desired_specs, rps_between, Installer, Refusal, Steering, Verdict};
+use crate::install::{
+    desired_specs, failed_backends, rps_between, Installer, Refusal, Steering, Verdict,
+};
 use crate::metrics::{FlowLabels, Metrics, ServiceLabels};
 use crate::probe::{self, PeerTable};
 use crate::service_probe::ServiceTimes;
@@ -52,6 +54,13 @@ pub trait DataPlane: Send + 'static {
 
     /// What is installed now (a previous agent's state, adopted on start).
     fn installed(&self) -> Result<Vec<InstalledService>, Self::Error>;
+
+    /// Destroys the steered, established sockets to `backends` (their clients reconnect and
+    /// are steered afresh); returns how many.
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, Self::Error>;
 }
 
 impl DataPlane for Installer {
@@ -67,6 +76,13 @@ impl DataPlane for Installer {
 
     fn installed(&self) -> Result<Vec<InstalledService>, Self::Error> {
         Ok(self.dataplane().services()?)
+    }
+
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, Self::Error> {
+        Installer::destroy_sockets_to(self, backends)
     }
 }
 
@@ -123,6 +139,8 @@ pub struct Steerer<D> {
     pending: BTreeMap<String, Pending>,
     last_counters: Option<(Instant, Vec<BackendCounter>)>,
     rps: BTreeMap<(ServiceName, ClusterId), f64>,
+    /// What the data plane holds since the last successful apply (empty before the first).
+    installed_specs: Vec<ServiceSpec>,
 }
 
 impl<D: DataPlane> Steerer<D> {
@@ -151,6 +169,7 @@ impl<D: DataPlane> Steerer<D> {
             pending: BTreeMap::new(),
             last_counters: None,
             rps: BTreeMap::new(),
+            installed_specs: Vec::new(),
         }
     }
 
@@ -182,13 +201,39 @@ impl<D: DataPlane> Steerer<D> {
         for e in &errors {
             tracing::warn!(error = %e, "service not installed");
         }
-        match self.plane.apply(specs) {
+        match self.plane.apply(specs.clone()) {
             Ok(true) => {
                 tracing::info!(?unhealthy, "data plane updated");
+                let prev = std::mem::replace(&mut self.installed_specs, specs);
+                self.close_failed(&prev, &catalog, &unhealthy);
                 Ok(())
             }
             Ok(false) => Ok(()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Destroys the established connections steered to backends that failed since `prev`
+    /// ([`failed_backends`]), so that long-lived clients reconnect to healthy ones.
+    fn close_failed(
+        &mut self,
+        prev: &[ServiceSpec],
+        catalog: &Catalog,
+        unhealthy: &BTreeSet<ClusterId>,
+    ) {
+        let failed = failed_backends(prev, catalog, unhealthy);
+        if failed.is_empty() {
+            return;
+        }
+        match self.plane.destroy_sockets_to(&failed) {
+            Ok(n) => {
+                self.metrics.sockets_destroyed.inc_by(n as u64);
+                tracing::info!(backends = ?failed, sockets = n, "closed connections to failed backends");
+            }
+            Err(e) => {
+                self.metrics.socket_destroy_failures.inc();
+                tracing::warn!(error = %e, backends = ?failed, "closing connections to failed backends failed");
+            }
         }
     }
 

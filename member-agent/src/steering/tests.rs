@@ -20,6 +20,8 @@ struct PlaneState {
     writes: usize,
     /// The next `fail` applies fail.
     fail: usize,
+    /// Every `destroy_sockets_to` call's backends.
+    destroyed: Vec<BTreeSet<std::net::SocketAddr>>,
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +77,15 @@ impl DataPlane for FakePlane {
 
     fn installed(&self) -> Result<Vec<InstalledService>, FakeError> {
         Ok(Vec::new())
+    }
+
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, FakeError> {
+        let mut st = self.state();
+        st.destroyed.push(backends.clone());
+        Ok(backends.len())
     }
 }
 
@@ -289,6 +300,34 @@ fn update_for_a_service_not_imported_is_refused_as_such_and_kept() {
         Some(Refusal::NotImported(_))
     ));
     assert_eq!(*r.generation.borrow(), 0, "nothing installed");
+}
+
+#[test]
+fn connections_to_a_backend_that_turns_unready_are_closed_not_on_a_weight_change() {
+    let mut r = rig(&["shop/web"], MINUTE);
+    r.push(update("shop/web", 7, 0.75));
+    r.only_ack();
+    // an ordinary weight change (west to 0): nothing is closed
+    r.push(update("shop/web", 8, 0.0));
+    r.only_ack();
+    r.push(update("shop/web", 9, 0.75));
+    r.only_ack();
+    assert!(r.plane.state().destroyed.is_empty());
+    // west's endpoint turns unready: its steered connections are closed, once
+    let mut c = (*catalog(&["shop/web"])).clone();
+    for s in c.services.values_mut() {
+        for e in &mut s.endpoints {
+            if e.cluster == "west" {
+                e.ready = false;
+            }
+        }
+    }
+    r.catalog.send_replace(Arc::new(c));
+    r.steer.on_discovery_change();
+    r.steer.on_discovery_change();
+    let west: std::net::SocketAddr = "127.0.2.1:8080".parse().expect("addr");
+    assert_eq!(r.plane.state().destroyed, vec![BTreeSet::from([west])]);
+    assert_eq!(r.metrics.sockets_destroyed.get(), 1);
 }
 
 #[test]

@@ -1,0 +1,116 @@
+//! Long-lived connections follow a failover (root, real kernel): a keep-alive client in the
+//! steered cgroup holds one connection through a VIP; its backend turns unhealthy and the
+//! library destroys the steered sockets to it; the client's next request goes through a new
+//! connection, steered to the healthy backend. Sockets to the same backend that were not
+//! steered — dialled directly from inside the cgroup, or from a process outside it — are
+//! untouched.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{finish, service, Backend, Env};
+
+#[test]
+fn root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move() {
+    let Some(mut env) = Env::for_test(
+        "root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move",
+        "destroy",
+    ) else {
+        return;
+    };
+    let (a, b) = (Backend::tcp_lines(), Backend::tcp_lines());
+    let vip: std::net::SocketAddr = "127.96.9.1:80".parse().unwrap();
+    // everything to a first
+    env.dp()
+        .upsert_service(&service(
+            "t/kv",
+            "127.96.9.1",
+            80,
+            vec![a.spec(1), b.spec(0)],
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let hold = |cgroup: Option<&std::path::Path>, to: std::net::SocketAddr| {
+        let mut c = common::probe_cmd(cgroup, to, &["--hold", "--interval-ms", "10"]);
+        c.arg("--until").arg(&stop);
+        c.spawn().unwrap()
+    };
+    let steered = hold(Some(&env.cgroup), vip);
+    let direct_inside = hold(Some(&env.cgroup), a.addr);
+    let outside = hold(None, a.addr);
+    // each holds one connection to a
+    let t0 = Instant::now();
+    while a.accepted.load(Ordering::Relaxed) < 3 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.accepted.load(Ordering::Relaxed), 3);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // a fails: health drains it, b takes the weight, and the steered sockets to a go
+    env.dp()
+        .upsert_service(&service(
+            "t/kv",
+            "127.96.9.1",
+            80,
+            vec![
+                ballast_bpf::BackendSpec {
+                    healthy: false,
+                    ..a.spec(1)
+                },
+                b.spec(1),
+            ],
+        ))
+        .unwrap();
+    let to_a: BTreeSet<_> = [a.addr].into();
+    let listed = env.dp().steered_sockets_to(&to_a).unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the steered socket is a's: {listed:?}"
+    );
+    let destroyed_at = Instant::now();
+    let report = env.dp().destroy_sockets_to(&to_a).unwrap();
+    assert_eq!(report.destroyed, 1, "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    // the client reconnects through the VIP, steered to b, within a second
+    while b.accepted.load(Ordering::Relaxed) < 1 && destroyed_at.elapsed() < Duration::from_secs(1)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let moved_after = destroyed_at.elapsed();
+    assert_eq!(
+        b.accepted.load(Ordering::Relaxed),
+        1,
+        "no reconnection to b"
+    );
+    assert!(moved_after < Duration::from_secs(1), "{moved_after:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&stop, b"").unwrap();
+
+    let steered = finish(steered);
+    let direct_inside = finish(direct_inside);
+    let outside = finish(outside);
+    println!(
+        "moved after {moved_after:?}; steered {:?} errors {:?}",
+        steered.by_backend, steered.errors
+    );
+    // one request failed (the destroyed connection), then b answered on a new connection
+    assert_eq!(steered.errors_total(), 1, "{:?}", steered.errors);
+    assert!(steered.count(&b) > 0 && steered.count(&a) > 0);
+    // untouched: not steered (direct from inside the cgroup, or from outside it)
+    for (name, r) in [("direct inside", &direct_inside), ("outside", &outside)] {
+        assert_eq!(r.errors_total(), 0, "{name}: {:?}", r.errors);
+        assert_eq!(r.count(&b), 0, "{name}");
+    }
+    assert_eq!(
+        a.accepted.load(Ordering::Relaxed),
+        3,
+        "nobody reconnected to a"
+    );
+}
