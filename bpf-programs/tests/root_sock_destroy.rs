@@ -114,3 +114,74 @@ fn root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move
         "nobody reconnected to a"
     );
 }
+
+/// The client in a network namespace of its own (as a pod is), the library in the host's: it
+/// enters the namespaces of the cgroup's processes to find and destroy the socket.
+#[test]
+fn root_steered_sockets_in_a_pod_network_namespace_are_destroyed_from_outside_it() {
+    let Some(mut env) = Env::for_test(
+        "root_steered_sockets_in_a_pod_network_namespace_are_destroyed_from_outside_it",
+        "destroy-ns",
+    ) else {
+        return;
+    };
+    let ns = common::Netns::new("destroy", &[]);
+    let (a, b) = (
+        Backend::tcp_lines_in(&ns, "127.0.0.1"),
+        Backend::tcp_lines_in(&ns, "127.0.0.1"),
+    );
+    env.dp()
+        .upsert_service(&service(
+            "t/pod",
+            "127.96.9.2",
+            80,
+            vec![a.spec(1), b.spec(0)],
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let mut c = common::probe_cmd(
+        Some(&env.cgroup),
+        "127.96.9.2:80".parse().unwrap(),
+        &["--netns", &ns.name, "--hold", "--interval-ms", "10"],
+    );
+    c.arg("--until").arg(&stop);
+    let client = c.spawn().unwrap();
+    let t0 = Instant::now();
+    while a.accepted.load(Ordering::Relaxed) < 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.dp()
+        .upsert_service(&service(
+            "t/pod",
+            "127.96.9.2",
+            80,
+            vec![
+                ballast_bpf::BackendSpec {
+                    healthy: false,
+                    ..a.spec(1)
+                },
+                b.spec(1),
+            ],
+        ))
+        .unwrap();
+    let to_a: BTreeSet<_> = [a.addr].into();
+    // from the host's namespace alone: not found there
+    assert_eq!(env.dp().destroy_sockets_to(&to_a).unwrap().destroyed, 0);
+    let cgroup = env.cgroup.clone();
+    let report = env.dp().destroy_sockets_to_in(&to_a, &cgroup).unwrap();
+    assert_eq!(report.destroyed, 1, "{report:?}");
+    let t1 = Instant::now();
+    while b.accepted.load(Ordering::Relaxed) < 1 && t1.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        b.accepted.load(Ordering::Relaxed),
+        1,
+        "the client did not move to b"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let r = finish(client);
+    assert_eq!(r.errors_total(), 1, "{:?}", r.errors);
+    assert!(r.count(&b) > 0, "{:?}", r.by_backend);
+}
