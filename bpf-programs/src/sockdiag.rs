@@ -32,8 +32,9 @@ const SOCKID_LEN: usize = 48;
 const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg` (what we read of it)
 const MSG_MIN_LEN: usize = 4 + SOCKID_LEN;
-/// Every TCP state.
-const ALL_STATES: u32 = u32::MAX;
+/// Established sockets only (`1 << TCP_ESTABLISHED`; a connected UDP socket is in that state
+/// too): a connect still in its handshake is left to finish or fail on its own.
+const ESTABLISHED: u32 = 1 << 1;
 
 /// What one destroy pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,7 +85,7 @@ fn request(family: u8, protocol: u8, sockid: Option<&[u8; SOCKID_LEN]>) -> [u8; 
     let mut r = [0u8; REQ_LEN];
     r[0] = family;
     r[1] = protocol;
-    r[4..8].copy_from_slice(&ALL_STATES.to_ne_bytes());
+    r[4..8].copy_from_slice(&ESTABLISHED.to_ne_bytes());
     if let Some(id) = sockid {
         r[8..].copy_from_slice(id);
     }
@@ -207,8 +208,8 @@ fn destroy(f: &Found) -> io::Result<()> {
     ))
 }
 
-/// Destroys the TCP and UDP sockets (IPv4 and IPv6) of the calling thread's network namespace
-/// whose cookie is in `cookies`.
+/// Destroys the established TCP and connected UDP sockets (IPv4 and IPv6) of the calling
+/// thread's network namespace whose cookie is in `cookies`.
 ///
 /// # Errors
 /// The dump itself failed (no netlink, no permission: `CAP_NET_ADMIN` is needed). A socket
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(u32_at(&m, 0), 72);
         assert_eq!(u16_at(&m, 4), SOCK_DESTROY);
         assert_eq!((m[16], m[17]), (2, 6));
-        assert_eq!(u32_at(&m, 20), ALL_STATES);
+        assert_eq!(u32_at(&m, 20), ESTABLISHED);
         assert_eq!(&m[24..], &id[..]);
     }
 }

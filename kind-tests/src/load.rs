@@ -92,7 +92,10 @@ pub struct LoadReport {
     pub connect_ms_by_cluster: BTreeMap<String, f64>,
     /// Failures by kind (`connect`, `timeout`, `http`, `body`).
     pub errors: BTreeMap<String, u64>,
-    /// Keep-alive: connections opened (the first of each worker included).
+    /// Whether requests shared keep-alive connections (`connections` then counts requests).
+    #[serde(default)]
+    pub keepalive: bool,
+    /// Connections opened (with keep-alive: the first of each worker included).
     #[serde(default)]
     pub opened: u64,
     /// Keep-alive: requests retried on a new connection after their held one failed.
@@ -416,6 +419,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
         weights: None,
         weights_end: None,
         mean_connect_ms: a.connect_total / a.opened.max(1) as f64,
+        keepalive: opts.keepalive,
         opened: a.opened,
         reconnects: a.reconnects,
         mean_latency_ms: a.latency_total / ok,
@@ -431,7 +435,7 @@ pub fn render(r: &LoadReport) -> String {
         (Some(s), Some(f)) => format!("{s} from {f} ({})", r.target),
         _ => r.target.clone(),
     };
-    if r.opened > 0 && r.opened < r.ok + r.failed {
+    if r.keepalive {
         out.push_str(&format!(
             "{head}: {} requests on {} keep-alive connections ({} reconnects), {} answered, {} failed, {:.1}s\n",
             r.connections, r.opened, r.reconnects, r.ok, r.failed, r.elapsed_s

@@ -101,7 +101,15 @@ pub struct SteerConfig {
     pub report_interval: Duration,
     /// How often updates the data plane failed on are offered again ([`PENDING_RETRY`]).
     pub pending_retry: Duration,
+    /// How long after a backend failed its established connections are closed
+    /// ([`CLOSE_GRACE`]): requests in flight finish, long-lived connections are then closed.
+    pub close_grace: Duration,
 }
+
+/// The default [`SteerConfig::close_grace`]: a short request in flight on a connection to a
+/// backend that just turned unready (a pod terminating) completes within it; a long-lived
+/// connection (keep-alive, gRPC, a database pool) is closed after it and reconnects.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The loop's channels.
 pub struct SteerIo {
@@ -141,6 +149,8 @@ pub struct Steerer<D> {
     rps: BTreeMap<(ServiceName, ClusterId), f64>,
     /// What the data plane holds since the last successful apply (empty before the first).
     installed_specs: Vec<ServiceSpec>,
+    /// Failed backends whose connections are closed at the instant (after the grace).
+    closing: Vec<(Instant, BTreeSet<std::net::SocketAddr>)>,
 }
 
 impl<D: DataPlane> Steerer<D> {
@@ -170,6 +180,7 @@ impl<D: DataPlane> Steerer<D> {
             last_counters: None,
             rps: BTreeMap::new(),
             installed_specs: Vec::new(),
+            closing: Vec::new(),
         }
     }
 
@@ -222,6 +233,30 @@ impl<D: DataPlane> Steerer<D> {
         unhealthy: &BTreeSet<ClusterId>,
     ) {
         let failed = failed_backends(prev, catalog, unhealthy);
+        if failed.is_empty() {
+            return;
+        }
+        tracing::info!(backends = ?failed, grace = ?self.cfg.close_grace, "backends failed: their connections close after the grace");
+        self.closing
+            .push((Instant::now() + self.cfg.close_grace, failed));
+        if self.cfg.close_grace.is_zero() {
+            self.close_due(Instant::now());
+        }
+    }
+
+    /// When the next close is due, if one is.
+    pub fn next_close(&self) -> Option<Instant> {
+        self.closing.iter().map(|(at, _)| *at).min()
+    }
+
+    /// Closes the connections of the failed backends whose grace ended by `now`.
+    pub fn close_due(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.closing = later;
+        let failed: BTreeSet<std::net::SocketAddr> =
+            due.into_iter().flat_map(|(_, set)| set).collect();
         if failed.is_empty() {
             return;
         }
@@ -442,6 +477,7 @@ impl<D: DataPlane> Steerer<D> {
         let mut prev_unhealthy = BTreeSet::new();
         let mut last_retry = Instant::now();
         loop {
+            let next_close = self.next_close();
             tokio::select! {
                 () = async { let _ = stop.wait_for(|s| *s).await; } => return self.plane,
                 r = self.io.catalog.changed() => {
@@ -464,6 +500,7 @@ impl<D: DataPlane> Steerer<D> {
                     }
                 }
                 Some(batch) = self.io.updates.recv() => self.on_batch(batch, &BTreeMap::new()),
+                () = until(next_close) => self.close_due(Instant::now()),
                 _ = tick.tick() => {
                     if last_retry.elapsed() >= self.cfg.pending_retry {
                         self.retry_pending(true);
@@ -473,5 +510,13 @@ impl<D: DataPlane> Steerer<D> {
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never returns when there is none.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
