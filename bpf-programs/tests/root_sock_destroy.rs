@@ -15,6 +15,25 @@ use std::time::{Duration, Instant};
 
 use common::{finish, service, Backend, Env};
 
+/// Marks `a` of `name` unhealthy and gives `b` the weight (what health does when a fails).
+fn fail_over(env: &mut Env, name: &str, vip: &str, a: &Backend, b: &Backend) {
+    let unhealthy = ballast_bpf::BackendSpec {
+        healthy: false,
+        ..a.spec(1)
+    };
+    env.dp()
+        .upsert_service(&service(name, vip, 80, vec![unhealthy, b.spec(1)]))
+        .unwrap();
+}
+
+/// Waits (up to `within`) until `b` accepted `n` connections.
+fn wait_accepted(b: &Backend, n: u64, within: Duration) {
+    let t0 = Instant::now();
+    while b.accepted.load(Ordering::Relaxed) < n && t0.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move() {
     let Some(mut env) = Env::for_test(
@@ -45,28 +64,12 @@ fn root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move
     let direct_inside = hold(Some(&env.cgroup), a.addr);
     let outside = hold(None, a.addr);
     // each holds one connection to a
-    let t0 = Instant::now();
-    while a.accepted.load(Ordering::Relaxed) < 3 && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_accepted(&a, 3, Duration::from_secs(5));
     assert_eq!(a.accepted.load(Ordering::Relaxed), 3);
     std::thread::sleep(Duration::from_millis(200));
 
     // a fails: health drains it, b takes the weight, and the steered sockets to a go
-    env.dp()
-        .upsert_service(&service(
-            "t/kv",
-            "127.96.9.1",
-            80,
-            vec![
-                ballast_bpf::BackendSpec {
-                    healthy: false,
-                    ..a.spec(1)
-                },
-                b.spec(1),
-            ],
-        ))
-        .unwrap();
+    fail_over(&mut env, "t/kv", "127.96.9.1", &a, &b);
     let to_a: BTreeSet<_> = [a.addr].into();
     let listed = env.dp().steered_sockets_to(&to_a).unwrap();
     assert_eq!(
@@ -79,10 +82,7 @@ fn root_steered_keepalive_connections_to_a_failed_backend_are_destroyed_and_move
     assert_eq!(report.destroyed, 1, "{report:?}");
     assert!(report.failed.is_empty(), "{report:?}");
     // the client reconnects through the VIP, steered to b, within a second
-    while b.accepted.load(Ordering::Relaxed) < 1 && destroyed_at.elapsed() < Duration::from_secs(1)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_accepted(&b, 1, Duration::from_secs(1));
     let moved_after = destroyed_at.elapsed();
     assert_eq!(
         b.accepted.load(Ordering::Relaxed),
@@ -147,34 +147,15 @@ fn root_steered_sockets_in_a_pod_network_namespace_are_destroyed_from_outside_it
     );
     c.arg("--until").arg(&stop);
     let client = c.spawn().unwrap();
-    let t0 = Instant::now();
-    while a.accepted.load(Ordering::Relaxed) < 1 && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    env.dp()
-        .upsert_service(&service(
-            "t/pod",
-            "127.96.9.2",
-            80,
-            vec![
-                ballast_bpf::BackendSpec {
-                    healthy: false,
-                    ..a.spec(1)
-                },
-                b.spec(1),
-            ],
-        ))
-        .unwrap();
+    wait_accepted(&a, 1, Duration::from_secs(5));
+    fail_over(&mut env, "t/pod", "127.96.9.2", &a, &b);
     let to_a: BTreeSet<_> = [a.addr].into();
     // from the host's namespace alone: not found there
     assert_eq!(env.dp().destroy_sockets_to(&to_a).unwrap().destroyed, 0);
     let cgroup = env.cgroup.clone();
     let report = env.dp().destroy_sockets_to_in(&to_a, &cgroup).unwrap();
     assert_eq!(report.destroyed, 1, "{report:?}");
-    let t1 = Instant::now();
-    while b.accepted.load(Ordering::Relaxed) < 1 && t1.elapsed() < Duration::from_secs(1) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_accepted(&b, 1, Duration::from_secs(1));
     assert_eq!(
         b.accepted.load(Ordering::Relaxed),
         1,

@@ -220,38 +220,11 @@ async fn one_keepalive(opts: &LoadOptions, held: &mut Option<Held>) -> (Outcome,
 
 async fn one(opts: &LoadOptions) -> Outcome {
     let t0 = Instant::now();
-    let stream = match tokio::time::timeout(opts.timeout, TcpStream::connect(opts.target)).await {
-        Err(_) => return Outcome::Failed("timeout", "connect timed out".into()),
-        Ok(Err(e)) => return Outcome::Failed("connect", e.to_string()),
-        Ok(Ok(s)) => s,
+    let (mut held, connect) = match open(opts).await {
+        Ok(x) => x,
+        Err((kind, msg)) => return Outcome::Failed(kind, msg),
     };
-    let connect = t0.elapsed();
-    let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ("http", e.to_string()))?;
-        let conn = tokio::spawn(conn);
-        let req = Request::get("/")
-            .header(hyper::header::HOST, opts.host.as_str())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ("http", e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ("http", e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(("http", format!("status {}", resp.status())));
-        }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ("body", e.to_string()))?
-            .to_bytes();
-        conn.abort();
-        serde_json::from_slice::<EchoReply>(&body).map_err(|e| ("body", e.to_string()))
-    };
-    match tokio::time::timeout(opts.timeout, exchange).await {
+    match tokio::time::timeout(opts.timeout, request(opts, &mut held.sender)).await {
         Err(_) => Outcome::Failed("timeout", "request timed out".into()),
         Ok(Err((kind, msg))) => Outcome::Failed(kind, msg),
         Ok(Ok(reply)) => Outcome::Ok {
