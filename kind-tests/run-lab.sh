@@ -9,7 +9,8 @@
 #      number of nodes (every node reports it; the job fails otherwise)
 #   1. baseline: where 400 connections from each node of c1 to demo/echo land, beside the weights
 #   2. the delay between c1 and c2 is raised: the weights and the split move away from c2
-#   3. c3's backends are stopped during a load: traffic shifts to c2, no failed connection
+#   3. c2's backends are stopped during a load and while keep-alive clients hold connections
+#      there: the agents close those connections, traffic shifts to c3, nothing fails
 #   4. optimized against round-robin: mean RTT and egress price of the observed split
 #   5. load-aware optimized: two clusters about as far, backends really slower under load;
 #      declaring their service-time curves, or letting the agents measure them (the broker
@@ -117,14 +118,42 @@ echo "-- back to the default delay (the RTT average needs a few probes to come d
 "$LAB" settle --from c1 --stable-secs 8 --wait-secs 120
 
 echo
-echo "== 3. c2's backends are stopped while c1 opens 1200 connections: the agents drain c2"
-echo "      (readiness first), the traffic shifts to c3, no connection fails"
+echo "== 3. c2's backends are stopped while c1 opens 1200 connections and 4 keep-alive clients"
+echo "      send 60 requests/s on long-lived connections: the agents drain c2 (readiness first),"
+echo "      close the connections they steered there, the traffic shifts to c3, nothing fails"
+"$LAB" load --from c1 --service demo/echo --keepalive --concurrency 4 --connections 1200 \
+  --rate 60 --json >"$tmp/held.json" &
+held_pid=$!
 "$LAB" load --from c1 --service demo/echo --connections 1200 >"$tmp/during.txt" &
 load_pid=$!
 sleep 1
 "$LAB" backends c2 demo/echo stop
 wait "$load_pid"
+wait "$held_pid"
 cat "$tmp/during.txt"
+destroyed=0
+for n in $(seq 1 "$NODES"); do
+  addr=$(python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); c = [c for c in s["clusters"] if c["id"] == "c1"][0]; print(c["nodes"][int(sys.argv[2]) - 1]["metrics_addr"])' \
+    "/run/$BALLAST_LAB_PREFIX-lab/state.json" "$n")
+  m=$("$LAB" exec c1 --node "n$n" -- python3 -c \
+    'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())' "$addr" |
+    awk '$1 == "ballast_agent_sockets_destroyed_total" { print int($2) }')
+  destroyed=$((destroyed + ${m:-0}))
+done
+python3 - "$tmp/held.json" "$destroyed" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+destroyed = int(sys.argv[2])
+print(f"keep-alive clients: {r['ok']} requests answered on {r['opened']} connections "
+      f"({r['reconnects']} reconnects), {r['failed']} failed; split {r['by_cluster']}; "
+      f"c1's agents closed {destroyed} steered connection(s) to c2")
+if r["failed"] != 0:
+    sys.exit("run-lab.sh: keep-alive requests failed while c2 was drained")
+if r["by_cluster"].get("c2", 0) > 0 and destroyed == 0:
+    sys.exit("run-lab.sh: keep-alive connections held c2 but no agent closed them")
+if r["by_cluster"].get("c3", 0) == 0:
+    sys.exit("run-lab.sh: the keep-alive clients never moved to c3")
+PY
 echo "-- after"
 "$LAB" load --from c1 --service demo/echo --connections 200
 "$LAB" backends c2 demo/echo start

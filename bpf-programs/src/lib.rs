@@ -38,6 +38,7 @@ mod dataplane;
 mod error;
 pub mod layout;
 pub mod reuseport;
+pub mod sockdiag;
 mod spec;
 pub mod sys;
 

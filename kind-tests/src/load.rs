@@ -32,6 +32,12 @@ pub struct LoadOptions {
     /// Open at most this many connections per second (paced: connection i starts no
     /// earlier than i / rate s after the first); None: as fast as `concurrency` allows.
     pub rate: Option<f64>,
+    /// HTTP/1.1 keep-alive: each of the `concurrency` workers holds one connection and sends
+    /// its requests on it (`connections` is then the number of requests, `rate` paces
+    /// requests). A request that fails on a reused connection is retried once on a new one,
+    /// as HTTP clients do for idempotent requests (RFC 9110 9.2.2): that is a reconnect, not
+    /// a failure.
+    pub keepalive: bool,
 }
 
 impl LoadOptions {
@@ -86,57 +92,144 @@ pub struct LoadReport {
     pub connect_ms_by_cluster: BTreeMap<String, f64>,
     /// Failures by kind (`connect`, `timeout`, `http`, `body`).
     pub errors: BTreeMap<String, u64>,
+    /// Whether requests shared keep-alive connections (`connections` then counts requests).
+    #[serde(default)]
+    pub keepalive: bool,
+    /// Connections opened (with keep-alive: the first of each worker included).
+    #[serde(default)]
+    pub opened: u64,
+    /// Keep-alive: requests retried on a new connection after their held one failed.
+    #[serde(default)]
+    pub reconnects: u64,
     pub elapsed_s: f64,
 }
 
 enum Outcome {
     Ok {
         reply: EchoReply,
-        connect: Duration,
+        /// The connect's time when this request opened its connection.
+        connect: Option<Duration>,
         total: Duration,
     },
     Failed(&'static str, String),
 }
 
-async fn one(opts: &LoadOptions) -> Outcome {
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// A worker's held connection (keep-alive).
+struct Held {
+    sender: Sender,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Opens a connection to the target (steered at connect time) and does the handshake.
+async fn open(opts: &LoadOptions) -> Result<(Held, Duration), (&'static str, String)> {
     let t0 = Instant::now();
     let stream = match tokio::time::timeout(opts.timeout, TcpStream::connect(opts.target)).await {
-        Err(_) => return Outcome::Failed("timeout", "connect timed out".into()),
-        Ok(Err(e)) => return Outcome::Failed("connect", e.to_string()),
+        Err(_) => return Err(("timeout", "connect timed out".into())),
+        Ok(Err(e)) => return Err(("connect", e.to_string())),
         Ok(Ok(s)) => s,
     };
     let connect = t0.elapsed();
-    let exchange = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ("http", e.to_string()))?;
-        let conn = tokio::spawn(conn);
-        let req = Request::get("/")
-            .header(hyper::header::HOST, opts.host.as_str())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ("http", e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ("http", e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(("http", format!("status {}", resp.status())));
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ("http", e.to_string()))?;
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((Held { sender, conn }, connect))
+}
+
+/// One `GET /` on `sender`.
+async fn request(
+    opts: &LoadOptions,
+    sender: &mut Sender,
+) -> Result<EchoReply, (&'static str, String)> {
+    let req = Request::get("/")
+        .header(hyper::header::HOST, opts.host.as_str())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ("http", e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ("http", e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(("http", format!("status {}", resp.status())));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ("body", e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice::<EchoReply>(&body).map_err(|e| ("body", e.to_string()))
+}
+
+/// One request on the worker's held connection (opened when there is none). A failure on a
+/// reused connection is retried once on a new one (`reconnected`).
+async fn one_keepalive(opts: &LoadOptions, held: &mut Option<Held>) -> (Outcome, bool) {
+    let t0 = Instant::now();
+    let mut reconnected = false;
+    let mut connect = None;
+    loop {
+        let reused = held.is_some();
+        if held.is_none() {
+            match open(opts).await {
+                Ok((h, c)) => {
+                    *held = Some(h);
+                    connect = Some(c);
+                }
+                Err((kind, msg)) => return (Outcome::Failed(kind, msg), reconnected),
+            }
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ("body", e.to_string()))?
-            .to_bytes();
-        conn.abort();
-        serde_json::from_slice::<EchoReply>(&body).map_err(|e| ("body", e.to_string()))
+        let Some(h) = held.as_mut() else {
+            return (Outcome::Failed("http", "no connection".into()), reconnected);
+        };
+        let r = match tokio::time::timeout(opts.timeout, request(opts, &mut h.sender)).await {
+            Err(_) => Err(("timeout", "request timed out".to_string())),
+            Ok(r) => r,
+        };
+        match r {
+            Ok(reply) => {
+                return (
+                    Outcome::Ok {
+                        reply,
+                        connect,
+                        total: t0.elapsed(),
+                    },
+                    reconnected,
+                )
+            }
+            Err((kind, msg)) => {
+                *held = None;
+                if reused && !reconnected && kind != "timeout" {
+                    reconnected = true;
+                    continue;
+                }
+                return (Outcome::Failed(kind, msg), reconnected);
+            }
+        }
+    }
+}
+
+async fn one(opts: &LoadOptions) -> Outcome {
+    let t0 = Instant::now();
+    let (mut held, connect) = match open(opts).await {
+        Ok(x) => x,
+        Err((kind, msg)) => return Outcome::Failed(kind, msg),
     };
-    match tokio::time::timeout(opts.timeout, exchange).await {
+    match tokio::time::timeout(opts.timeout, request(opts, &mut held.sender)).await {
         Err(_) => Outcome::Failed("timeout", "request timed out".into()),
         Ok(Err((kind, msg))) => Outcome::Failed(kind, msg),
         Ok(Ok(reply)) => Outcome::Ok {
             reply,
-            connect,
+            connect: Some(connect),
             total: t0.elapsed(),
         },
     }
@@ -149,11 +242,14 @@ struct Acc {
     by_cluster: BTreeMap<String, u64>,
     by_backend: BTreeMap<String, u64>,
     connect_sum: BTreeMap<String, f64>,
+    connect_n: BTreeMap<String, u64>,
     connect_total: f64,
     connects: Vec<f64>,
     latency_total: f64,
     errors: BTreeMap<String, u64>,
     first_error: Option<String>,
+    opened: u64,
+    reconnects: u64,
 }
 
 fn progress_line(acc: &Acc, done: usize, total: usize) -> String {
@@ -200,6 +296,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
         let next = next.clone();
         let acc = acc.clone();
         workers.push(tokio::spawn(async move {
+            let mut held: Option<Held> = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= opts.connections {
@@ -209,8 +306,13 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
                     let at = started + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(at.into()).await;
                 }
-                let outcome = one(&opts).await;
+                let (outcome, reconnected) = if opts.keepalive {
+                    one_keepalive(&opts, &mut held).await
+                } else {
+                    (one(&opts).await, false)
+                };
                 let Ok(mut a) = acc.lock() else { return };
+                a.reconnects += u64::from(reconnected);
                 match outcome {
                     Outcome::Ok {
                         reply,
@@ -218,11 +320,17 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
                         total,
                     } => {
                         a.ok += 1;
-                        let c = connect.as_secs_f64() * 1000.0;
-                        a.connect_total += c;
-                        a.connects.push(c);
+                        let c = connect.map_or(0.0, |c| c.as_secs_f64() * 1000.0);
+                        if connect.is_some() {
+                            a.opened += 1;
+                            a.connect_total += c;
+                            a.connects.push(c);
+                        }
                         a.latency_total += total.as_secs_f64() * 1000.0;
-                        *a.connect_sum.entry(reply.cluster.clone()).or_default() += c;
+                        if connect.is_some() {
+                            *a.connect_sum.entry(reply.cluster.clone()).or_default() += c;
+                            *a.connect_n.entry(reply.cluster.clone()).or_default() += 1;
+                        }
                         *a.by_cluster.entry(reply.cluster).or_default() += 1;
                         *a.by_backend.entry(reply.backend).or_default() += 1;
                     }
@@ -270,12 +378,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
             .map(|(c, n)| (c.clone(), *n as f64 / ok))
             .collect(),
         connect_ms_by_cluster: a
-            .by_cluster
+            .connect_n
             .iter()
             .map(|(c, n)| {
                 (
                     c.clone(),
-                    a.connect_sum.get(c).copied().unwrap_or(0.0) / *n as f64,
+                    a.connect_sum.get(c).copied().unwrap_or(0.0) / (*n).max(1) as f64,
                 )
             })
             .collect(),
@@ -283,7 +391,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport> {
         by_backend: a.by_backend.clone(),
         weights: None,
         weights_end: None,
-        mean_connect_ms: a.connect_total / ok,
+        mean_connect_ms: a.connect_total / a.opened.max(1) as f64,
+        keepalive: opts.keepalive,
+        opened: a.opened,
+        reconnects: a.reconnects,
         mean_latency_ms: a.latency_total / ok,
         errors: a.errors.clone(),
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -297,10 +408,17 @@ pub fn render(r: &LoadReport) -> String {
         (Some(s), Some(f)) => format!("{s} from {f} ({})", r.target),
         _ => r.target.clone(),
     };
-    out.push_str(&format!(
-        "{head}: {} connections, {} answered, {} failed, {:.1}s\n",
-        r.connections, r.ok, r.failed, r.elapsed_s
-    ));
+    if r.keepalive {
+        out.push_str(&format!(
+            "{head}: {} requests on {} keep-alive connections ({} reconnects), {} answered, {} failed, {:.1}s\n",
+            r.connections, r.opened, r.reconnects, r.ok, r.failed, r.elapsed_s
+        ));
+    } else {
+        out.push_str(&format!(
+            "{head}: {} connections, {} answered, {} failed, {:.1}s\n",
+            r.connections, r.ok, r.failed, r.elapsed_s
+        ));
+    }
     out.push_str(&format!(
         "  {:<8} {:>8} {:>9} {:>13} {:>11}\n",
         "cluster", "conns", "observed", "weight", "connect ms"
@@ -373,6 +491,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             progress: false,
             rate: None,
+            keepalive: false,
         })
         .await
         .unwrap();
@@ -396,6 +515,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             progress: false,
             rate: None,
+            keepalive: false,
         })
         .await
         .unwrap();
@@ -403,6 +523,69 @@ mod tests {
         assert_eq!(r.errors.get("connect"), Some(&5));
         let table = render(&r);
         assert!(table.contains("5 failed"), "{table}");
+    }
+
+    #[tokio::test]
+    async fn keepalive_requests_share_connections_and_a_dropped_one_is_retried_once() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move { crate::echo::serve_on(l, "c9").await });
+        let opts = |connections| LoadOptions {
+            target: addr,
+            host: "demo/echo".into(),
+            connections,
+            concurrency: 4,
+            timeout: Duration::from_secs(2),
+            progress: false,
+            rate: None,
+            keepalive: true,
+        };
+        let r = run(opts(200)).await.unwrap();
+        assert_eq!((r.ok, r.failed), (200, 0));
+        assert_eq!(r.opened, 4, "one connection per worker");
+        assert_eq!(r.reconnects, 0);
+        assert!(render(&r).contains("200 requests on 4 keep-alive connections"));
+        srv.abort();
+        let _ = srv.await;
+        // a server that closes every connection after one answer (as a destroyed socket
+        // does to the next request): every reuse fails and is retried once, nothing fails
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr2 = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        let body = serde_json::to_vec(&EchoReply {
+                            cluster: "c8".into(),
+                            backend: "x".into(),
+                        })
+                        .unwrap_or_default();
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header(hyper::header::CONNECTION, "close")
+                                .body(http_body_util::Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let r = run(LoadOptions {
+            target: addr2,
+            concurrency: 1,
+            ..opts(20)
+        })
+        .await
+        .unwrap();
+        srv.abort();
+        assert_eq!((r.ok, r.failed), (20, 0), "{:?}", r.errors);
+        assert_eq!(r.opened, 20);
+        assert!(r.reconnects <= 19, "{}", r.reconnects);
     }
 
     #[tokio::test]
@@ -428,6 +611,7 @@ mod tests {
                 timeout: Duration::from_secs(3),
                 progress: false,
                 rate: Some(rate),
+                keepalive: false,
             })
             .await
             .unwrap();
@@ -453,6 +637,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             progress: false,
             rate: None,
+            keepalive: false,
         };
         assert!(o
             .validate()
@@ -487,6 +672,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             progress: false,
             rate: Some(40.0),
+            keepalive: false,
         })
         .await
         .unwrap();

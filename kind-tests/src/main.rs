@@ -154,6 +154,11 @@ enum Cmd {
         /// Pace the connections: at most this many per second (default: unpaced).
         #[arg(long)]
         rate: Option<f64>,
+        /// HTTP/1.1 keep-alive: --concurrency long-lived connections carrying --connections
+        /// requests (--rate paces requests); a request whose held connection failed is retried
+        /// once on a new one (a reconnect, not a failure)
+        #[arg(long)]
+        keepalive: bool,
         #[arg(long)]
         json: bool,
         /// Connect here instead of the service VIP (tests, no steering needed).
@@ -496,6 +501,7 @@ fn real_main(cli: Cli) -> Result<()> {
             concurrency,
             timeout_ms,
             rate,
+            keepalive,
             json,
             target,
         } => {
@@ -516,6 +522,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 timeout: Duration::from_millis(timeout_ms),
                 progress: !json && std::io::stdout().is_terminal(),
                 rate,
+                keepalive,
             };
             let mut report = runtime(true)?.block_on(load::run(opts))?;
             report.weights_end = lab.weights(&service, &from);

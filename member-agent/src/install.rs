@@ -164,6 +164,35 @@ pub fn service_specs(
     Ok(specs)
 }
 
+/// The backends whose established connections must go after a change of health: those that
+/// `prev` steered to (healthy, weight > 0) and that now are in an unhealthy (unreachable)
+/// cluster, or whose endpoint the catalog still lists but as not ready. A backend that only
+/// lost its weight (an ordinary weight change) or whose service is gone is not among them.
+pub fn failed_backends(
+    prev: &[ServiceSpec],
+    catalog: &Catalog,
+    unhealthy: &BTreeSet<ClusterId>,
+) -> BTreeSet<std::net::SocketAddr> {
+    let mut known = BTreeSet::new();
+    let mut ready = BTreeSet::new();
+    for svc in catalog.services.values() {
+        for ep in &svc.endpoints {
+            known.insert(ep.address);
+            if ep.ready {
+                ready.insert(ep.address);
+            }
+        }
+    }
+    prev.iter()
+        .flat_map(|s| s.backends.iter())
+        .filter(|b| b.healthy && b.weight > 0)
+        .filter(|b| {
+            unhealthy.contains(&b.cluster) || (known.contains(&b.addr) && !ready.contains(&b.addr))
+        })
+        .map(|b| b.addr)
+        .collect()
+}
+
 /// Every service of the catalog; services that cannot be installed are returned apart.
 pub fn desired_specs(
     catalog: &Catalog,
@@ -220,6 +249,19 @@ impl Installer {
 
     pub fn dataplane(&self) -> &Dataplane {
         &self.dp
+    }
+
+    /// Destroys the established sockets this node's pods opened, through the steering
+    /// programs, to one of `backends` (see `ballast_bpf::sockdiag`); returns how many.
+    pub fn destroy_sockets_to(
+        &self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, InstallError> {
+        let report = self.dp.destroy_sockets_to_in(backends, &self.cgroup)?;
+        for f in &report.failed {
+            tracing::warn!(socket = %f, "a steered socket could not be destroyed");
+        }
+        Ok(report.destroyed)
     }
 
     /// Detaches the programs and unpins (for `--detach-on-exit`).
@@ -710,5 +752,47 @@ mod tests {
         if let Err(p) = result {
             std::panic::resume_unwind(p);
         }
+    }
+
+    #[test]
+    fn failed_backends_are_those_of_unreachable_clusters_or_unready_endpoints() {
+        let spec = |backends: Vec<(&str, &str, u32)>| ServiceSpec {
+            name: "shop/web".into(),
+            vip: "127.96.0.10".parse().expect("vip"),
+            port: 80,
+            protocol: ballast_bpf::Protocol::Tcp,
+            backends: backends
+                .into_iter()
+                .map(|(a, c, w)| BackendSpec {
+                    addr: a.parse().expect("addr"),
+                    cluster: c.into(),
+                    weight: w,
+                    healthy: true,
+                })
+                .collect(),
+            canary: None,
+            select: SelectMode::Slots,
+        };
+        let prev = vec![spec(vec![
+            ("127.0.1.1:80", "east", 10),
+            ("127.0.2.1:80", "west", 10),
+            ("127.0.3.1:80", "south", 0),
+            ("127.0.4.1:80", "north", 10),
+        ])];
+        let catalog = Catalog {
+            local: "east".into(),
+            clusters: BTreeMap::new(),
+            services: BTreeMap::new(),
+            without_vip: Default::default(),
+        };
+        // west unreachable; south too, but nothing was steered there (weight 0)
+        let unhealthy: BTreeSet<ClusterId> = ["west".into(), "south".into()].into();
+        let failed = failed_backends(&prev, &catalog, &unhealthy);
+        assert_eq!(
+            failed,
+            BTreeSet::from(["127.0.2.1:80".parse().expect("addr")])
+        );
+        // nothing unhealthy and endpoints unknown (service gone): nothing
+        assert!(failed_backends(&prev, &catalog, &BTreeSet::new()).is_empty());
     }
 }

@@ -16,7 +16,7 @@ use ballast_agent::peers;
 use ballast_agent::prereq::{self, HostPaths};
 use ballast_agent::probe::Prober;
 use ballast_agent::session::{self, SessionConfig, SessionIo};
-use ballast_agent::steering::{report, SteerConfig, SteerIo, Steerer, PENDING_RETRY};
+use ballast_agent::steering::{report, SteerConfig, SteerIo, Steerer, CLOSE_GRACE, PENDING_RETRY};
 use ballast_runtime::{AdminServer, Readiness};
 use clap::Parser;
 use tokio::sync::{mpsc, watch};
@@ -120,6 +120,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             weight_scale: cfg.weight_scale,
             report_interval: cfg.report_interval,
             pending_retry: PENDING_RETRY,
+            close_grace: CLOSE_GRACE,
         },
         metrics.clone(),
         installer,

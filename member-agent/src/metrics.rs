@@ -17,6 +17,8 @@
 //! | `ballast_agent_services_without_vip` | — | ServiceImports not steered for want of a VIP (no `spec.ips`) |
 //! | `ballast_agent_broker_replica` | address | 1 for the broker replica the session is on, 0 for the other known ones |
 //! | `ballast_agent_broker_failovers_total` | — | sessions re-established on another broker replica than the last one |
+//! | `ballast_agent_sockets_destroyed_total` | — | established steered connections closed because their backend failed (unready endpoint, unreachable cluster) |
+//! | `ballast_agent_socket_destroy_failures_total` | — | failed attempts at closing them (no `SOCK_DESTROY` in the kernel, no permission) |
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub prerequisite_missing: Family<PrerequisiteLabels, Gauge>,
     pub broker_replica: Family<AddressLabels, Gauge>,
     pub broker_failovers: Counter,
+    pub sockets_destroyed: Counter,
+    pub socket_destroy_failures: Counter,
     /// The addresses `broker_replica` holds.
     broker_addresses: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -112,6 +116,8 @@ impl Metrics {
             prerequisite_missing: Family::default(),
             broker_replica: Family::default(),
             broker_failovers: Counter::default(),
+            sockets_destroyed: Counter::default(),
+            socket_destroy_failures: Counter::default(),
             broker_addresses: Arc::default(),
         };
         r.register(
@@ -189,6 +195,16 @@ impl Metrics {
             "broker_failovers",
             "Broker sessions re-established on another replica than the last one",
             m.broker_failovers.clone(),
+        );
+        r.register(
+            "sockets_destroyed",
+            "Established steered connections closed because their backend failed (unready endpoint, unreachable cluster)",
+            m.sockets_destroyed.clone(),
+        );
+        r.register(
+            "socket_destroy_failures",
+            "Failed attempts at closing connections to failed backends",
+            m.socket_destroy_failures.clone(),
         );
         Self {
             registry: Arc::new(r),

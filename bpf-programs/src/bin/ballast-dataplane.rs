@@ -76,8 +76,25 @@ fn main() -> Result<()> {
             }
             let mut dp = Dataplane::open(&pin.pin_dir)?;
             dp.attach(&cgroup)?;
+            let before: Vec<_> = dp.services()?.into_iter().map(|s| s.spec).collect();
             dp.apply(&specs)?;
             eprintln!("applied {} services to {}", specs.len(), cgroup.display());
+            // connections steered to a backend that turned unhealthy go: their clients
+            // reconnect and are steered to a healthy one
+            let failed = ballast_bpf::sockdiag::newly_unhealthy(&before, &specs);
+            if !failed.is_empty() {
+                let r = dp.destroy_sockets_to_in(&failed, &cgroup)?;
+                eprintln!(
+                    "closed {} connection(s) to {} unhealthy backend(s){}",
+                    r.destroyed,
+                    failed.len(),
+                    if r.failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; could not close: {}", r.failed.join(", "))
+                    }
+                );
+            }
         }
         Cmd::Show { pin, json } => {
             if !json {

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read,
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -49,6 +49,13 @@ struct Cli {
     /// keep going until this file exists (instead of --count)
     #[arg(long, env = "BALLAST_PROBE_UNTIL")]
     until: Option<PathBuf>,
+    /// TCP keep-alive: one connection per thread, a `ping` line and its answer line per
+    /// request (as an HTTP/1.1 keep-alive client); after an error, a new connection
+    #[arg(long, env = "BALLAST_PROBE_HOLD", conflicts_with = "udp")]
+    hold: bool,
+    /// pause between requests, in ms
+    #[arg(long, env = "BALLAST_PROBE_INTERVAL_MS", default_value_t = 0)]
+    interval_ms: u64,
 }
 
 /// A namespace name as `ip netns` accepts it: one path component under /run/netns.
@@ -87,8 +94,41 @@ struct Report {
     max_fail_us: u64,
     /// median duration of a failed connect (the fast-fail figure; the max is noisy on a busy host)
     median_fail_us: u64,
+    /// TCP connections opened (with --hold: 1 + reconnects)
+    connections: u64,
     #[serde(skip)]
     fail_us: Vec<u64>,
+}
+
+/// One request on the held connection `conn` (opened first when there is none); an error
+/// drops the connection, so the next request opens a new one (and is steered afresh).
+fn one_held(
+    conn: &mut Option<BufReader<TcpStream>>,
+    to: SocketAddr,
+    opened: &mut u64,
+) -> std::io::Result<(String, bool)> {
+    if conn.is_none() {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        *opened += 1;
+        *conn = Some(BufReader::new(s));
+    }
+    let r = (|| {
+        let c = conn
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no connection"))?;
+        let peer_ok = c.get_ref().peer_addr()? == to;
+        c.get_mut().write_all(b"ping\n")?;
+        let mut line = String::new();
+        if c.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        Ok((line.trim().to_string(), peer_ok))
+    })();
+    if r.is_err() {
+        *conn = None;
+    }
+    r
 }
 
 fn one_tcp(to: SocketAddr) -> std::io::Result<(String, bool)> {
@@ -160,6 +200,8 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
     } else {
         None
     };
+    let mut held: Option<BufReader<TcpStream>> = None;
+    let mut opened = 0;
     let mut i = 0;
     loop {
         match &cli.until {
@@ -176,14 +218,22 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
         }
         i += 1;
         let t = Instant::now();
+        if i > 1 && cli.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(cli.interval_ms));
+        }
         let r = match &udp {
             Some(s) => one_udp(s, cli.to),
             None if cli.connected => one_udp_connected(cli.to),
-            None => one_tcp(cli.to),
+            None if cli.hold => one_held(&mut held, cli.to, &mut opened),
+            None => {
+                opened += 1;
+                one_tcp(cli.to)
+            }
         };
         let mut rep = report
             .lock()
             .map_err(|_| anyhow::anyhow!("report lock poisoned"))?;
+        rep.connections += std::mem::take(&mut opened);
         match r {
             Ok((id, peer_ok)) => {
                 rep.ok += 1;

@@ -27,8 +27,8 @@ use tracing::debug;
 use crate::{
     error::{Error, Result},
     layout::{
-        Backend, BackendKey, ClusterName, CounterKey, CumTable, SelKey, SelTable, SvcKey, SvcMeta,
-        SvcState,
+        Backend, BackendKey, ClusterName, CounterKey, CumTable, SelKey, SelTable, SockRev, SvcKey,
+        SvcMeta, SvcState,
     },
     spec::{addr_words, ServiceSpec},
 };
@@ -87,6 +87,8 @@ pub struct Dataplane {
     meta: HashMap<MapData, u32, SvcMeta>,
     clusters: HashMap<MapData, u32, ClusterName>,
     counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    /// socket cookie -> (backend, VIP) of every connected socket the programs steered.
+    conn: HashMap<MapData, u64, SockRev>,
     /// name -> (id, key) of every installed service, read from `blst_meta` at open.
     names: BTreeMap<String, (u32, SvcKey)>,
     next_id: u32,
@@ -165,6 +167,7 @@ impl Dataplane {
         let meta: HashMap<MapData, u32, SvcMeta> = take!(ebpf, "blst_meta");
         let clusters = take!(ebpf, "blst_clusters");
         let counters = take!(ebpf, "blst_counters");
+        let conn = take!(ebpf, "blst_conn");
         let mut names = BTreeMap::new();
         let mut max_id = 0;
         for item in meta.iter() {
@@ -184,6 +187,7 @@ impl Dataplane {
             meta,
             clusters,
             counters,
+            conn,
             names,
             next_id: max_id + 1,
         })

@@ -1,7 +1,10 @@
 //! Reading services and counters back from the kernel maps (what is installed is what the
 //! maps say, not what this process last wrote: another loader may share the pin dir).
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+};
 
 use super::{cstr, map_err, not_found, BackendCounter, Dataplane, InstalledService};
 use crate::{
@@ -117,5 +120,68 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// The connected sockets the programs steered to one of `backends`: cookie -> backend
+    /// (from `blst_conn`; a socket leaves it when it is released).
+    ///
+    /// # Errors
+    /// Reading the map failed.
+    pub fn steered_sockets_to(
+        &self,
+        backends: &BTreeSet<SocketAddr>,
+    ) -> Result<BTreeMap<u64, SocketAddr>> {
+        let mut out = BTreeMap::new();
+        if backends.is_empty() {
+            return Ok(out);
+        }
+        for item in self.conn.iter() {
+            let (cookie, rev) = match item {
+                Ok(x) => x,
+                // released between the key walk and the lookup
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(map_err("blst_conn")(e)),
+            };
+            let backend = SocketAddr::new(words_addr(rev.backend), u16::from_be(rev.backend_port));
+            if backends.contains(&backend) {
+                out.insert(cookie, backend);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Destroys the connected sockets the programs steered to one of `backends`, in the
+    /// calling thread's network namespace ([`crate::sockdiag`]): their peers get a RST, the
+    /// applications `ECONNABORTED`, and their next connection is steered afresh. Sockets not
+    /// steered by these programs, or to other destinations, are never touched.
+    ///
+    /// # Errors
+    /// Reading `blst_conn` or the socket dump failed.
+    pub fn destroy_sockets_to(
+        &self,
+        backends: &BTreeSet<SocketAddr>,
+    ) -> Result<crate::sockdiag::DestroyReport> {
+        let cookies: BTreeSet<u64> = self.steered_sockets_to(backends)?.into_keys().collect();
+        crate::sockdiag::destroy_by_cookie(&cookies).map_err(|source| Error::Io {
+            context: "destroying steered sockets (sock_diag)".into(),
+            source,
+        })
+    }
+
+    /// [`Dataplane::destroy_sockets_to`] in the caller's network namespace and in those of the
+    /// processes of `cgroup` (where the programs are attached: the node's pods).
+    ///
+    /// # Errors
+    /// Reading `blst_conn` or the caller's own socket dump failed.
+    pub fn destroy_sockets_to_in(
+        &self,
+        backends: &BTreeSet<SocketAddr>,
+        cgroup: &std::path::Path,
+    ) -> Result<crate::sockdiag::DestroyReport> {
+        let cookies: BTreeSet<u64> = self.steered_sockets_to(backends)?.into_keys().collect();
+        crate::sockdiag::destroy_in_cgroup(&cookies, cgroup).map_err(|source| Error::Io {
+            context: "destroying steered sockets (sock_diag)".into(),
+            source,
+        })
     }
 }

@@ -174,6 +174,55 @@ impl Backend {
         b
     }
 
+    /// A TCP backend that keeps each connection and answers every line with its id (a
+    /// keep-alive server); `accepted` counts connections.
+    pub fn tcp_lines() -> Self {
+        Self::serve_lines(TcpListener::bind("127.0.0.1:0").unwrap(), false)
+    }
+
+    /// [`Backend::tcp_lines`] on `ip` inside `ns`; its id is its full address.
+    pub fn tcp_lines_in(ns: &Netns, ip: &str) -> Self {
+        let bind = SocketAddr::new(ip.parse().unwrap(), 0);
+        Self::serve_lines(ns.run(move || TcpListener::bind(bind)).unwrap(), true)
+    }
+
+    fn serve_lines(l: TcpListener, in_netns: bool) -> Self {
+        let addr = l.local_addr().unwrap();
+        let id = if in_netns {
+            addr.to_string()
+        } else {
+            addr.port().to_string()
+        };
+        let waker = in_netns.then(|| l.try_clone().unwrap());
+        let b = Self::new(addr, id, waker, in_netns);
+        let (a, s, reply) = (b.accepted.clone(), b.stop.clone(), format!("{}\n", b.id));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let c = match c {
+                    Ok(c) => c,
+                    // shutdown(2) on the listener (drop) makes accept fail with EINVAL
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(_) => continue,
+                };
+                a.fetch_add(1, Ordering::Relaxed);
+                let reply = reply.clone();
+                std::thread::spawn(move || {
+                    use std::io::{BufRead, BufReader};
+                    let mut w = c.try_clone().unwrap();
+                    for line in BufReader::new(c).lines() {
+                        if line.is_err() || w.write_all(reply.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        b
+    }
+
     pub fn udp() -> Self {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let id = s.local_addr().unwrap().port().to_string();

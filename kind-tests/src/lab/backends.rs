@@ -180,6 +180,20 @@ impl Lab {
                 }
             })
         };
+        // ... and every established connection they steered there closed (short requests
+        // finish; the agents close long-lived ones after their grace), as a preStop hook
+        // waits for a pod's connections to drain
+        let wanted: std::collections::BTreeSet<SocketAddr> = addrs.iter().copied().collect();
+        let connections_to_them = |c: &ClusterState| -> usize {
+            c.nodes
+                .iter()
+                .map(|n| {
+                    ballast_bpf::Dataplane::open(&n.bpf_dir)
+                        .and_then(|dp| dp.steered_sockets_to(&wanted))
+                        .map_or(0, |m| m.len())
+                })
+                .sum()
+        };
         let deadline = Instant::now() + timeout;
         loop {
             let pending: Vec<&str> = state
@@ -188,8 +202,19 @@ impl Lab {
                 .filter(|c| steers_to_them(c))
                 .map(|c| c.id.as_str())
                 .collect();
-            if pending.is_empty() {
+            let open: usize = if pending.is_empty() {
+                state.clusters.iter().map(connections_to_them).sum()
+            } else {
+                0
+            };
+            if pending.is_empty() && open == 0 {
                 return None;
+            }
+            if pending.is_empty() && Instant::now() >= deadline {
+                return Some(format!(
+                    "{open} steered connection(s) to {service} in {cluster} still open after \
+                     {timeout:?}"
+                ));
             }
             if Instant::now() >= deadline {
                 return Some(format!(

@@ -34,7 +34,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::capacity::local_capacities;
 use crate::catalog::{Catalog, ClusterId, ServiceName};
-use crate::install::{desired_specs, rps_between, Installer, Refusal, Steering, Verdict};
+use crate::install::{
+    desired_specs, failed_backends, rps_between, Installer, Refusal, Steering, Verdict,
+};
 use crate::metrics::{FlowLabels, Metrics, ServiceLabels};
 use crate::probe::{self, PeerTable};
 use crate::service_probe::ServiceTimes;
@@ -52,6 +54,13 @@ pub trait DataPlane: Send + 'static {
 
     /// What is installed now (a previous agent's state, adopted on start).
     fn installed(&self) -> Result<Vec<InstalledService>, Self::Error>;
+
+    /// Destroys the steered, established sockets to `backends` (their clients reconnect and
+    /// are steered afresh); returns how many.
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, Self::Error>;
 }
 
 impl DataPlane for Installer {
@@ -67,6 +76,13 @@ impl DataPlane for Installer {
 
     fn installed(&self) -> Result<Vec<InstalledService>, Self::Error> {
         Ok(self.dataplane().services()?)
+    }
+
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, Self::Error> {
+        Installer::destroy_sockets_to(self, backends)
     }
 }
 
@@ -85,7 +101,15 @@ pub struct SteerConfig {
     pub report_interval: Duration,
     /// How often updates the data plane failed on are offered again ([`PENDING_RETRY`]).
     pub pending_retry: Duration,
+    /// How long after a backend failed its established connections are closed
+    /// ([`CLOSE_GRACE`]): requests in flight finish, long-lived connections are then closed.
+    pub close_grace: Duration,
 }
+
+/// The default [`SteerConfig::close_grace`]: a short request in flight on a connection to a
+/// backend that just turned unready (a pod terminating) completes within it; a long-lived
+/// connection (keep-alive, gRPC, a database pool) is closed after it and reconnects.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The loop's channels.
 pub struct SteerIo {
@@ -123,6 +147,10 @@ pub struct Steerer<D> {
     pending: BTreeMap<String, Pending>,
     last_counters: Option<(Instant, Vec<BackendCounter>)>,
     rps: BTreeMap<(ServiceName, ClusterId), f64>,
+    /// What the data plane holds since the last successful apply (empty before the first).
+    installed_specs: Vec<ServiceSpec>,
+    /// Failed backends whose connections are closed at the instant (after the grace).
+    closing: Vec<(Instant, BTreeSet<std::net::SocketAddr>)>,
 }
 
 impl<D: DataPlane> Steerer<D> {
@@ -151,6 +179,8 @@ impl<D: DataPlane> Steerer<D> {
             pending: BTreeMap::new(),
             last_counters: None,
             rps: BTreeMap::new(),
+            installed_specs: Vec::new(),
+            closing: Vec::new(),
         }
     }
 
@@ -182,13 +212,63 @@ impl<D: DataPlane> Steerer<D> {
         for e in &errors {
             tracing::warn!(error = %e, "service not installed");
         }
-        match self.plane.apply(specs) {
+        match self.plane.apply(specs.clone()) {
             Ok(true) => {
                 tracing::info!(?unhealthy, "data plane updated");
+                let prev = std::mem::replace(&mut self.installed_specs, specs);
+                self.close_failed(&prev, &catalog, &unhealthy);
                 Ok(())
             }
             Ok(false) => Ok(()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Destroys the established connections steered to backends that failed since `prev`
+    /// ([`failed_backends`]), so that long-lived clients reconnect to healthy ones.
+    fn close_failed(
+        &mut self,
+        prev: &[ServiceSpec],
+        catalog: &Catalog,
+        unhealthy: &BTreeSet<ClusterId>,
+    ) {
+        let failed = failed_backends(prev, catalog, unhealthy);
+        if failed.is_empty() {
+            return;
+        }
+        tracing::info!(backends = ?failed, grace = ?self.cfg.close_grace, "backends failed: their connections close after the grace");
+        self.closing
+            .push((Instant::now() + self.cfg.close_grace, failed));
+        if self.cfg.close_grace.is_zero() {
+            self.close_due(Instant::now());
+        }
+    }
+
+    /// When the next close is due, if one is.
+    pub fn next_close(&self) -> Option<Instant> {
+        self.closing.iter().map(|(at, _)| *at).min()
+    }
+
+    /// Closes the connections of the failed backends whose grace ended by `now`.
+    pub fn close_due(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.closing = later;
+        let failed: BTreeSet<std::net::SocketAddr> =
+            due.into_iter().flat_map(|(_, set)| set).collect();
+        if failed.is_empty() {
+            return;
+        }
+        match self.plane.destroy_sockets_to(&failed) {
+            Ok(n) => {
+                self.metrics.sockets_destroyed.inc_by(n as u64);
+                tracing::info!(backends = ?failed, sockets = n, "closed connections to failed backends");
+            }
+            Err(e) => {
+                self.metrics.socket_destroy_failures.inc();
+                tracing::warn!(error = %e, backends = ?failed, "closing connections to failed backends failed");
+            }
         }
     }
 
@@ -397,6 +477,7 @@ impl<D: DataPlane> Steerer<D> {
         let mut prev_unhealthy = BTreeSet::new();
         let mut last_retry = Instant::now();
         loop {
+            let next_close = self.next_close();
             tokio::select! {
                 () = async { let _ = stop.wait_for(|s| *s).await; } => return self.plane,
                 r = self.io.catalog.changed() => {
@@ -419,6 +500,7 @@ impl<D: DataPlane> Steerer<D> {
                     }
                 }
                 Some(batch) = self.io.updates.recv() => self.on_batch(batch, &BTreeMap::new()),
+                () = until(next_close) => self.close_due(Instant::now()),
                 _ = tick.tick() => {
                     if last_retry.elapsed() >= self.cfg.pending_retry {
                         self.retry_pending(true);
@@ -428,5 +510,13 @@ impl<D: DataPlane> Steerer<D> {
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never returns when there is none.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -20,6 +20,8 @@ struct PlaneState {
     writes: usize,
     /// The next `fail` applies fail.
     fail: usize,
+    /// Every `destroy_sockets_to` call's backends.
+    destroyed: Vec<BTreeSet<std::net::SocketAddr>>,
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +77,15 @@ impl DataPlane for FakePlane {
 
     fn installed(&self) -> Result<Vec<InstalledService>, FakeError> {
         Ok(Vec::new())
+    }
+
+    fn destroy_sockets_to(
+        &mut self,
+        backends: &BTreeSet<std::net::SocketAddr>,
+    ) -> Result<usize, FakeError> {
+        let mut st = self.state();
+        st.destroyed.push(backends.clone());
+        Ok(backends.len())
     }
 }
 
@@ -172,6 +183,7 @@ fn rig(services: &[&str], pending_retry: Duration) -> Rig {
             weight_scale: 1000,
             report_interval: Duration::from_millis(20),
             pending_retry,
+            close_grace: Duration::ZERO,
         },
         metrics.clone(),
         plane.clone(),
@@ -289,6 +301,58 @@ fn update_for_a_service_not_imported_is_refused_as_such_and_kept() {
         Some(Refusal::NotImported(_))
     ));
     assert_eq!(*r.generation.borrow(), 0, "nothing installed");
+}
+
+#[test]
+fn connections_to_a_backend_that_turns_unready_are_closed_not_on_a_weight_change() {
+    let mut r = rig(&["shop/web"], MINUTE);
+    r.push(update("shop/web", 7, 0.75));
+    r.only_ack();
+    // an ordinary weight change (west to 0): nothing is closed
+    r.push(update("shop/web", 8, 0.0));
+    r.only_ack();
+    r.push(update("shop/web", 9, 0.75));
+    r.only_ack();
+    assert!(r.plane.state().destroyed.is_empty());
+    // west's endpoint turns unready: its steered connections are closed, once
+    let mut c = (*catalog(&["shop/web"])).clone();
+    for s in c.services.values_mut() {
+        for e in &mut s.endpoints {
+            if e.cluster == "west" {
+                e.ready = false;
+            }
+        }
+    }
+    r.catalog.send_replace(Arc::new(c));
+    r.steer.on_discovery_change();
+    r.steer.on_discovery_change();
+    let west: std::net::SocketAddr = "127.0.2.1:8080".parse().expect("addr");
+    assert_eq!(r.plane.state().destroyed, vec![BTreeSet::from([west])]);
+    assert_eq!(r.metrics.sockets_destroyed.get(), 1);
+}
+
+#[test]
+fn connections_to_a_failed_backend_close_only_after_the_grace() {
+    let mut r = rig(&["shop/web"], MINUTE);
+    r.steer.cfg.close_grace = Duration::from_secs(2);
+    r.push(update("shop/web", 7, 0.75));
+    r.only_ack();
+    let mut c = (*catalog(&["shop/web"])).clone();
+    for s in c.services.values_mut() {
+        for e in &mut s.endpoints {
+            e.ready = e.cluster != "west";
+        }
+    }
+    let t0 = Instant::now();
+    r.catalog.send_replace(Arc::new(c));
+    r.steer.on_discovery_change();
+    let due = r.steer.next_close().expect("a close is pending");
+    assert!(due >= t0 + Duration::from_secs(2), "grace kept");
+    r.steer.close_due(t0 + Duration::from_secs(1));
+    assert!(r.plane.state().destroyed.is_empty(), "not before the grace");
+    r.steer.close_due(due);
+    assert_eq!(r.plane.state().destroyed.len(), 1);
+    assert_eq!(r.steer.next_close(), None);
 }
 
 #[test]
