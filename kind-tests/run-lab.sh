@@ -134,7 +134,7 @@ cat "$tmp/during.txt"
 destroyed=0
 for n in $(seq 1 "$NODES"); do
   addr=$(python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); c = [c for c in s["clusters"] if c["id"] == "c1"][0]; print(c["nodes"][int(sys.argv[2]) - 1]["metrics_addr"])' \
-    "/run/$BALLAST_LAB_PREFIX-lab/state.json" "$n")
+    "${BALLAST_LAB_STATE_DIR:-/run/$BALLAST_LAB_PREFIX-lab}/state.json" "$n")
   m=$("$LAB" exec c1 --node "n$n" -- python3 -c \
     'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read().decode())' "$addr" |
     awk '$1 == "ballast_agent_sockets_destroyed_total" { print int($2) }')
