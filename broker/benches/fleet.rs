@@ -457,6 +457,8 @@ fn report_of(a: &AgentSpec, sh: &Shared, first: bool) -> ReportRequest {
                 destination_cluster_id: cluster_id(*d),
                 rps: 10.0 / dst.len() as f64,
                 measured_at_ms: 0,
+                bytes_sent_per_second: 0.0,
+                bytes_received_per_second: 0.0,
             });
         }
     }
@@ -472,6 +474,7 @@ fn report_of(a: &AgentSpec, sh: &Shared, first: bool) -> ReportRequest {
             measured_at_ms: 0,
             service_time: None,
             measured_service_ms: None,
+            unit: 0,
         })
         .collect();
     ReportRequest {

@@ -54,6 +54,7 @@ fn services_report(cluster: &str, services: &[String], rps: f64) -> ReportReques
                 measured_at_ms: 0,
                 service_time: None,
                 measured_service_ms: None,
+                unit: 0,
             })
             .collect(),
         ..ReportRequest::default()

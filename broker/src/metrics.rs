@@ -35,6 +35,14 @@ pub struct FlagLabels {
     pub flag: String,
 }
 
+/// Labels of measured egress: service, source cluster, destination cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub service: String,
+    pub src: String,
+    pub dst: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
@@ -87,6 +95,12 @@ pub struct Metrics {
     pub weight: Family<WeightLabels, Gauge<f64, AtomicU64>>,
     /// The published (service, source) entries by status.
     pub published_entries: Family<StatusLabels, Gauge>,
+    /// Payload bytes the agents measured, by (service, src, dst), both directions: integrated
+    /// from the byte rates of the reports this replica accepted over the time between a
+    /// node's reports (at most two report intervals).
+    pub egress_bytes: Family<EgressLabels, Counter<f64, AtomicU64>>,
+    /// What those bytes cost in egress (USD), each direction at its price.
+    pub egress_usd: Family<EgressLabels, Counter<f64, AtomicU64>>,
     /// The weight series last set, so a new generation removes only what it no longer has
     /// (a scrape never sees the family half-filled).
     weight_series: Mutex<BTreeSet<WeightLabels>>,
@@ -221,8 +235,23 @@ impl Metrics {
             "(service, source) entries of the published generation, by status",
             published_entries.clone(),
         );
+        let egress_bytes = Family::<EgressLabels, Counter<f64, AtomicU64>>::default();
+        let egress_usd = Family::<EgressLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "egress_bytes",
+            "Payload bytes measured by the agents per (service, source, destination), both \
+             directions, as reported to this replica",
+            egress_bytes.clone(),
+        );
+        registry.register(
+            "egress_usd",
+            "Egress cost (USD) of those bytes, each direction at its price",
+            egress_usd.clone(),
+        );
         let m = Self {
             registry: Arc::new(registry),
+            egress_bytes,
+            egress_usd,
             solve_duration,
             clusters,
             expired_clusters,

@@ -15,6 +15,8 @@ pub struct Capacity {
     /// The cluster's service-time curve when one pod's is declared: the per-pod slope divided
     /// by the ready pods (the load spreads over them); the per-pod curve with no ready pod.
     pub service_time: Option<ServiceTime>,
+    /// What the capacity counts (the export's declared load unit).
+    pub unit: ballast_types::LoadUnit,
 }
 
 /// Capacity of every service for which this cluster declares a per-pod capacity. A service
@@ -37,6 +39,7 @@ pub fn local_capacities(catalog: &Catalog) -> BTreeMap<ServiceName, Capacity> {
                         base_ms: c.base_ms,
                         slope_ms_per_rps: c.slope_ms_per_rps / ready_pods.max(1) as f64,
                     }),
+                    unit: svc.load_unit,
                 },
             ))
         })
@@ -63,6 +66,7 @@ mod tests {
             capacity_rps_per_pod: cap,
             service_time_per_pod: None,
             service_time_probe: None,
+            load_unit: ballast_types::LoadUnit::default(),
             endpoints,
         };
         let mut services = [

@@ -92,6 +92,8 @@ pub struct Service {
     /// The HTTP path the agent probes on the local cluster's ready endpoints to measure the
     /// service time (see [`crate::service_probe`]); `None`: not probed.
     pub service_time_probe: Option<String>,
+    /// The unit `capacity_rps_per_pod` counts (and so the service's demand at the broker).
+    pub load_unit: ballast_types::LoadUnit,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -198,6 +200,7 @@ mod tests {
             capacity_rps_per_pod: None,
             service_time_per_pod: None,
             service_time_probe: None,
+            load_unit: ballast_types::LoadUnit::default(),
             endpoints: vec![
                 ep("127.0.0.2:8080", true, Some("http")),
                 ep("127.0.0.2:9090", true, Some("grpc")),

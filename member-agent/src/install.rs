@@ -412,42 +412,56 @@ impl Steering {
     }
 }
 
-/// Turns two counter snapshots into RPS per (service, destination cluster).
+/// What a node sent for one service to one destination cluster, per second: connections
+/// (connects), and transport payload bytes each way, from its BPF counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FlowRate {
+    pub connections: f64,
+    /// Bytes the node's steered sockets sent to the cluster's backends (requests).
+    pub bytes_sent: f64,
+    /// Bytes they received from them (responses).
+    pub bytes_received: f64,
+}
+
+/// Rates per (service, destination cluster) between two counter readings `seconds` apart.
+/// A counter that went backwards was reset (the service re-created): it counts from 0.
 pub fn rps_between(
     before: &[ballast_bpf::BackendCounter],
     after: &[ballast_bpf::BackendCounter],
     seconds: f64,
     catalog: &Catalog,
-) -> BTreeMap<(ServiceName, ClusterId), f64> {
+) -> BTreeMap<(ServiceName, ClusterId), FlowRate> {
     let names: BTreeMap<u32, &str> = catalog
         .clusters
         .keys()
         .map(|c| (ballast_bpf::cluster_id(c), c.as_str()))
         .collect();
-    let prev: BTreeMap<(&str, std::net::SocketAddr), u64> = before
+    let prev: BTreeMap<(&str, std::net::SocketAddr), &ballast_bpf::BackendCounter> = before
         .iter()
-        .map(|c| ((c.service.as_str(), c.backend), c.connects))
+        .map(|c| ((c.service.as_str(), c.backend), c))
         .collect();
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<(ServiceName, ClusterId), FlowRate> = BTreeMap::new();
     if seconds <= 0.0 {
         return out;
     }
+    let delta = |now: u64, base: Option<u64>| {
+        let base = base.unwrap_or(0);
+        if now >= base {
+            now - base
+        } else {
+            now
+        }
+    };
     for c in after {
         let (Some(svc), Some(cluster)) = (service_of_spec(&c.service), names.get(&c.cluster_id))
         else {
             continue;
         };
-        // a counter that went backwards was reset (service re-created): count from 0
-        let base = prev
-            .get(&(c.service.as_str(), c.backend))
-            .copied()
-            .unwrap_or(0);
-        let delta = if c.connects >= base {
-            c.connects - base
-        } else {
-            c.connects
-        };
-        *out.entry((svc, (*cluster).to_owned())).or_insert(0.0) += delta as f64 / seconds;
+        let p = prev.get(&(c.service.as_str(), c.backend));
+        let e = out.entry((svc, (*cluster).to_owned())).or_default();
+        e.connections += delta(c.connects, p.map(|p| p.connects)) as f64 / seconds;
+        e.bytes_sent += delta(c.bytes_sent, p.map(|p| p.bytes_sent)) as f64 / seconds;
+        e.bytes_received += delta(c.bytes_received, p.map(|p| p.bytes_received)) as f64 / seconds;
     }
     out
 }
@@ -478,6 +492,7 @@ mod tests {
             capacity_rps_per_pod: None,
             service_time_per_pod: None,
             service_time_probe: None,
+            load_unit: ballast_types::LoadUnit::default(),
             endpoints,
         }
     }
@@ -602,25 +617,32 @@ mod tests {
     #[test]
     fn rps_from_counter_deltas_per_destination_cluster() {
         let c = catalog(svc(&["127.96.0.10"], vec![]));
-        let counter = |backend: &str, cluster: &str, connects| ballast_bpf::BackendCounter {
-            service: "shop/web".into(),
-            backend: backend.parse().expect("addr"),
-            cluster_id: ballast_bpf::cluster_id(cluster),
-            connects,
-        };
+        let counter =
+            |backend: &str, cluster: &str, connects, bytes: u64| ballast_bpf::BackendCounter {
+                service: "shop/web".into(),
+                backend: backend.parse().expect("addr"),
+                cluster_id: ballast_bpf::cluster_id(cluster),
+                connects,
+                bytes_sent: bytes,
+                bytes_received: bytes * 10,
+            };
         let before = [
-            counter("127.0.1.1:80", "east", 100),
-            counter("127.0.2.1:80", "west", 10),
+            counter("127.0.1.1:80", "east", 100, 1_000),
+            counter("127.0.2.1:80", "west", 10, 500),
         ];
         let after = [
-            counter("127.0.1.1:80", "east", 150),
-            counter("127.0.2.1:80", "west", 30),
-            counter("127.0.2.2:80", "west", 20),
+            counter("127.0.1.1:80", "east", 150, 3_000),
+            counter("127.0.2.1:80", "west", 30, 900),
+            counter("127.0.2.2:80", "west", 20, 100),
         ];
         let r = rps_between(&before, &after, 10.0, &c);
         let k = |cl: &str| (ServiceName::parse("shop/web").expect("name"), cl.to_owned());
-        assert!((r[&k("east")] - 5.0).abs() < 1e-9);
-        assert!((r[&k("west")] - 4.0).abs() < 1e-9);
+        assert!((r[&k("east")].connections - 5.0).abs() < 1e-9);
+        assert!((r[&k("west")].connections - 4.0).abs() < 1e-9);
+        // bytes: east (3000-1000)/10; west (900-500 + 100 new)/10; received 10x
+        assert!((r[&k("east")].bytes_sent - 200.0).abs() < 1e-9);
+        assert!((r[&k("west")].bytes_sent - 50.0).abs() < 1e-9);
+        assert!((r[&k("west")].bytes_received - 500.0).abs() < 1e-9);
     }
 
     #[test]

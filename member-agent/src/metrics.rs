@@ -8,6 +8,8 @@
 //! | `ballast_agent_peer_loss_ratio` | peer | lost share of the recent probes |
 //! | `ballast_agent_probe_failures_total` | peer | failed probes |
 //! | `ballast_agent_service_rps` | service, destination | connects per second from this cluster |
+//! | `ballast_agent_service_bytes_sent_per_second` | service, destination | payload bytes per second this node's steered sockets sent there |
+//! | `ballast_agent_service_bytes_received_per_second` | service, destination | payload bytes per second they received from there |
 //! | `ballast_agent_service_capacity_rps` | service | local capacity |
 //! | `ballast_agent_installed_generation` | service | weights generation installed |
 //! | `ballast_agent_updates_refused_total` | service | weights updates refused (unknown service, bad weights, data plane) |
@@ -74,6 +76,8 @@ pub struct Metrics {
     pub peer_loss_ratio: Family<PeerLabels, FGauge>,
     pub probe_failures: Family<PeerLabels, Counter>,
     pub service_rps: Family<FlowLabels, FGauge>,
+    pub service_bytes_sent: Family<FlowLabels, FGauge>,
+    pub service_bytes_received: Family<FlowLabels, FGauge>,
     pub service_capacity_rps: Family<ServiceLabels, FGauge>,
     pub installed_generation: Family<ServiceLabels, Gauge>,
     pub updates_refused: Family<ServiceLabels, Counter>,
@@ -106,6 +110,8 @@ impl Metrics {
             peer_loss_ratio: Family::default(),
             probe_failures: Family::default(),
             service_rps: Family::default(),
+            service_bytes_sent: Family::default(),
+            service_bytes_received: Family::default(),
             service_capacity_rps: Family::default(),
             installed_generation: Family::default(),
             updates_refused: Family::default(),
@@ -144,6 +150,17 @@ impl Metrics {
             "service_rps",
             "Connects per second from this cluster, per service and destination cluster",
             m.service_rps.clone(),
+        );
+        r.register(
+            "service_bytes_sent_per_second",
+            "Payload bytes per second this node's steered sockets sent, per service and \
+             destination cluster",
+            m.service_bytes_sent.clone(),
+        );
+        r.register(
+            "service_bytes_received_per_second",
+            "Payload bytes per second they received, per service and destination cluster",
+            m.service_bytes_received.clone(),
         );
         r.register(
             "service_capacity_rps",

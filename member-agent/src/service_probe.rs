@@ -275,6 +275,7 @@ mod tests {
             capacity_rps_per_pod: None,
             service_time_per_pod: None,
             service_time_probe: probe.map(str::to_owned),
+            load_unit: ballast_types::LoadUnit::default(),
             endpoints: vec![
                 ep(slow, "east", true),
                 ep(slower, "east", true),

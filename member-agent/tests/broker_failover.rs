@@ -46,6 +46,7 @@ fn cap(rps: f64) -> CapacitySample {
         measured_at_ms: 0,
         service_time: None,
         measured_service_ms: None,
+        unit: 0,
     }
 }
 

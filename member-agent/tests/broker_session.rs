@@ -47,6 +47,7 @@ fn cap(service: &str, rps: f64) -> CapacitySample {
         measured_at_ms: 0,
         service_time: None,
         measured_service_ms: None,
+        unit: 0,
     }
 }
 
@@ -133,6 +134,8 @@ async fn real_broker_mtls_weights_ack_and_reconnect_after_restart() {
         destination_cluster_id: "west".into(),
         rps: 10.0,
         measured_at_ms: 0,
+        bytes_sent_per_second: 0.0,
+        bytes_received_per_second: 0.0,
     }];
     east_report.capacity = vec![cap("shop/web", 1000.0)];
     let (reports_tx, reports_rx) = watch::channel(Some(east_report.clone()));

@@ -355,6 +355,7 @@ async fn root_agent_installs_weights_that_came_before_discovery() {
         measured_at_ms: 0,
         service_time: None,
         measured_service_ms: None,
+        unit: 0,
     };
     w.report(futures::stream::iter(vec![ReportRequest {
         cluster_id: "west".into(),

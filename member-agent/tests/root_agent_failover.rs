@@ -116,6 +116,7 @@ async fn west_serves(bundle: &Bundle, port: u16) {
             measured_at_ms: 0,
             service_time: None,
             measured_service_ms: None,
+            unit: 0,
         }],
         ..ReportRequest::default()
     }]))

@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use ballast_proto::convert;
 use ballast_proto::v1::{
     admin_client::AdminClient, ExplainRequest, GetWeightsRequest, ListClustersRequest,
-    LoadBalancing, OptimizedParams, SetPolicyRequest,
+    LoadBalancing, OptimizedParams, SavingsRequest, SavingsResponse, SavingsTotal,
+    SetPolicyRequest,
 };
 use clap::{Args, Subcommand};
 use tonic::transport::{Channel, Endpoint};
@@ -59,6 +60,16 @@ pub enum AdminCommand {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Egress spent at the measured bytes against the round-robin counterfactual (the same
+    /// bytes split equally over the serving clusters), per flow, per service and in total.
+    Savings {
+        /// Only this service, namespace/name.
+        #[arg(long)]
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Why a source's weights for a service are what they are.
     Explain {
@@ -397,7 +408,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
             } else {
                 let _ = writeln!(
                     out,
-                    "{} from {} (generation {}, {} {}/{}, demand {:.1} RPS){}",
+                    "{} from {} (generation {}, {} {}/{}, demand {:.1} {}/s){}",
                     r.service,
                     r.source_cluster_id,
                     r.generation,
@@ -405,6 +416,7 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                     lb_name(r.policy),
                     op_name(r.params),
                     r.demand_rps,
+                    unit_name(r.unit),
                     if r.reason.is_empty() {
                         String::new()
                     } else {
@@ -413,8 +425,15 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                 );
                 let _ = writeln!(
                     out,
-                    "{:<16} {:>10} {:>10} {:>8} {:>12}  NOTES",
-                    "DESTINATION", "COST", "FLOW_RPS", "WEIGHT", "CAPACITY"
+                    "{:<16} {:>10} {:>10} {:>8} {:>12} {:>12} {:>12} {:>10}  NOTES",
+                    "DESTINATION",
+                    "COST",
+                    "FLOW",
+                    "WEIGHT",
+                    "CAPACITY",
+                    "SENT_B/S",
+                    "RECV_B/S",
+                    "USD/H"
                 );
                 for d in &r.destinations {
                     // the capacity the last round solved with: one figure per cluster
@@ -424,17 +443,114 @@ pub async fn run(a: &AdminArgs) -> anyhow::Result<String> {
                         .map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
                     let _ = writeln!(
                         out,
-                        "{:<16} {:>10.4} {:>10.2} {:>8.4} {:>12}  {}",
+                        "{:<16} {:>10.4} {:>10.2} {:>8.4} {:>12} {:>12.0} {:>12.0} {:>10.6}  {}",
                         d.cluster_id,
                         d.cost,
                         d.flow_rps,
                         d.weight,
                         capacity,
+                        d.bytes_sent_per_second,
+                        d.bytes_received_per_second,
+                        d.egress_usd_per_hour,
                         d.notes.join(", ")
                     );
                 }
             }
         }
+        AdminCommand::Savings { service, json } => {
+            let r = c
+                .savings(SavingsRequest {
+                    service: service.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            out = render_savings(&r, *json);
+        }
     }
     Ok(out)
+}
+
+fn unit_name(u: i32) -> &'static str {
+    match ballast_proto::v1::LoadUnit::try_from(u) {
+        Ok(ballast_proto::v1::LoadUnit::Requests) => "requests",
+        Ok(ballast_proto::v1::LoadUnit::Bytes) => "bytes",
+        _ => "connections",
+    }
+}
+
+/// `admin savings` as a table or JSON.
+fn render_savings(r: &SavingsResponse, json: bool) -> String {
+    let total_json = |t: &SavingsTotal| {
+        serde_json::json!({
+            "service": t.service,
+            "bytes_per_second": t.bytes_per_second,
+            "usd_per_hour": t.usd_per_hour,
+            "round_robin_usd_per_hour": t.round_robin_usd_per_hour,
+            "saved_usd_per_hour": t.saved_usd_per_hour,
+        })
+    };
+    if json {
+        let v = serde_json::json!({
+            "as_of_ms": r.as_of_ms,
+            "flows": r.flows.iter().map(|f| serde_json::json!({
+                "service": f.service,
+                "source": f.source_cluster_id,
+                "destination": f.destination_cluster_id,
+                "bytes_sent_per_second": f.bytes_sent_per_second,
+                "bytes_received_per_second": f.bytes_received_per_second,
+                "usd_per_gb_sent": f.usd_per_gb_sent,
+                "usd_per_gb_received": f.usd_per_gb_received,
+                "usd_per_hour": f.usd_per_hour,
+                "round_robin_usd_per_hour": f.round_robin_usd_per_hour,
+            })).collect::<Vec<_>>(),
+            "services": r.services.iter().map(total_json).collect::<Vec<_>>(),
+            "total": r.total.as_ref().map(total_json),
+        });
+        return serde_json::to_string_pretty(&v).unwrap_or_default();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<24} {:<10} {:<10} {:>12} {:>12} {:>8} {:>8} {:>12} {:>12}",
+        "SERVICE", "SOURCE", "DEST", "SENT_B/S", "RECV_B/S", "$/GB>", "$/GB<", "USD/H", "RR_USD/H"
+    );
+    for f in &r.flows {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<10} {:<10} {:>12.0} {:>12.0} {:>8.4} {:>8.4} {:>12.6} {:>12.6}",
+            f.service,
+            f.source_cluster_id,
+            f.destination_cluster_id,
+            f.bytes_sent_per_second,
+            f.bytes_received_per_second,
+            f.usd_per_gb_sent,
+            f.usd_per_gb_received,
+            f.usd_per_hour,
+            f.round_robin_usd_per_hour
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<24} {:>14} {:>14} {:>18} {:>14}",
+        "SERVICE", "BYTES/S", "SPENT_USD/H", "ROUND_ROBIN_USD/H", "SAVED_USD/H"
+    );
+    let row = |out: &mut String, name: &str, t: &SavingsTotal| {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>14.0} {:>14.6} {:>18.6} {:>14.6}",
+            name,
+            t.bytes_per_second,
+            t.usd_per_hour,
+            t.round_robin_usd_per_hour,
+            t.saved_usd_per_hour
+        );
+    };
+    for t in &r.services {
+        row(&mut out, &t.service, t);
+    }
+    if let Some(t) = &r.total {
+        row(&mut out, "(total)", t);
+    }
+    out
 }

@@ -43,8 +43,10 @@ pub mod peers;
 pub mod plan;
 pub mod published;
 pub mod round;
+pub mod savings;
 pub mod snapshot;
 pub mod status;
+pub mod units;
 
 pub use config::{
     EngineConfig, DEFAULT_CLUSTER_EXPIRY, DEFAULT_KEEP_GENERATIONS, DEFAULT_MAX_SERVICES,
@@ -179,7 +181,17 @@ pub struct Engine {
     /// Serializes flushes: a flush returns only once every ack taken before it began (by
     /// itself or by a flush it waited for) is written or back in `pending_acks`.
     ack_flush: tokio::sync::Mutex<()>,
+    /// The unit each serving cluster states each service's capacity in ([`units`]).
+    load_units: RwLock<units::LoadUnits>,
+    /// Prices per direction as of the last full snapshot this replica read (for the egress
+    /// metrics; `None` until one was read).
+    egress_book: RwLock<Option<Arc<savings::EgressBook>>>,
+    /// When each (cluster, node)'s previous report reached this replica (egress metrics).
+    last_report_at: std::sync::Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// The longest window one report's byte rates are integrated over for the egress metrics.
+const MAX_EGRESS_WINDOW: Duration = Duration::from_secs(60);
 
 /// The key of an ack: (cluster, node, service).
 type AckKey = (String, String, String);
@@ -327,6 +339,11 @@ impl Engine {
             ..Snapshot::default()
         };
         let expired = plan::expired_clusters(&snap, &cfg, now_ms());
+        let mut load_units = units::LoadUnits::default();
+        load_units.reconcile(
+            &store.capacity().await?,
+            now_ms().saturating_sub(millis(cfg.stale_after)),
+        );
         let (peers, _) = watch::channel(Arc::new(peers::peers(&snap.clusters, &expired)));
         let listening = store.generation_channel().is_some();
         let started = tokio::time::Instant::now();
@@ -348,6 +365,9 @@ impl Engine {
             peers_refresh: tokio::sync::Mutex::new(()),
             loop_health: std::sync::Mutex::new(LoopHealth::default()),
             solved_capacity: RwLock::new(Arc::default()),
+            load_units: RwLock::new(load_units),
+            egress_book: RwLock::new(None),
+            last_report_at: std::sync::Mutex::new(HashMap::new()),
             services: RwLock::new(ServiceCount {
                 known: services,
                 since_read: BTreeSet::new(),
@@ -480,6 +500,23 @@ impl Engine {
         self.trigger.notify_one();
     }
 
+    /// Another serving cluster that states `service`'s capacity, fresh as of `now_ms`, in a
+    /// unit other than `unit` ([`units::LoadUnits::conflict`]).
+    #[must_use]
+    pub fn load_unit_conflict(
+        &self,
+        service: &str,
+        cluster: &str,
+        unit: ballast_types::LoadUnit,
+        now_ms: i64,
+    ) -> Option<(String, ballast_types::LoadUnit)> {
+        let cut = now_ms.saturating_sub(millis(self.cfg.stale_after));
+        self.load_units
+            .read()
+            .ok()?
+            .conflict(service, cluster, unit, cut)
+    }
+
     /// Whether a cluster is registered.
     #[must_use]
     pub fn is_known(&self, cluster_id: &str) -> bool {
@@ -556,10 +593,76 @@ impl Engine {
     pub async fn ingest_report(&self, report: &ReportRecord) -> Result<(), EngineError> {
         self.reserve_services(report)?;
         self.store.store_report(report).await?;
+        if !report.capacity.is_empty() {
+            if let Ok(mut u) = self.load_units.write() {
+                u.note(&report.capacity);
+            }
+        }
+        self.account_egress(report);
         self.metrics.reports.inc();
         debug!(cluster = %report.cluster_id, node = %report.node_name, "report stored");
         self.trigger();
         Ok(())
+    }
+
+    /// Adds a report's bytes and their cost to the egress metrics: its byte rates over the
+    /// time since the node's previous report at this replica (at most [`MAX_EGRESS_WINDOW`];
+    /// a node's first report here only starts the clock).
+    fn account_egress(&self, report: &ReportRecord) {
+        let now = Instant::now();
+        let window = {
+            let Ok(mut last) = self.last_report_at.lock() else {
+                return;
+            };
+            last.insert((report.cluster_id.clone(), report.node_name.clone()), now)
+                .map(|t| now.duration_since(t).min(MAX_EGRESS_WINDOW))
+        };
+        let Some(window) = window else { return };
+        let secs = window.as_secs_f64();
+        let book = self.egress_book.read().ok().and_then(|b| b.clone());
+        for r in &report.rps {
+            let bytes = (r.bytes_sent_per_s + r.bytes_received_per_s) * secs;
+            if bytes <= 0.0 {
+                continue;
+            }
+            let labels = crate::metrics::EgressLabels {
+                service: r.service.clone(),
+                src: r.src.clone(),
+                dst: r.dst.clone(),
+            };
+            self.metrics
+                .egress_bytes
+                .get_or_create(&labels)
+                .inc_by(bytes);
+            if let Some(book) = &book {
+                let usd =
+                    book.usd_per_hour(&r.src, &r.dst, r.bytes_sent_per_s, r.bytes_received_per_s)
+                        * secs
+                        / 3600.0;
+                self.metrics.egress_usd.get_or_create(&labels).inc_by(usd);
+            }
+        }
+    }
+
+    /// Keeps the prices of `snap` for the egress metrics.
+    fn keep_egress_book(&self, snap: &Snapshot) {
+        let book = Arc::new(savings::EgressBook::from_snapshot(snap, &self.cfg));
+        if let Ok(mut b) = self.egress_book.write() {
+            *b = Some(book);
+        }
+    }
+
+    /// Egress spent at the measured bytes against round-robin's, as of now
+    /// ([`savings::savings`]), for every service or only `only`.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn savings(&self, only: Option<&str>) -> Result<savings::Savings, EngineError> {
+        let now = now_ms();
+        let snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
+        self.keep_egress_book(&snap);
+        let book = savings::EgressBook::from_snapshot(&snap, &self.cfg);
+        Ok(savings::savings(&snap, &self.cfg, &book, now, only))
     }
 
     /// Refuses a report whose new services would take the broker over `--max-services`,
@@ -764,6 +867,7 @@ impl Engine {
     /// A store error.
     pub async fn inputs(&self, now_ms: i64) -> Result<Inputs, EngineError> {
         let snap = Snapshot::read(&self.store, self.imports_cut(now_ms)).await?;
+        self.keep_egress_book(&snap);
         Ok(plan::plan(&snap, &self.cfg, now_ms))
     }
 
@@ -857,7 +961,14 @@ impl Engine {
         let mut snap = Snapshot::read(&self.store, self.imports_cut(now)).await?;
         self.record_service_time_points(&mut snap, now).await;
         let inputs = plan::plan(&snap, &self.cfg, now);
+        self.keep_egress_book(&snap);
         self.reconcile_services(&snap);
+        if let Ok(mut u) = self.load_units.write() {
+            u.reconcile(
+                &snap.capacity,
+                now.saturating_sub(millis(self.cfg.stale_after)),
+            );
+        }
         if let Err(e) = self.refresh_peers().await {
             warn!(error = %e, "refreshing the peer set failed; retried next round");
         }

@@ -47,7 +47,9 @@ use tracing::{debug, warn};
 
 use super::fit::{self, CurveOrigin};
 use super::snapshot::Snapshot;
+use super::units;
 use super::EngineConfig;
+use ballast_types::LoadUnit;
 
 /// The solve input of one service.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,6 +60,8 @@ pub struct ServicePlan {
     pub stale: Vec<String>,
     /// Where each serving cluster's service-time curve came from (clusters with one only).
     pub service_time_origin: BTreeMap<String, CurveOrigin>,
+    /// What the demand and capacities count (the unit the serving clusters state).
+    pub unit: LoadUnit,
 }
 
 impl ServicePlan {
@@ -196,7 +200,7 @@ pub fn prices(rows: &[(String, f64)], cfg: &EngineConfig) -> PriceTable {
 /// The region price table in force: the broker's (built-in table and `--egress-prices` file)
 /// with the policy CRD's rows over it. Rows the table refuses (they were checked before they
 /// were stored, so only a table changed under them) are logged and left out, all of them.
-fn region_prices<'a>(snap: &Snapshot, cfg: &'a EngineConfig) -> Cow<'a, EgressPrices> {
+pub(super) fn region_prices<'a>(snap: &Snapshot, cfg: &'a EngineConfig) -> Cow<'a, EgressPrices> {
     if snap.crd_prices.is_empty() {
         return Cow::Borrowed(cfg.region_prices.as_ref());
     }
@@ -356,15 +360,13 @@ fn fold_fresh<'a>(
         .collect()
 }
 
-/// `service -> cluster -> curve`: the declared service-time curve of the sample that
-/// [`Fold::Newest`] counts as the cluster's capacity (the newest fresh one, the largest among
-/// equally new), when that sample carried a curve.
-fn service_time_curves(
-    snap: &Snapshot,
+/// `(service, cluster) -> the sample [`Fold::Newest`] counts as the cluster's capacity` (the
+/// newest fresh one, the largest among equally new), for fresh samples of `known` clusters.
+fn counted_samples<'a>(
+    snap: &'a Snapshot,
     known: &BTreeSet<&str>,
     cut: i64,
-    now_ms: i64,
-) -> BTreeMap<String, BTreeMap<String, (LoadCurve, CurveOrigin)>> {
+) -> BTreeMap<(&'a str, &'a str), &'a CapacityRecord> {
     let mut best: BTreeMap<(&str, &str), &CapacityRecord> = BTreeMap::new();
     for c in &snap.capacity {
         if c.measured_at_ms < cut || !known.contains(c.cluster_id.as_str()) {
@@ -379,6 +381,51 @@ fn service_time_curves(
             best.insert(key, c);
         }
     }
+    best
+}
+
+/// A service's load unit: the one its serving clusters (`serving`) state their counted
+/// capacity in; `Err` with a reason naming them when they disagree (the report check
+/// refuses that, so only conflicting reports accepted at once by two replicas get here).
+fn service_unit(
+    counted: &BTreeMap<(&str, &str), &CapacityRecord>,
+    svc: &str,
+    serving: impl Iterator<Item = impl AsRef<str>>,
+) -> Result<LoadUnit, String> {
+    let mut by_unit: BTreeMap<LoadUnit, Vec<String>> = BTreeMap::new();
+    for t in serving {
+        if let Some(c) = counted.get(&(svc, t.as_ref())) {
+            by_unit
+                .entry(units::parse_stored(&c.load_unit))
+                .or_default()
+                .push(t.as_ref().to_owned());
+        }
+    }
+    match by_unit.len() {
+        0 => Ok(LoadUnit::default()),
+        1 => Ok(by_unit.into_keys().next().unwrap_or_default()),
+        _ => Err(format!(
+            "the serving clusters state {svc}'s capacity in different units ({}): demand \
+             cannot be compared with capacity",
+            by_unit
+                .iter()
+                .map(|(u, cs)| format!("{u}: {}", cs.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
+}
+
+/// `service -> cluster -> curve`: the declared service-time curve of the sample that
+/// [`Fold::Newest`] counts as the cluster's capacity (the newest fresh one, the largest among
+/// equally new), when that sample carried a curve.
+fn service_time_curves(
+    snap: &Snapshot,
+    known: &BTreeSet<&str>,
+    cut: i64,
+    now_ms: i64,
+) -> BTreeMap<String, BTreeMap<String, (LoadCurve, CurveOrigin)>> {
+    let best = counted_samples(snap, known, cut);
     let mut out: BTreeMap<String, BTreeMap<String, (LoadCurve, CurveOrigin)>> = BTreeMap::new();
     for ((svc, cluster), c) in best {
         if let (Some(base_ms), Some(slope_ms_per_rps)) =
@@ -470,6 +517,20 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
         &known,
         cut,
     );
+    let demand_bytes = fold_fresh(
+        snap.rps.iter().map(|r| {
+            (
+                r.service.as_str(),
+                r.src.as_str(),
+                r.bytes_sent_per_s + r.bytes_received_per_s,
+                r.measured_at_ms,
+            )
+        }),
+        Fold::Sum,
+        &known,
+        cut,
+    );
+    let counted = counted_samples(snap, &known, cut);
 
     let model_clusters: Vec<Cluster> = clusters
         .iter()
@@ -518,8 +579,19 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 }
             }
         }
+        let unit = match service_unit(&counted, svc, capacity_rps.keys()) {
+            Ok(u) => u,
+            Err(reason) => {
+                out.stale_inputs += 1;
+                stale.push(reason);
+                LoadUnit::default()
+            }
+        };
         let floor = cfg.default_demand_rps;
-        let reported = demand.get(svc);
+        let reported = match unit {
+            LoadUnit::Bytes => demand_bytes.get(svc),
+            LoadUnit::Connections | LoadUnit::Requests => demand.get(svc),
+        };
         let demand_rps: BTreeMap<String, f64> = sources
             .iter()
             .map(|s| {
@@ -566,6 +638,7 @@ pub fn plan(snap: &Snapshot, cfg: &EngineConfig, now_ms: i64) -> Inputs {
                 },
                 stale,
                 service_time_origin,
+                unit,
             },
         );
     }

@@ -53,6 +53,7 @@ fn cap(c: &str, node: &str, capacity_rps: f64, at: i64) -> CapacityRecord {
         service_base_ms: None,
         service_slope_ms_per_rps: None,
         measured_service_ms: None,
+        load_unit: "connections".into(),
     }
 }
 
@@ -76,6 +77,8 @@ fn rps(src: &str, dst: &str, node: &str, rps: f64) -> RpsRecord {
         node_name: node.into(),
         rps,
         measured_at_ms: NOW,
+        bytes_sent_per_s: 0.0,
+        bytes_received_per_s: 0.0,
     }
 }
 

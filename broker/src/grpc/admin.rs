@@ -8,8 +8,9 @@ use ballast_proto::convert;
 use ballast_proto::v1::{
     admin_server::Admin, ClusterInfo, ExplainDestination, ExplainRequest, ExplainResponse,
     GetWeightsRequest, GetWeightsResponse, ImportedServices, ListClustersRequest,
-    ListClustersResponse, LoadBalancing, NodeInfo, OptimizedParams, SetPolicyRequest,
-    SetPolicyResponse, WeightsStatus,
+    ListClustersResponse, LoadBalancing, LoadUnit, NodeInfo, OptimizedParams, SavingsFlow,
+    SavingsRequest, SavingsResponse, SavingsTotal, SetPolicyRequest, SetPolicyResponse,
+    WeightsStatus,
 };
 use tonic::{Request, Response, Status};
 
@@ -349,6 +350,17 @@ impl Admin for AdminService {
             .and_then(|s| s.demand_rps.get(&m.source_cluster_id))
             .copied()
             .unwrap_or(0.0);
+        let spent = self
+            .engine
+            .savings(Some(&m.service))
+            .await
+            .map_err(engine_status)?;
+        let flow_to = |dst: &str| {
+            spent
+                .flows
+                .iter()
+                .find(|f| f.source == m.source_cluster_id && f.destination == dst)
+        };
         let mut destinations: Vec<ExplainDestination> = ex
             .destinations
             .iter()
@@ -381,6 +393,7 @@ impl Admin for AdminService {
                         d.marginal_cost
                     ));
                 }
+                let measured = flow_to(&d.destination);
                 ExplainDestination {
                     cluster_id: d.destination.clone(),
                     cost: d.cost,
@@ -390,6 +403,10 @@ impl Admin for AdminService {
                         .copied()
                         .unwrap_or(d.weight),
                     notes,
+                    bytes_sent_per_second: measured.map_or(0.0, |f| f.bytes_sent_per_second),
+                    bytes_received_per_second: measured
+                        .map_or(0.0, |f| f.bytes_received_per_second),
+                    egress_usd_per_hour: measured.map_or(0.0, |f| f.usd_per_hour),
                 }
             })
             .collect();
@@ -411,6 +428,55 @@ impl Admin for AdminService {
             reason: entry.map(|e| e.reason.clone()).unwrap_or_default(),
             generation: p.generation,
             solved_capacity_rps: solved_capacity.into_iter().collect(),
+            unit: load_unit(plan.unit).into(),
         }))
+    }
+
+    async fn savings(
+        &self,
+        req: Request<SavingsRequest>,
+    ) -> Result<Response<SavingsResponse>, Status> {
+        let m = req.into_inner();
+        if !m.service.is_empty() {
+            check_service("service", &m.service)?;
+        }
+        let only = (!m.service.is_empty()).then_some(m.service.as_str());
+        let s = self.engine.savings(only).await.map_err(engine_status)?;
+        let total = |t: &crate::engine::savings::Total| SavingsTotal {
+            service: t.service.clone(),
+            bytes_per_second: t.bytes_per_second,
+            usd_per_hour: t.usd_per_hour,
+            round_robin_usd_per_hour: t.round_robin_usd_per_hour,
+            saved_usd_per_hour: t.saved_usd_per_hour,
+        };
+        Ok(Response::new(SavingsResponse {
+            flows: s
+                .flows
+                .iter()
+                .map(|f| SavingsFlow {
+                    service: f.service.clone(),
+                    source_cluster_id: f.source.clone(),
+                    destination_cluster_id: f.destination.clone(),
+                    bytes_sent_per_second: f.bytes_sent_per_second,
+                    bytes_received_per_second: f.bytes_received_per_second,
+                    usd_per_gb_sent: f.usd_per_gb_sent,
+                    usd_per_gb_received: f.usd_per_gb_received,
+                    usd_per_hour: f.usd_per_hour,
+                    round_robin_usd_per_hour: f.round_robin_usd_per_hour,
+                })
+                .collect(),
+            services: s.services.iter().map(total).collect(),
+            total: Some(total(&s.total)),
+            as_of_ms: ballast_types::now_ms(),
+        }))
+    }
+}
+
+/// The vocabulary's unit as the proto's.
+fn load_unit(u: ballast_types::LoadUnit) -> LoadUnit {
+    match u {
+        ballast_types::LoadUnit::Connections => LoadUnit::Connections,
+        ballast_types::LoadUnit::Requests => LoadUnit::Requests,
+        ballast_types::LoadUnit::Bytes => LoadUnit::Bytes,
     }
 }

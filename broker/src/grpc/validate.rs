@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use ballast_proto::v1::ReportRequest;
 use ballast_store::{CapacityRecord, ReportRecord, RpsRecord, RttRecord};
-use ballast_types::{ClusterId, ServiceName, MAX_SERVICE_NAME_LEN};
+use ballast_types::{ClusterId, LoadUnit, ServiceName, MAX_SERVICE_NAME_LEN};
 use tonic::Status;
 
 use crate::engine::{Engine, EngineError};
@@ -220,6 +220,18 @@ pub fn validate_report(
             MAX_RPS,
             "the largest RPS accepted",
         )?;
+        check_bounded(
+            &format!("{f}.bytes_sent_per_second"),
+            s.bytes_sent_per_second,
+            MAX_BYTES_PER_SECOND,
+            "the largest byte rate accepted, 1 TB/s",
+        )?;
+        check_bounded(
+            &format!("{f}.bytes_received_per_second"),
+            s.bytes_received_per_second,
+            MAX_BYTES_PER_SECOND,
+            "the largest byte rate accepted, 1 TB/s",
+        )?;
         rec.rps.push(RpsRecord {
             src: m.cluster_id.clone(),
             service: s.service.clone(),
@@ -227,6 +239,8 @@ pub fn validate_report(
             node_name: m.node_name.clone(),
             rps: s.rps,
             measured_at_ms: at(&format!("{f}.measured_at_ms"), s.measured_at_ms)?,
+            bytes_sent_per_s: s.bytes_sent_per_second,
+            bytes_received_per_s: s.bytes_received_per_second,
         });
     }
     let mut seen = BTreeSet::new();
@@ -268,6 +282,21 @@ pub fn validate_report(
                 "the longest service time accepted",
             )?;
         }
+        let unit = load_unit(&format!("{f}.unit"), s.unit)?;
+        if let Some((other, other_unit)) =
+            engine.load_unit_conflict(&s.service, &m.cluster_id, unit, now)
+        {
+            return Err(invalid(
+                &format!("{f}.unit"),
+                format!(
+                    "{} is counted in {other_unit} (cluster {other:?} states its capacity so); \
+                     a capacity in {unit} cannot be compared with it: state it in {other_unit}, \
+                     or change the unit on every serving cluster (the old one holds until its \
+                     samples are older than the broker's stale-after age)",
+                    s.service
+                ),
+            ));
+        }
         rec.capacity.push(CapacityRecord {
             cluster_id: m.cluster_id.clone(),
             service: s.service.clone(),
@@ -277,6 +306,7 @@ pub fn validate_report(
             service_base_ms: curve.0,
             service_slope_ms_per_rps: curve.1,
             measured_service_ms: s.measured_service_ms,
+            load_unit: unit.as_str().to_owned(),
         });
     }
     if let Some(imports) = &m.imports {
@@ -318,6 +348,27 @@ pub fn validate_report(
     }
     rec.services_without_vip = m.services_without_vip.clone();
     Ok(rec)
+}
+
+/// The largest byte rate accepted in a report (1 TB/s: far above any node's link).
+pub const MAX_BYTES_PER_SECOND: f64 = 1e12;
+
+/// The proto's `LoadUnit` as the vocabulary's (UNSPECIFIED = connections, the default).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming `field` for a number outside the enum.
+pub(crate) fn load_unit(field: &str, v: i32) -> Result<LoadUnit, Status> {
+    match ballast_proto::v1::LoadUnit::try_from(v) {
+        Ok(ballast_proto::v1::LoadUnit::Unspecified | ballast_proto::v1::LoadUnit::Connections) => {
+            Ok(LoadUnit::Connections)
+        }
+        Ok(ballast_proto::v1::LoadUnit::Requests) => Ok(LoadUnit::Requests),
+        Ok(ballast_proto::v1::LoadUnit::Bytes) => Ok(LoadUnit::Bytes),
+        Err(_) => Err(invalid(
+            field,
+            format!("{v} is not a load unit (connections 1, requests 2, bytes 3)"),
+        )),
+    }
 }
 
 /// The most services one node may declare it imports (or imports without a VIP).

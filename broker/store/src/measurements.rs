@@ -121,11 +121,13 @@ impl Store {
         });
         for chunk in rps.chunks(SAMPLE_ROWS_PER_INSERT) {
             let sql = format!(
-                "INSERT INTO rps_latest (src, service, dst, node_name, rps, measured_at_ms) \
-                 VALUES {} \
+                "INSERT INTO rps_latest (src, service, dst, node_name, rps, measured_at_ms, \
+                 bytes_sent_per_s, bytes_received_per_s) VALUES {} \
                  ON CONFLICT (src, service, dst, node_name) DO UPDATE SET rps = excluded.rps, \
-                 measured_at_ms = excluded.measured_at_ms",
-                values_list(self.backend, chunk.len(), 6)
+                 measured_at_ms = excluded.measured_at_ms, \
+                 bytes_sent_per_s = excluded.bytes_sent_per_s, \
+                 bytes_received_per_s = excluded.bytes_received_per_s",
+                values_list(self.backend, chunk.len(), 8)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for s in chunk {
@@ -135,7 +137,9 @@ impl Store {
                     .bind(&s.dst)
                     .bind(&s.node_name)
                     .bind(s.rps)
-                    .bind(s.measured_at_ms);
+                    .bind(s.measured_at_ms)
+                    .bind(s.bytes_sent_per_s)
+                    .bind(s.bytes_received_per_s);
             }
             q.execute(&mut *tx).await?;
         }
@@ -150,13 +154,14 @@ impl Store {
             let sql = format!(
                 "INSERT INTO capacity_latest (cluster_id, service, node_name, capacity_rps, \
                  measured_at_ms, service_base_ms, service_slope_ms_per_rps, \
-                 measured_service_ms) VALUES {} \
+                 measured_service_ms, load_unit) VALUES {} \
                  ON CONFLICT (cluster_id, service, node_name) DO UPDATE SET \
                  capacity_rps = excluded.capacity_rps, measured_at_ms = excluded.measured_at_ms, \
                  service_base_ms = excluded.service_base_ms, \
                  service_slope_ms_per_rps = excluded.service_slope_ms_per_rps, \
-                 measured_service_ms = excluded.measured_service_ms",
-                values_list(self.backend, chunk.len(), 8)
+                 measured_service_ms = excluded.measured_service_ms, \
+                 load_unit = excluded.load_unit",
+                values_list(self.backend, chunk.len(), 9)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for s in chunk {
@@ -171,7 +176,8 @@ impl Store {
                     // is refused. No curve is stored as -1 (a curve is never negative).
                     .bind(s.service_base_ms.unwrap_or(NO_CURVE))
                     .bind(s.service_slope_ms_per_rps.unwrap_or(NO_CURVE))
-                    .bind(s.measured_service_ms.unwrap_or(NO_CURVE));
+                    .bind(s.measured_service_ms.unwrap_or(NO_CURVE))
+                    .bind(&s.load_unit);
             }
             q.execute(&mut *tx).await?;
         }
@@ -499,7 +505,8 @@ impl Store {
     /// A database error.
     pub async fn rps(&self) -> Result<Vec<RpsRecord>> {
         Ok(sqlx::query_as::<_, RpsRecord>(
-            "SELECT src, service, dst, node_name, rps, measured_at_ms FROM rps_latest \
+            "SELECT src, service, dst, node_name, rps, measured_at_ms, bytes_sent_per_s, \
+             bytes_received_per_s FROM rps_latest \
              ORDER BY src, service, dst, node_name",
         )
         .fetch_all(&self.pool)
@@ -518,7 +525,7 @@ impl Store {
              CASE WHEN service_base_ms >= 0 AND service_slope_ms_per_rps >= 0 \
              THEN service_slope_ms_per_rps END AS service_slope_ms_per_rps, \
              CASE WHEN measured_service_ms >= 0 THEN measured_service_ms END \
-             AS measured_service_ms \
+             AS measured_service_ms, load_unit \
              FROM capacity_latest ORDER BY cluster_id, service, node_name",
         )
         .fetch_all(&self.pool)

@@ -49,6 +49,10 @@ pub struct RpsRecord {
     pub node_name: String,
     pub rps: f64,
     pub measured_at_ms: i64,
+    /// Payload bytes per second the node sent to `dst` for `service` (requests).
+    pub bytes_sent_per_s: f64,
+    /// Payload bytes per second it received from `dst` (responses).
+    pub bytes_received_per_s: f64,
 }
 
 /// Latest capacity of one node's share of `service` in `cluster_id`.
@@ -65,6 +69,9 @@ pub struct CapacityRecord {
     pub service_slope_ms_per_rps: Option<f64>,
     /// The service time (ms) the node measured on the cluster's endpoints with the sample.
     pub measured_service_ms: Option<f64>,
+    /// The unit `capacity_rps` counts (`ballast_types::LoadUnit` spelling: `connections`,
+    /// `requests` or `bytes`).
+    pub load_unit: String,
 }
 
 /// One row of the policy CRD's egress prices, as stored.

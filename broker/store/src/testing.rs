@@ -202,6 +202,8 @@ pub fn report_of(
                 node_name: node.into(),
                 rps: *v,
                 measured_at_ms: at,
+                bytes_sent_per_s: 0.0,
+                bytes_received_per_s: 0.0,
             })
             .collect(),
         capacity: cap
@@ -215,6 +217,7 @@ pub fn report_of(
                 service_base_ms: None,
                 service_slope_ms_per_rps: None,
                 measured_service_ms: None,
+                load_unit: "connections".into(),
             })
             .collect(),
         imports: None,

@@ -176,6 +176,8 @@ pub fn rps(service: &str, dst: &str, v: f64) -> RpsSample {
         destination_cluster_id: dst.into(),
         rps: v,
         measured_at_ms: 0,
+        bytes_sent_per_second: 0.0,
+        bytes_received_per_second: 0.0,
     }
 }
 
@@ -186,6 +188,7 @@ pub fn cap(service: &str, v: f64) -> CapacitySample {
         measured_at_ms: 0,
         service_time: None,
         measured_service_ms: None,
+        unit: 0,
     }
 }
 

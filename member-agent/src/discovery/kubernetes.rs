@@ -16,7 +16,9 @@
 //! - `ServiceExport` (same API group and version choice): the annotation
 //!   `ballast.io/capacity-rps-per-pod` on this cluster's export declares per-pod capacity,
 //!   and `ballast.io/service-time` (`base_ms=20,slope_ms_per_rps=0.05`) one pod's service time
-//!   as a function of its load (what load-aware `optimized` weighs).
+//!   as a function of its load (what load-aware `optimized` weighs), and
+//!   `ballast.io/load-unit` (`connections`, the default, `requests` or `bytes`) the unit that
+//!   capacity counts: the service's load unit at the broker.
 //!
 //! Each kind is watched with a kube-runtime reflector; any change rebuilds the catalog from
 //! the three stores ([`build_catalog`], a pure function). An object that does not validate
@@ -32,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_k8s_api::mcs;
+use ballast_types::LoadUnit;
 use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::discovery::ApiGroup;
@@ -46,6 +49,9 @@ use crate::catalog::{
     ServicePort, ServiceTime,
 };
 use crate::service_probe::{check_probe_path, PROBE_ANNOTATION};
+
+/// The ServiceExport annotation naming the unit its declared capacity counts.
+pub const LOAD_UNIT_ANNOTATION: &str = "ballast.io/load-unit";
 
 pub use ballast_k8s_api::mcs::{
     ClusterStatus, McsVersion, ServiceExport, ServiceExportSpec, ServiceExportStatus,
@@ -188,6 +194,23 @@ pub fn build_catalog(
         }
     }
 
+    // load units of this cluster's exports (what their capacity counts)
+    let mut units: BTreeMap<(String, String), LoadUnit> = BTreeMap::new();
+    for ex in exports {
+        let (ns, name) = (ex.namespace().unwrap_or_default(), ex.name_any());
+        if let Some(v) = ex.annotations().get(LOAD_UNIT_ANNOTATION) {
+            match v.parse::<LoadUnit>() {
+                Ok(u) => {
+                    units.insert((ns, name), u);
+                }
+                Err(e) => problems.push(ObjectProblem {
+                    object: format!("ServiceExport {ns}/{name}"),
+                    message: format!("metadata.annotations[{LOAD_UNIT_ANNOTATION}]: {e}"),
+                }),
+            }
+        }
+    }
+
     // endpoints by (namespace, service name)
     let mut endpoints: BTreeMap<(String, String), Vec<Endpoint>> = BTreeMap::new();
     for slice in slices {
@@ -292,6 +315,7 @@ pub fn build_catalog(
                 svc.capacity_rps_per_pod = capacities.get(&key).copied();
                 svc.service_time_per_pod = service_times.get(&key).copied();
                 svc.service_time_probe = probes.get(&key).cloned();
+                svc.load_unit = units.get(&key).copied().unwrap_or_default();
                 let mut eps = endpoints.remove(&key).unwrap_or_default();
                 eps.sort();
                 eps.dedup();
@@ -369,6 +393,7 @@ fn import_to_service(imp: &ServiceImport, ns: &str, n: &str) -> Result<Imported,
         capacity_rps_per_pod: None,
         service_time_per_pod: None,
         service_time_probe: None,
+        load_unit: LoadUnit::default(),
         endpoints: vec![],
     }))
 }

@@ -101,6 +101,9 @@ struct ServiceEntry {
     /// The HTTP path the agents probe on the local endpoints to measure the service time.
     #[serde(default)]
     service_time_probe: Option<String>,
+    /// The unit `capacity_rps_per_pod` counts: `connections` (default), `requests`, `bytes`.
+    #[serde(default)]
+    load_unit: Option<String>,
     #[serde(default)]
     endpoints: Vec<EndpointEntry>,
 }
@@ -375,6 +378,12 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
             crate::service_probe::check_probe_path(path)
                 .map_err(|e| invalid(format!("{at}.service_time_probe"), e))?;
         }
+        let load_unit = match &s.load_unit {
+            None => ballast_types::LoadUnit::default(),
+            Some(u) => u.parse().map_err(|e: ballast_types::UnknownValue| {
+                invalid(format!("{at}.load_unit"), e.to_string())
+            })?,
+        };
         if s.ports.is_empty() {
             return Err(invalid(
                 format!("{at}.ports"),
@@ -464,6 +473,7 @@ pub fn parse(path: &Path, text: &str, local: &str) -> Result<Catalog, TopologyEr
                 capacity_rps_per_pod: s.capacity_rps_per_pod.map(|c| c.0),
                 service_time_per_pod: s.service_time.map(ServiceTimeEntry::curve),
                 service_time_probe: s.service_time_probe.clone(),
+                load_unit,
                 endpoints,
             },
         );

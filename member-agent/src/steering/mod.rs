@@ -146,7 +146,7 @@ pub struct Steerer<D> {
     /// The newest refused update per service.
     pending: BTreeMap<String, Pending>,
     last_counters: Option<(Instant, Vec<BackendCounter>)>,
-    rps: BTreeMap<(ServiceName, ClusterId), f64>,
+    rps: BTreeMap<(ServiceName, ClusterId), crate::install::FlowRate>,
     /// What the data plane holds since the last successful apply (empty before the first).
     installed_specs: Vec<ServiceSpec>,
     /// Failed backends whose connections are closed at the instant (after the grace).
@@ -434,13 +434,22 @@ impl<D: DataPlane> Steerer<D> {
                     let secs = t.duration_since(*t0).as_secs_f64();
                     self.rps = rps_between(before, &now, secs, &catalog);
                     for ((svc, dst), v) in &self.rps {
+                        let labels = FlowLabels {
+                            service: svc.to_string(),
+                            destination: dst.clone(),
+                        };
                         self.metrics
                             .service_rps
-                            .get_or_create(&FlowLabels {
-                                service: svc.to_string(),
-                                destination: dst.clone(),
-                            })
-                            .set(*v);
+                            .get_or_create(&labels)
+                            .set(v.connections);
+                        self.metrics
+                            .service_bytes_sent
+                            .get_or_create(&labels)
+                            .set(v.bytes_sent);
+                        self.metrics
+                            .service_bytes_received
+                            .get_or_create(&labels)
+                            .set(v.bytes_received);
                     }
                 }
                 self.last_counters = Some((t, now));

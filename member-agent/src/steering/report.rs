@@ -6,8 +6,12 @@ use crate::service_probe::ServiceTimes;
 use std::collections::BTreeMap;
 
 use ballast_proto::v1::{
-    CapacitySample, ImportedServices, ReportRequest, RpsSample, RttSample, ServiceTimeCurve,
+    CapacitySample, ImportedServices, LoadUnit as ProtoLoadUnit, ReportRequest, RpsSample,
+    RttSample, ServiceTimeCurve,
 };
+use ballast_types::LoadUnit;
+
+use crate::install::FlowRate;
 
 use crate::capacity::local_capacities;
 use crate::catalog::{Catalog, Cluster, ClusterId, ServiceName};
@@ -36,7 +40,7 @@ pub fn build_report(
     node_name: &str,
     catalog: &Catalog,
     peers: &PeerTable,
-    rps: &BTreeMap<(ServiceName, ClusterId), f64>,
+    rps: &BTreeMap<(ServiceName, ClusterId), FlowRate>,
     measured: &ServiceTimes,
 ) -> ReportRequest {
     let rtt = peers
@@ -63,11 +67,13 @@ pub fn build_report(
         rtt,
         rps: rps
             .iter()
-            .map(|((svc, dst), rps)| RpsSample {
+            .map(|((svc, dst), rate)| RpsSample {
                 service: svc.to_string(),
                 destination_cluster_id: dst.clone(),
-                rps: *rps,
+                rps: rate.connections,
                 measured_at_ms: 0,
+                bytes_sent_per_second: rate.bytes_sent,
+                bytes_received_per_second: rate.bytes_received,
             })
             .collect(),
         capacity: local_capacities(catalog)
@@ -81,6 +87,12 @@ pub fn build_report(
                     slope_ms_per_rps: c.slope_ms_per_rps,
                 }),
                 measured_service_ms: measured.get(&svc).copied(),
+                unit: match cap.unit {
+                    LoadUnit::Connections => ProtoLoadUnit::Connections,
+                    LoadUnit::Requests => ProtoLoadUnit::Requests,
+                    LoadUnit::Bytes => ProtoLoadUnit::Bytes,
+                }
+                .into(),
             })
             .collect(),
         // every service discovery knows is one this cluster imports (steers): the broker

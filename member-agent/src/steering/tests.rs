@@ -117,6 +117,7 @@ fn service(name: &str, vip: &str) -> Service {
         capacity_rps_per_pod: None,
         service_time_per_pod: None,
         service_time_probe: None,
+        load_unit: ballast_types::LoadUnit::default(),
         endpoints: vec![ep("127.0.1.1:8080", "east"), ep("127.0.2.1:8080", "west")],
     }
 }

@@ -11,7 +11,7 @@ mod policy;
 mod service_time;
 
 pub use id::{ClusterId, InvalidName, ServiceName, MAX_SERVICE_NAME_LEN};
-pub use policy::{Params, Policy, UnknownValue, WeightsStatus};
+pub use policy::{LoadUnit, Params, Policy, UnknownValue, WeightsStatus};
 pub use service_time::ServiceTime;
 
 /// Milliseconds since the Unix epoch (0 before it, `i64::MAX` past year 292 million).
