@@ -607,6 +607,8 @@ mod tests {
             backend: backend.parse().expect("addr"),
             cluster_id: ballast_bpf::cluster_id(cluster),
             connects,
+            bytes_sent: 0,
+            bytes_received: 0,
         };
         let before = [
             counter("127.0.1.1:80", "east", 100),
