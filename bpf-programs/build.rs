@@ -12,6 +12,7 @@ fn main() {
         "c/lib/maps.h",
         "c/lib/select.h",
         "c/lib/addr.h",
+        "c/lib/bytes.h",
         "c/reuseport.bpf.c",
     ] {
         println!("cargo:rerun-if-changed={f}");

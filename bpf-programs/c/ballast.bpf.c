@@ -5,6 +5,7 @@
  * connect4/6 and sendmsg4/6 rewrite a known (vip, port, proto) to a picked backend and remember
  * backend -> VIP per socket; getpeername4/6 and recvmsg4/6 show the VIP to the application.
  * Anything else passes untouched. sock_release forgets a connected socket's record.
+ * cgroup_skb egress/ingress count the payload bytes of steered sockets per (service, backend).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -13,6 +14,7 @@
 #include "lib/addr.h"
 #include "lib/maps.h"
 #include "lib/select.h"
+#include "lib/bytes.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -31,9 +33,9 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, struct svc_key *key,
 		return 2;
 	ballast_count(sid, be);
 	if (connected)
-		ballast_remember_conn(bpf_get_socket_cookie(ctx), be, key);
+		ballast_remember_conn(bpf_get_socket_cookie(ctx), sid, be, key);
 	else
-		ballast_remember(bpf_get_socket_cookie(ctx), be, key);
+		ballast_remember(bpf_get_socket_cookie(ctx), sid, be, key);
 	return 1;
 }
 
@@ -159,5 +161,21 @@ int blst_sock_release(struct bpf_sock *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	bpf_map_delete_elem(&blst_conn, &cookie);
+	return 1;
+}
+
+/* Bytes per (service, backend). These run for every packet of every socket of the attached
+ * cgroups (a steered one or not) and never drop: always 1. */
+SEC("cgroup_skb/egress")
+int blst_skb_egress(struct __sk_buff *skb)
+{
+	ballast_count_skb(skb, 1);
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int blst_skb_ingress(struct __sk_buff *skb)
+{
+	ballast_count_skb(skb, 0);
 	return 1;
 }

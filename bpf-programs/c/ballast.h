@@ -112,7 +112,7 @@ struct rev_key {
 struct rev_value {
 	__u32 addr[4];
 	__u16 port;
-	__u16 pad;
+	__u16 svc_id; /* service the backend was picked for (0: written by an older program) */
 };
 
 /* value of blst_conn (key: socket cookie): the VIP a connected socket dialled and the backend
@@ -120,10 +120,18 @@ struct rev_value {
 struct sock_rev {
 	__u32 backend[4];
 	__u16 backend_port;
-	__u16 pad;
+	__u16 svc_id; /* service the backend was picked for (ids <= 65535); 0 = unknown (a record
+		       * written by an older program, which had padding here): not counted */
 	__u32 vip[4];
 	__u16 vip_port;
 	__u16 pad2;
+};
+
+/* value of blst_bytes (per-CPU; key: struct counter_key): transport payload bytes of the
+ * steered sockets, as the cgroup_skb programs see them (see the crate README for the rule) */
+struct byte_count {
+	__u64 sent;     /* egress */
+	__u64 received; /* ingress */
 };
 
 #endif

@@ -116,7 +116,8 @@ pub struct RevKey {
 pub struct RevValue {
     pub addr: [u32; 4],
     pub port: u16,
-    pub pad: u16,
+    /// Service the backend was picked for; 0 in a record written by an older program.
+    pub svc_id: u16,
 }
 
 /// Value of `blst_conn` (key: socket cookie of a connected, steered socket).
@@ -125,10 +126,21 @@ pub struct RevValue {
 pub struct SockRev {
     pub backend: [u32; 4],
     pub backend_port: u16,
-    pub pad: u16,
+    /// Service the backend was picked for (ids are <= 65535); 0 = unknown (a record written by
+    /// an older program, which had padding here): its bytes are not counted.
+    pub svc_id: u16,
     pub vip: [u32; 4],
     pub vip_port: u16,
     pub pad2: u16,
+}
+
+/// Value of `blst_bytes` (per-CPU; key: [`CounterKey`]): transport payload bytes of the steered
+/// sockets of one (service, backend), as the `cgroup_skb` programs count them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCount {
+    pub sent: u64,
+    pub received: u64,
 }
 
 // SAFETY: plain #[repr(C)] data with explicit padding fields, valid for any bit pattern.
@@ -145,6 +157,7 @@ unsafe impl aya::Pod for CounterKey {}
 unsafe impl aya::Pod for RevKey {}
 unsafe impl aya::Pod for RevValue {}
 unsafe impl aya::Pod for SockRev {}
+unsafe impl aya::Pod for ByteCount {}
 
 /// C struct name, size, and `(field, offset)` pairs of one mirror.
 pub type Mirror = (&'static str, usize, Vec<(&'static str, usize)>);
@@ -178,11 +191,12 @@ pub fn mirrors() -> Vec<Mirror> {
         m!("cluster_name", ClusterName, [name]),
         m!("counter_key", CounterKey, [id, addr, port, pad]),
         m!("rev_key", RevKey, [cookie, addr, port, pad]),
-        m!("rev_value", RevValue, [addr, port, pad]),
+        m!("rev_value", RevValue, [addr, port, svc_id]),
         m!(
             "sock_rev",
             SockRev,
-            [backend, backend_port, pad, vip, vip_port, pad2]
+            [backend, backend_port, svc_id, vip, vip_port, pad2]
         ),
+        m!("byte_count", ByteCount, [sent, received]),
     ]
 }

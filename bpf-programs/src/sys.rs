@@ -59,6 +59,34 @@ pub fn linger_zero(sock: &impl std::os::fd::AsRawFd) {
     }
 }
 
+/// A TCP socket's retransmission state from `TCP_INFO`: payload bytes it retransmitted so far
+/// (`tcpi_bytes_retrans`) and segments still unacknowledged (`tcpi_unacked`).
+///
+/// # Errors
+/// `getsockopt` failed (not a TCP socket).
+pub fn tcp_retrans(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<(u64, u32)> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    #[allow(unsafe_code)]
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
+        .map_err(|_| std::io::Error::other("tcp_info size"))?;
+    #[allow(unsafe_code)]
+    // SAFETY: getsockopt with a valid fd, a buffer of `len` bytes and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((info.tcpi_bytes_retrans, info.tcpi_unacked))
+}
+
 /// An exclusive `flock(2)` on a directory, released on drop (the fd closes).
 ///
 /// Serializes data-plane loaders across processes: two loaders creating the pinned maps of

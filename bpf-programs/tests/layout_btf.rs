@@ -89,5 +89,5 @@ fn layout_matches_btf() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 13);
+    assert_eq!(checked, 14);
 }

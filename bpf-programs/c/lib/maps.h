@@ -78,6 +78,15 @@ struct {
 } blst_counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1 << 18);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct counter_key);
+	__type(value, struct byte_count);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} blst_bytes SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct rev_key);

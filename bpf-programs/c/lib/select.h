@@ -123,22 +123,22 @@ static __always_inline void ballast_count(__u32 id, const struct backend *be)
 /* connect(): remember backend -> VIP under the socket cookie (sock_release deletes it). A
  * preallocated hash entry costs far less here than socket storage (an allocation per socket)
  * or an LRU entry (eviction once full). */
-static __always_inline void ballast_remember_conn(__u64 cookie, const struct backend *be,
+static __always_inline void ballast_remember_conn(__u64 cookie, __u32 sid, const struct backend *be,
 						  const struct svc_key *vip)
 {
-	struct sock_rev sr = { .backend_port = be->port, .vip_port = vip->port };
+	struct sock_rev sr = { .backend_port = be->port, .svc_id = (__u16)sid, .vip_port = vip->port };
 	__builtin_memcpy(sr.backend, be->addr, sizeof(sr.backend));
 	__builtin_memcpy(sr.vip, vip->addr, sizeof(sr.vip));
 	bpf_map_update_elem(&blst_conn, &cookie, &sr, BPF_ANY);
 }
 
 /* sendmsg() on an unconnected socket: one socket, many peers, so an LRU entry per peer */
-static __always_inline void ballast_remember(__u64 cookie, const struct backend *be,
+static __always_inline void ballast_remember(__u64 cookie, __u32 sid, const struct backend *be,
 					     const struct svc_key *vip)
 {
 	struct rev_key rk = { .cookie = cookie, .port = be->port };
 	__builtin_memcpy(rk.addr, be->addr, sizeof(rk.addr));
-	struct rev_value rv = { .port = vip->port };
+	struct rev_value rv = { .port = vip->port, .svc_id = (__u16)sid };
 	__builtin_memcpy(rv.addr, vip->addr, sizeof(rv.addr));
 	bpf_map_update_elem(&blst_rev, &rk, &rv, BPF_ANY);
 }

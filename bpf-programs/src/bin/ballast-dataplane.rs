@@ -2,7 +2,8 @@
 //!
 //! - `apply --cgroup DIR [--pin-dir DIR] FILE.yaml`: attach if needed, make the maps hold
 //!   exactly the file's services (each change atomic); an invalid file changes nothing.
-//! - `show [--pin-dir DIR] --json`: services, backends, health, weights, connect counters.
+//! - `show [--pin-dir DIR] --json`: services, backends, health, weights, connect counters and
+//!   payload bytes sent/received per backend.
 //! - `detach --cgroup DIR [--pin-dir DIR]`: detach and unpin.
 
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ enum Cmd {
         /// services file (YAML)
         file: PathBuf,
     },
-    /// Print services, backends, health, weights and connect counters
+    /// Print services, backends, health, weights, connect counters and bytes per backend
     Show {
         #[command(flatten)]
         pin: PinDir,
@@ -115,11 +116,12 @@ fn main() -> Result<()> {
                     let mut v = serde_json::to_value(&s).unwrap_or_default();
                     if let Some(bs) = v.get_mut("backends").and_then(|b| b.as_array_mut()) {
                         for (b, spec) in bs.iter_mut().zip(&s.spec.backends) {
-                            let n = counters
+                            let c = counters
                                 .iter()
-                                .find(|c| c.service == s.spec.name && c.backend == spec.addr)
-                                .map_or(0, |c| c.connects);
-                            b["connects"] = n.into();
+                                .find(|c| c.service == s.spec.name && c.backend == spec.addr);
+                            b["connects"] = c.map_or(0, |c| c.connects).into();
+                            b["bytes_sent"] = c.map_or(0, |c| c.bytes_sent).into();
+                            b["bytes_received"] = c.map_or(0, |c| c.bytes_received).into();
                             b["cluster_id"] = ballast_bpf::cluster_id(&spec.cluster).into();
                         }
                     }

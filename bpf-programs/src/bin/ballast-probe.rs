@@ -53,6 +53,11 @@ struct Cli {
     /// request (as an HTTP/1.1 keep-alive client); after an error, a new connection
     #[arg(long, env = "BALLAST_PROBE_HOLD", conflicts_with = "udp")]
     hold: bool,
+    /// bulk TCP: per request, one connection that sends this many bytes, shuts down its
+    /// sending side and reads until EOF (the byte-counting tests and bench); the report's
+    /// `bytes_sent` / `bytes_received` are the totals, and the backend's reply is not an id
+    #[arg(long, env = "BALLAST_PROBE_BULK_SEND", conflicts_with_all = ["udp", "hold"])]
+    bulk_send: Option<u64>,
     /// pause between requests, in ms
     #[arg(long, env = "BALLAST_PROBE_INTERVAL_MS", default_value_t = 0)]
     interval_ms: u64,
@@ -96,6 +101,11 @@ struct Report {
     median_fail_us: u64,
     /// TCP connections opened (with --hold: 1 + reconnects)
     connections: u64,
+    /// --bulk-send: payload bytes written and read, over all connections
+    bytes_sent: u64,
+    bytes_received: u64,
+    /// --bulk-send: payload bytes the kernel retransmitted on those connections (TCP_INFO)
+    bytes_retrans: u64,
     #[serde(skip)]
     fail_us: Vec<u64>,
 }
@@ -155,6 +165,29 @@ fn one_tcp(to: SocketAddr) -> std::io::Result<(String, bool)> {
         String::from_utf8_lossy(&buf[..n]).trim().to_string(),
         peer_ok,
     ))
+}
+
+/// One bulk connection: writes `n` bytes, shuts down writing, reads to EOF, then keeps the
+/// socket open 50 ms (a retransmission the backend sent before everything was acknowledged
+/// still arrives while it is open). Returns the bytes read, the bytes this socket
+/// retransmitted (final: the peer's FIN acknowledged everything), and whether `getpeername()`
+/// was the address dialled.
+fn one_bulk(to: SocketAddr, n: u64) -> std::io::Result<(u64, u64, bool)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    let peer_ok = s.peer_addr()? == to;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+        s.write_all(&chunk[..k])?;
+        left -= k as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let got = std::io::copy(&mut s, &mut std::io::sink())?;
+    std::thread::sleep(Duration::from_millis(50));
+    let (retrans, _) = ballast_bpf::sys::tcp_retrans(&s)?;
+    Ok((got, retrans, peer_ok))
 }
 
 fn one_udp(sock: &UdpSocket, to: SocketAddr) -> std::io::Result<(String, bool)> {
@@ -221,10 +254,19 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
         if i > 1 && cli.interval_ms > 0 {
             std::thread::sleep(Duration::from_millis(cli.interval_ms));
         }
+        let mut bulk = None;
         let r = match &udp {
             Some(s) => one_udp(s, cli.to),
             None if cli.connected => one_udp_connected(cli.to),
             None if cli.hold => one_held(&mut held, cli.to, &mut opened),
+            None if cli.bulk_send.is_some() => {
+                opened += 1;
+                let n = cli.bulk_send.unwrap_or(0);
+                one_bulk(cli.to, n).map(|(got, retrans, peer_ok)| {
+                    bulk = Some((n, got, retrans));
+                    ("bulk".to_string(), peer_ok)
+                })
+            }
             None => {
                 opened += 1;
                 one_tcp(cli.to)
@@ -234,6 +276,11 @@ fn run(cli: &Cli, report: &Mutex<Report>) -> Result<()> {
             .lock()
             .map_err(|_| anyhow::anyhow!("report lock poisoned"))?;
         rep.connections += std::mem::take(&mut opened);
+        if let Some((sent, got, retrans)) = bulk {
+            rep.bytes_sent += sent;
+            rep.bytes_received += got;
+            rep.bytes_retrans += retrans;
+        }
         match r {
             Ok((id, peer_ok)) => {
                 rep.ok += 1;

@@ -10,7 +10,7 @@ use std::{
 
 use aya::programs::{
     links::{FdLink, PinnedLink},
-    CgroupAttachMode, CgroupSock, CgroupSockAddr,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
 };
 use tracing::info;
 
@@ -74,12 +74,14 @@ impl Dataplane {
                 reason: format!("{e}"),
             };
             macro_rules! attach_as {
-                ($ty:ty) => {{
+                ($ty:ty $(, $how:expr)?) => {{
                     let prog: &mut $ty = program.try_into().map_err(perr)?;
                     if prog.fd().is_err() {
                         prog.load().map_err(perr)?;
                     }
-                    let id = prog.attach(file, CgroupAttachMode::Single).map_err(perr)?;
+                    let id = prog
+                        .attach(file, $($how,)? CgroupAttachMode::Single)
+                        .map_err(perr)?;
                     let fd: FdLink = prog
                         .take_link(id)
                         .map_err(perr)?
@@ -88,10 +90,11 @@ impl Dataplane {
                     fd
                 }};
             }
-            let fd = if name == "blst_sock_release" {
-                attach_as!(CgroupSock)
-            } else {
-                attach_as!(CgroupSockAddr)
+            let fd = match name {
+                "blst_sock_release" => attach_as!(CgroupSock),
+                "blst_skb_egress" => attach_as!(CgroupSkb, CgroupSkbAttachType::Egress),
+                "blst_skb_ingress" => attach_as!(CgroupSkb, CgroupSkbAttachType::Ingress),
+                _ => attach_as!(CgroupSockAddr),
             };
             fd.pin(&path).map_err(|e| Error::Pin {
                 path: path.clone(),

@@ -27,8 +27,8 @@ use tracing::debug;
 use crate::{
     error::{Error, Result},
     layout::{
-        Backend, BackendKey, ClusterName, CounterKey, CumTable, SelKey, SelTable, SockRev, SvcKey,
-        SvcMeta, SvcState,
+        Backend, BackendKey, ByteCount, ClusterName, CounterKey, CumTable, SelKey, SelTable,
+        SockRev, SvcKey, SvcMeta, SvcState,
     },
     spec::{addr_words, ServiceSpec},
 };
@@ -41,7 +41,7 @@ pub static BPF_OBJECT: &[u8] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ballast";
 
 /// The programs and the hooks they attach to.
-pub const PROGRAMS: [&str; 9] = [
+pub const PROGRAMS: [&str; 11] = [
     "blst_connect4",
     "blst_connect6",
     "blst_sendmsg4",
@@ -51,6 +51,8 @@ pub const PROGRAMS: [&str; 9] = [
     "blst_getpeername4",
     "blst_getpeername6",
     "blst_sock_release",
+    "blst_skb_egress",
+    "blst_skb_ingress",
 ];
 
 const MAX_ID: u32 = 65_535;
@@ -66,13 +68,18 @@ pub struct InstalledService {
     pub spec: ServiceSpec,
 }
 
-/// Connects steered to one backend, summed over CPUs.
+/// Connects steered to one backend and the payload bytes of those sockets, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BackendCounter {
     pub service: String,
     pub backend: SocketAddr,
     pub cluster_id: u32,
     pub connects: u64,
+    /// Transport payload bytes the steered sockets sent to this backend (the counting rule is
+    /// in the crate README: TCP/UDP payload as on the wire, retransmissions included).
+    pub bytes_sent: u64,
+    /// Transport payload bytes the steered sockets received from this backend.
+    pub bytes_received: u64,
 }
 
 /// Handle on the pinned maps (created on first open) and the programs.
@@ -87,6 +94,8 @@ pub struct Dataplane {
     meta: HashMap<MapData, u32, SvcMeta>,
     clusters: HashMap<MapData, u32, ClusterName>,
     counters: PerCpuHashMap<MapData, CounterKey, u64>,
+    /// per-CPU (service, backend) -> payload bytes sent/received by the steered sockets.
+    bytes: PerCpuHashMap<MapData, CounterKey, ByteCount>,
     /// socket cookie -> (backend, VIP) of every connected socket the programs steered.
     conn: HashMap<MapData, u64, SockRev>,
     /// name -> (id, key) of every installed service, read from `blst_meta` at open.
@@ -167,6 +176,7 @@ impl Dataplane {
         let meta: HashMap<MapData, u32, SvcMeta> = take!(ebpf, "blst_meta");
         let clusters = take!(ebpf, "blst_clusters");
         let counters = take!(ebpf, "blst_counters");
+        let bytes = take!(ebpf, "blst_bytes");
         let conn = take!(ebpf, "blst_conn");
         let mut names = BTreeMap::new();
         let mut max_id = 0;
@@ -187,6 +197,7 @@ impl Dataplane {
             meta,
             clusters,
             counters,
+            bytes,
             conn,
             names,
             next_id: max_id + 1,

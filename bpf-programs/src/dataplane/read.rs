@@ -88,7 +88,8 @@ impl Dataplane {
         self.installed(name, *id)
     }
 
-    /// Connect counters per (service, backend) of the current backends, summed over CPUs.
+    /// Connect and byte counters per (service, backend) of the current backends, summed over
+    /// CPUs (0 where the kernel has counted nothing yet).
     ///
     /// # Errors
     /// Map read errors.
@@ -111,11 +112,20 @@ impl Dataplane {
                     Err(e) if not_found(&e) => 0,
                     Err(e) => return Err(map_err("blst_counters")(e)),
                 };
+                let (bytes_sent, bytes_received) = match self.bytes.get(&key, 0) {
+                    Ok(v) => v.iter().fold((0u64, 0u64), |(s, r), c| {
+                        (s.wrapping_add(c.sent), r.wrapping_add(c.received))
+                    }),
+                    Err(e) if not_found(&e) => (0, 0),
+                    Err(e) => return Err(map_err("blst_bytes")(e)),
+                };
                 out.push(BackendCounter {
                     service: svc.spec.name.clone(),
                     backend: b.addr,
                     cluster_id: cluster_id(&b.cluster),
                     connects,
+                    bytes_sent,
+                    bytes_received,
                 });
             }
         }

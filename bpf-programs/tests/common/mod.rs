@@ -123,6 +123,31 @@ impl Drop for Env {
     }
 }
 
+/// What a [`Backend::bulk`] saw: payload bytes read, payload bytes its sockets retransmitted,
+/// connections finished (everything acknowledged).
+#[derive(Default)]
+pub struct BulkStats {
+    pub read: AtomicU64,
+    pub retrans: AtomicU64,
+    pub done: AtomicU64,
+}
+
+impl BulkStats {
+    /// Waits until `n` connections are finished (at most 10 s).
+    pub fn wait_done(&self, n: u64) {
+        for _ in 0..1000 {
+            if self.done.load(Ordering::Relaxed) >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "bulk backend finished {} of {n} connections",
+            self.done.load(Ordering::Relaxed)
+        );
+    }
+}
+
 /// A real loopback backend answering every TCP connection (and UDP datagram) with its id.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -217,6 +242,51 @@ impl Backend {
                             break;
                         }
                     }
+                });
+            }
+        });
+        b
+    }
+
+    /// A TCP backend for byte counts: reads each connection to EOF (adding what it read to
+    /// `stats.read`), writes `reply_len` bytes, shuts down writing, waits until the client
+    /// acknowledged everything (so it retransmits no more) and adds the payload bytes it
+    /// retransmitted to `stats.retrans`, then closes. `accepted` counts connections.
+    pub fn bulk(reply_len: u64, stats: Arc<BulkStats>) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let b = Self::new(addr, addr.port().to_string(), None, false);
+        let (a, s) = (b.accepted.clone(), b.stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = c else { continue };
+                a.fetch_add(1, Ordering::Relaxed);
+                let stats = stats.clone();
+                std::thread::spawn(move || {
+                    let n = std::io::copy(&mut c, &mut std::io::sink()).unwrap_or(0);
+                    stats.read.fetch_add(n, Ordering::Relaxed);
+                    let chunk = vec![0xa5u8; 64 * 1024];
+                    let mut left = reply_len;
+                    while left > 0 {
+                        let k = left.min(chunk.len() as u64) as usize;
+                        if c.write_all(&chunk[..k]).is_err() {
+                            return;
+                        }
+                        left -= k as u64;
+                    }
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                    for _ in 0..5000 {
+                        match ballast_bpf::sys::tcp_retrans(&c) {
+                            Ok((_, 0)) | Err(_) => break,
+                            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                        }
+                    }
+                    let (retrans, _) = ballast_bpf::sys::tcp_retrans(&c).unwrap_or((0, 0));
+                    stats.retrans.fetch_add(retrans, Ordering::Relaxed);
+                    stats.done.fetch_add(1, Ordering::Relaxed);
                 });
             }
         });
@@ -406,6 +476,14 @@ pub struct Report {
     pub peer_is_target: u64,
     pub max_fail_us: u64,
     pub median_fail_us: u64,
+    /// `--bulk-send`: payload bytes the probe wrote and read
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// `--bulk-send`: payload bytes the probe's sockets retransmitted
+    #[serde(default)]
+    pub bytes_retrans: u64,
 }
 
 impl Report {
