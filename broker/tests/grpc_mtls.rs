@@ -448,6 +448,38 @@ async fn invalid_reports_are_rejected_naming_the_field() {
             },
             "rps[0].rps",
         ),
+        // byte rates: negative or not a number
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut r = rps("a/b", "c2", 1.0);
+                r.bytes_sent_per_second = -1.0;
+                m.rps = vec![r];
+                m
+            },
+            "rps[0].bytes_sent_per_second",
+        ),
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut r = rps("a/b", "c2", 1.0);
+                r.bytes_received_per_second = f64::NAN;
+                m.rps = vec![r];
+                m
+            },
+            "rps[0].bytes_received_per_second",
+        ),
+        // a load unit outside the enum
+        (
+            {
+                let mut m = report("c1", "n1");
+                let mut c = cap("a/b", 10.0);
+                c.unit = 7;
+                m.capacity = vec![c];
+                m
+            },
+            "capacity[0].unit",
+        ),
         (
             {
                 let mut m = report("c1", "n1");
@@ -1120,5 +1152,104 @@ async fn declared_service_time_curves_move_weight_to_the_cluster_that_slows_down
         "{}",
         ex.detail_json
     );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_capacity_in_another_unit_is_refused_and_savings_price_the_measured_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = generate(&clusters(&["c1", "c2", "c3"]), &[]).unwrap();
+    let b = start_broker(sqlite_test_config(&bundle, dir.path())).await;
+    let mut agents = Vec::new();
+    for c in ["c1", "c2", "c3"] {
+        let mut a = cluster_agent(b.addr, &bundle, c).await;
+        a.register(register_req(c, "n1")).await.unwrap();
+        agents.push(a);
+    }
+    let bytes_cap = |v| {
+        let mut c = cap("ns/web", v);
+        c.unit = ballast_proto::v1::LoadUnit::Bytes.into();
+        c
+    };
+    // c2 counts ns/web in bytes
+    let mut m = report("c2", "n1");
+    m.capacity = vec![bytes_cap(1e9)];
+    send_reports(&mut agents[1], vec![m]).await.unwrap();
+    // c3 states connections (the default): refused, naming the field, nothing stored
+    let mut m = report("c3", "n1");
+    m.capacity = vec![cap("ns/web", 100.0)];
+    let e = send_reports(&mut agents[2], vec![m]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().starts_with("capacity[0].unit"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("\"c2\""), "{}", e.message());
+    let stored = b.engine().store().capacity().await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].load_unit, "bytes");
+    // in bytes it is accepted; c2 may change its own unit only with the others
+    let mut m = report("c3", "n1");
+    m.capacity = vec![bytes_cap(1e9)];
+    send_reports(&mut agents[2], vec![m]).await.unwrap();
+
+    // c1 sends 1 MB/s and receives 3 MB/s through c2
+    let mut m = report("c1", "n1");
+    let mut r = rps("ns/web", "c2", 5.0);
+    r.bytes_sent_per_second = 1e6;
+    r.bytes_received_per_second = 3e6;
+    m.rps = vec![r];
+    send_reports(&mut agents[0], vec![m]).await.unwrap();
+
+    let mut admin = admin(b.addr, &bundle).await;
+    let s = admin
+        .savings(ballast_proto::v1::SavingsRequest {
+            service: "ns/web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let to = |d: &str| {
+        s.flows
+            .iter()
+            .find(|f| f.destination_cluster_id == d)
+            .unwrap()
+            .clone()
+    };
+    let c2 = to("c2");
+    assert_eq!(c2.bytes_sent_per_second, 1e6);
+    assert_eq!(c2.bytes_received_per_second, 3e6);
+    let spent = (1e6 * c2.usd_per_gb_sent + 3e6 * c2.usd_per_gb_received) * 3600.0 / 1e9;
+    assert!((c2.usd_per_hour - spent).abs() < 1e-12, "{s:?}");
+    // round-robin: half of each direction to c2 and to c3
+    let c3 = to("c3");
+    assert_eq!(c3.bytes_sent_per_second, 0.0);
+    let rr3 = (0.5e6 * c3.usd_per_gb_sent + 1.5e6 * c3.usd_per_gb_received) * 3600.0 / 1e9;
+    assert!((c3.round_robin_usd_per_hour - rr3).abs() < 1e-12, "{s:?}");
+    let total = s.total.unwrap();
+    assert!(
+        (total.saved_usd_per_hour - (total.round_robin_usd_per_hour - total.usd_per_hour)).abs()
+            < 1e-12
+    );
+    assert_eq!(total.bytes_per_second, 4e6);
+    // explain quotes the measured bytes and dollars, in the service's unit
+    let ex = admin
+        .explain(ballast_proto::v1::ExplainRequest {
+            service: "ns/web".into(),
+            source_cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ex.unit, i32::from(ballast_proto::v1::LoadUnit::Bytes));
+    assert_eq!(ex.demand_rps, 4e6);
+    let d2 = ex
+        .destinations
+        .iter()
+        .find(|d| d.cluster_id == "c2")
+        .unwrap();
+    assert_eq!(d2.bytes_received_per_second, 3e6);
+    assert!((d2.egress_usd_per_hour - spent).abs() < 1e-12);
     b.stop().await;
 }

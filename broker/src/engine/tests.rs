@@ -859,3 +859,108 @@ fn the_plan_prices_region_pairs_from_the_table_and_tiers_where_it_has_none() {
     let price = |a: &str, b: &str| p.pair_prices.get(a).and_then(|r| r.get(b)).copied();
     assert!((price("c1", "c5").unwrap() - 0.079).abs() < 1e-12);
 }
+
+fn rps_bytes(src: &str, dst: &str, node: &str, sent: f64, received: f64, at: i64) -> RpsRecord {
+    RpsRecord {
+        bytes_sent_per_s: sent,
+        bytes_received_per_s: received,
+        measured_at_ms: at,
+        ..rps(src, dst, node, 10.0)
+    }
+}
+
+/// Tier prices only (no region table), c3 on another provider (internet tier).
+fn priced() -> (Snapshot, EngineConfig) {
+    let mut s = fleet();
+    s.clusters[2].provider = "azure".into();
+    let cfg = EngineConfig {
+        region_prices: std::sync::Arc::new(ballast_model::egress_prices::EgressPrices::none()),
+        prices: ballast_model::PriceTable {
+            same_zone: 0.0,
+            cross_zone: 0.01,
+            cross_region: 0.02,
+            internet: 0.09,
+        },
+        ..cfg()
+    };
+    (s, cfg)
+}
+
+#[test]
+fn savings_price_measured_bytes_each_way_against_an_even_split_over_the_serving_clusters() {
+    let (mut s, cfg) = priced();
+    // c1's two nodes send 1 MB/s to c2 and get 4 MB/s back, all to c2 (the near one);
+    // a stale sample (to c3) is left out
+    s.rps = vec![
+        rps_bytes("c1", "c2", "n1", 600_000.0, 2_500_000.0, NOW),
+        rps_bytes("c1", "c2", "n2", 400_000.0, 1_500_000.0, NOW),
+        rps_bytes("c1", "c3", "n1", 9e9, 9e9, NOW - 3_600_000),
+    ];
+    let book = super::savings::EgressBook::from_snapshot(&s, &cfg);
+    assert_eq!(book.usd_per_gb("c1", "c2"), Some(0.02));
+    assert_eq!(book.usd_per_gb("c3", "c1"), Some(0.09));
+    let out = super::savings::savings(&s, &cfg, &book, NOW, None);
+    let flow = |d: &str| out.flows.iter().find(|f| f.destination == d).unwrap();
+    // spent: 5e6 B/s x 0.02 $/GB x 3600 s/h / 1e9 B/GB = 0.36 $/h, all on c1 -> c2
+    assert!((flow("c2").usd_per_hour - 0.36).abs() < 1e-9, "{out:?}");
+    assert_eq!(flow("c3").usd_per_hour, 0.0);
+    assert_eq!(flow("c3").bytes_sent_per_second, 0.0);
+    // round-robin: 2.5e6 B/s to each: 0.18 $/h to c2, 0.81 $/h to c3 (internet)
+    assert!((flow("c2").round_robin_usd_per_hour - 0.18).abs() < 1e-9);
+    assert!((flow("c3").round_robin_usd_per_hour - 0.81).abs() < 1e-9);
+    assert!((out.total.usd_per_hour - 0.36).abs() < 1e-9);
+    assert!((out.total.round_robin_usd_per_hour - 0.99).abs() < 1e-9);
+    assert!((out.total.saved_usd_per_hour - 0.63).abs() < 1e-9);
+    assert!((out.total.bytes_per_second - 5e6).abs() < 1e-6);
+    assert_eq!(out.services.len(), 1);
+    assert_eq!(out.services[0].service, SVC);
+    // a filter on another service shows nothing
+    assert!(
+        super::savings::savings(&s, &cfg, &book, NOW, Some("ns/other"))
+            .flows
+            .is_empty()
+    );
+}
+
+#[test]
+fn savings_response_bytes_leave_the_destination_at_its_own_price() {
+    let (mut s, cfg) = priced();
+    // only responses, from c3 (azure) back to c1: billed at azure's internet egress
+    s.rps = vec![rps_bytes("c1", "c3", "n1", 0.0, 1e6, NOW)];
+    let book = super::savings::EgressBook::from_snapshot(&s, &cfg);
+    let out = super::savings::savings(&s, &cfg, &book, NOW, None);
+    assert!((out.total.usd_per_hour - 1e6 * 0.09 * 3600.0 / 1e9).abs() < 1e-12);
+}
+
+#[test]
+fn plan_counts_bytes_demand_for_a_service_whose_capacity_is_in_bytes() {
+    let mut s = fleet();
+    for c in &mut s.capacity {
+        c.load_unit = "bytes".into();
+        c.capacity_rps = 1e9;
+    }
+    s.rps = vec![rps_bytes("c1", "c2", "n1", 1_000.0, 9_000.0, NOW)];
+    let inputs = plan(&s, &cfg(), NOW);
+    let p = &inputs.services[SVC];
+    assert_eq!(p.unit, ballast_types::LoadUnit::Bytes);
+    assert_eq!(p.problem.services[0].demand_rps["c1"], 10_000.0);
+    assert!(p.stale.is_empty(), "{:?}", p.stale);
+    // the same service counted in connections takes the connection rate
+    let mut c = s.clone();
+    for cap in &mut c.capacity {
+        cap.load_unit = "connections".into();
+    }
+    let p = &plan(&c, &cfg(), NOW).services[SVC];
+    assert_eq!(p.unit, ballast_types::LoadUnit::Connections);
+    assert_eq!(p.problem.services[0].demand_rps["c1"], 10.0);
+}
+
+#[test]
+fn plan_keeps_the_weights_of_a_service_whose_serving_clusters_disagree_on_the_unit() {
+    let mut s = fleet();
+    s.capacity[0].load_unit = "bytes".into();
+    let p = &plan(&s, &cfg(), NOW).services[SVC];
+    assert_eq!(p.stale.len(), 1, "{:?}", p.stale);
+    assert!(p.stale[0].contains("different units"), "{}", p.stale[0]);
+    assert!(p.stale[0].contains("bytes: c2"), "{}", p.stale[0]);
+}
