@@ -1,4 +1,5 @@
-//! The demo service's backend: `GET /` answers `{"cluster": "c2", "backend": "IP:PORT"}`.
+//! The demo service's backend: `GET /` answers `{"cluster": "c2", "backend": "IP:PORT"}`
+//! (`GET /?pad=N`: the same followed by spaces up to N bytes, a response with volume).
 //!
 //! With a service-time curve ([`ServiceTime`], `--service-time base_ms=..,slope_ms_per_rps=..`)
 //! it is really slower under load: each request waits `base_ms + slope_ms_per_rps x rate`
@@ -33,9 +34,30 @@ pub struct EchoReply {
     pub backend: String,
 }
 
+/// The largest answer padding a request may ask for (`GET /?pad=N`).
+pub const MAX_PAD: usize = 16 * 1024 * 1024;
+
+/// `pad=N` of the query, at most [`MAX_PAD`].
+fn pad_of(query: Option<&str>) -> usize {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("pad="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(0, |n| n.min(MAX_PAD))
+}
+
 fn respond(req: &Request<Incoming>, body: &Bytes) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/") => (StatusCode::OK, body.clone()),
+        (&Method::GET, "/") => match pad_of(req.uri().query()) {
+            0 => (StatusCode::OK, body.clone()),
+            // JSON allows trailing whitespace: the reply parses the same, only larger
+            n => {
+                let mut v = body.to_vec();
+                v.resize(body.len().max(n), b' ');
+                (StatusCode::OK, Bytes::from(v))
+            }
+        },
         (&Method::GET, _) => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,

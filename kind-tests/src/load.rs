@@ -38,12 +38,21 @@ pub struct LoadOptions {
     /// as HTTP clients do for idempotent requests (RFC 9110 9.2.2): that is a reconnect, not
     /// a failure.
     pub keepalive: bool,
+    /// Ask each backend to pad its answer to about this many bytes (`GET /?pad=N`: the JSON
+    /// reply followed by spaces), so responses carry a volume worth pricing; 0: none.
+    pub response_bytes: usize,
 }
 
 impl LoadOptions {
     pub fn validate(&self) -> Result<()> {
         if self.connections == 0 || self.connections > 1_000_000 {
             return Err(LabError::invalid("connections", "want 1..=1000000"));
+        }
+        if self.response_bytes > crate::echo::MAX_PAD {
+            return Err(LabError::invalid(
+                "response-bytes",
+                format!("want 0..={}", crate::echo::MAX_PAD),
+            ));
         }
         if self.concurrency == 0 || self.concurrency > 1024 {
             return Err(LabError::invalid("concurrency", "want 1..=1024"));
@@ -151,7 +160,12 @@ async fn request(
     opts: &LoadOptions,
     sender: &mut Sender,
 ) -> Result<EchoReply, (&'static str, String)> {
-    let req = Request::get("/")
+    let path = if opts.response_bytes > 0 {
+        format!("/?pad={}", opts.response_bytes)
+    } else {
+        "/".to_string()
+    };
+    let req = Request::get(path)
         .header(hyper::header::HOST, opts.host.as_str())
         .body(Empty::<Bytes>::new())
         .map_err(|e| ("http", e.to_string()))?;
@@ -492,6 +506,7 @@ mod tests {
             progress: false,
             rate: None,
             keepalive: false,
+            response_bytes: 0,
         })
         .await
         .unwrap();
@@ -516,6 +531,7 @@ mod tests {
             progress: false,
             rate: None,
             keepalive: false,
+            response_bytes: 0,
         })
         .await
         .unwrap();
@@ -539,6 +555,7 @@ mod tests {
             progress: false,
             rate: None,
             keepalive: true,
+            response_bytes: 0,
         };
         let r = run(opts(200)).await.unwrap();
         assert_eq!((r.ok, r.failed), (200, 0));
@@ -612,6 +629,7 @@ mod tests {
                 progress: false,
                 rate: Some(rate),
                 keepalive: false,
+                response_bytes: 0,
             })
             .await
             .unwrap();
@@ -638,6 +656,7 @@ mod tests {
             progress: false,
             rate: None,
             keepalive: false,
+            response_bytes: 0,
         };
         assert!(o
             .validate()
@@ -673,6 +692,7 @@ mod tests {
             progress: false,
             rate: Some(40.0),
             keepalive: false,
+            response_bytes: 0,
         })
         .await
         .unwrap();

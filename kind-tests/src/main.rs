@@ -159,6 +159,9 @@ enum Cmd {
         /// once on a new one (a reconnect, not a failure)
         #[arg(long)]
         keepalive: bool,
+        /// Ask the backends to pad each answer to about this many bytes (egress volume).
+        #[arg(long, default_value_t = 0)]
+        response_bytes: usize,
         #[arg(long)]
         json: bool,
         /// Connect here instead of the service VIP (tests, no steering needed).
@@ -211,6 +214,16 @@ enum Cmd {
         policies: Vec<Policy>,
         #[arg(long, default_value_t = 400)]
         connections: usize,
+        /// Connections per second of each policy's load (paced, so the agents' reported
+        /// rates settle while it runs).
+        #[arg(long, default_value_t = 40.0)]
+        rate: f64,
+        /// Bytes each backend answer is padded to (the volume egress is billed on).
+        #[arg(long, default_value_t = 65_536)]
+        response_bytes: usize,
+        /// Fail unless optimized measurably spends less than round-robin (see the docs).
+        #[arg(long)]
+        check: bool,
         #[arg(long)]
         json: bool,
     },
@@ -502,6 +515,7 @@ fn real_main(cli: Cli) -> Result<()> {
             timeout_ms,
             rate,
             keepalive,
+            response_bytes,
             json,
             target,
         } => {
@@ -523,6 +537,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 progress: !json && std::io::stdout().is_terminal(),
                 rate,
                 keepalive,
+                response_bytes,
             };
             let mut report = runtime(true)?.block_on(load::run(opts))?;
             report.weights_end = lab.weights(&service, &from);
@@ -589,16 +604,26 @@ fn real_main(cli: Cli) -> Result<()> {
             service,
             policies,
             connections,
+            rate,
+            response_bytes,
+            check,
             json,
         } => {
             init_tracing("warn");
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate: want a number > 0, got {rate}");
+            }
             let rows = compare(
                 &lab,
                 &from,
                 node.as_deref(),
                 &service,
                 &policies,
-                connections,
+                CompareLoad {
+                    connections,
+                    rate,
+                    response_bytes,
+                },
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -616,6 +641,25 @@ fn real_main(cli: Cli) -> Result<()> {
                         ballast_lab::control::fmt_weights(&r.observed)
                     );
                 }
+                println!("measured by the agents' BPF byte counters, priced by the broker:");
+                for r in &rows {
+                    let per_dst = |m: &std::collections::BTreeMap<String, f64>| {
+                        m.iter()
+                            .map(|(d, v)| format!("{d} {:.0} kB/s", v / 1e3))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    println!(
+                        "{:<21} sent {}  received {}  spent ${:.4}/h  round-robin on the same \
+                         bytes ${:.4}/h  saved ${:.4}/h",
+                        r.policy.as_str(),
+                        per_dst(&r.bytes_sent_per_second),
+                        per_dst(&r.bytes_received_per_second),
+                        r.usd_per_hour,
+                        r.round_robin_usd_per_hour,
+                        r.round_robin_usd_per_hour - r.usd_per_hour
+                    );
+                }
                 if same_price && rows.len() > 1 {
                     println!(
                         "(every destination from {from} has the same egress list price, so the \
@@ -623,6 +667,10 @@ fn real_main(cli: Cli) -> Result<()> {
                          `up --regions` to see the price matter)"
                     );
                 }
+            }
+            if check {
+                check_compare(&rows)?;
+                println!("check passed: optimized spends less than round-robin, measured");
             }
         }
         Cmd::Capacity {
@@ -731,19 +779,39 @@ struct CompareRow {
     observed: std::collections::BTreeMap<String, f64>,
     weights: Option<std::collections::BTreeMap<String, f64>>,
     mean_rtt_ms: f64,
+    /// List price per GB of the observed split (broker/data), for reference.
     egress_usd_per_gb: f64,
     failed: u64,
+    /// What the broker measured from the source while the load ran (agents' BPF byte
+    /// counters): payload bytes per second each way, per destination.
+    bytes_sent_per_second: std::collections::BTreeMap<String, f64>,
+    bytes_received_per_second: std::collections::BTreeMap<String, f64>,
+    /// USD per hour those bytes cost (the broker's `admin savings`), and what round-robin
+    /// would spend on the same bytes.
+    usd_per_hour: f64,
+    round_robin_usd_per_hour: f64,
 }
 
-/// For each policy: switch, settle, load from `from` (a child `ballast-lab load`, which
-/// enters the cluster), then price the observed split with broker/data's egress prices.
+/// The paced load `compare` runs per policy: long enough for the agents to report its rates.
+#[derive(Debug, Clone, Copy)]
+struct CompareLoad {
+    connections: usize,
+    rate: f64,
+    response_bytes: usize,
+}
+
+/// For each policy: switch, settle, run a paced load from `from` (a child `ballast-lab
+/// load`, which enters the cluster) and, halfway through, ask the broker what the source's
+/// traffic measured and cost (`admin savings`: bytes from the agents' BPF counters x the
+/// price of each direction) and what round-robin would spend on it; also price the observed
+/// split with broker/data's list prices.
 fn compare(
     lab: &Lab,
     from: &str,
     node: Option<&str>,
     service: &str,
     policies: &[Policy],
-    connections: usize,
+    load: CompareLoad,
 ) -> Result<Vec<CompareRow>> {
     let state = lab.load_state()?;
     let src = state.cluster(from)?.region.clone();
@@ -757,14 +825,25 @@ fn compare(
     for &p in policies {
         lab.set_policy(p, None, Duration::from_secs(60))?;
         lab.settle(Duration::from_secs(4), Duration::from_secs(90), |_| {})?;
-        let out = std::process::Command::new(&lab.exe)
+        let child = std::process::Command::new(&lab.exe)
             .args(["--prefix", &lab.naming.prefix, "--state-dir"])
             .arg(&lab.state_dir)
             .args(["load", "--from", from, "--service", service, "--json"])
             .args(node.map(|n| ["--node", n]).into_iter().flatten())
-            .args(["--connections", &connections.to_string()])
-            .output()
+            .args(["--connections", &load.connections.to_string()])
+            .args(["--rate", &load.rate.to_string()])
+            .args(["--response-bytes", &load.response_bytes.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .context("running ballast-lab load")?;
+        // halfway: several report intervals of steady traffic behind the agents' rates
+        let run = Duration::from_secs_f64(load.connections as f64 / load.rate);
+        std::thread::sleep(run / 2);
+        let measured = lab.savings(service)?;
+        let out = child
+            .wait_with_output()
+            .context("waiting for ballast-lab load")?;
         if !out.status.success() {
             bail!("load: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -775,14 +854,69 @@ fn compare(
             let dst_region = regions.get(dst).map(String::as_str).unwrap_or("");
             egress += share * data.egress_usd_per_gb(&src, dst_region).unwrap_or(0.0);
         }
-        rows.push(CompareRow {
+        let flows = measured
+            .flows
+            .iter()
+            .filter(|f| f.source_cluster_id == from);
+        let mut row = CompareRow {
             policy: p,
             observed: r.observed,
             weights: r.weights,
             mean_rtt_ms: r.mean_connect_ms,
             egress_usd_per_gb: egress,
             failed: r.failed,
-        });
+            bytes_sent_per_second: Default::default(),
+            bytes_received_per_second: Default::default(),
+            usd_per_hour: 0.0,
+            round_robin_usd_per_hour: 0.0,
+        };
+        for f in flows {
+            row.bytes_sent_per_second
+                .insert(f.destination_cluster_id.clone(), f.bytes_sent_per_second);
+            row.bytes_received_per_second.insert(
+                f.destination_cluster_id.clone(),
+                f.bytes_received_per_second,
+            );
+            row.usd_per_hour += f.usd_per_hour;
+            row.round_robin_usd_per_hour += f.round_robin_usd_per_hour;
+        }
+        rows.push(row);
     }
     Ok(rows)
+}
+
+/// `compare --check`: every load served, bytes measured under each policy, `optimized`
+/// spending less than `round-robin` measured, and the round-robin counterfactual the broker
+/// computed under `optimized` within 25 % of what round-robin then really spent.
+fn check_compare(rows: &[CompareRow]) -> Result<()> {
+    for r in rows {
+        if r.failed > 0 {
+            bail!("{}: {} connections failed", r.policy, r.failed);
+        }
+        let received: f64 = r.bytes_received_per_second.values().sum();
+        if received <= 0.0 {
+            bail!("{}: the broker measured no bytes from the source", r.policy);
+        }
+    }
+    let find = |p: Policy| rows.iter().find(|r| r.policy == p);
+    if let (Some(opt), Some(rr)) = (find(Policy::Optimized), find(Policy::RoundRobin)) {
+        if opt.usd_per_hour >= rr.usd_per_hour {
+            bail!(
+                "optimized spends ${:.4}/h, not less than round-robin's ${:.4}/h",
+                opt.usd_per_hour,
+                rr.usd_per_hour
+            );
+        }
+        let off = (opt.round_robin_usd_per_hour - rr.usd_per_hour).abs() / rr.usd_per_hour;
+        if off > 0.25 {
+            bail!(
+                "the round-robin counterfactual computed under optimized (${:.4}/h) is {:.0} % \
+                 off what round-robin spent (${:.4}/h)",
+                opt.round_robin_usd_per_hour,
+                off * 100.0,
+                rr.usd_per_hour
+            );
+        }
+    }
+    Ok(())
 }

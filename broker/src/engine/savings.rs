@@ -126,6 +126,9 @@ pub struct Savings {
     pub total: Total,
 }
 
+/// Destination -> (bytes/s sent, bytes/s received).
+type PerDestination<'a> = BTreeMap<&'a str, (f64, f64)>;
+
 /// The savings of every service (or only `only`) from `snap`'s fresh samples as of `now_ms`.
 #[must_use]
 pub fn savings(
@@ -140,7 +143,7 @@ pub fn savings(
     let live = |c: &str| book.clusters.contains_key(c) && !expired.contains(c);
     let wanted = |s: &str| only.is_none_or(|o| o == s);
     // service -> src -> dst -> (sent, received)
-    let mut measured: BTreeMap<&str, BTreeMap<&str, BTreeMap<&str, (f64, f64)>>> = BTreeMap::new();
+    let mut measured: BTreeMap<&str, BTreeMap<&str, PerDestination>> = BTreeMap::new();
     for r in &snap.rps {
         if r.measured_at_ms < cut || !wanted(&r.service) || !live(&r.src) || !live(&r.dst) {
             continue;

@@ -236,6 +236,21 @@ pub fn explain_rows(
     })
 }
 
+/// The broker's egress savings (its Admin `Savings`) for `service`: measured bytes and USD
+/// per (source, destination) and the round-robin counterfactual.
+pub fn savings(
+    cp: &ControlPlane,
+    wan_netns: &str,
+    service: &str,
+) -> Result<ballast_proto::v1::SavingsResponse> {
+    let req = ballast_proto::v1::SavingsRequest {
+        service: service.to_string(),
+    };
+    call(cp, wan_netns, "Savings", |mut c| async move {
+        Ok(c.savings(req).await?.into_inner())
+    })
+}
+
 /// The lab's view of the two answers.
 fn view(w: GetWeightsResponse, c: ListClustersResponse) -> BrokerView {
     let mut v = BrokerView {

@@ -25,7 +25,9 @@ use crate::error::Result;
 use crate::lab::LabState;
 use crate::sys;
 
-pub use admin::{broker_view, explain_rows, set_policy, solve_view, BrokerView, SolveView};
+pub use admin::{
+    broker_view, explain_rows, savings, set_policy, solve_view, BrokerView, SolveView,
+};
 pub use topology::{topology_path, topology_yaml, write_topologies};
 pub use wait::{fmt_weights, settle, wait_installed, wait_policy};
 

@@ -176,6 +176,14 @@ impl Lab {
         state.service(service)?;
         control::explain_rows(state.control_plane()?, &state.wan_netns, service, source)
     }
+
+    /// The broker's measured egress and round-robin counterfactual for `service`
+    /// ([`control::savings`]).
+    pub fn savings(&self, service: &str) -> Result<ballast_proto::v1::SavingsResponse> {
+        let state = self.load_state()?;
+        state.service(service)?;
+        control::savings(state.control_plane()?, &state.wan_netns, service)
+    }
 }
 
 #[cfg(test)]

@@ -95,16 +95,12 @@ spelled_enum! {
     /// The unit a service's demand and capacity are counted in (see the proto's `LoadUnit`):
     /// `connections` by default (what connect-time steering places and counts), `requests`
     /// where the operator declares one request per connection, `bytes` (payload, both ways).
+    #[derive(Default)]
     LoadUnit {
+        #[default]
         Connections = "connections",
         Requests = "requests",
         Bytes = "bytes",
-    }
-}
-
-impl Default for LoadUnit {
-    fn default() -> Self {
-        Self::Connections
     }
 }
 
