@@ -1233,6 +1233,35 @@ async fn a_capacity_in_another_unit_is_refused_and_savings_price_the_measured_by
             < 1e-12
     );
     assert_eq!(total.bytes_per_second, 4e6);
+    // the metrics integrate a node's byte rates over the time between its reports (the first
+    // report here only started the clock) and price each direction
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut m = report("c1", "n1");
+    let mut r = rps("ns/web", "c2", 5.0);
+    r.bytes_sent_per_second = 1e6;
+    r.bytes_received_per_second = 3e6;
+    m.rps = vec![r];
+    send_reports(&mut agents[0], vec![m]).await.unwrap();
+    let upper = t0.elapsed().as_secs_f64() + 0.5;
+    let text = b.engine().metrics().render();
+    let value = |name: &str| -> f64 {
+        let key = format!("{name}{{service=\"ns/web\",src=\"c1\",dst=\"c2\"}} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .unwrap_or_else(|| panic!("{key} in {text}"));
+        line[key.len()..].trim().parse().unwrap()
+    };
+    let bytes = value("ballast_broker_egress_bytes_total");
+    assert!(bytes >= 4e6 * 0.3 && bytes <= 4e6 * upper, "{bytes}");
+    let usd = value("ballast_broker_egress_usd_total");
+    let per_byte = (1e6 * c2.usd_per_gb_sent + 3e6 * c2.usd_per_gb_received) / 4e6 / 1e9;
+    assert!(
+        (usd - bytes * per_byte).abs() < 1e-12,
+        "{usd} vs {}",
+        bytes * per_byte
+    );
     // explain quotes the measured bytes and dollars, in the service's unit
     let ex = admin
         .explain(ballast_proto::v1::ExplainRequest {

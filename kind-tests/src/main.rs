@@ -243,6 +243,10 @@ enum Cmd {
         /// Declare none: the cluster withdraws its capacity for the service.
         #[arg(long)]
         none: bool,
+        /// The unit the declared capacity counts (topology `load_unit`; the broker refuses
+        /// a unit other than the one another serving cluster states).
+        #[arg(long, value_enum, requires = "cluster")]
+        unit: Option<ballast_types::LoadUnit>,
         /// Exit non-zero unless every broker figure is per-pod x ready pods (waiting up to
         /// --wait-secs for it).
         #[arg(long, conflicts_with = "cluster")]
@@ -678,6 +682,7 @@ fn real_main(cli: Cli) -> Result<()> {
             service,
             per_pod,
             none: _,
+            unit,
             check,
             wait_secs,
             json,
@@ -687,7 +692,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let rows = match (cluster, service) {
                 (Some(cluster), Some(service)) => {
                     // clap: --cluster needs --service and one of --per-pod / --none
-                    let (row, took) = lab.set_capacity(&cluster, &service, per_pod, wait)?;
+                    let (row, took) = lab.set_capacity(&cluster, &service, per_pod, unit, wait)?;
                     if !json {
                         println!(
                             "{service} in {cluster}: {} per pod; the broker solves with {} ({:.1} s)",

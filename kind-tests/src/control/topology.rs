@@ -49,6 +49,9 @@ struct TopoService {
     /// The path the local cluster's agents probe to measure the service time.
     #[serde(skip_serializing_if = "Option::is_none")]
     service_time_probe: Option<String>,
+    /// The unit the local cluster's capacity counts; absent: connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_unit: Option<ballast_types::LoadUnit>,
     endpoints: Vec<TopoEndpoint>,
 }
 
@@ -102,6 +105,7 @@ pub fn topology_yaml(state: &LabState, local: &str) -> Result<String> {
                     capacity_rps_per_pod: s.per_pod_capacity(local),
                     service_time: s.declared_curve(local)?,
                     service_time_probe: s.service_time_probe.get(local).cloned(),
+                    load_unit: s.load_unit.get(local).copied(),
                     endpoints: s
                         .backends
                         .iter()

@@ -132,7 +132,7 @@ impl Lab {
         }
     }
 
-    /// `capacity --cluster C --service S --per-pod X | --none`: rewrites C's declaration in
+    /// `capacity --cluster C --service S --per-pod X | --none [--unit U]`: rewrites C's declaration in
     /// its topology file (every node of C reads it) and waits (up to `timeout`; zero: not at
     /// all) until the broker solved `service` with C's new figure, or without C. Returns the
     /// row and how long the broker took.
@@ -141,6 +141,7 @@ impl Lab {
         cluster: &str,
         service: &str,
         per_pod: Option<f64>,
+        unit: Option<ballast_types::LoadUnit>,
         timeout: Duration,
     ) -> Result<(CapacityRow, Duration)> {
         if let Some(x) = per_pod {
@@ -159,6 +160,9 @@ impl Lab {
             state.service(service)?;
             for s in state.services.iter_mut().filter(|s| s.name == service) {
                 s.per_pod_capacity.insert(cluster.to_string(), per_pod);
+                if let Some(u) = unit {
+                    s.load_unit.insert(cluster.to_string(), u);
+                }
             }
             self.save_state(&state)?;
             started = Instant::now();

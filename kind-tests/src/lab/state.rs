@@ -134,6 +134,10 @@ pub struct ServiceState {
     /// (topology `service_time_probe`); a cluster not listed: not probed.
     #[serde(default)]
     pub service_time_probe: BTreeMap<String, String>,
+    /// The unit each cluster's declared capacity counts (topology `load_unit`); a cluster
+    /// not listed: the default, connections.
+    #[serde(default)]
+    pub load_unit: BTreeMap<String, ballast_types::LoadUnit>,
 }
 
 /// Capacity declared per pod of the demo service (requests per second): well above what the
@@ -325,6 +329,7 @@ pub(crate) mod tests {
                 backend_service_time: BTreeMap::new(),
                 declared_service_time: BTreeMap::new(),
                 service_time_probe: BTreeMap::new(),
+                load_unit: BTreeMap::new(),
             }],
             processes: Vec::new(),
             control: None,

@@ -352,6 +352,7 @@ impl Lab {
                 backend_service_time: Default::default(),
                 declared_service_time: Default::default(),
                 service_time_probe: Default::default(),
+                load_unit: Default::default(),
             });
         }
         let clusters = state.clusters.clone();
