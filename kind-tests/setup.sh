@@ -22,6 +22,8 @@ have pg_ctlcluster || need_pkgs+=(postgresql)
 have curl || need_pkgs+=(curl)
 have shellcheck || need_pkgs+=(shellcheck)
 [ -f /usr/include/linux/bpf.h ] || need_pkgs+=(linux-libc-dev)
+# the gRPC client and server of bpf-programs/tests/root_sock_destroy.rs (Debian's python3)
+/usr/bin/python3 -c 'import grpc' >/dev/null 2>&1 || need_pkgs+=(python3-grpcio)
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   echo "setup.sh: installing ${need_pkgs[*]}"

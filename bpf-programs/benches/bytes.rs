@@ -28,6 +28,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use ballast_bpf::{BackendSpec, Dataplane, Protocol, SelectMode, ServiceSpec};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -119,26 +121,6 @@ fn join(cg: &Path) {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Median and p99 in µs of `n` connect()+accept() round trips to `to`, served by `l`.
-fn connect_rtt(l: &TcpListener, to: SocketAddr, n: usize) -> (f64, f64) {
-    let mut t = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let start = Instant::now();
-        let c = TcpStream::connect(to).unwrap();
-        let (s, _) = l.accept().unwrap();
-        let el = start.elapsed();
-        ballast_bpf::sys::linger_zero(&c);
-        ballast_bpf::sys::linger_zero(&s);
-        drop(c);
-        drop(s);
-        if i >= n / 10 {
-            t.push(el.as_nanos() as f64 / 1000.0); // the first 10% warm up
-        }
-    }
-    t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], t[t.len() * 99 / 100])
 }
 
 fn spec(name: &str, vip: &str, backend: SocketAddr) -> ServiceSpec {
@@ -264,12 +246,12 @@ fn main() {
     let mut without = Vec::new();
     for _ in 0..3 {
         dp.attach(&cg).unwrap(); // re-adds the skb links removed below
-        with_skb.push(connect_rtt(&rtt_listener, vip, samples));
+        with_skb.push(common::connect_rtt(&rtt_listener, vip, samples));
         for p in ["blst_skb_egress", "blst_skb_ingress"] {
             let link = aya::programs::links::PinnedLink::from_pin(link_dir.join(p)).unwrap();
             drop(link.unpin().unwrap()); // last reference: the kernel detaches it
         }
-        without.push(connect_rtt(&rtt_listener, vip, samples));
+        without.push(common::connect_rtt(&rtt_listener, vip, samples));
     }
 
     join(&root);

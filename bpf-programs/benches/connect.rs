@@ -16,11 +16,13 @@
 
 use std::{
     fmt::Write as _,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+mod common;
 
 use ballast_bpf::{BackendSpec, Dataplane, Protocol, SelectMode, ServiceSpec};
 
@@ -29,27 +31,6 @@ fn samples() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000)
-}
-
-/// Median and p99 in µs of `n` connect()+accept() round trips to `to`, served by `l`.
-fn measure(l: &TcpListener, to: SocketAddr, n: usize) -> (f64, f64) {
-    let mut t = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let start = Instant::now();
-        let c = TcpStream::connect(to).unwrap();
-        let (s, _) = l.accept().unwrap();
-        let el = start.elapsed();
-        ballast_bpf::sys::linger_zero(&c);
-        ballast_bpf::sys::linger_zero(&s);
-        drop(c);
-        drop(s);
-        if i >= n / 10 {
-            t.push(el); // the first 10% warm up
-        }
-    }
-    t.sort();
-    let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
-    (us(t[t.len() / 2]), us(t[t.len() * 99 / 100]))
 }
 
 fn vip(i: usize) -> String {
@@ -159,7 +140,7 @@ fn main() {
     let backend = l.local_addr().unwrap();
 
     // (a) direct, before any program is attached to this process's cgroup
-    let (m, p) = measure(&l, backend, n);
+    let (m, p) = common::connect_rtt(&l, backend, n);
     rows.push(("direct (no cgroup program)".into(), m, p, String::new()));
 
     // (c) iptables DNAT in a dedicated netns (this thread only)
@@ -172,12 +153,12 @@ fn main() {
                 let l = TcpListener::bind("127.0.0.1:0").unwrap();
                 let be = l.local_addr().unwrap();
                 let mut out = vec![];
-                let (m, p) = measure(&l, be, n);
+                let (m, p) = common::connect_rtt(&l, be, n);
                 out.push(("direct in netns".to_string(), m, p, String::new()));
                 for services in [10, 1000, 10_000] {
                     ns.iptables_restore(&kube_proxy_rules(services, be));
                     let target = format!("{}:80", vip(services - 1)).parse().unwrap();
-                    let (m, p) = measure(&l, target, n);
+                    let (m, p) = common::connect_rtt(&l, target, n);
                     out.push((
                         format!("iptables DNAT, {services} services (last rule)"),
                         m,
@@ -216,7 +197,7 @@ fn main() {
     };
     let bpf_ns = |dp: &Dataplane, before| bpf_ns_of(dp, "blst_connect4", before);
     let b0 = dp.program_stats("blst_connect4");
-    let (m, p) = measure(&l, backend, n);
+    let (m, p) = common::connect_rtt(&l, backend, n);
     rows.push((
         "direct, in cgroup (hook miss)".into(),
         m,
@@ -232,7 +213,7 @@ fn main() {
         }
         let to = format!("{}:80", vip(services - 1)).parse().unwrap();
         let b0 = dp.program_stats("blst_connect4");
-        let (m, p) = measure(&l, to, n);
+        let (m, p) = common::connect_rtt(&l, to, n);
         rows.push((
             format!("ballast VIP, {services} services"),
             m,
@@ -248,7 +229,7 @@ fn main() {
             dp.upsert_service(&svc(0, backend, backends, mode)).unwrap();
             let to = format!("{}:80", vip(0)).parse().unwrap();
             let b0 = dp.program_stats("blst_connect4");
-            let (m, p) = measure(&l, to, n);
+            let (m, p) = common::connect_rtt(&l, to, n);
             rows.push((
                 format!("ballast {label}, {backends} backends"),
                 m,
@@ -277,7 +258,7 @@ fn main() {
                 let be = l.local_addr().unwrap();
                 let mut out = vec![];
                 let b0 = dp.program_stats("blst_connect6");
-                let (m, p) = measure(&l, be, n);
+                let (m, p) = common::connect_rtt(&l, be, n);
                 out.push((
                     "IPv6 direct in netns, in cgroup (hook miss)".to_string(),
                     m,
@@ -290,7 +271,7 @@ fn main() {
                 dp.upsert_service(&spec).unwrap();
                 let to = SocketAddr::new(spec.vip, 80);
                 let b0 = dp.program_stats("blst_connect6");
-                let (m, p) = measure(&l, to, n);
+                let (m, p) = common::connect_rtt(&l, to, n);
                 out.push((
                     "ballast IPv6 VIP in netns, 2 backends".to_string(),
                     m,

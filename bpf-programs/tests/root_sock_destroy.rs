@@ -166,3 +166,196 @@ fn root_steered_sockets_in_a_pod_network_namespace_are_destroyed_from_outside_it
     assert_eq!(r.errors_total(), 1, "{:?}", r.errors);
     assert!(r.count(&b) > 0, "{:?}", r.by_backend);
 }
+
+/// A gRPC server process (`tests/grpc_where.py`, Debian's python3-grpcio) on a free
+/// loopback port, killed on drop.
+struct GrpcServer {
+    addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl GrpcServer {
+    fn start(name: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_where.py"))
+            .args(["serve", name, &addr.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "listening", "{name}");
+        Self { addr, child }
+    }
+
+    fn spec(&self, weight: u32) -> ballast_bpf::BackendSpec {
+        ballast_bpf::BackendSpec {
+            addr: self.addr,
+            cluster: "c1".into(),
+            weight,
+            healthy: true,
+        }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One call of the gRPC client, as it printed it.
+#[derive(Debug, serde::Deserialize)]
+struct Call {
+    at_ms: u64,
+    ok: bool,
+    #[serde(default)]
+    server: String,
+    #[serde(default)]
+    peer: String,
+}
+
+/// The gRPC client (one channel: one HTTP/2 connection) to `target`, in `cgroup` when given
+/// (a shell moves itself there, then execs the client).
+fn grpc_client(
+    cgroup: Option<&std::path::Path>,
+    target: std::net::SocketAddr,
+    stop: &std::path::Path,
+) -> std::process::Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_where.py");
+    let run = format!(
+        "exec /usr/bin/python3 {script} client {target} 20 {}",
+        stop.display()
+    );
+    let sh = match cgroup {
+        Some(cg) => format!("echo $$ > {}/cgroup.procs && {run}", cg.display()),
+        None => run,
+    };
+    std::process::Command::new("sh")
+        .args(["-c", &sh])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn calls(child: std::process::Child) -> Vec<Call> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "gRPC client failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A real gRPC client holding one HTTP/2 connection through a VIP follows a failover: its
+/// backend turns unhealthy, the library destroys the steered socket, grpc reconnects and the
+/// new connection is steered to the healthy backend within a second. A gRPC client outside
+/// the cgroup, dialling the failed backend directly, keeps its connection (same peer).
+#[test]
+fn root_steered_grpc_channel_follows_a_failover() {
+    if std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3-grpcio is missing (kind-tests/setup.sh installs it)"
+        );
+        eprintln!("skipped: /usr/bin/python3 without grpc");
+        return;
+    }
+    let Some(mut env) = Env::for_test("root_steered_grpc_channel_follows_a_failover", "grpc")
+    else {
+        return;
+    };
+    let (a, b) = (GrpcServer::start("a"), GrpcServer::start("b"));
+    let vip: std::net::SocketAddr = "127.96.9.3:80".parse().unwrap();
+    env.dp()
+        .upsert_service(&service(
+            "t/grpc",
+            "127.96.9.3",
+            80,
+            vec![a.spec(1), b.spec(0)],
+        ))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let steered = grpc_client(Some(&env.cgroup), vip, &stop);
+    let outside = grpc_client(None, a.addr, &stop);
+    // both hold a connection to a and call it
+    std::thread::sleep(Duration::from_millis(1500));
+    let unhealthy = ballast_bpf::BackendSpec {
+        healthy: false,
+        ..a.spec(1)
+    };
+    env.dp()
+        .upsert_service(&service(
+            "t/grpc",
+            "127.96.9.3",
+            80,
+            vec![unhealthy, b.spec(1)],
+        ))
+        .unwrap();
+    let to_a: BTreeSet<_> = [a.addr].into();
+    let destroyed_ms = unix_ms();
+    let report = env.dp().destroy_sockets_to(&to_a).unwrap();
+    assert_eq!(
+        report.destroyed, 1,
+        "only the steered channel's socket: {report:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&stop, b"").unwrap();
+    let steered = calls(steered);
+    let outside = calls(outside);
+
+    let before: Vec<&Call> = steered.iter().filter(|c| c.at_ms < destroyed_ms).collect();
+    assert!(
+        before.iter().any(|c| c.ok && c.server == "a"),
+        "the steered client called a first: {before:?}"
+    );
+    let first_b = steered
+        .iter()
+        .find(|c| c.ok && c.server == "b")
+        .unwrap_or_else(|| panic!("never reached b: {steered:?}"));
+    let moved_ms = first_b.at_ms.saturating_sub(destroyed_ms);
+    let failed = steered.iter().filter(|c| !c.ok).count();
+    println!("gRPC client moved to b {moved_ms} ms after the destroy; {failed} call(s) failed");
+    assert!(moved_ms < 1000, "moved after {moved_ms} ms: {steered:?}");
+    // after the move, every call went to b (a is unhealthy)
+    assert!(
+        steered
+            .iter()
+            .filter(|c| c.ok && c.at_ms >= first_b.at_ms)
+            .all(|c| c.server == "b"),
+        "{steered:?}"
+    );
+    // untouched: the outside client kept calling a on the same connection
+    assert!(
+        outside.iter().all(|c| c.ok && c.server == "a"),
+        "{outside:?}"
+    );
+    let peers: BTreeSet<&str> = outside.iter().map(|c| c.peer.as_str()).collect();
+    assert_eq!(peers.len(), 1, "the outside client reconnected: {peers:?}");
+}
